@@ -1,0 +1,3 @@
+from attnreid.cli import main
+
+main()

@@ -1,0 +1,3 @@
+"""`attnreid` commands of this area (registered on import)."""
+
+from attnreid.cli._app import app  # noqa: F401

@@ -1,0 +1,406 @@
+"""Typed configuration: schema, YAML loading with inheritance, dotted overrides.
+
+A run is described by one :class:`Config`. YAML files in ``configs/`` fill it in; a file
+may start from others with ``_base_: path`` (or a list of paths, relative to the file),
+later values winning. ``KEY=VALUE`` overrides from the command line come last.
+
+Every key is checked against the schema: a misspelt key, a wrong type or an
+out-of-range value is a :class:`~attnreid.errors.ConfigError` naming the key (and the
+closest valid key for a typo). The names follow the papers (``num_heads`` is K,
+``lambda_fdrt`` is lambda1, ``ihtl_margin`` is m of Eq. 5, ...) so paper and config can
+be read side by side; SPEC.md gives the meaning of each.
+
+Only the CLI and the high-level builders read this module; models, losses, data and
+evaluation take the sub-config objects (duck-typed) or plain arguments.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, List, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from attnreid.errors import ConfigError
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded synthetic occluded data set (generated on first use)."""
+
+    num_ids: int = 60
+    images_per_id: int = 12
+    num_cameras: int = 4
+    height: int = 128
+    width: int = 64
+    occluded_query_share: float = 1.0  # 1.0: every query occluded (Occluded-Duke-like); 0.0: clean
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"  # registry name, see attnreid.data.datasets
+    root: str = "data"  # data root; for `synthetic`, where the set is generated
+    height: int = 384
+    width: int = 128
+    mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    flip: bool = True  # random horizontal flip in training (both papers: MHSA-Net yes, HA-CNN no)
+    random_erasing: float = 0.0  # probability; 0 disables (neither paper uses it)
+    batch_size: int = 128  # P x K
+    num_instances: int = 4  # K images per identity in a PK batch
+    test_batch_size: int = 128
+    workers: int = 2
+    cuhk03_split: str = "new"  # only "new" (767/700) is supported by the CUHK03-NP layout
+    skip_bad_images: bool = False  # skip (and list) unreadable images instead of failing
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet50"  # resnet18 | resnet34 | resnet50 | mobilenetv3_small
+    last_stride: int = 1  # MHSA-Net Sec. IV: no down-sampling at the start of stage 4
+    pretrained: bool = False
+    weights: Optional[str] = None  # local torchvision checkpoint; None + pretrained -> hub cache
+
+
+@dataclass
+class MHSANetConfig:
+    num_heads: int = 8  # K
+    attention_dim: int = 512  # rows of w1 (Eq. 1)
+    embed_dim: int = 512  # width of q*, P, p*, z
+    attention_norm: str = "spatial"  # spatial | heads (SPEC.md 1, MHSAM)
+    fusion: str = "saffm"  # saffm | concat | sum (Table IX)
+    rlm: bool = True  # Residual Learning Module (Eq. 9-10)
+
+
+@dataclass
+class HACNNConfig:
+    attention: str = "all"  # none | spatial | channel | soft | hard | all (HA Tables 5-6)
+    cross_attention: bool = True  # HA Eq. 6-7 interaction
+    num_regions: int = 4  # T
+    widths: List[int] = field(default_factory=lambda: [128, 256, 384])
+    embed_dim: int = 512
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mhsanet"  # baseline | mhsanet | hacnn
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    mhsanet: MHSANetConfig = field(default_factory=MHSANetConfig)
+    hacnn: HACNNConfig = field(default_factory=HACNNConfig)
+    # Test feature. default: the paper's (mhsanet: concat, baseline: global, hacnn: joint).
+    # mhsanet: concat (p*, q*) | star (p*) | head (P_k, k = test_head) | global (q*)
+    # hacnn: joint | global | local
+    test_feature: str = "default"
+    test_head: int = 0
+    feature_norm: bool = False  # L2-normalise the test feature
+
+
+@dataclass
+class LossConfig:
+    global_ce: bool = True  # CE on q* (L_GFB); false = MHSA-Net-dagger
+    label_smoothing: float = 0.0
+    triplet_margin: float = 0.3  # batch-hard triplet on p* and z (paper gives none)
+    saffm_ce: float = 1.0  # weights of the terms of L_SAFFM (Eq. 8)
+    saffm_triplet: float = 1.0
+    rlm_ce: float = 1.0  # weights of the terms of L_ReN (Eq. 10)
+    rlm_triplet: float = 1.0
+    lambda_fdrt: float = 1e-4  # lambda1, Eq. 11
+    lambda_ihtl: float = 1.0  # lambda2, Eq. 11
+    ihtl_margin: float = 3.0  # m, Eq. 5
+    ihtl: str = "hinge"  # hinge | soft (softplus)
+    lambda_acm: float = 1e-3  # lambda3, Eq. 13
+    acm_gamma: float = 1e-3  # gamma, Eq. 12
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | sgd
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9  # sgd only
+    warmup_epochs: int = 50
+    warmup_start_lr: float = 1e-5
+    milestones: List[int] = field(default_factory=lambda: [200, 300])
+    gamma: float = 0.1
+    grad_clip: float = 0.0  # max gradient norm; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 400
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "off"  # off | bf16 | fp16 (GPU only)
+    channels_last: bool = False
+    eval_every: int = 50  # epochs; 0 = only at the end
+    log_every: int = 20  # steps
+    max_minutes: float = 0.0  # wall-clock budget; 0 = none (the demo uses it)
+    max_steps_per_epoch: int = 0  # 0 = a full pass over the sampler
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+
+@dataclass
+class EvalConfig:
+    metric: str = "euclidean_sq"  # euclidean_sq | cosine
+    rerank: bool = False
+    k1: int = 20
+    k2: int = 6
+    lambda_value: float = 0.3
+    flip: bool = False  # average features of the image and its mirror
+    max_rank: int = 50
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Allowed values, checked after loading. Keys are dotted paths.
+CHOICES = {
+    "model.name": ("baseline", "mhsanet", "hacnn"),
+    "model.backbone.name": ("resnet18", "resnet34", "resnet50", "mobilenetv3_small"),
+    "model.mhsanet.attention_norm": ("spatial", "heads"),
+    "model.mhsanet.fusion": ("saffm", "concat", "sum"),
+    "model.hacnn.attention": ("none", "spatial", "channel", "soft", "hard", "all"),
+    "model.test_feature": ("default", "concat", "star", "head", "global", "joint", "local"),
+    "loss.ihtl": ("hinge", "soft"),
+    "optim.name": ("adam", "sgd"),
+    "train.amp": ("off", "bf16", "fp16"),
+    "eval.metric": ("euclidean_sq", "cosine"),
+    "data.cuhk03_split": ("new",),
+    "model.backbone.last_stride": (1, 2),
+}
+
+# (key, lower bound, inclusive?) for numeric keys.
+LOWER_BOUNDS = {
+    "model.mhsanet.num_heads": (1, True),
+    "model.mhsanet.attention_dim": (1, True),
+    "model.mhsanet.embed_dim": (1, True),
+    "model.hacnn.num_regions": (1, True),
+    "model.hacnn.embed_dim": (1, True),
+    "model.test_head": (0, True),
+    "data.height": (16, True),
+    "data.width": (16, True),
+    "data.batch_size": (1, True),
+    "data.num_instances": (1, True),
+    "data.test_batch_size": (1, True),
+    "data.workers": (0, True),
+    "data.random_erasing": (0.0, True),
+    "data.synthetic.num_ids": (2, True),
+    "data.synthetic.images_per_id": (2, True),
+    "data.synthetic.num_cameras": (2, True),
+    "loss.label_smoothing": (0.0, True),
+    "loss.triplet_margin": (0.0, True),
+    "loss.ihtl_margin": (0.0, True),
+    "loss.acm_gamma": (0.0, False),
+    "optim.lr": (0.0, False),
+    "optim.weight_decay": (0.0, True),
+    "optim.warmup_epochs": (0, True),
+    "optim.gamma": (0.0, False),
+    "optim.grad_clip": (0.0, True),
+    "train.epochs": (1, True),
+    "train.eval_every": (0, True),
+    "train.log_every": (1, True),
+    "train.max_minutes": (0.0, True),
+    "train.max_steps_per_epoch": (0, True),
+    "train.threads": (0, True),
+    "eval.k1": (1, True),
+    "eval.k2": (1, True),
+    "eval.max_rank": (1, True),
+}
+UPPER_BOUNDS = {
+    "data.random_erasing": 1.0,
+    "data.synthetic.occluded_query_share": 1.0,
+    "loss.label_smoothing": 1.0,
+    "eval.lambda_value": 1.0,
+}
+for _k in ("loss.saffm_ce", "loss.saffm_triplet", "loss.rlm_ce", "loss.rlm_triplet",
+           "loss.lambda_fdrt", "loss.lambda_ihtl", "loss.lambda_acm", "eval.lambda_value",
+           "data.synthetic.occluded_query_share"):
+    LOWER_BOUNDS[_k] = (0.0, True)
+
+
+def _all_keys(cls=Config, prefix: str = "") -> List[str]:
+    keys = []
+    for f in fields(cls):
+        name = prefix + f.name
+        default = f.default if f.default_factory is MISSING else f.default_factory()  # type: ignore[misc]
+        if is_dataclass(default):
+            keys.extend(_all_keys(type(default), name + "."))
+        else:
+            keys.append(name)
+    return keys
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
+    if not close:
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in _all_keys()}
+        leaf_close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        close = [by_leaf[leaf_close[0]]] if leaf_close else []
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """Read a YAML file, resolving ``_base_`` inheritance (bases first, file wins)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} inherits from itself through _base_")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict = {}
+    for base in bases:
+        merged = _deep_merge(merged, _read_yaml((path.parent / base), seen + (path.resolve(),)))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _check_keys(data: Any, prefix: str, source: str) -> None:
+    """Reject unknown keys with the closest valid one, before OmegaConf sees them."""
+    valid = set(_all_keys())
+    sections = {k.rsplit(".", 1)[0] for k in valid if "." in k}
+    sections |= {".".join(k.split(".")[:i]) for k in valid for i in range(1, k.count(".") + 1)}
+    if not isinstance(data, dict):
+        return
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if key not in valid and key not in sections:
+            raise ConfigError(f"unknown config key '{key}' in {source}{_suggest(key)}")
+        if key in sections:
+            if not isinstance(v, dict):
+                raise ConfigError(f"config key '{key}' in {source} is a section and needs a mapping, got {v!r}")
+            _check_keys(v, key + ".", source)
+
+
+def _parse_overrides(overrides: List[str]) -> dict:
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like KEY=VALUE (e.g. model.mhsanet.num_heads=6)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier override of '{p}'")
+        node[parts[-1]] = value
+    return out
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Check choices and ranges; raise ConfigError naming the first bad key."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            names = ", ".join(str(a) for a in allowed)
+            raise ConfigError(f"config key '{key}' is {value!r}; expected one of: {names}")
+    for key, (low, inclusive) in LOWER_BOUNDS.items():
+        value = _get(cfg, key)
+        bad = value < low if inclusive else value <= low
+        if bad:
+            op = ">=" if inclusive else ">"
+            raise ConfigError(f"config key '{key}' is {value}; it must be {op} {low}")
+    for key, high in UPPER_BOUNDS.items():
+        value = _get(cfg, key)
+        if value > high:
+            raise ConfigError(f"config key '{key}' is {value}; it must be <= {high}")
+    if cfg.data.batch_size % cfg.data.num_instances:
+        raise ConfigError(
+            f"config key 'data.batch_size' ({cfg.data.batch_size}) must be a multiple of "
+            f"'data.num_instances' ({cfg.data.num_instances}) for PK sampling"
+        )
+    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
+        raise ConfigError("config keys 'data.mean' and 'data.std' need 3 values (RGB)")
+    if any(s <= 0 for s in cfg.data.std):
+        raise ConfigError("config key 'data.std' must be positive")
+    if cfg.model.name == "mhsanet" and cfg.model.test_feature == "head" and cfg.model.test_head >= cfg.model.mhsanet.num_heads:
+        raise ConfigError(
+            f"config key 'model.test_head' is {cfg.model.test_head}; it must be < model.mhsanet.num_heads "
+            f"({cfg.model.mhsanet.num_heads})"
+        )
+    return cfg
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Build a validated :class:`Config` from an optional YAML file and KEY=VALUE overrides."""
+    data: dict = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+        _check_keys(data, "", str(path))
+    over = _parse_overrides(list(overrides or []))
+    _check_keys(over, "", "the command-line overrides")
+    return from_dict(_deep_merge(data, over), source=str(path) if path else "the overrides")
+
+
+def from_dict(data: dict, source: str = "a config dict") -> Config:
+    """Build a validated Config from a (possibly partial) nested dict."""
+    _check_keys(data, "", source)
+    try:
+        schema = OmegaConf.structured(Config)
+        merged = OmegaConf.merge(schema, OmegaConf.create(data))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"config key '{key}' in {source}: {msg}") from None
+    return validate(cfg)  # type: ignore[arg-type]
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain nested dicts/lists (for YAML, JSON and checkpoints)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the effective config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

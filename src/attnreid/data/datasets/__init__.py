@@ -1,0 +1,1 @@
+"""attnreid.data.datasets"""
