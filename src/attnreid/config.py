@@ -158,6 +158,10 @@ class EvalConfig:
     lambda_value: float = 0.3
     flip: bool = False  # average features of the image and its mirror
     max_rank: int = 50
+    # Evaluation set when it differs from the training set (Partial-REID / Partial-iLIDS:
+    # trained on Market-1501, MHSA-Net Table III). "" = data.dataset / data.root.
+    dataset: str = ""
+    root: str = ""
 
 
 @dataclass
