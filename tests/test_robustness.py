@@ -1,0 +1,138 @@
+"""Occlusion-robustness report: occluders, per-level evaluation, CLI on the synthetic set."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from attnreid.errors import AttnReidError
+from attnreid.robustness.occlusion import (
+    OCCLUDER_KINDS,
+    POSITIONS,
+    QueryOccluder,
+    choose_donor,
+    draw_plan,
+    occlude,
+    occlusion_box,
+)
+
+
+def _image(w=64, h=128, value=128):
+    return Image.fromarray(np.full((h, w, 3), value, dtype=np.uint8))
+
+
+def _changed(a: Image.Image, b: Image.Image) -> np.ndarray:
+    return np.any(np.asarray(a) != np.asarray(b), axis=2)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("level", [0.1, 0.2, 0.3, 0.4, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("index", range(6))
+def test_box_covers_the_level(position, level, index):
+    w, h = 64, 128
+    x1, y1, x2, y2 = occlusion_box(w, h, level, position, draw_plan(3, index))
+    assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+    # Rounding to whole pixels: at most one row plus one column of the image off.
+    assert abs((x2 - x1) * (y2 - y1) / (w * h) - level) <= (w + h) / (w * h)
+    if position == "top":
+        assert y1 == 0
+    elif position == "bottom":
+        assert y2 == h
+    else:
+        assert x1 == 0 or x2 == w
+
+
+def test_level_zero_and_bad_arguments():
+    plan = draw_plan(0, 0)
+    assert occlusion_box(64, 128, 0.0, "top", plan) == (0, 0, 0, 0)
+    img = _image()
+    out, cover = occlude(img, 0.0, "block", "top", plan)
+    assert cover == 0.0 and np.array_equal(np.asarray(out), np.asarray(img))
+    with pytest.raises(AttnReidError, match=r"level 1.5 is outside \[0, 1\]"):
+        occlusion_box(64, 128, 1.5, "top", plan)
+    with pytest.raises(AttnReidError, match="position 'middle' is unknown"):
+        occlusion_box(64, 128, 0.2, "middle", plan)
+    with pytest.raises(AttnReidError, match="kind 'car' is unknown"):
+        occlude(img, 0.2, "car", "top", plan)
+    with pytest.raises(AttnReidError, match="needs a donor"):
+        occlude(img, 0.2, "person", "top", plan)
+
+
+@pytest.mark.parametrize("kind", OCCLUDER_KINDS)
+@pytest.mark.parametrize("position", POSITIONS)
+def test_occluder_changes_exactly_its_box(kind, position):
+    img = _image(value=128)
+    donor = Image.fromarray(np.random.default_rng(1).integers(0, 256, (128, 64, 3), dtype=np.uint8))
+    for index in range(4):
+        plan = draw_plan(7, index)
+        out, cover = occlude(img, 0.3, kind, position, plan, donor=donor)
+        x1, y1, x2, y2 = occlusion_box(64, 128, 0.3, position, plan)
+        assert cover == pytest.approx((x2 - x1) * (y2 - y1) / (64 * 128))
+        changed = _changed(out, img)
+        outside = changed.copy()
+        outside[y1:y2, x1:x2] = False
+        assert not outside.any(), "pixels outside the occluder changed"
+        # Inside, (nearly) every pixel is replaced: a solid block of exactly the
+        # image's grey is the only way to leave it untouched, and the colours are random.
+        assert changed[y1:y2, x1:x2].mean() > 0.9 or (kind == "block" and not plan.textured)
+
+
+def test_deterministic_per_seed_and_index():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 64, 3), dtype=np.uint8))
+    for kind in ("block", "erasing"):
+        a, _ = QueryOccluder(0.3, kind, "side", seed=5)(img, index=2, pid=1)
+        b, _ = QueryOccluder(0.3, kind, "side", seed=5)(img, index=2, pid=1)
+        c, _ = QueryOccluder(0.3, kind, "side", seed=6)(img, index=2, pid=1)
+        d, _ = QueryOccluder(0.3, kind, "side", seed=5)(img, index=3, pid=1)
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+        assert not np.array_equal(np.asarray(a), np.asarray(c))
+        assert not np.array_equal(np.asarray(a), np.asarray(d))
+
+
+def test_same_plan_across_levels_nests_the_bands():
+    """The random draws do not depend on the level: a higher level grows the same band."""
+    for position in POSITIONS:
+        for index in range(10):
+            plan = draw_plan(0, index)
+            boxes = [occlusion_box(64, 128, lv, position, plan) for lv in (0.1, 0.2, 0.3, 0.4, 0.5)]
+            areas = [(x2 - x1) * (y2 - y1) for x1, y1, x2, y2 in boxes]
+            assert areas == sorted(areas) and areas[0] < areas[-1]
+            if position == "top":
+                assert all(b[1] == 0 and b[0] == boxes[0][0] for b in boxes)
+
+
+def test_person_occluder_uses_another_identity():
+    donors = [("a.jpg", 1), ("b.jpg", 1), ("c.jpg", 2), ("junk.jpg", -1), ("d.jpg", 3)]
+    for index in range(20):
+        path = choose_donor(draw_plan(0, index), 1, donors)
+        assert path in ("c.jpg", "d.jpg")
+    with pytest.raises(AttnReidError, match="other than 1"):
+        choose_donor(draw_plan(0, 0), 1, [("a.jpg", 1), ("junk.jpg", -1)])
+
+    colours = {"c.jpg": 10, "d.jpg": 250}
+    read = []
+
+    def reader(path):
+        read.append(path)
+        return _image(value=colours[path])
+
+    occ = QueryOccluder(0.5, "person", "bottom", seed=0, donors=donors, read_image=reader)
+    img = _image(value=128)
+    out, cover = occ(img, index=0, pid=1)
+    x1, y1, x2, y2 = occlusion_box(64, 128, 0.5, "bottom", draw_plan(0, 0))
+    donor_value = colours[choose_donor(draw_plan(0, 0), 1, donors)]
+    assert np.all(np.asarray(out)[y1:y2, x1:x2] == donor_value)
+    assert cover == pytest.approx(0.5, abs=0.02)
+    occ(img, index=0, pid=1)
+    assert len(read) == 1, "a donor is read once and cached"
+
+
+def test_block_textures_and_solids_both_occur():
+    plans = [draw_plan(0, i) for i in range(40)]
+    assert any(p.textured for p in plans) and any(not p.textured for p in plans)
+    textured = next(p for p in plans if p.textured)
+    out, _ = occlude(_image(), 0.5, "block", "top", textured)
+    x1, y1, x2, y2 = occlusion_box(64, 128, 0.5, "top", textured)
+    patch = np.asarray(out)[y1:y2, x1:x2].reshape(-1, 3)
+    assert len(np.unique(patch, axis=0)) == 2 or textured.colors[0] == textured.colors[1]
