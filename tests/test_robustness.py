@@ -103,14 +103,16 @@ def test_same_plan_across_levels_nests_the_bands():
 
 
 def test_person_occluder_uses_another_identity():
-    donors = [("a.jpg", 1), ("b.jpg", 1), ("c.jpg", 2), ("junk.jpg", -1), ("d.jpg", 3)]
+    donors = [("a.jpg", 1), ("b.jpg", 1), ("c.jpg", 2), ("junk.jpg", -1), ("d.jpg", 3), ("bg.jpg", 0)]
     for index in range(20):
         path = choose_donor(draw_plan(0, index), 1, donors)
         assert path in ("c.jpg", "d.jpg")
+    assert choose_donor(draw_plan(0, 0), 1, [("a.jpg", 1), ("bg.jpg", 0)]) == "bg.jpg"
     with pytest.raises(AttnReidError, match="other than 1"):
         choose_donor(draw_plan(0, 0), 1, [("a.jpg", 1), ("junk.jpg", -1)])
 
     colours = {"c.jpg": 10, "d.jpg": 250}
+    donors = donors[:-1]
     read = []
 
     def reader(path):

@@ -173,9 +173,13 @@ def choose_donor(plan: OcclusionPlan, pid: int, donors: Sequence[Tuple[str, int]
     """The path of the donor for a query of identity ``pid``: a gallery image of another identity.
 
     ``donors`` is the gallery as ``(path, pid)``; the choice is ``plan.donor`` along the
-    list of images whose pid differs from ``pid`` (and is not junk, pid < 0).
+    list of images whose pid differs from ``pid``. Junk (pid < 0) is never a donor, and
+    pid 0 only when no other identity exists: Market-1501 labels its distractors (false
+    detections, background) 0, and they are not people.
     """
-    others = [path for path, p in donors if p != pid and p >= 0]
+    others = [path for path, p in donors if p != pid and p > 0]
+    if not others:
+        others = [path for path, p in donors if p != pid and p == 0]
     if not others:
         raise AttnReidError(f"occluder kind 'person' needs a gallery image of an identity other than {pid}; none found")
     return others[min(len(others) - 1, int(plan.donor * len(others)))]

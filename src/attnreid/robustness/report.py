@@ -1,0 +1,401 @@
+"""Occlusion-robustness report: evaluate model(s) with occluded queries, level by level.
+
+For each condition (occlusion level, occluder kind, position) the query images are
+occluded (:mod:`attnreid.robustness.occlusion`, deterministic for a seed), written
+losslessly (PNG) to a temporary folder and passed through the engine's own feature
+extraction, so the preprocessing (resize, normalisation, flip averaging) is exactly that
+of ``attnreid eval``; level 0 uses the original files. Gallery features are extracted once
+per model; the occluded query set of a condition is made once and shared by all models.
+
+Metrics per condition come from :func:`attnreid.evaluation.protocols.evaluate` with the
+dataset's protocol; a level's summary is the mean over its kinds x positions.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from attnreid.errors import AttnReidError
+from attnreid.robustness.occlusion import OCCLUDER_KINDS, POSITIONS, QueryOccluder
+
+DEFAULT_LEVELS = (0, 10, 20, 30, 40, 50)
+METRICS = ("rank1", "mAP", "mINP")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One evaluation: ``level`` is a fraction of the image area; level 0 has no kind/position."""
+
+    level: float
+    kind: str = "none"
+    position: str = "none"
+
+
+@dataclass
+class ModelUnderTest:
+    """A loaded model and what the report needs to know about it."""
+
+    label: str
+    checkpoint: str
+    model: Any
+    data_cfg: Any  # image size / normalisation the model was trained with, plus the test loader settings
+    model_name: str
+
+
+def parse_levels(text: str) -> List[float]:
+    """``"0,10,20"`` (per cent of the image area) -> ``[0.0, 0.1, 0.2]``, sorted, unique."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip().rstrip("%")
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise AttnReidError(f"--levels: '{part}' is not a number (per cent of the image area, e.g. 0,10,20)") from None
+        if not 0.0 <= value <= 100.0:
+            raise AttnReidError(f"--levels: {part} is outside 0..100 (per cent of the image area)")
+        out.append(value / 100.0)
+    if not out:
+        raise AttnReidError("--levels: give at least one level, e.g. 0,10,20,30,40,50")
+    return sorted(set(out))
+
+
+def parse_names(text: str, allowed: Sequence[str], option: str) -> List[str]:
+    """A comma-separated subset of ``allowed``, in the given order, without repeats."""
+    out: List[str] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part not in allowed:
+            raise AttnReidError(f"{option}: '{part}' is unknown; expected some of: {', '.join(allowed)}")
+        if part not in out:
+            out.append(part)
+    if not out:
+        raise AttnReidError(f"{option}: give at least one of: {', '.join(allowed)}")
+    return out
+
+
+def build_conditions(levels: Sequence[float], kinds: Sequence[str], positions: Sequence[str]) -> List[Condition]:
+    """Level 0 once (nothing to vary), every kind x position at each other level."""
+    out = []
+    for level in levels:
+        if level == 0:
+            out.append(Condition(0.0))
+        else:
+            out.extend(Condition(level, k, p) for k in kinds for p in positions)
+    return out
+
+
+def occlude_queries(
+    query: Sequence[Tuple[str, int, int]],
+    cond: Condition,
+    seed: int,
+    donors: Sequence[Tuple[str, int]],
+    read_image: Callable,
+    folder: Path,
+) -> Tuple[List[Tuple[str, int, int]], float]:
+    """Write the occluded queries of one condition under ``folder``; return items and mean coverage."""
+    if cond.level == 0:
+        return list(query), 0.0
+    occluder = QueryOccluder(cond.level, cond.kind, cond.position, seed, donors=donors, read_image=read_image)
+    folder.mkdir(parents=True, exist_ok=True)
+    items, covered = [], []
+    for index, (path, pid, camid) in enumerate(query):
+        image, cover = occluder(read_image(path), index, pid)
+        out = folder / f"{index:06d}.png"
+        image.save(out)
+        items.append((str(out), pid, camid))
+        covered.append(cover)
+    return items, float(np.mean(covered)) if covered else 0.0
+
+
+def _metrics(result: Dict[str, Any]) -> Dict[str, Any]:
+    out = {k: float(result[k]) for k in METRICS if k in result}
+    for k in ("num_valid_queries", "num_skipped_queries"):
+        if k in result:
+            out[k] = int(result[k])
+    return out
+
+
+def evaluate_robustness(
+    models: Sequence[ModelUnderTest],
+    dataset,
+    eval_cfg,
+    conditions: Sequence[Condition],
+    seed: int = 0,
+    device: str = "cpu",
+    log: Optional[Callable[[str], None]] = None,
+    extract: Optional[Callable] = None,
+    evaluate: Optional[Callable] = None,
+    read_image: Optional[Callable] = None,
+) -> Dict[str, List[Dict[str, Any]]]:
+    """Metrics of every model under every condition: ``{label: [row, ...]}``.
+
+    ``extract``/``evaluate``/``read_image`` default to the engine's
+    ``extract_features``, ``protocols.evaluate`` and the data layer's ``read_image``.
+    """
+    if extract is None:
+        from attnreid.engine.extract import extract_features as extract
+    if evaluate is None:
+        from attnreid.evaluation.protocols import evaluate
+    if read_image is None:
+        from attnreid.data.io import read_image
+    if not dataset.query or not dataset.gallery:
+        raise AttnReidError(f"dataset '{dataset.name}' has an empty query or gallery split; nothing to evaluate")
+    flip = bool(getattr(eval_cfg, "flip", False))
+
+    def features(m: ModelUnderTest, items):
+        feats, pids, camids = extract(m.model, items, m.data_cfg, batch_size=m.data_cfg.test_batch_size, device=device, flip=flip)
+        return np.asarray(feats.float().cpu().numpy() if hasattr(feats, "cpu") else feats), np.asarray(pids), np.asarray(camids)
+
+    gallery = {m.label: features(m, dataset.gallery) for m in models}
+    donors = [(path, pid) for path, pid, _ in dataset.gallery]
+    rows: Dict[str, List[Dict[str, Any]]] = {m.label: [] for m in models}
+    with tempfile.TemporaryDirectory(prefix="attnreid-occluded-") as tmp:
+        for n, cond in enumerate(conditions):
+            items, coverage = occlude_queries(dataset.query, cond, seed, donors, read_image, Path(tmp) / str(n))
+            for m in models:
+                qf, qp, qc = features(m, items)
+                gf, gp, gc = gallery[m.label]
+                result = evaluate(
+                    qf, gf, qp, gp, qc, gc,
+                    protocol=getattr(dataset, "protocol", "market"),
+                    metric=eval_cfg.metric, rerank=eval_cfg.rerank,
+                    k1=eval_cfg.k1, k2=eval_cfg.k2, lambda_value=eval_cfg.lambda_value,
+                )
+                row = {"level": round(cond.level * 100, 6), "kind": cond.kind, "position": cond.position,
+                       "coverage": round(coverage * 100, 3), **_metrics(result)}
+                rows[m.label].append(row)
+                if log:
+                    log(f"{m.label}: level {row['level']:g}% {cond.kind}/{cond.position}: "
+                        f"rank-1 {row['rank1'] * 100:.1f}%  mAP {row['mAP'] * 100:.1f}%")
+            shutil.rmtree(Path(tmp) / str(n), ignore_errors=True)
+    return rows
+
+
+def summarize(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per level, the mean of each metric over the level's kinds x positions."""
+    out = []
+    for level in sorted({r["level"] for r in rows}):
+        at = [r for r in rows if r["level"] == level]
+        entry: Dict[str, Any] = {"level": level, "conditions": len(at)}
+        for k in METRICS + ("coverage",):
+            if all(k in r for r in at):
+                entry[k] = float(np.mean([r[k] for r in at]))
+        out.append(entry)
+    return out
+
+
+def build_report(
+    models: Sequence[ModelUnderTest],
+    rows: Dict[str, List[Dict[str, Any]]],
+    dataset,
+    levels: Sequence[float],
+    kinds: Sequence[str],
+    positions: Sequence[str],
+    seed: int,
+) -> Dict[str, Any]:
+    """The JSON document: settings, then per model the per-level summary and every condition."""
+    return {
+        "dataset": dataset.name,
+        "protocol": getattr(dataset, "protocol", "market"),
+        "num_query": len(dataset.query),
+        "num_gallery": len(dataset.gallery),
+        "levels": [round(lv * 100, 6) for lv in levels],
+        "kinds": list(kinds),
+        "positions": list(positions),
+        "seed": int(seed),
+        "models": [
+            {
+                "label": m.label,
+                "checkpoint": m.checkpoint,
+                "model": m.model_name,
+                "per_level": summarize(rows[m.label]),
+                "conditions": rows[m.label],
+            }
+            for m in models
+        ],
+    }
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x * 100:.1f}"
+
+
+def report_tables(report: Dict[str, Any]) -> list:
+    """Rich tables: rank-1 / mAP per level for every model, then per kind/position when several."""
+    from rich.table import Table
+
+    tables = []
+    main = Table(title=f"Occlusion robustness on {report['dataset']} ({report['num_query']} queries, "
+                       f"{report['num_gallery']} gallery; seed {report['seed']}; %)")
+    main.add_column("occluded", justify="right")
+    for m in report["models"]:
+        main.add_column(f"{m['label']}\nrank-1", justify="right")
+        main.add_column(f"{m['label']}\nmAP", justify="right")
+    for i, level in enumerate(report["levels"]):
+        cells = [f"{level:g}%"]
+        for m in report["models"]:
+            entry = m["per_level"][i]
+            cells += [_pct(entry.get("rank1")), _pct(entry.get("mAP"))]
+        main.add_row(*cells)
+    tables.append(main)
+    if len(report["kinds"]) * len(report["positions"]) > 1:
+        levels = [lv for lv in report["levels"] if lv > 0]
+        for m in report["models"]:
+            t = Table(title=f"{m['label']}: rank-1 / mAP per occluder (%)")
+            t.add_column("kind / position")
+            for lv in levels:
+                t.add_column(f"{lv:g}%", justify="right")
+            for kind in report["kinds"]:
+                for pos in report["positions"]:
+                    cells = [f"{kind} / {pos}"]
+                    for lv in levels:
+                        r = next(r for r in m["conditions"] if r["level"] == lv and r["kind"] == kind and r["position"] == pos)
+                        cells.append(f"{_pct(r['rank1'])} / {_pct(r['mAP'])}")
+                    t.add_row(*cells)
+            tables.append(t)
+    return tables
+
+
+def plot_report(report: Dict[str, Any], path: str | Path) -> Path:
+    """PNG: rank-1 and mAP against the occluded share, one curve per model.
+
+    With several occluder kinds a second row shows each kind (mean over positions),
+    one colour per model and one line style per kind.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    several = len(report["kinds"]) > 1
+    fig, axes = plt.subplots(2 if several else 1, 2, figsize=(10, 7.5 if several else 4), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["--", ":", "-."]
+    for col, (metric, name) in enumerate((("rank1", "rank-1"), ("mAP", "mAP"))):
+        ax = axes[0][col]
+        for i, m in enumerate(report["models"]):
+            xs = [e["level"] for e in m["per_level"]]
+            ys = [e[metric] * 100 for e in m["per_level"]]
+            ax.plot(xs, ys, "-o", color=colors[i % len(colors)], label=m["label"])
+        ax.set_title(f"{name} (mean over occluders)")
+        if several:
+            ax2 = axes[1][col]
+            for i, m in enumerate(report["models"]):
+                clean = [r for r in m["conditions"] if r["level"] == 0]
+                for j, kind in enumerate(report["kinds"]):
+                    pts = [(0.0, clean[0][metric])] if clean else []
+                    for lv in report["levels"]:
+                        at = [r[metric] for r in m["conditions"] if r["level"] == lv and r["kind"] == kind]
+                        if lv > 0 and at:
+                            pts.append((lv, float(np.mean(at))))
+                    ax2.plot([p[0] for p in pts], [p[1] * 100 for p in pts], styles[j % len(styles)], marker=".",
+                             color=colors[i % len(colors)], label=f"{m['label']}: {kind}")
+            ax2.set_title(f"{name} per occluder kind")
+        for ax in axes[:, col]:
+            ax.set_xlabel("occluded share of the query image (%)")
+            ax.set_ylabel(f"{name} (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Occlusion robustness on {report['dataset']}")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: Dict[str, Any], out_dir: str | Path) -> Tuple[Path, Path]:
+    """``robustness.json`` and ``robustness.png`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AttnReidError(f"cannot create the output folder {out_dir}: {exc.strerror}") from None
+    json_path = out_dir / "robustness.json"
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(json_path)
+    return json_path, plot_report(report, out_dir / "robustness.png")
+
+
+def model_label(checkpoint: str | Path, model_name: str, taken: Sequence[str]) -> str:
+    """``<run folder>/<checkpoint stem>``, made unique among ``taken``."""
+    ckpt = Path(checkpoint)
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    base = f"{run.name or model_name}/{ckpt.stem}"
+    label, n = base, 2
+    while label in taken:
+        label, n = f"{base}#{n}", n + 1
+    return label
+
+
+def load_models(checkpoints: Sequence[str], cfg, device: str) -> List[ModelUnderTest]:
+    """Load each checkpoint (``weights_only``, via the engine); keep its own image settings.
+
+    The image size and normalisation are the ones the model was trained with (from the
+    checkpoint's config); the loader settings (batch size, workers, bad images) are the
+    user's config.
+    """
+    from attnreid.engine.build import load_model
+
+    out: List[ModelUnderTest] = []
+    for ckpt in checkpoints:
+        model, ckpt_cfg = load_model(ckpt, None, device=device)
+        data_cfg = replace(
+            cfg.data,
+            height=ckpt_cfg.data.height, width=ckpt_cfg.data.width,
+            mean=list(ckpt_cfg.data.mean), std=list(ckpt_cfg.data.std),
+        )
+        name = getattr(model, "model_name", ckpt_cfg.model.name)
+        out.append(ModelUnderTest(model_label(ckpt, name, [m.label for m in out]), str(ckpt), model, data_cfg, name))
+    return out
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AttnReidError(f"config key 'train.device' is '{name}' but no CUDA device is available")
+    return name
+
+
+def run_robustness(
+    cfg,
+    checkpoints: Sequence[str],
+    levels: Sequence[float] = tuple(lv / 100 for lv in DEFAULT_LEVELS),
+    kinds: Sequence[str] = OCCLUDER_KINDS,
+    positions: Sequence[str] = POSITIONS,
+    seed: int = 0,
+    log: Optional[Callable[[str], None]] = None,
+) -> Dict[str, Any]:
+    """The whole report for ``checkpoints`` on the evaluation set of ``cfg``.
+
+    The set is ``cfg.eval.dataset``/``cfg.eval.root`` when given, else
+    ``cfg.data.dataset``/``cfg.data.root``.
+    """
+    from attnreid.data.datasets import build_dataset_from_config
+
+    data_cfg = cfg.data
+    if getattr(cfg.eval, "dataset", ""):
+        data_cfg = replace(data_cfg, dataset=cfg.eval.dataset, root=cfg.eval.root or data_cfg.root)
+    cfg = replace(cfg, data=data_cfg)
+    dataset = build_dataset_from_config(cfg.data)
+    device = resolve_device(cfg.train.device)
+    models = load_models(checkpoints, cfg, device)
+    conditions = build_conditions(levels, kinds, positions)
+    rows = evaluate_robustness(models, dataset, cfg.eval, conditions, seed=seed, device=device, log=log)
+    return build_report(models, rows, dataset, levels, kinds, positions, seed)
