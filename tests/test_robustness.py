@@ -138,3 +138,107 @@ def test_block_textures_and_solids_both_occur():
     x1, y1, x2, y2 = occlusion_box(64, 128, 0.5, "top", textured)
     patch = np.asarray(out)[y1:y2, x1:x2].reshape(-1, 3)
     assert len(np.unique(patch, axis=0)) == 2 or textured.colors[0] == textured.colors[1]
+
+
+# --- report: per-level evaluation with stand-in features (no model needed) ---------------
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from attnreid.robustness.report import (
+    Condition,
+    ModelUnderTest,
+    build_conditions,
+    build_report,
+    evaluate_robustness,
+    parse_levels,
+    parse_names,
+    report_tables,
+    summarize,
+    write_report,
+)
+
+
+def _toy_dataset(root: Path, num_ids=6, per_id=3):
+    """Each identity a distinct colour pattern (top/bottom halves), slightly varied per image."""
+    rng = np.random.default_rng(0)
+    query, gallery = [], []
+    for pid in range(1, num_ids + 1):
+        top, bottom = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        for k in range(per_id):
+            arr = np.zeros((32, 16, 3), np.int16)
+            arr[:16], arr[16:] = top, bottom
+            arr = np.clip(arr + rng.integers(-8, 9, arr.shape), 0, 255).astype(np.uint8)
+            path = root / f"{pid:04d}_c{k + 1}_{k}.png"
+            Image.fromarray(arr).save(path)
+            (query if k == 0 else gallery).append((str(path), pid, k + 1))
+    return SimpleNamespace(name="toy", protocol="market", query=query, gallery=gallery)
+
+
+class _Calls:
+    def __init__(self):
+        self.calls = []
+
+    def extract(self, model, items, data_cfg, device="cpu", flip=False):
+        import torch
+
+        self.calls.append(len(items))
+        feats = [np.asarray(Image.open(p).convert("RGB").resize((4, 8)), np.float32).ravel() for p, _, _ in items]
+        return (torch.tensor(np.stack(feats)), np.array([i[1] for i in items]), np.array([i[2] for i in items]))
+
+
+def _nn_evaluate(qf, gf, qp, gp, qc, gc, **kw):
+    d = ((np.asarray(qf)[:, None] - np.asarray(gf)[None]) ** 2).sum(-1)
+    hits = gp[d.argmin(1)] == qp
+    return {"rank1": float(hits.mean()), "mAP": float(hits.mean()), "num_valid_queries": len(qp)}
+
+
+def test_parsers_name_the_option():
+    assert parse_levels("0,10, 20%,10") == [0.0, 0.1, 0.2]
+    for bad, needle in (("0,x", "'x' is not a number"), ("0,120", "outside 0..100"), (",", "at least one")):
+        with pytest.raises(AttnReidError, match=needle) as info:
+            parse_levels(bad)
+        assert "--levels" in str(info.value)
+    assert parse_names("person,block,person", OCCLUDER_KINDS, "--kinds") == ["person", "block"]
+    with pytest.raises(AttnReidError, match="--positions: 'middle' is unknown"):
+        parse_names("top,middle", POSITIONS, "--positions")
+    conds = build_conditions([0.0, 0.2], ["block", "erasing"], ["top", "side"])
+    assert conds[0] == Condition(0.0) and len(conds) == 5
+
+
+def test_evaluate_robustness_gallery_once_and_accuracy_falls(tmp_path):
+    ds = _toy_dataset(tmp_path)
+    calls = _Calls()
+    models = [ModelUnderTest("toy/a", "a.pth", None, SimpleNamespace(test_batch_size=4), "fake")]
+    levels = [0.0, 0.3, 0.6]
+    conds = build_conditions(levels, ["block", "person"], ["top"])
+    eval_cfg = SimpleNamespace(metric="euclidean_sq", rerank=False, k1=20, k2=6, lambda_value=0.3, flip=False)
+    kw = dict(seed=1, extract=calls.extract, evaluate=_nn_evaluate,
+              read_image=lambda p: Image.open(p).convert("RGB"))
+    rows = evaluate_robustness(models, ds, eval_cfg, conds, **kw)["toy/a"]
+    # The gallery once, then one query extraction per condition.
+    assert calls.calls == [len(ds.gallery)] + [len(ds.query)] * len(conds)
+    assert [r["level"] for r in rows] == [0, 30, 30, 60, 60]
+    assert rows[0]["rank1"] == 1.0 and rows[0]["coverage"] == 0
+    assert all(abs(r["coverage"] - r["level"]) < 5 for r in rows)
+    per_level = summarize(rows)
+    assert [e["level"] for e in per_level] == [0, 30, 60]
+    assert per_level[2]["rank1"] < per_level[0]["rank1"]
+    assert per_level[1]["rank1"] == pytest.approx(np.mean([rows[1]["rank1"], rows[2]["rank1"]]))
+    # Deterministic for a seed.
+    again = evaluate_robustness(models, ds, eval_cfg, conds, **{**kw, "extract": _Calls().extract})["toy/a"]
+    assert again == rows
+
+    report = build_report(models, {"toy/a": rows}, ds, levels, ["block", "person"], ["top"], seed=1)
+    json_path, png_path = write_report(report, tmp_path / "out")
+    assert json.loads(json_path.read_text())["models"][0]["per_level"] == json.loads(json.dumps(per_level))
+    with Image.open(png_path) as im:
+        assert im.format == "PNG" and im.size[0] > 300
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    for t in report_tables(report):
+        console.print(t)
+    text = console.export_text()
+    assert "60%" in text and "block / top" in text and "person / top" in text

@@ -137,11 +137,13 @@ def evaluate_robustness(
     extract: Optional[Callable] = None,
     evaluate: Optional[Callable] = None,
     read_image: Optional[Callable] = None,
+    extract_options: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, List[Dict[str, Any]]]:
     """Metrics of every model under every condition: ``{label: [row, ...]}``.
 
     ``extract``/``evaluate``/``read_image`` default to the engine's
-    ``extract_features``, ``protocols.evaluate`` and the data layer's ``read_image``.
+    ``extract_features``, ``protocols.evaluate`` and the data layer's ``read_image``;
+    ``extract_options`` are passed on to ``extract`` (channels_last, autocast_dtype).
     """
     if extract is None:
         from attnreid.engine.extract import extract_features as extract
@@ -154,8 +156,8 @@ def evaluate_robustness(
     flip = bool(getattr(eval_cfg, "flip", False))
 
     def features(m: ModelUnderTest, items):
-        feats, pids, camids = extract(m.model, items, m.data_cfg, batch_size=m.data_cfg.test_batch_size, device=device, flip=flip)
-        return np.asarray(feats.float().cpu().numpy() if hasattr(feats, "cpu") else feats), np.asarray(pids), np.asarray(camids)
+        feats, pids, camids = extract(m.model, items, m.data_cfg, device=device, flip=flip, **(extract_options or {}))
+        return feats, np.asarray(pids), np.asarray(camids)
 
     gallery = {m.label: features(m, dataset.gallery) for m in models}
     donors = [(path, pid) for path, pid, _ in dataset.gallery]
@@ -363,16 +365,6 @@ def load_models(checkpoints: Sequence[str], cfg, device: str) -> List[ModelUnder
     return out
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise AttnReidError(f"config key 'train.device' is '{name}' but no CUDA device is available")
-    return name
-
-
 def run_robustness(
     cfg,
     checkpoints: Sequence[str],
@@ -387,15 +379,20 @@ def run_robustness(
     The set is ``cfg.eval.dataset``/``cfg.eval.root`` when given, else
     ``cfg.data.dataset``/``cfg.data.root``.
     """
-    from attnreid.data.datasets import build_dataset_from_config
+    import torch
 
-    data_cfg = cfg.data
-    if getattr(cfg.eval, "dataset", ""):
-        data_cfg = replace(data_cfg, dataset=cfg.eval.dataset, root=cfg.eval.root or data_cfg.root)
-    cfg = replace(cfg, data=data_cfg)
-    dataset = build_dataset_from_config(cfg.data)
+    from attnreid.data.datasets import build_dataset_from_config
+    from attnreid.engine.build import eval_data_config, resolve_device
+
+    cfg = replace(cfg, data=eval_data_config(cfg))
     device = resolve_device(cfg.train.device)
+    dataset = build_dataset_from_config(cfg.data)
     models = load_models(checkpoints, cfg, device)
     conditions = build_conditions(levels, kinds, positions)
-    rows = evaluate_robustness(models, dataset, cfg.eval, conditions, seed=seed, device=device, log=log)
+    extract_options = {
+        "channels_last": bool(cfg.train.channels_last),
+        "autocast_dtype": {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp),
+    }
+    rows = evaluate_robustness(models, dataset, cfg.eval, conditions, seed=seed, device=device, log=log,
+                               extract_options=extract_options)
     return build_report(models, rows, dataset, levels, kinds, positions, seed)
