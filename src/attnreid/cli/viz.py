@@ -1,3 +1,47 @@
-"""`attnreid` commands of this area (registered on import)."""
+"""`attnreid report` and `attnreid explain`: HTML report of runs, attention overlays."""
 
-from attnreid.cli._app import app  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from attnreid.cli._app import app
+from attnreid.errors import AttnReidError
+
+
+def _parse_queries(text: Optional[str]) -> Optional[List[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise AttnReidError(f"--queries must be comma-separated query indices like 0,5,12, got {text!r}") from None
+
+
+@app.command("report")
+def report(
+    run_dirs: List[Path] = typer.Argument(..., help="One or more run folders (RUN_DIR ...)."),
+    out: Path = typer.Option(..., "--out", help="Folder for index.html and its pictures."),
+    title: Optional[str] = typer.Option(None, "--title", help="Page title."),
+    topk: int = typer.Option(10, "--topk", min=1, help="Gallery images per ranked list."),
+    worst: int = typer.Option(3, "--worst", min=0, help="Ranked lists of the N worst queries per run."),
+    by: str = typer.Option("ap", "--by", help="Worst by 'ap' (AP within top-k) or 'first_hit'."),
+    queries: Optional[str] = typer.Option(None, "--queries", help="Comma-separated query indices instead of the worst."),
+    overlays: int = typer.Option(3, "--overlays", min=0, help="Attention overlays of that many of those queries."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the page's path."),
+) -> None:
+    """Write an HTML report (metrics table, CMC and training curves, ranked lists, attention)."""
+    from attnreid.viz.report import write_report
+
+    if by not in ("ap", "first_hit"):
+        raise AttnReidError(f"--by must be 'ap' or 'first_hit', got {by!r}")
+    page = write_report(run_dirs, out, title=title, topk=topk, num_queries=worst,
+                        queries=_parse_queries(queries), worst_by=by, overlays=overlays)
+    if json_out:
+        from attnreid.cli._util import print_json
+
+        print_json({"report": str(page)})
+    else:
+        print(f"report written to {page}")

@@ -1,0 +1,161 @@
+"""Plots of a run: CMC curves and training curves, drawn with matplotlib (Agg) to PNG.
+
+Inputs are the run folder's files (see docs/design.md, Engine): ``eval.json`` holds
+``cmc`` (a list of fractions, rank 1 first) and ``log.jsonl`` one JSON object a line,
+``{"type": "train", "epoch", "step", "loss", <loss terms>, ...}`` and
+``{"type": "eval", "epoch", "mAP", "rank1", ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: never open a window, never need a display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from attnreid.errors import DataError  # noqa: E402
+
+# Keys of a train record that are bookkeeping, not loss terms.
+_NOT_LOSS_TERMS = {"type", "epoch", "step", "lr", "img_per_s", "data_wait", "time", "elapsed", "iter"}
+
+
+def read_log(path: str | Path) -> List[dict]:
+    """Read a ``log.jsonl``; lines that are not a JSON object are skipped.
+
+    A run that is still writing (or was killed) may leave a half-written last line; the
+    report must still show the epochs that are complete, so such lines are dropped
+    rather than failing. A missing file gives an empty list.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            records.append(obj)
+    return records
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def training_series(records: Sequence[Mapping]) -> Dict[str, Dict[str, List[float]]]:
+    """Per-epoch series from log records.
+
+    Returns ``{"loss": {term: [..]}, "loss_epochs": [..], "eval": {"rank1": [..],
+    "mAP": [..]}, "eval_epochs": [..]}``. Train records are averaged over each epoch
+    (the log holds one record every ``log_every`` steps); a term missing in some
+    records of an epoch is averaged over the records that have it.
+    """
+    sums: Dict[int, Dict[str, List[float]]] = defaultdict(lambda: defaultdict(list))
+    evals: Dict[int, dict] = {}
+    for r in records:
+        epoch = r.get("epoch")
+        if not _finite(epoch):
+            continue
+        if r.get("type") == "train":
+            for k, v in r.items():
+                if k not in _NOT_LOSS_TERMS and _finite(v):
+                    sums[int(epoch)][k].append(float(v))
+        elif r.get("type") == "eval":
+            evals[int(epoch)] = r  # a re-evaluated epoch: the last record wins
+    epochs = sorted(sums)
+    terms = sorted({k for e in epochs for k in sums[e]}, key=lambda k: (k != "loss", k))
+    loss = {t: [(sum(sums[e][t]) / len(sums[e][t])) if sums[e][t] else math.nan for e in epochs] for t in terms}
+    eval_epochs = sorted(evals)
+    ev = {
+        key: [float(evals[e][key]) if _finite(evals[e].get(key)) else math.nan for e in eval_epochs]
+        for key in ("rank1", "mAP")
+    }
+    return {"loss": loss, "loss_epochs": epochs, "eval": ev, "eval_epochs": eval_epochs}
+
+
+def plot_cmc(curves: Mapping[str, Sequence[float]], out_path: str | Path, max_rank: int = 20,
+             title: Optional[str] = None) -> Path:
+    """Draw the CMC curves of several runs (``{label: cmc}``, fractions) in one PNG.
+
+    The y axis is the matching rate in percent, as in the papers' CMC figures; curves
+    are cut at ``max_rank`` (or their own length when shorter).
+    """
+    if not curves:
+        raise DataError("plot_cmc needs at least one CMC curve")
+    out_path = Path(out_path)
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=100)
+    for label, cmc in curves.items():
+        values = [100.0 * float(c) for c in list(cmc)[:max_rank]]
+        ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
+    ax.set_xlabel("rank")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("matching rate (%)")
+    ax.set_title(title or "CMC")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
+
+
+def plot_training(records: Sequence[Mapping], out_path: str | Path, title: Optional[str] = None) -> Optional[Path]:
+    """Draw loss terms and rank-1 / mAP over epochs; ``None`` when the log has neither.
+
+    Left panel: the total ``loss`` and each term (``ce_global``, ``tri_saffm``, ``fdrt``,
+    ...) averaged per epoch, on a log scale when every value is positive (the terms
+    differ by orders of magnitude: FDRT and ACM are weighted 1e-4 and 1e-3). Right panel:
+    rank-1 and mAP (%) of the periodic evaluations.
+    """
+    s = training_series(records)
+    if not s["loss_epochs"] and not s["eval_epochs"]:
+        return None
+    out_path = Path(out_path)
+    fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(10.0, 3.8), dpi=100)
+    positive = True
+    for term, values in s["loss"].items():
+        ax_l.plot(s["loss_epochs"], values, label=term, linewidth=2.0 if term == "loss" else 1.2)
+        positive &= all(v > 0 for v in values if not math.isnan(v))
+    if s["loss"] and positive:
+        ax_l.set_yscale("log")
+    for ax in (ax_l, ax_r):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_l.set_xlabel("epoch")
+    ax_l.set_ylabel("loss")
+    ax_l.set_title("training loss (mean per epoch)")
+    ax_l.grid(True, alpha=0.3)
+    if s["loss"]:
+        ax_l.legend(fontsize=7, ncol=2)
+    else:
+        ax_l.text(0.5, 0.5, "no training records", ha="center", va="center", transform=ax_l.transAxes)
+    for key, values in s["eval"].items():
+        ax_r.plot(s["eval_epochs"], [100.0 * v for v in values], marker="o", markersize=3,
+                  label="Rank-1" if key == "rank1" else key)
+    ax_r.set_xlabel("epoch")
+    ax_r.set_ylabel("%")
+    ax_r.set_title("evaluation during training")
+    ax_r.grid(True, alpha=0.3)
+    if s["eval_epochs"]:
+        ax_r.legend(fontsize=8)
+    else:
+        ax_r.text(0.5, 0.5, "no evaluation records", ha="center", va="center", transform=ax_r.transAxes)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path

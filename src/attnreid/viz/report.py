@@ -1,0 +1,320 @@
+"""The HTML report of one or several runs: metrics table, plots, ranked lists, attention.
+
+``write_report(run_dirs, out_dir)`` writes ``out_dir/index.html`` and its pictures in
+the sibling folder ``out_dir/report_files/``. The page fetches nothing from the network
+(no scripts, fonts or styles from elsewhere) and works opened straight from disk.
+
+Per run it reads what the run folder holds (docs/design.md, Engine) and shows what is
+there: ``config.yaml`` (model, backbone, data set), ``eval.json`` (metrics table, CMC),
+``log.jsonl`` (training curves), ``eval_ranks.npz`` (ranked lists of the worst queries)
+and ``checkpoints/{best,last}.pth`` (attention overlays of those queries, for MHSA-Net
+and HA-CNN). A run that has not been evaluated yet is said to be so on the page.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+from urllib.parse import quote
+
+import yaml
+
+from attnreid.errors import DataError
+
+ASSETS = "report_files"
+
+# The papers' tables: Rank-1/5/10 and mAP (MHSA-Net Tables I-V, HA-CNN Tables 1-4); the
+# partial sets report Rank-1 and Rank-3 (MHSA-Net Table VI).
+COLUMNS = {
+    "market": [("Rank-1", "rank1"), ("Rank-5", "rank5"), ("Rank-10", "rank10"), ("mAP", "mAP")],
+    "partial": [("R1", "rank1"), ("R3", "rank3")],
+}
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
+       max-width: 1100px; margin: 0 auto; padding: 16px 20px 48px; color: #1b1b1b;
+       background: #fff; line-height: 1.45; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { font-size: 1.3em; border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 1.8em; }
+h3 { font-size: 1.05em; margin-bottom: 0.3em; }
+.meta { color: #666; font-size: 0.9em; }
+table.metrics { border-collapse: collapse; margin: 8px 0 16px; font-variant-numeric: tabular-nums; }
+table.metrics th, table.metrics td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
+table.metrics th { background: #f0f3f7; }
+table.metrics td.name, table.metrics th.name { text-align: left; }
+table.metrics tr.best td.val { font-weight: 600; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figure { margin: 10px 0 18px; }
+figcaption { color: #555; font-size: 0.88em; }
+.note { background: #fff7e0; border-left: 4px solid #e0a800; padding: 6px 10px; margin: 8px 0; }
+dl.cfg { display: grid; grid-template-columns: max-content auto; gap: 2px 14px; font-size: 0.92em; }
+dl.cfg dt { color: #555; } dl.cfg dd { margin: 0; }
+.legend span { display: inline-block; padding: 0 6px; margin-right: 6px; color: #fff; border-radius: 3px; }
+"""
+
+
+@dataclass
+class RunInfo:
+    """What one run folder holds, read leniently: the report shows what is there."""
+
+    path: Path
+    label: str
+    config: Optional[dict] = None
+    eval: Optional[dict] = None
+    log: List[dict] = field(default_factory=list)
+    ranks_path: Optional[Path] = None
+    checkpoint: Optional[Path] = None
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def model(self) -> str:
+        name = (self.eval or {}).get("model") or _get(self.config, "model.name")
+        return str(name) if name else "?"
+
+    @property
+    def dataset(self) -> str:
+        name = (self.eval or {}).get("dataset") or _get(self.config, "data.dataset")
+        return str(name) if name else "?"
+
+    @property
+    def protocol(self) -> str:
+        return str((self.eval or {}).get("protocol") or "market")
+
+
+def _get(d: Optional[dict], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict):
+            return None
+        d = d.get(part)
+    return d
+
+
+def read_run(path: str | Path, label: Optional[str] = None) -> RunInfo:
+    """Collect a run folder's files; a folder with none of them is a DataError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"run folder not found: {path}")
+    run = RunInfo(path=path, label=label or path.name)
+    known = [p for p in ("config.yaml", "eval.json", "log.jsonl", "checkpoints") if (path / p).exists()]
+    if not known:
+        raise DataError(f"{path} is not a run folder (no config.yaml, eval.json, log.jsonl or checkpoints/)")
+    if (path / "config.yaml").is_file():
+        try:
+            cfg = yaml.safe_load((path / "config.yaml").read_text())
+            run.config = cfg if isinstance(cfg, dict) else None
+        except yaml.YAMLError:
+            run.notes.append("config.yaml could not be parsed")
+    if (path / "eval.json").is_file():
+        try:
+            ev = json.loads((path / "eval.json").read_text())
+            run.eval = ev if isinstance(ev, dict) else None
+        except json.JSONDecodeError:
+            run.notes.append("eval.json could not be parsed")
+    from attnreid.viz.plots import read_log
+
+    run.log = read_log(path / "log.jsonl")
+    if (path / "eval_ranks.npz").is_file():
+        run.ranks_path = path / "eval_ranks.npz"
+    for name in ("best.pth", "last.pth"):
+        if (path / "checkpoints" / name).is_file():
+            run.checkpoint = path / "checkpoints" / name
+            break
+    return run
+
+
+def _labels(paths: Sequence[Path]) -> List[str]:
+    """Folder names, with the parent prepended where two runs share a name."""
+    names = [p.name or str(p) for p in paths]
+    return [f"{p.parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
+
+
+def _slug(i: int, label: str) -> str:
+    return f"run{i}_" + re.sub(r"[^A-Za-z0-9_-]+", "-", label)[:40]
+
+
+def _pct(v: Any) -> str:
+    return f"{100.0 * float(v):.1f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "–"
+
+
+def metrics_tables(runs: Sequence[RunInfo]) -> str:
+    """One table per (protocol): a row per evaluated run, values in percent as in the
+    papers, the best value of each column in bold."""
+    e = html.escape
+    out = []
+    by_protocol: Dict[str, List[RunInfo]] = {}
+    for r in runs:
+        if r.eval is not None:
+            by_protocol.setdefault("partial" if r.protocol == "partial" else "market", []).append(r)
+    for protocol, group in by_protocol.items():
+        cols = COLUMNS[protocol]
+        best = {}
+        for _, key in cols:
+            vals = [r.eval.get(key) for r in group if isinstance(r.eval.get(key), (int, float))]
+            best[key] = max(vals) if vals else None
+        head = "".join(f"<th>{e(name)}</th>" for name, _ in cols)
+        rows = []
+        for r in group:
+            extra = " +re-rank" if r.eval.get("rerank") else ""
+            cells = "".join(
+                f'<td class="val">{"<b>" if r.eval.get(k) == best[k] and len(group) > 1 else ""}'
+                f'{e(_pct(r.eval.get(k)))}{"</b>" if r.eval.get(k) == best[k] and len(group) > 1 else ""}</td>'
+                for _, k in cols)
+            rows.append(f'<tr><td class="name">{e(r.label)}</td><td class="name">{e(r.model)}</td>'
+                        f'<td class="name">{e(r.dataset + extra)}</td>{cells}</tr>')
+        caption = "partial re-ID protocol (single-shot, %)" if protocol == "partial" else "single query, % (CMC rank-k and mAP)"
+        out.append(f'<table class="metrics"><caption class="meta">{e(caption)}</caption>'
+                   f'<thead><tr><th class="name">run</th><th class="name">model</th><th class="name">data set</th>'
+                   f'{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+    pending = [r for r in runs if r.eval is None]
+    if pending:
+        names = ", ".join(r.label for r in pending)
+        out.append(f'<p class="note">Not evaluated yet (no eval.json): {e(names)}.</p>')
+    return "\n".join(out)
+
+
+def _img(src: Path, out_dir: Path, alt: str, caption: str = "") -> str:
+    rel = quote(src.relative_to(out_dir).as_posix())
+    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return f'<figure><img src="{rel}" alt="{html.escape(alt)}" loading="eager">{cap}</figure>'
+
+
+def _config_summary(run: RunInfo) -> str:
+    e = html.escape
+    items = [("model", run.model), ("data set", run.dataset)]
+    c = run.config
+    if c:
+        items += [("backbone", _get(c, "model.backbone.name")),
+                  ("input", f"{_get(c, 'data.height')} x {_get(c, 'data.width')}" if _get(c, "data.height") else None)]
+        if run.model == "mhsanet":
+            items.append(("heads K / fusion", f"{_get(c, 'model.mhsanet.num_heads')} / {_get(c, 'model.mhsanet.fusion')}"))
+        if run.model == "hacnn":
+            items.append(("attention", _get(c, "model.hacnn.attention")))
+        items.append(("epochs (config)", _get(c, "train.epochs")))
+    if run.eval:
+        items += [("evaluated at epoch", run.eval.get("epoch")), ("mINP", _pct(run.eval.get("mINP")) if "mINP" in run.eval else None),
+                  ("valid queries", run.eval.get("num_valid_queries")), ("metric", run.eval.get("metric"))]
+    items.append(("checkpoint", run.checkpoint.name if run.checkpoint else "none"))
+    body = "".join(f"<dt>{e(str(k))}</dt><dd>{e(str(v))}</dd>" for k, v in items if v not in (None, ""))
+    return f'<dl class="cfg">{body}</dl>'
+
+
+def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Path, title: Optional[str] = None, *,
+                 topk: int = 10, num_queries: int = 3, queries: Optional[Sequence[int]] = None,
+                 worst_by: str = "ap", overlays: int = 3,
+                 image_reader: Optional[Callable[[str], Any]] = None) -> Path:
+    """Write ``out_dir/index.html`` for the given run folders and return its path.
+
+    ``queries``: query indices to draw ranked lists for; by default the ``num_queries``
+    worst queries of each run (lowest AP within the top-k, or latest first hit with
+    ``worst_by="first_hit"``). ``overlays``: how many of those queries get attention
+    overlays (0: none; they need the run's checkpoint and an attention model).
+    ``image_reader`` (path -> PIL image) defaults to :func:`attnreid.data.io.read_image`.
+    With two or more evaluated runs on the same queries, the first two are compared
+    query by query.
+    """
+    from attnreid.viz import plots, ranking
+
+    if isinstance(run_dirs, (str, Path)):
+        run_dirs = [run_dirs]
+    paths = [Path(p) for p in run_dirs]
+    if not paths:
+        raise DataError("write_report needs at least one run folder")
+    runs = [read_run(p, lab) for p, lab in zip(paths, _labels(paths))]
+    out_dir = Path(out_dir)
+    assets = out_dir / ASSETS
+    assets.mkdir(parents=True, exist_ok=True)
+    e = html.escape
+    title = title or ("attnreid report: " + ", ".join(r.label for r in runs))
+    parts: List[str] = []
+
+    parts.append("<h2>Results</h2>")
+    parts.append(metrics_tables(runs))
+    curves = {r.label: r.eval["cmc"] for r in runs if r.eval and isinstance(r.eval.get("cmc"), list) and r.eval["cmc"]}
+    if curves:
+        png = plots.plot_cmc(curves, assets / "cmc.png", max_rank=20)
+        parts.append(_img(png, out_dir, "CMC curves",
+                          "CMC: the share of queries whose first true match is within the top k."))
+
+    ranks_cache: Dict[int, dict] = {}
+    chosen: Dict[int, List[int]] = {}
+    for i, run in enumerate(runs):
+        slug = _slug(i, run.label)
+        parts.append(f'<h2 id="{e(slug)}">Run {e(run.label)}</h2>')
+        parts.append(f'<p class="meta">{e(str(run.path))}</p>')
+        for n in run.notes:
+            parts.append(f'<p class="note">{e(n)}</p>')
+        if run.eval is None:
+            parts.append('<p class="note">This run has not been evaluated yet (no eval.json): '
+                         'no metrics, CMC or ranked lists. Run <code>attnreid eval</code> on it.</p>')
+        parts.append(_config_summary(run))
+        png = plots.plot_training(run.log, assets / f"{slug}_training.png", title=run.label)
+        if png:
+            parts.append("<h3>Training</h3>" + _img(png, out_dir, f"training curves of {run.label}",
+                                                    "Left: loss terms averaged per epoch. Right: Rank-1 and mAP of "
+                                                    "the evaluations during training."))
+        elif run.log == []:
+            parts.append('<p class="meta">No training log (log.jsonl) in this run.</p>')
+        if run.eval is not None and run.ranks_path is None:
+            parts.append('<p class="note">No eval_ranks.npz: ranked lists are not available for this run.</p>')
+        if run.ranks_path is not None:
+            try:
+                ranks = ranking.load_ranks(run.ranks_path)
+            except DataError as exc:
+                parts.append(f'<p class="note">{e(str(exc))}</p>')
+                continue
+            ranks_cache[i] = ranks
+            q = len(ranks["query_paths"])
+            picked = [int(x) for x in queries if 0 <= int(x) < q] if queries is not None else \
+                ranking.select_queries(ranks, num_queries, by=worst_by, protocol=run.protocol)
+            chosen[i] = picked
+            how = "chosen" if queries is not None else \
+                ("worst by AP within the top-k" if worst_by == "ap" else "worst by rank of the first true match")
+            parts.append(f"<h3>Ranked lists ({e(how)})</h3>")
+            parts.append('<p class="legend meta"><span style="background:#2856dc">query</span>'
+                         '<span style="background:#28aa3c">true match</span>'
+                         '<span style="background:#dc2828">false match</span> d = distance to the query '
+                         '(smaller is closer); same-camera images of the query\'s identity are left out.</p>')
+            if not picked:
+                parts.append('<p class="meta">No query to show.</p>')
+            for qi in picked:
+                png = ranking.draw_ranked_list([(run.label, ranks, qi)], assets / f"{slug}_rank_q{qi}.png",
+                                               topk=topk, protocol=run.protocol, reader=image_reader)
+                parts.append(_img(png, out_dir, f"ranked list of query {qi} ({run.label})",
+                                  f"query {qi}: {ranks['query_paths'][qi]}"))
+
+    with_ranks = [i for i in range(len(runs)) if i in ranks_cache]
+    if len(with_ranks) >= 2:
+        a, b = with_ranks[:2]
+        pairs = []
+        for qi in chosen[a]:
+            qj = ranking.find_query(ranks_cache[b], str(ranks_cache[a]["query_paths"][qi]))
+            if qj is not None:
+                pairs.append((qi, qj))
+        if pairs:
+            parts.append(f"<h2>Comparison: {e(runs[a].label)} vs {e(runs[b].label)}</h2>")
+            parts.append(f'<p class="meta">The worst queries of {e(runs[a].label)}, each with both runs\' '
+                         f'top-{topk} (upper row: {e(runs[a].label)}, lower row: {e(runs[b].label)}).</p>')
+            for qi, qj in pairs:
+                png = ranking.draw_ranked_list(
+                    [(runs[a].label, ranks_cache[a], qi), (runs[b].label, ranks_cache[b], qj)],
+                    assets / f"compare_q{qi}.png", topk=topk, protocol=runs[a].protocol, reader=image_reader)
+                parts.append(_img(png, out_dir, f"comparison of query {qi}", str(ranks_cache[a]["query_paths"][qi])))
+
+    from attnreid import __version__
+
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    page = (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>{e(title)}</title><style>{CSS}</style></head><body>"
+        f"<h1>{e(title)}</h1><p class=\"meta\">attnreid {e(__version__)} · {e(stamp)} · "
+        f"{len(runs)} run(s)</p>\n" + "\n".join(parts) + "\n</body></html>\n"
+    )
+    index = out_dir / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
