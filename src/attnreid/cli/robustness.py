@@ -18,10 +18,10 @@ def _default_out(checkpoint: str) -> Path:
     return run / "robustness"
 
 
-@app.command("robustness", context_settings={"allow_extra_args": True})
+@app.command("robustness")
 def robustness(
-    ctx: typer.Context,
     config: Path = typer.Argument(..., help="YAML config: evaluation set, loader and eval settings."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE overrides, e.g. train.device=cpu."),
     checkpoint: List[str] = typer.Option(
         [], "--checkpoint", "-c",
         help="checkpoint(s) to compare: --checkpoint A.pth B.pth (or the option repeated).",
@@ -37,8 +37,9 @@ def robustness(
 ) -> None:
     """Re-evaluate model(s) with synthetically occluded queries at controlled levels.
 
-    Extra KEY=VALUE arguments override the config (e.g. train.device=cpu
-    data.test_batch_size=64). Writes robustness.json and robustness.png to --out.
+    The image size and normalisation come from each checkpoint (what the model was
+    trained with); the evaluation set, loader and eval settings from CONFIG and the
+    KEY=VALUE overrides. Writes robustness.json and robustness.png to --out.
     """
     from dataclasses import replace
 
@@ -46,8 +47,10 @@ def robustness(
     from attnreid.robustness.occlusion import OCCLUDER_KINDS, POSITIONS
     from attnreid.robustness.report import parse_levels, parse_names, report_tables, run_robustness, write_report
 
-    overrides = [a for a in ctx.args if "=" in a]
-    checkpoints = list(checkpoint) + [a for a in ctx.args if "=" not in a]
+    # Click gives an option one value: the further paths of `--checkpoint A B` land among the overrides.
+    extra = list(overrides or [])
+    checkpoints = list(checkpoint) + [a for a in extra if "=" not in a]
+    overrides = [a for a in extra if "=" in a]
     if not checkpoints:
         raise AttnReidError("robustness: give at least one checkpoint with --checkpoint PATH")
     for ckpt in checkpoints:
