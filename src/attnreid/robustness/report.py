@@ -216,6 +216,8 @@ def build_report(
         "kinds": list(kinds),
         "positions": list(positions),
         "seed": int(seed),
+        # Files left out because data.skip_bad_images was set (unreadable, empty, misnamed).
+        "skipped_images": [path for path, _ in getattr(dataset, "bad_images", [])],
         "models": [
             {
                 "label": m.label,
@@ -387,6 +389,10 @@ def run_robustness(
     cfg = replace(cfg, data=eval_data_config(cfg))
     device = resolve_device(cfg.train.device)
     dataset = build_dataset_from_config(cfg.data)
+    if getattr(dataset, "bad_images", None):
+        from attnreid.data.datasets.base import warn_bad
+
+        warn_bad(dataset.bad_images)
     models = load_models(checkpoints, cfg, device)
     conditions = build_conditions(levels, kinds, positions)
     extract_options = {
