@@ -45,3 +45,29 @@ def report(
         print_json({"report": str(page)})
     else:
         print(f"report written to {page}")
+
+
+@app.command("explain")
+def explain(
+    config: Path = typer.Argument(..., help="The run's config file (e.g. RUN/config.yaml)."),
+    images: List[Path] = typer.Argument(..., help="Images to explain (files or zip::member paths)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint of an mhsanet or hacnn model."),
+    out: Path = typer.Option(..., "--out", help="Folder for one PNG per image and an index.html."),
+    scale: str = typer.Option("map", "--scale", help="'map': each head's map to its own range; 'shared': one range."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object (pages, beta per image)."),
+) -> None:
+    """Draw the model's own attention over each image (MHSA-Net heads + beta; HA-CNN soft maps + regions)."""
+    from attnreid.config import load_config
+    from attnreid.viz.attention import explain_files
+
+    if scale not in ("map", "shared"):
+        raise AttnReidError(f"--scale must be 'map' or 'shared', got {scale!r}")
+    cfg = load_config(config)
+    result = explain_files(cfg, checkpoint, [str(p) for p in images], out, scale=scale, device=device)
+    if json_out:
+        from attnreid.cli._util import print_json
+
+        print_json(result)
+    else:
+        print(f"{len(result['images'])} attention picture(s) of model '{result['model']}' written; open {result['index']}")

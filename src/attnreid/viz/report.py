@@ -203,6 +203,52 @@ def _config_summary(run: RunInfo) -> str:
     return f'<dl class="cfg">{body}</dl>'
 
 
+def _ranked_section(run: RunInfo, ranks: dict, picked: List[int], slug: str, out_dir: Path, topk: int,
+                    explicit: bool, worst_by: str, image_reader) -> List[str]:
+    from attnreid.viz import ranking
+
+    e = html.escape
+    how = "chosen" if explicit else \
+        ("worst by AP within the top-k" if worst_by == "ap" else "worst by rank of the first true match")
+    parts = [f"<h3>Ranked lists ({e(how)})</h3>",
+             '<p class="legend meta"><span style="background:#2856dc">query</span>'
+             '<span style="background:#28aa3c">true match</span>'
+             '<span style="background:#dc2828">false match</span> d = distance to the query '
+             '(smaller is closer); same-camera images of the query\'s identity are left out.</p>']
+    if not picked:
+        parts.append('<p class="meta">No query to show.</p>')
+    for qi in picked:
+        png = ranking.draw_ranked_list([(run.label, ranks, qi)], out_dir / ASSETS / f"{slug}_rank_q{qi}.png",
+                                       topk=topk, protocol=run.protocol, reader=image_reader)
+        parts.append(_img(png, out_dir, f"ranked list of query {qi} ({run.label})",
+                          f"query {qi}: {ranks['query_paths'][qi]}"))
+    return parts
+
+
+def _attention_section(run: RunInfo, image_paths: List[str], slug: str, out_dir: Path) -> List[str]:
+    """Overlays of the given queries from the run's checkpoint; any problem is a note on
+    the page (a report must not fail because a checkpoint moved or a model has none)."""
+    from attnreid.errors import AttnReidError
+    from attnreid.viz.attention import LEGENDS, explain_files
+
+    e = html.escape
+    parts = ["<h3>Attention of these queries</h3>"]
+    if run.model == "baseline":
+        return parts + ['<p class="meta">The baseline has no attention maps.</p>']
+    if run.checkpoint is None:
+        return parts + ['<p class="note">No checkpoint in this run (checkpoints/best.pth or last.pth): '
+                        'attention overlays are not available.</p>']
+    try:
+        result = explain_files(None, run.checkpoint, image_paths, out_dir / ASSETS, prefix=f"{slug}_", index=False)
+    except AttnReidError as exc:
+        return parts + [f'<p class="note">Attention overlays not available: {e(str(exc))}</p>']
+    parts.append(f'<p class="meta">{e(LEGENDS.get(result["model"], ""))} '
+                 f'(from {e(run.checkpoint.name)})</p>')
+    for entry in result["images"]:
+        parts.append(_img(Path(entry["png"]), out_dir, f"attention of {entry['image']}", entry["image"]))
+    return parts
+
+
 def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Path, title: Optional[str] = None, *,
                  topk: int = 10, num_queries: int = 3, queries: Optional[Sequence[int]] = None,
                  worst_by: str = "ap", overlays: int = 3,
@@ -257,35 +303,31 @@ def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Pat
             parts.append("<h3>Training</h3>" + _img(png, out_dir, f"training curves of {run.label}",
                                                     "Left: loss terms averaged per epoch. Right: Rank-1 and mAP of "
                                                     "the evaluations during training."))
-        elif run.log == []:
+        elif not run.log:
             parts.append('<p class="meta">No training log (log.jsonl) in this run.</p>')
         if run.eval is not None and run.ranks_path is None:
             parts.append('<p class="note">No eval_ranks.npz: ranked lists are not available for this run.</p>')
-        if run.ranks_path is not None:
-            try:
-                ranks = ranking.load_ranks(run.ranks_path)
-            except DataError as exc:
-                parts.append(f'<p class="note">{e(str(exc))}</p>')
-                continue
-            ranks_cache[i] = ranks
-            q = len(ranks["query_paths"])
-            picked = [int(x) for x in queries if 0 <= int(x) < q] if queries is not None else \
-                ranking.select_queries(ranks, num_queries, by=worst_by, protocol=run.protocol)
-            chosen[i] = picked
-            how = "chosen" if queries is not None else \
-                ("worst by AP within the top-k" if worst_by == "ap" else "worst by rank of the first true match")
-            parts.append(f"<h3>Ranked lists ({e(how)})</h3>")
-            parts.append('<p class="legend meta"><span style="background:#2856dc">query</span>'
-                         '<span style="background:#28aa3c">true match</span>'
-                         '<span style="background:#dc2828">false match</span> d = distance to the query '
-                         '(smaller is closer); same-camera images of the query\'s identity are left out.</p>')
-            if not picked:
-                parts.append('<p class="meta">No query to show.</p>')
-            for qi in picked:
-                png = ranking.draw_ranked_list([(run.label, ranks, qi)], assets / f"{slug}_rank_q{qi}.png",
-                                               topk=topk, protocol=run.protocol, reader=image_reader)
-                parts.append(_img(png, out_dir, f"ranked list of query {qi} ({run.label})",
-                                  f"query {qi}: {ranks['query_paths'][qi]}"))
+        if run.ranks_path is None:
+            continue
+        try:
+            ranks = ranking.load_ranks(run.ranks_path)
+        except DataError as exc:
+            parts.append(f'<p class="note">{e(str(exc))}</p>')
+            continue
+        ranks_cache[i] = ranks
+        q = len(ranks["query_paths"])
+        picked = [int(x) for x in queries if 0 <= int(x) < q] if queries is not None else \
+            ranking.select_queries(ranks, num_queries, by=worst_by, protocol=run.protocol)
+        chosen[i] = picked
+        dropped = [int(x) for x in queries or () if not 0 <= int(x) < q]
+        if dropped:
+            parts.append(f'<p class="note">Query index(es) {e(", ".join(map(str, dropped)))} out of range: '
+                         f'this run has {q} queries.</p>')
+        parts.extend(_ranked_section(run, ranks, picked, slug, out_dir, topk, queries is not None, worst_by,
+                                     image_reader))
+        if overlays > 0 and picked:
+            parts.extend(_attention_section(run, [str(ranks["query_paths"][qi]) for qi in picked[:overlays]],
+                                            slug, out_dir))
 
     with_ranks = [i for i in range(len(runs)) if i in ranks_cache]
     if len(with_ranks) >= 2:
