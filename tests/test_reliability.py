@@ -149,7 +149,8 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, synthetic_root):
 
     killed = load_checkpoint(run / "checkpoints" / "last.pth")
     started = max(r["epoch"] for r in _log(run) if r.get("type") == "train")
-    assert killed["epoch"] == 1 and started == 2, "the kill should land inside epoch 2"
+    assert killed["epoch"] >= 1 and started == killed["epoch"] + 1, "the kill should land inside an epoch"
+    steps = killed["step"] // killed["epoch"]
     config_before = (run / "config.yaml").read_text()
 
     done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=_env(), timeout=120)
@@ -161,16 +162,16 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, synthetic_root):
     final = load_checkpoint(run / "checkpoints" / "last.pth")
     # Same schedule position as an uninterrupted run: all epochs, all steps, the same lr per epoch.
     assert final["epoch"] == epochs and final["step"] == epochs * steps
+    assert final["scheduler"] == {**killed["scheduler"], "epoch": epochs - 1}
     from attnreid.config import load_config, to_dict
     from attnreid.engine.optim import WarmupStepScheduler
 
     cfg_obj = load_config(cfg)
     sched = WarmupStepScheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg_obj.optim.lr), cfg_obj.optim)
     after = [r for r in log[log.index(resumed[0]):] if r.get("type") == "train"]
-    assert {r["epoch"] for r in after} == {2, 3}
+    assert {r["epoch"] for r in after} == set(range(killed["epoch"] + 1, epochs + 1))
     for r in after:
         assert r["lr"] == pytest.approx(sched.lr_at(r["epoch"] - 1))
-    assert final["scheduler"] == killed["scheduler"] | {"epoch": final["scheduler"]["epoch"]}
     # Same config.
     assert (run / "config.yaml").read_text() == config_before
     assert final["config"] == killed["config"] == to_dict(cfg_obj)
