@@ -1,1 +1,103 @@
-"""attnreid.losses"""
+"""Losses: the weighted sum a model's config asks for (MHSA-Net Eq. 8, 10, 11, 13).
+
+``build_criterion(loss_cfg, model_cfg)`` returns a :class:`Criterion`;
+``criterion(outputs, labels) -> (total, terms)``, where ``outputs`` is a model's
+training-mode dict and ``terms`` maps each computed term to its *unweighted* value
+(a detached 0-dim tensor); ``total = sum(weight * term)``.
+
+=============  =================================  =====================  ========
+term           what                               weight (config)        paper
+=============  =================================  =====================  ========
+``ce_global``  CE on q*                           1 if loss.global_ce    L_GFB
+``ce_saffm``   CE on p*                           loss.saffm_ce          Eq. 8
+``tri_saffm``  batch-hard triplet on p*           loss.saffm_triplet     Eq. 8
+``ce_rlm``     CE on z (if model.mhsanet.rlm)     loss.rlm_ce            Eq. 10
+``tri_rlm``    batch-hard triplet on z            loss.rlm_triplet       Eq. 10
+``fdrt``       FDRT on P                          loss.lambda_fdrt       Eq. 3, 11
+``ihtl``       IHTL on P                          loss.lambda_ihtl       Eq. 5, 11
+``acm``        ACM on alpha                       loss.lambda_acm        Eq. 12, 13
+``ce_local``   CE on HA-CNN's local feature       1                      HA Sec. 3
+=============  =================================  =====================  ========
+
+A term whose weight is 0 is not computed, so each Table V ablation row is a set of
+weights (e.g. Baseline+MHSAM: lambda_fdrt = lambda_ihtl = lambda_acm = 0).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnreid.errors import ConfigError
+from attnreid.losses.regularizers import attention_competition, feature_diversity
+from attnreid.losses.triplet import batch_hard_triplet, improved_hard_triplet
+
+Term = Tuple[str, float, Callable[[dict, torch.Tensor], torch.Tensor]]
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Softmax cross-entropy, optionally with label smoothing epsilon (the papers use none)."""
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
+class Criterion(nn.Module):
+    """The weighted sum of the terms chosen at build time (each a name, weight and function)."""
+
+    def __init__(self, terms: List[Term]):
+        super().__init__()
+        if not terms:
+            raise ConfigError("every loss weight is 0: the model would not train (check the loss.* weights)")
+        self.terms = terms
+        self.weights = {name: weight for name, weight, _ in terms}
+
+    def forward(self, outputs: dict, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        total = None
+        values: Dict[str, torch.Tensor] = {}
+        for name, weight, fn in self.terms:
+            value = fn(outputs, labels)
+            values[name] = value.detach()
+            total = weight * value if total is None else total + weight * value
+        return total, values  # type: ignore[return-value]
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}*{weight:g}" for name, weight, _ in self.terms)
+
+
+def build_criterion(loss_cfg, model_cfg) -> Criterion:
+    """The total loss for ``model_cfg.name`` with the weights of ``loss_cfg`` (Eq. 11 + 13)."""
+    eps = loss_cfg.label_smoothing
+
+    def ce(head: str):
+        return lambda out, y: cross_entropy(out["logits"][head], y, eps)
+
+    def tri(head: str):
+        return lambda out, y: batch_hard_triplet(out["features"][head], y, loss_cfg.triplet_margin)
+
+    weighted: List[Term] = []
+    if loss_cfg.global_ce:
+        weighted.append(("ce_global", 1.0, ce("global")))
+    if model_cfg.name == "mhsanet":
+        weighted += [
+            ("ce_saffm", loss_cfg.saffm_ce, ce("saffm")),
+            ("tri_saffm", loss_cfg.saffm_triplet, tri("saffm")),
+        ]
+        if model_cfg.mhsanet.rlm:
+            weighted += [("ce_rlm", loss_cfg.rlm_ce, ce("rlm")), ("tri_rlm", loss_cfg.rlm_triplet, tri("rlm"))]
+        soft = loss_cfg.ihtl == "soft"
+        weighted += [
+            ("fdrt", loss_cfg.lambda_fdrt, lambda out, y: feature_diversity(out["P"])),
+            ("ihtl", loss_cfg.lambda_ihtl, lambda out, y: improved_hard_triplet(out["P"], y, loss_cfg.ihtl_margin, soft)),
+            ("acm", loss_cfg.lambda_acm, lambda out, y: attention_competition(out["alpha"], loss_cfg.acm_gamma)),
+        ]
+    elif model_cfg.name == "hacnn":
+        weighted.append(("ce_local", 1.0, ce("local")))
+    elif model_cfg.name != "baseline":
+        raise ConfigError(f"config key 'model.name' is {model_cfg.name!r}; no loss is defined for it")
+    return Criterion([t for t in weighted if t[1] != 0])
+
+
+__all__ = ["Criterion", "build_criterion", "cross_entropy", "batch_hard_triplet", "improved_hard_triplet",
+           "feature_diversity", "attention_competition"]

@@ -1,0 +1,254 @@
+"""MHSA-Net (Tan et al.): one small module per paper component.
+
+Shapes for batch B, K heads, backbone channels C (2048 for ResNet-50), grid h x w,
+J = h*w positions (192 at 384x128 with last stride 1), embedding width E = 512.
+
+===========================  ===========================================  ==========
+component                    code                                         paper
+===========================  ===========================================  ==========
+Global Feature Branch        :class:`~attnreid.models.baseline.GlobalFeatureBranch`  Sec. IV
+MHSAM                        :class:`MultiHeadSelfAttention`               Eq. 1-2
+FRM (P-perp = P)             ``P`` itself, shaped by FDRT and IHTL         Eq. 3, 5
+SAFFM                        :class:`SelfAttentionFeatureFusion`           Eq. 6-7
+fusion alternatives          :class:`ConcatFusion`, :class:`SumFusion`     Table IX
+RLM                          :class:`ResidualLearningModule`               Eq. 9
+whole network                :class:`MHSANet`                              Fig. 2
+===========================  ===========================================  ==========
+
+The losses (Eq. 3, 5, 8, 10-13) live in :mod:`attnreid.losses`.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnreid.errors import ConfigError
+from attnreid.models.backbones import build_backbone
+from attnreid.models.baseline import GlobalFeatureBranch, make_classifier
+
+# Hidden widths of SAFFM per head (Eq. 6: w4 512K -> 128K, w5 128K -> 64K).
+SAFFM_HIDDEN = (128, 64)
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """MHSAM, Eq. 1-2: K attention maps over the grid and K embeddings P.
+
+    Eq. 1: ``alpha = softmax(w2 ReLU(w1 Q^T))`` with Q: B x J x C, w1: C -> A (A = 512),
+    w2: A -> K, both without bias; logits B x J x K.
+
+    ``norm="spatial"`` (default, SPEC.md): softmax over the J positions for each head,
+    so every head is a distribution over the image (structured self-attention [56], the
+    authors' code; makes ACM's gamma = 1e-3 meaningful next to the mean weight 1/J).
+    ``norm="heads"``: softmax over the K heads at each position (the literal sentence
+    under Eq. 1); the weighted sum alpha Q then grows with J, so it is divided by J.
+
+    Eq. 2: ``P = (alpha Q) w3 + b3``, w3: C -> E with bias: P is B x K x E.
+    ``alpha`` is returned as B x K x J in both modes.
+    """
+
+    def __init__(self, in_channels: int, num_heads: int, attention_dim: int = 512, embed_dim: int = 512,
+                 norm: str = "spatial"):
+        super().__init__()
+        if norm not in ("spatial", "heads"):
+            raise ConfigError(f"config key 'model.mhsanet.attention_norm' is {norm!r}; expected spatial or heads")
+        self.norm = norm
+        self.w1 = nn.Linear(in_channels, attention_dim, bias=False)
+        self.w2 = nn.Linear(attention_dim, num_heads, bias=False)
+        self.w3 = nn.Linear(in_channels, embed_dim)
+
+    def attention(self, q: torch.Tensor) -> torch.Tensor:
+        """Eq. 1: Q (B x J x C) -> alpha (B x K x J)."""
+        logits = self.w2(F.relu(self.w1(q))).transpose(1, 2)
+        return logits.softmax(dim=2 if self.norm == "spatial" else 1)
+
+    def forward(self, feature_map: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Q(x) as B x C x h x w -> (P: B x K x E, alpha: B x K x J)."""
+        q = feature_map.flatten(2).transpose(1, 2)
+        alpha = self.attention(q)
+        pooled = torch.bmm(alpha, q)
+        if self.norm == "heads":
+            pooled = pooled / q.shape[1]
+        return self.w3(pooled), alpha
+
+
+class SelfAttentionFeatureFusion(nn.Module):
+    """SAFFM, Eq. 6-7: fuse the K embeddings into one p* (B x E) with learned weights beta.
+
+    Eq. 6: ``beta = softmax_K(w6 ReLU(w5 w4 P*))``, P* = P flattened to B x EK,
+    w4: EK -> 128K, w5: 128K -> 64K (no non-linearity between them, as written),
+    w6: 64K -> K. The equation shows weight matrices only, so the layers have no bias.
+    Eq. 7: ``p* = LayerNorm(sum_k beta_k P_k)``. Returns (p*: B x E, beta: B x K).
+    """
+
+    def __init__(self, num_heads: int, embed_dim: int = 512):
+        super().__init__()
+        h4, h5 = (width * num_heads for width in SAFFM_HIDDEN)
+        self.w4 = nn.Linear(embed_dim * num_heads, h4, bias=False)
+        self.w5 = nn.Linear(h4, h5, bias=False)
+        self.w6 = nn.Linear(h5, num_heads, bias=False)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.out_dim = embed_dim
+
+    def forward(self, p: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        beta = self.w6(F.relu(self.w5(self.w4(p.flatten(1))))).softmax(dim=1)
+        return self.norm(torch.einsum("bk,bke->be", beta, p)), beta
+
+
+class ConcatFusion(nn.Module):
+    """Table IX "CONCAT": p* = LayerNorm(concat_k P_k), B x EK (no beta).
+
+    The concat test feature cat(p*, q*) is then (K+1) x 512, the paper's figure.
+    """
+
+    def __init__(self, num_heads: int, embed_dim: int = 512):
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dim * num_heads)
+        self.out_dim = embed_dim * num_heads
+
+    def forward(self, p: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.norm(p.flatten(1)), None
+
+
+class SumFusion(nn.Module):
+    """Table IX "SUM": p* = LayerNorm(sum_k P_k), B x E (no beta)."""
+
+    def __init__(self, num_heads: int, embed_dim: int = 512):
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dim)
+        self.out_dim = embed_dim
+
+    def forward(self, p: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.norm(p.sum(dim=1)), None
+
+
+FUSIONS = {"saffm": SelfAttentionFeatureFusion, "concat": ConcatFusion, "sum": SumFusion}
+
+
+class ResidualLearningModule(nn.Module):
+    """RLM, Eq. 9: ``Z = LayerNorm(Q* + P)``, Q* = q* copied to K rows; z = sum_k Z_k.
+
+    q*: B x E, P: B x K x E -> z: B x E (a training-only signal for L_ReN, Eq. 10).
+    """
+
+    def __init__(self, embed_dim: int = 512):
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, q_star: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return self.norm(q_star.unsqueeze(1) + p).sum(dim=1)
+
+
+class MHSANet(nn.Module):
+    """MHSA-Net (Fig. 2): backbone -> Global Feature Branch (q*) + MHSAB (P, p*, z).
+
+    Variants are configuration (``model_cfg``): ``mhsanet.num_heads`` (K >= 1),
+    ``attention_norm``, ``fusion`` (saffm | concat | sum), ``rlm`` (false: the RLM and
+    its classifier are not built, no ``z``), ``test_feature`` and ``feature_norm``.
+    MHSA-Net-dagger (no CE on q*) is a loss switch (``loss.global_ce: false``): the
+    global classifier is still built, so dagger and plain checkpoints share one layout,
+    but the criterion never calls it, so it gets no gradient.
+
+    Training forward returns a dict::
+
+        logits   {"global": B x N, "saffm": B x N, "rlm": B x N (if rlm)}
+        features {"saffm": p*, "rlm": z (if rlm)}       (batch-hard triplet inputs)
+        P B x K x E, alpha B x K x J, q_star B x E, p_star B x F, z B x E (if rlm),
+        beta B x K (fusion saffm only)
+
+    where F is the fused width (E, or EK for concat). Eval forward returns the test
+    feature, B x ``feature_dim``:
+
+        default / concat  cat(p*, q*)   F + E  (MHSA-Net, 1024 with SAFFM)
+        star              p*            F      (MHSA-Net-star)
+        head              P_k, k = test_head   E (Table VI)
+        global            q*            E
+    """
+
+    model_name = "mhsanet"
+
+    def __init__(self, model_cfg, num_classes: int):
+        super().__init__()
+        cfg = model_cfg.mhsanet
+        if cfg.num_heads < 1:
+            raise ConfigError(f"config key 'model.mhsanet.num_heads' is {cfg.num_heads}; it must be >= 1")
+        if cfg.fusion not in FUSIONS:
+            raise ConfigError(f"config key 'model.mhsanet.fusion' is {cfg.fusion!r}; expected one of: {', '.join(FUSIONS)}")
+        test_feature = "concat" if model_cfg.test_feature == "default" else model_cfg.test_feature
+        if test_feature not in ("concat", "star", "head", "global"):
+            raise ConfigError(f"config key 'model.test_feature' is {model_cfg.test_feature!r}; mhsanet has concat, star, head, global")
+        if test_feature == "head" and not 0 <= model_cfg.test_head < cfg.num_heads:
+            raise ConfigError(f"config key 'model.test_head' is {model_cfg.test_head}; it must be in 0..{cfg.num_heads - 1}")
+        self.num_heads = cfg.num_heads
+        self.num_classes = num_classes
+        self.test_feature = test_feature
+        self.test_head = model_cfg.test_head
+        self.feature_norm = bool(model_cfg.feature_norm)
+        e = cfg.embed_dim
+
+        self.backbone = build_backbone(model_cfg.backbone)
+        self.global_branch = GlobalFeatureBranch(self.backbone.out_channels, e)
+        self.mhsam = MultiHeadSelfAttention(self.backbone.out_channels, cfg.num_heads, cfg.attention_dim, e,
+                                            cfg.attention_norm)
+        self.fusion = FUSIONS[cfg.fusion](cfg.num_heads, e)
+        self.rlm = ResidualLearningModule(e) if cfg.rlm else None
+        heads = {"global": make_classifier(e, num_classes), "saffm": make_classifier(self.fusion.out_dim, num_classes)}
+        if cfg.rlm:
+            heads["rlm"] = make_classifier(e, num_classes)
+        self.classifiers = nn.ModuleDict(heads)
+        self.feature_dim = {"concat": self.fusion.out_dim + e, "star": self.fusion.out_dim, "head": e, "global": e}[test_feature]
+
+    def _test_feature(self, q_star: torch.Tensor, p: torch.Tensor, p_star: torch.Tensor) -> torch.Tensor:
+        if self.test_feature == "concat":
+            f = torch.cat([p_star, q_star], dim=1)
+        elif self.test_feature == "star":
+            f = p_star
+        elif self.test_feature == "head":
+            f = p[:, self.test_head]
+        else:
+            f = q_star
+        return F.normalize(f, dim=1) if self.feature_norm else f
+
+    def forward(self, x: torch.Tensor):
+        fmap = self.backbone(x)
+        q_star = self.global_branch(fmap)
+        p, alpha = self.mhsam(fmap)
+        p_star, beta = self.fusion(p)
+        if not self.training:
+            return self._test_feature(q_star, p, p_star)
+        out: Dict[str, object] = {
+            "logits": {"global": self.classifiers["global"](q_star), "saffm": self.classifiers["saffm"](p_star)},
+            "features": {"saffm": p_star},
+            "P": p,
+            "alpha": alpha,
+            "q_star": q_star,
+            "p_star": p_star,
+        }
+        if beta is not None:
+            out["beta"] = beta
+        if self.rlm is not None:
+            z = self.rlm(q_star, p)
+            out["logits"]["rlm"] = self.classifiers["rlm"](z)  # type: ignore[index]
+            out["features"]["rlm"] = z  # type: ignore[index]
+            out["z"] = z
+        return out
+
+    def forward_attention(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Test feature plus alpha on the feature grid (B x K x h x w) and beta (B x K, saffm only).
+
+        Uses the module's current mode; call ``model.eval()`` first for test-time BatchNorm.
+        """
+        fmap = self.backbone(x)
+        q_star = self.global_branch(fmap)
+        p, alpha = self.mhsam(fmap)
+        p_star, beta = self.fusion(p)
+        out = {
+            "feature": self._test_feature(q_star, p, p_star),
+            "attention": alpha.reshape(alpha.shape[0], alpha.shape[1], fmap.shape[-2], fmap.shape[-1]),
+        }
+        if beta is not None:
+            out["beta"] = beta
+        return out
