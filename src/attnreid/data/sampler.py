@@ -1,0 +1,90 @@
+"""PK identity sampling: batches of P identities x K images (MHSA-Net Sec. VII-B: 32 x 4).
+
+Batch-hard triplet losses (and IHTL, Eq. 5) need every anchor to have positives in the
+batch, hence identity-balanced batches.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from attnreid.errors import DataError
+
+
+class PKSampler(Sampler[List[int]]):
+    """A batch sampler yielding lists of ``batch_size = P x K`` dataset indices.
+
+    Per epoch: each identity's images are shuffled and cut into groups of K (an identity
+    with fewer than K images is sampled with replacement up to K; a remainder shorter
+    than K is dropped, as torchreid's RandomIdentitySampler does); then batches are formed
+    by repeatedly drawing P identities that still have a group, without replacement
+    inside a batch, until fewer than P such identities remain.
+
+    Deterministic for ``(seed, epoch)``; call :meth:`set_epoch` before each epoch. With
+    ``world_size > 1`` every rank builds the same global list of batches and takes every
+    ``world_size``-th one starting at ``rank``, truncated so that all ranks run the same
+    number of steps. Use it as ``DataLoader(..., batch_sampler=PKSampler(...))``.
+    """
+
+    def __init__(self, pids: Sequence[int], batch_size: int, num_instances: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if num_instances < 1 or batch_size < num_instances or batch_size % num_instances:
+            raise DataError(
+                f"PK sampling needs data.batch_size ({batch_size}) to be a positive multiple of "
+                f"data.num_instances ({num_instances})"
+            )
+        if not 0 <= rank < world_size:
+            raise DataError(f"PK sampler rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
+        self.batch_size = batch_size
+        self.num_instances = num_instances
+        self.num_pids_per_batch = batch_size // num_instances
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+        index: Dict[int, List[int]] = {}
+        for i, pid in enumerate(pids):
+            index.setdefault(int(pid), []).append(i)
+        self.index = {pid: np.asarray(idx) for pid, idx in sorted(index.items())}
+        if len(self.index) < self.num_pids_per_batch:
+            raise DataError(
+                f"PK sampling needs at least P = data.batch_size / data.num_instances = {self.num_pids_per_batch} "
+                f"identities, the training set has {len(self.index)}; lower data.batch_size"
+            )
+        self._cache: Optional[tuple] = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _global_batches(self) -> List[List[int]]:
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        k = self.num_instances
+        groups: Dict[int, List[np.ndarray]] = {}
+        for pid, idx in self.index.items():
+            chosen = rng.choice(idx, size=k, replace=True) if len(idx) < k else rng.permutation(idx)
+            groups[pid] = [chosen[i:i + k] for i in range(0, len(chosen) - k + 1, k)]
+        available = [pid for pid in self.index if groups[pid]]
+        batches: List[List[int]] = []
+        while len(available) >= self.num_pids_per_batch:
+            picked = rng.choice(len(available), size=self.num_pids_per_batch, replace=False)
+            batch: List[int] = []
+            for j in picked:
+                batch.extend(int(i) for i in groups[available[j]].pop())
+            batches.append(batch)
+            available = [pid for pid in available if groups[pid]]
+        self._cache = (self.epoch, batches)
+        return batches
+
+    def __iter__(self) -> Iterator[List[int]]:
+        yield from self._local_batches()
+
+    def _local_batches(self) -> List[List[int]]:
+        batches = self._global_batches()
+        per_rank = len(batches) // self.world_size
+        return batches[self.rank::self.world_size][:per_rank]
+
+    def __len__(self) -> int:
+        return len(self._local_batches())
