@@ -1,0 +1,84 @@
+"""Builders shared by training, evaluation and extraction: device, eval set, model from a checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import nn
+
+from attnreid.config import Config, from_dict
+from attnreid.engine.checkpoint import load_checkpoint
+from attnreid.errors import CheckpointError, ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA on a machine without it is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"config key 'train.device' is {name!r} but CUDA is not available on this machine")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"config key 'train.device' is {name!r}; expected auto, cpu, cuda or cuda:N")
+
+
+def eval_data_config(cfg: Config) -> Any:
+    """The data config of the evaluation set: ``eval.dataset``/``eval.root`` when set."""
+    data_cfg = cfg.data
+    changes = {}
+    if cfg.eval.dataset:
+        changes["dataset"] = cfg.eval.dataset
+    if cfg.eval.root:
+        changes["root"] = cfg.eval.root
+    return dataclasses.replace(data_cfg, **changes) if changes else data_cfg
+
+
+def build_eval_dataset(cfg: Config):
+    """The dataset whose query/gallery the run is evaluated on."""
+    from attnreid.data.datasets import build_dataset_from_config
+
+    return build_dataset_from_config(eval_data_config(cfg))
+
+
+def load_weights(model: nn.Module, state_dict: dict, source: str) -> None:
+    """Load weights; another architecture or class count is one CheckpointError line."""
+    from attnreid.models import load_state_dict_checked
+
+    load_state_dict_checked(model, state_dict, source)
+
+
+def load_model(checkpoint: str | Path, cfg: Optional[Config] = None,
+               device: str | torch.device = "cpu") -> Tuple[nn.Module, Config]:
+    """Rebuild the checkpoint's model in eval mode.
+
+    With ``cfg`` given, its model section decides the architecture and the test feature
+    (so one MHSA-Net checkpoint can be evaluated as MHSA-Net or MHSA-Net-star); a
+    checkpoint of another model name is refused in one line. Without ``cfg``, the
+    config saved in the checkpoint is used.
+    """
+    from attnreid.models import build_model
+
+    path = Path(checkpoint)
+    state = load_checkpoint(path)
+    saved = state.get("config")
+    if cfg is None:
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"checkpoint {path} holds no config; pass the run's config file")
+        cfg = from_dict(saved, source=f"checkpoint {path}")
+    elif isinstance(saved, dict):
+        saved_name = (saved.get("model") or {}).get("name")
+        if saved_name and saved_name != cfg.model.name:
+            raise CheckpointError(
+                f"checkpoint {path} holds a '{saved_name}' model but the config asks for '{cfg.model.name}'")
+    num_classes = state.get("num_classes")
+    if not isinstance(num_classes, int):
+        raise CheckpointError(f"checkpoint {path} does not record 'num_classes'")
+    model = build_model(cfg.model, num_classes)
+    load_weights(model, state["model"], str(path))
+    model.to(device).eval()
+    return model, cfg

@@ -1,0 +1,100 @@
+"""Checkpoints: atomic writes, safe loads, RNG state capture.
+
+A checkpoint is a plain dict (keys in docs/design.md: ``model``, ``config``,
+``num_classes``, ``epoch``, ``step``, ``optimizer``, ``scheduler``, ``rng``, ``metrics``,
+``version``). It is written to a temporary file in the same folder, fsynced and renamed
+over the target, so a crash or Ctrl-C mid-write never leaves a half-written
+``last.pth``. It is read with ``torch.load(weights_only=True)``: a checkpoint can hold
+tensors, numbers, strings, lists and dicts, never code. That is why the RNG states are
+stored as tensors and lists rather than numpy objects.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import zipfile
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+import torch
+
+from attnreid.errors import CheckpointError
+
+CHECKPOINT_VERSION = 1
+
+
+def save_checkpoint(path: str | Path, state: Dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically (temp file, fsync, rename); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save({"version": CHECKPOINT_VERSION, **state}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Whatever interrupted the write (disk full, Ctrl-C), the previous file stays intact.
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the rename is already done
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``.
+
+    Raises :class:`CheckpointError` naming the file when it is missing, truncated, not
+    a checkpoint, or holds something other than a dict with a ``model`` entry.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({first[:120]})") from None
+    except Exception as exc:  # pickle.UnpicklingError for non-weights content, among others
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read safely ({first[:120]})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"checkpoint {path} is not an attnreid checkpoint (no 'model' entry)")
+    return state
+
+
+def capture_rng_state() -> Dict[str, Any]:
+    """The torch (CPU and CUDA), numpy and python RNG states as checkpoint-safe values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
