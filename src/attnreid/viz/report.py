@@ -124,6 +124,13 @@ def read_run(path: str | Path, label: Optional[str] = None) -> RunInfo:
         if (path / "checkpoints" / name).is_file():
             run.checkpoint = path / "checkpoints" / name
             break
+    # `attnreid eval --out DIR` writes only eval files; eval.json names the checkpoint it used.
+    evaluated = (run.eval or {}).get("checkpoint")
+    if run.checkpoint is None and isinstance(evaluated, str):
+        for cand in (Path(evaluated), path / evaluated):
+            if cand.is_file():
+                run.checkpoint = cand
+                break
     return run
 
 
