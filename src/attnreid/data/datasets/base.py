@@ -139,10 +139,10 @@ def locate(
                     f"missing split folder {tree.path(join(base, missing))}; {title} needs "
                     f"{', '.join(required)} in {tree.path(base) if base else tree.location}"
                 )
-    shown = ", ".join(f"{c}/" if c else "ROOT itself" for c in candidates[:3])
+    shown = ", ".join(f"{c}/" if c else "the root itself" for c in candidates[1:4])
     raise DataError(
         f"no {title} data under {root}; expected {candidates[0]}/{{{','.join(required)}}} "
-        f"(also accepted: {shown}, or a .zip of it)"
+        f"(also accepted: {shown + ', ' if shown else ''}or a .zip of it)"
     )
 
 
