@@ -218,3 +218,13 @@ def test_report_cli(tmp_path):
     (tmp_path / "empty").mkdir()
     code, out, err = run_cli(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "rep3")])
     assert_one_line_error(code, err, "not a run folder")
+
+
+def test_partial_protocol_table_uses_r1_r3(tmp_path):
+    run = make_run(tmp_path, "partial_run")
+    ev = json.loads((run / "eval.json").read_text())
+    ev.update({"protocol": "partial", "dataset": "partial_reid", "rank1": 0.423, "rank3": 0.61, "rerank": True})
+    (run / "eval.json").write_text(json.dumps(ev))
+    text = write_report([run], tmp_path / "rep", overlays=0).read_text()
+    assert "<th>R1</th><th>R3</th></tr>" in text and "Rank-5" not in text
+    assert '<td class="val">42.3</td><td class="val">61.0</td>' in text and "partial_reid +re-rank" in text

@@ -138,7 +138,7 @@ def plot_training(records: Sequence[Mapping], out_path: str | Path, title: Optio
     ax_l.set_title("training loss (mean per epoch)")
     ax_l.grid(True, alpha=0.3)
     if s["loss"]:
-        ax_l.legend(fontsize=7, ncol=2)
+        ax_l.legend(fontsize=7, ncol=2, loc="best")
     else:
         ax_l.text(0.5, 0.5, "no training records", ha="center", va="center", transform=ax_l.transAxes)
     for key, values in s["eval"].items():
