@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from attnreid.errors import ConfigError
+from attnreid.models.complexity import count_macs, count_params
 from attnreid.models import hacnn
 from attnreid.models.hacnn import (
     ChannelAttention,
@@ -278,35 +279,14 @@ def test_bad_config_is_one_line_naming_the_key(override, key):
 # ---------------------------------------------------------------- size (SPEC.md 2, docs/hacnn.md)
 
 
-def _count_params(model):
-    try:
-        from attnreid.models.complexity import count_params
-    except ImportError:  # the complexity module lands separately; same definition
-        return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("classifiers."))
-    return count_params(model, exclude_classifiers=True)
-
-
-def _count_macs(model, size):
-    try:
-        from attnreid.models.complexity import count_macs
-    except ImportError:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        model.eval()
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(torch.zeros(1, 3, *size))
-        return counter.get_total_flops() // 2
-    return count_macs(model, input_size=size)
-
-
-PAPER_PARAMS = 2_920_790  # classifiers excluded; paper: 2.7 M (docs/hacnn.md explains the gap)
-PAPER_MACS = 543_994_538  # at 160x64; paper: 1.09e9 FLOPs = 2 x MACs
+HACNN_PARAMS = 2_920_790  # classifiers excluded; paper: 2.7 M (docs/hacnn.md explains the gap)
+HACNN_MACS = 543_994_538  # at 160x64; paper: 1.09e9 FLOPs = 2 x MACs
 
 
 def test_size_at_160x64_is_pinned_and_close_to_the_paper(paper_model):
     model = paper_model
-    params, macs = _count_params(model), _count_macs(model, (160, 64))
-    assert params == PAPER_PARAMS
-    assert macs == PAPER_MACS
+    params, macs = count_params(model, exclude_classifiers=True), count_macs(model, input_size=(160, 64))
+    assert params == HACNN_PARAMS
+    assert macs == HACNN_MACS
     assert abs(2 * macs - 1.09e9) / 1.09e9 < 0.005
-    assert _count_params(build_hacnn(make_cfg(), 10)) == params  # the classifiers are not counted
+    assert count_params(build_hacnn(make_cfg(), 10), exclude_classifiers=True) == params
