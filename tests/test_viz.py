@@ -218,6 +218,9 @@ def test_report_cli(tmp_path):
     (tmp_path / "empty").mkdir()
     code, out, err = run_cli(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "rep3")])
     assert_one_line_error(code, err, "not a run folder")
+    (tmp_path / "afile").write_text("x")
+    code, out, err = run_cli(["report", str(a), "--out", str(tmp_path / "afile")])
+    assert_one_line_error(code, err, "afile", "is a file")
 
 
 def test_partial_protocol_table_uses_r1_r3(tmp_path):

@@ -279,6 +279,8 @@ def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Pat
         raise DataError("write_report needs at least one run folder")
     runs = [read_run(p, lab) for p, lab in zip(paths, _labels(paths))]
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"report folder {out_dir} is a file; expected a folder (or a new path)")
     assets = out_dir / ASSETS
     assets.mkdir(parents=True, exist_ok=True)
     e = html.escape
