@@ -47,7 +47,6 @@ Choices where the paper (and SPEC.md) leave room, each visible in one place belo
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -383,7 +382,7 @@ class HACNN(nn.Module):
             else:
                 local_in = local
             out = self.local_inceptions[level](local_in.flatten(0, 1))
-            local = out.view(b, self.num_regions, *out.shape[1:])
+            local = out.reshape(b, self.num_regions, *out.shape[1:])
             level_input = feat
         global_feat = self.fc_global(channel_squeeze(level_input))
         local_feat = self.fc_local(local.mean(dim=(3, 4)).flatten(1))
