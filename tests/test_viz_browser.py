@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -56,6 +55,3 @@ def test_report_renders_in_chromium(tmp_path):
     top = img.crop((0, 0, 1280, 800))
     saturated = sum(n for n, (r, g, b) in top.getcolors(1 << 24) if max(r, g, b) - min(r, g, b) > 80)
     assert saturated > 200
-    out = Path(__file__).parent.parent / "scratch"
-    if out.is_dir():  # keep a copy to look at by eye (scratch/ is git-ignored)
-        shutil.copy(shot, out / "viz_report_screenshot.png")
