@@ -39,6 +39,16 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The command sets torch's thread count (train.threads); give the rest of the suite its own back."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def _merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():

@@ -18,6 +18,16 @@ from attnreid.robustness.occlusion import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The command sets torch's thread count (train.threads); give the rest of the suite its own back."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def _image(w=64, h=128, value=128):
     return Image.fromarray(np.full((h, w, 3), value, dtype=np.uint8))
 
@@ -242,3 +252,97 @@ def test_evaluate_robustness_gallery_once_and_accuracy_falls(tmp_path):
         console.print(t)
     text = console.export_text()
     assert "60%" in text and "block / top" in text and "person / top" in text
+
+
+# --- end to end: the command on the synthetic set with real (tiny) models -----------------
+
+import yaml
+
+from helpers import assert_one_line_error, run_cli
+
+TINY = {
+    "data": {"height": 64, "width": 32, "batch_size": 8, "num_instances": 2, "test_batch_size": 64, "workers": 0},
+    "model": {"name": "baseline", "backbone": {"name": "resnet18", "last_stride": 2}},
+    "train": {"device": "cpu", "threads": 1},
+}
+
+
+def _tiny_checkpoints(tmp_path: Path, data: dict, n: int):
+    import torch
+
+    from attnreid.config import from_dict, to_dict
+    from attnreid.engine.checkpoint import save_checkpoint
+    from attnreid.models import build_model
+
+    cfg = from_dict({**TINY, "data": {**TINY["data"], **data}})
+    paths = []
+    for i in range(n):
+        torch.manual_seed(i)
+        model = build_model(cfg.model, 5)
+        path = tmp_path / f"run{i}" / "checkpoints" / "last.pth"
+        save_checkpoint(path, {"model": model.state_dict(), "config": to_dict(cfg), "num_classes": 5,
+                               "epoch": 1, "step": 1, "metrics": {}})
+        paths.append(path)
+    return cfg, paths
+
+
+def test_cli_on_synthetic_set_two_models(synthetic_root, tmp_path):
+    data = {"dataset": "market1501", "root": str(synthetic_root)}
+    cfg, (a, b) = _tiny_checkpoints(tmp_path, data, 2)
+    cfg_path = tmp_path / "eval.yaml"
+    cfg_path.write_text(yaml.safe_dump({"data": {**data, "workers": 0}, "train": {"device": "cpu", "threads": 1}}))
+    out = tmp_path / "out"
+    args = ["robustness", cfg_path, "--checkpoint", a, b, "--levels", "0,20,40", "--kinds", "block,person",
+            "--positions", "top,side", "--seed", "3", "--out", out]
+    code, text, err = run_cli(args)
+    assert code == 0, err
+    assert "40%" in text and "person / side" in text and "rank-1" in text and "robustness.png" in text
+    with Image.open(out / "robustness.png") as im:
+        assert im.format == "PNG"
+    first = json.loads((out / "robustness.json").read_text())
+
+    code, stdout, err = run_cli(args + ["--json"])
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["models"] == first["models"], "not deterministic for a seed"
+    assert [m["label"] for m in report["models"]] == ["run0/last", "run1/last"]
+    assert report["levels"] == [0, 20, 40] and report["kinds"] == ["block", "person"]
+    for m in report["models"]:
+        assert len(m["conditions"]) == 1 + 2 * 2 * 2
+        assert [e["level"] for e in m["per_level"]] == [0, 20, 40]
+        assert all(0.0 <= r["rank1"] <= 1.0 and 0.0 <= r["mAP"] <= 1.0 for r in m["conditions"])
+        assert all(abs(r["coverage"] - r["level"]) < 3 for r in m["conditions"])
+
+    # Level 0 is exactly what `attnreid eval` measures.
+    from attnreid.data.datasets import build_dataset
+    from attnreid.engine.build import load_model
+    from attnreid.engine.evaluator import evaluate_model
+
+    model, ckpt_cfg = load_model(a)
+    clean = evaluate_model(model, build_dataset("market1501", str(synthetic_root)), ckpt_cfg)
+    assert report["models"][0]["per_level"][0]["rank1"] == pytest.approx(clean["rank1"])
+    assert report["models"][0]["per_level"][0]["mAP"] == pytest.approx(clean["mAP"])
+
+
+def test_cli_generates_a_synthetic_set_by_name(tmp_path):
+    data = {"dataset": "market1501", "root": str(tmp_path)}
+    _, (ckpt,) = _tiny_checkpoints(tmp_path, data, 1)
+    cfg_path = tmp_path / "eval.yaml"
+    cfg_path.write_text(yaml.safe_dump({"data": {"workers": 0, "synthetic": {
+        "num_ids": 6, "images_per_id": 4, "num_cameras": 2, "height": 64, "width": 32}},
+        "train": {"device": "cpu", "threads": 1}}))
+    code, stdout, err = run_cli(["robustness", cfg_path, "--checkpoint", ckpt, "--dataset", "synthetic",
+                                 "--root", tmp_path / "syn", "--levels", "0,30", "--kinds", "erasing",
+                                 "--positions", "bottom", "--json"])
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["num_query"] > 0 and len(report["models"][0]["conditions"]) == 2
+    # Default output folder: RUN/robustness next to RUN/checkpoints.
+    assert (tmp_path / "run0" / "robustness" / "robustness.json").is_file()
+
+
+def test_cli_needs_a_checkpoint(tmp_path):
+    cfg_path = tmp_path / "eval.yaml"
+    cfg_path.write_text("train:\n  device: cpu\n")
+    code, _, err = run_cli(["robustness", cfg_path])
+    assert_one_line_error(code, err, "--checkpoint")

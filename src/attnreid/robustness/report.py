@@ -379,7 +379,8 @@ def run_robustness(
     """The whole report for ``checkpoints`` on the evaluation set of ``cfg``.
 
     The set is ``cfg.eval.dataset``/``cfg.eval.root`` when given, else
-    ``cfg.data.dataset``/``cfg.data.root``.
+    ``cfg.data.dataset``/``cfg.data.root``; ``cfg.train.threads`` (when > 0) sets torch's
+    CPU threads, ``cfg.train.device``/``amp``/``channels_last`` the extraction.
     """
     import torch
 
@@ -387,6 +388,8 @@ def run_robustness(
     from attnreid.engine.build import eval_data_config, resolve_device
 
     cfg = replace(cfg, data=eval_data_config(cfg))
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     dataset = build_dataset_from_config(cfg.data)
     if getattr(dataset, "bad_images", None):
