@@ -281,3 +281,10 @@ def test_load_state_dict_checked():
     other_k, _ = _model("model.mhsanet.num_heads=3")
     with pytest.raises(CheckpointError, match="other shapes"):
         load_state_dict_checked(other_k, state, "a.pth")
+
+
+def test_hacnn_is_dispatched_to_its_module():
+    model, _ = _model("model.name=hacnn")
+    assert model.model_name == "hacnn" and "local" in model.classifiers
+    with pytest.raises(ConfigError, match="model.name"):
+        build_model(dataclasses.replace(_cfg().model, name="osnet"), 5)
