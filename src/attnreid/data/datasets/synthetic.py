@@ -318,14 +318,13 @@ def draw_occluder(canvas: np.ndarray, kind: str, rng: np.random.Generator, cx: f
     elif kind == "car":  # parked beside the person, hiding the legs and part of the body
         y0 = top + ph * rng.uniform(0.45, 0.65)
         edge = cx + rng.uniform(-0.25, 0.1) * ph
-        mask = (yy >= y0) & (xx >= edge)
-        if rng.random() < 0.5:
-            mask = (yy >= y0) & (xx < 2 * cx - edge)
+        from_right = rng.random() < 0.5
+        mask = (yy >= y0) & ((xx >= edge) if from_right else (xx < 2 * cx - edge))
         col = PALETTE[_pick(rng, len(PALETTE))]
         canvas[mask] = col
         canvas[mask & (yy < y0 + 0.1 * ph)] = col * 0.3 + 0.1  # windows
-        wheels = _ellipse(xx, yy, rng.uniform(0.2, 0.8) * w, y0 + 0.42 * ph, 0.1 * ph, 0.07 * ph) & mask
-        canvas[wheels] = 0.05
+        wheel_x = edge + 0.2 * ph if from_right else 2 * cx - edge - 0.2 * ph
+        canvas[_ellipse(xx, yy, wheel_x, y0 + 0.45 * ph, 0.1 * ph, 0.08 * ph) & mask] = 0.05
     elif kind == "bush":
         y0 = top + ph * rng.uniform(0.45, 0.7)
         edge = y0 + 0.06 * ph * np.sin(xx / w * rng.uniform(6, 14) + rng.uniform(0, 6))
