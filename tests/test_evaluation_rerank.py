@@ -24,7 +24,10 @@ def euclidean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(sq, 0.0))
 
 
-def re_ranking_dense(qf: np.ndarray, gf: np.ndarray, k1: int = 20, k2: int = 6, lambda_value: float = 0.3):
+def re_ranking_dense(
+    qf: np.ndarray, gf: np.ndarray, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, stable: bool = True
+):
+    """The reference algorithm on features; ``stable=False`` is numpy's default argsort, as in the original."""
     q_g_dist, q_q_dist, g_g_dist = euclidean(qf, gf), euclidean(qf, qf), euclidean(gf, gf)
     original_dist = np.concatenate(
         [np.concatenate([q_q_dist, q_g_dist], axis=1), np.concatenate([q_g_dist.T, g_g_dist], axis=1)], axis=0
@@ -33,7 +36,7 @@ def re_ranking_dense(qf: np.ndarray, gf: np.ndarray, k1: int = 20, k2: int = 6, 
     original_dist = np.power(original_dist, 2).astype(np.float32)
     original_dist = np.transpose(1.0 * original_dist / np.max(original_dist, axis=0))
     V = np.zeros_like(original_dist).astype(np.float32)
-    initial_rank = np.argsort(original_dist, kind="stable").astype(np.int32)
+    initial_rank = np.argsort(original_dist, kind="stable" if stable else None).astype(np.int32)
 
     query_num = qf.shape[0]
     gallery_num = qf.shape[0] + gf.shape[0]
@@ -165,3 +168,20 @@ def test_torch_input_gives_same_result():
     qf, gf = clustered_features(1, dtype=np.float32)
     a = re_ranking(torch.from_numpy(qf), torch.from_numpy(gf))
     np.testing.assert_array_equal(a, re_ranking(qf, gf))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_tiny_memory_budget_gives_the_same_result(monkeypatch, ties):
+    # A budget of 64 elements forces 8 x 8 distance blocks (so the running top-k merge and the
+    # mirrored blocks are used), many expansion chunks and many Jaccard pair batches.
+    from attnreid.evaluation import rerank
+
+    if ties:
+        rng = np.random.default_rng(5)
+        base = rng.integers(0, 3, (10, 4)).astype(np.float64)
+        qf, gf = base[rng.integers(0, 10, 13)], base[rng.integers(0, 10, 37)]
+    else:
+        qf, gf = clustered_features(4, num_q=13, num_g=37)
+    expected = re_ranking_dense(qf, gf, k1=6, k2=3)
+    monkeypatch.setattr(rerank, "_BUDGET", 64)
+    np.testing.assert_allclose(re_ranking(qf, gf, k1=6, k2=3), expected, atol=1e-4, rtol=0)

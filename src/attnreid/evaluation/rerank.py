@@ -40,26 +40,74 @@ import numpy as np
 import torch
 
 from attnreid.errors import AttnReidError
-from attnreid.evaluation.distance import METRICS, ArrayLike, as_feature_tensor, iter_distance_chunks
+from attnreid.evaluation.distance import METRICS, ArrayLike, as_feature_tensor
 
 _BUDGET = 1 << 24  # elements per temporary block (64 MB in float32)
 
 
-def _sorted_topk(block: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k smallest entries of each row, ordered by (value, column index)."""
-    vals, idx = torch.topk(block, k, dim=1, largest=False)
-    # Put the selected entries in (value, index) order: sort by index, then stably by value.
+def _order(vals: torch.Tensor, idx: torch.Tensor, k: int):
+    """The first k of each row's (value, index) pairs in (value, index) order."""
     idx, perm = torch.sort(idx, dim=1)
-    vals = vals.gather(1, perm)
-    vals, perm = torch.sort(vals, dim=1, stable=True)
-    idx = idx.gather(1, perm)
-    # Rows where the k-th value is tied with an unselected entry: topk may have picked any of the
-    # tied columns, so redo them with a full stable sort.
+    vals, perm2 = torch.sort(vals.gather(1, perm), dim=1, stable=True)
+    return vals[:, :k], idx.gather(1, perm2)[:, :k]
+
+
+def _block_topk(block: torch.Tensor, k: int, col0: int):
+    """The k smallest entries of each row of ``block`` in (value, column) order: values, columns + col0."""
+    k = min(k, block.shape[1])
+    vals, idx = torch.topk(block, k, dim=1, largest=False)
+    # Rows whose k-th value is tied with an unselected entry: topk may have picked any of the tied
+    # columns, so those rows are redone with a full stable sort.
     tied = (block <= vals[:, -1:]).sum(dim=1) > k
     if bool(tied.any()):
         rows = torch.nonzero(tied).flatten()
-        idx[rows] = torch.sort(block[rows], dim=1, stable=True).indices[:, :k]
-    return idx
+        srt = torch.sort(block[rows], dim=1, stable=True)
+        vals[rows], idx[rows] = srt.values[:, :k], srt.indices[:, :k]
+    vals, idx = _order(vals, idx, k)
+    return vals, idx + col0
+
+
+def _neighbours(feats: torch.Tensor, k: int, num_q: int):
+    """Top-k neighbours (N x k, by (distance, index)), row maxima of the squared distances and the
+    raw Q x G distance block, from square blocks of the N x N matrix.
+
+    D is symmetric, so only blocks on and above the diagonal are computed; each also serves its
+    mirror (half the matrix products). Per row, a running top-k is merged with each block's.
+    """
+    n, dev, dtype = feats.shape[0], feats.device, feats.dtype
+    sq = (feats * feats).sum(dim=1)
+    best_val = torch.full((n, k), float("inf"), dtype=dtype, device=dev)
+    best_idx = torch.full((n, k), n, dtype=torch.int64, device=dev)
+    row_max = torch.zeros(n, dtype=dtype, device=dev)
+    qg = torch.empty((num_q, n - num_q), dtype=dtype, device=dev)
+    size = max(1, int(_BUDGET**0.5))
+    starts = list(range(0, n, size))
+
+    def update(r0: int, block: torch.Tensor, c0: int) -> None:
+        r1 = r0 + block.shape[0]
+        torch.maximum(row_max[r0:r1], block.max(dim=1).values, out=row_max[r0:r1])
+        v, i = _block_topk(block, k, c0)
+        best_val[r0:r1], best_idx[r0:r1] = _order(
+            torch.cat([best_val[r0:r1], v], dim=1), torch.cat([best_idx[r0:r1], i], dim=1), k
+        )
+        if r0 < num_q and c0 + block.shape[1] > num_q:
+            rq, cg = min(r1, num_q), max(c0, num_q)
+            qg[r0:rq, cg - num_q : c0 + block.shape[1] - num_q] = block[: rq - r0, cg - c0 :]
+
+    for a in starts:
+        fa = feats[a : a + size]
+        for b in starts:
+            if b < a:
+                continue
+            fb = feats[b : b + size]
+            block = torch.addmm(sq[b : b + size].unsqueeze(0), fa, fb.T, beta=1.0, alpha=-2.0)
+            block += sq[a : a + size].unsqueeze(1)
+            block.clamp_(min=0.0)
+            update(a, block, b)
+            if b != a:
+                update(b, block.T.contiguous(), a)
+            del block
+    return best_idx, row_max, qg
 
 
 def _reciprocal(top: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
@@ -135,20 +183,9 @@ def re_ranking(
     k_half = min(int(round(k1 / 2.0)) + 1, n)
     k_qe = min(k2, n)
 
-    # Pass over row chunks of the N x N distances: neighbours, row maxima, and the Q x G block.
-    chunk = max(1, _BUDGET // n)
-    top = torch.empty((n, k), dtype=torch.int64, device=dev)
-    row_max = torch.empty(n, dtype=dtype, device=dev)
-    out = torch.empty((num_q, n - num_q), dtype=dtype, device=dev)
-    for s, block in iter_distance_chunks(feats, feats, "euclidean_sq", chunk):
-        m = block.max(dim=1).values
-        row_max[s : s + block.shape[0]] = m
-        block /= m.unsqueeze(1)
-        top[s : s + block.shape[0]] = _sorted_topk(block, k)
-        if s < num_q:
-            e = min(s + block.shape[0], num_q)
-            out[s:e] = block[: e - s, num_q:]
-        del block
+    # Neighbours, row maxima and the Q x G block, from blocks of the N x N distances.
+    top, row_max, out = _neighbours(feats, k, num_q)
+    out /= row_max[:num_q].unsqueeze(1)
 
     # k-reciprocal sets (Eq. 4) and their expansion (Eq. 6), in row chunks.
     recip = _reciprocal(top, k, max(1, _BUDGET // (k * k)))
