@@ -1,3 +1,135 @@
-"""`attnreid` commands of this area (registered on import)."""
+"""`attnreid export`, `attnreid index build`, `attnreid search`: deployment commands."""
 
-from attnreid.cli._app import app  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from attnreid.cli._app import app
+from attnreid.cli._util import print_json
+
+DEFAULT_CAMERA_REGEX = r"_c(\d+)"  # same as attnreid.deploy.index (not imported: keeps --help fast)
+
+index_app = typer.Typer(help="Build a gallery index for 'attnreid search'.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+@app.command("export")
+def export(
+    config: Path = typer.Argument(..., help="Config YAML of the model (or a checkpoint, whose saved config is used)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Trained weights (required with a config)."),
+    out: Path = typer.Option(..., "--out", help="ONNX file to write."),
+    attention: bool = typer.Option(False, "--attention", help="Also output the attention maps (extra graph outputs)."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 18; HA-CNN needs >= 16)."),
+    tolerance: float = typer.Option(1e-4, "--tolerance", help="Largest accepted relative difference vs PyTorch."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Export a model to ONNX (dynamic batch) and check it against PyTorch in onnxruntime."""
+    from attnreid.deploy.extractor import CONFIG_SUFFIXES, FeatureExtractor
+    from attnreid.deploy.onnx_export import export_onnx
+    from attnreid.errors import AttnReidError
+
+    if config.suffix.lower() in CONFIG_SUFFIXES and checkpoint is None:
+        raise AttnReidError(f"export of {config} needs --checkpoint (the trained weights)")
+    ext = FeatureExtractor(config, checkpoint=checkpoint)
+    d = ext.cfg.data
+    meta = {"model": ext.model_name, "feature_dim": ext.feature_dim, "config_hash": ext.fingerprint,
+            "metric": ext.metric, "input_size": f"{d.height}x{d.width}", "mean": list(d.mean), "std": list(d.std)}
+    report = export_onnx(ext.model, out, ext.input_size, opset=opset, attention=attention,
+                         tolerance=tolerance, metadata=meta)
+    if json_out:
+        print_json(report)
+        return
+    print(f"wrote {report['onnx']} ({report['model']}, {report['exporter']} exporter, opset {report['opset']}, "
+          f"outputs: {', '.join(report['outputs'])})")
+    print(f"check: onnxruntime vs PyTorch on a batch of {report['check_batch']}: max abs diff "
+          f"{report['max_abs_diff']:.2e}, relative {report['rel_diff']:.2e} (< {tolerance:.0e}: ok)")
+
+
+@index_app.command("build")
+def index_build(
+    images_dir: Path = typer.Argument(..., help="Folder of gallery images (searched recursively)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Trained model checkpoint."),
+    out: Path = typer.Option(..., "--out", help="Index folder (created; an existing one is resumed)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Config overriding the checkpoint's (test feature)."),
+    camera_regex: str = typer.Option(DEFAULT_CAMERA_REGEX, "--camera-regex",
+                                     help="Regex whose first group is the camera id in a file name; '' for none."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+    shard_size: int = typer.Option(1024, "--shard-size", help="Images per shard file (resume granularity)."),
+    flip: bool = typer.Option(False, "--flip", help="Average each image's feature with its mirror's."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+) -> None:
+    """Extract features of every image in a folder into a resumable index."""
+    from attnreid.deploy.extractor import FeatureExtractor
+    from attnreid.deploy.index import build_index
+    from attnreid.errors import AttnReidError
+
+    if shard_size < 1:
+        raise AttnReidError(f"--shard-size is {shard_size}; it must be >= 1")
+    if config is not None:
+        ext = FeatureExtractor(config, checkpoint=checkpoint, device=device, batch_size=batch_size, flip=flip)
+    else:
+        ext = FeatureExtractor(checkpoint, device=device, batch_size=batch_size, flip=flip)
+    summary = build_index(ext, images_dir, out, camera_regex=camera_regex, shard_size=shard_size,
+                          progress=not json_out)
+    if json_out:
+        print_json(summary)
+        return
+    print(f"index {summary['index']}: {summary['num_vectors']} images ({summary['added']} added, "
+          f"{summary['already_indexed']} already indexed, {len(summary['skipped'])} skipped) "
+          f"in {summary['seconds']:.1f} s")
+    for item in summary["skipped"]:
+        print(f"skipped {item['path']}: {item['error']}")
+
+
+@app.command("search")
+def search(
+    index: Path = typer.Argument(..., help="Index folder from 'attnreid index build'."),
+    queries: List[Path] = typer.Argument(..., help="Query image(s)."),
+    top_k: int = typer.Option(10, "--top-k", "-k", help="Results per query."),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
+    exclude_same_camera: bool = typer.Option(False, "--exclude-same-camera",
+                                             help="Leave out gallery images from the query's camera."),
+    backend: str = typer.Option("torch", "--backend", help="torch (exact) or faiss."),
+    faiss_index: str = typer.Option("flat", "--faiss-index", help="faiss index: flat (exact), ivf or hnsw."),
+    nprobe: int = typer.Option(32, "--nprobe", help="IVF cells visited per query."),
+    ef_search: int = typer.Option(128, "--ef-search", help="HNSW candidate list size."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
+                                              help="Query model (default: the checkpoint the index was built with)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Config to go with --checkpoint."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+) -> None:
+    """Rank the indexed gallery for each query image (distances: smaller is closer)."""
+    from attnreid.deploy.extractor import FeatureExtractor
+    from attnreid.deploy.index import FAISS_KINDS, FaissParams, GalleryIndex, search_images
+    from attnreid.errors import AttnReidError
+
+    if backend not in ("torch", "faiss"):
+        raise AttnReidError(f"--backend is {backend!r}; expected torch or faiss")
+    if faiss_index not in FAISS_KINDS:
+        raise AttnReidError(f"--faiss-index is {faiss_index!r}; expected one of: {', '.join(FAISS_KINDS)}")
+    gallery = GalleryIndex.load(index)
+    ckpt = checkpoint or gallery.meta.get("checkpoint")
+    if ckpt is None:
+        raise AttnReidError(f"index {index} records no checkpoint; pass --checkpoint")
+    flip = bool(gallery.meta.get("flip", False))
+    if config is not None:
+        ext = FeatureExtractor(config, checkpoint=ckpt, device=device, flip=flip)
+    else:
+        ext = FeatureExtractor(ckpt, device=device, flip=flip)
+    results = search_images(gallery, ext, [str(q) for q in queries], k=top_k,
+                            exclude_same_camera=exclude_same_camera, backend=backend, faiss_index=faiss_index,
+                            faiss_params=FaissParams(nprobe=nprobe, ef_search=ef_search))
+    if json_out:
+        print_json({"index": str(index), "metric": gallery.meta["metric"], "backend": backend,
+                    "faiss_index": faiss_index if backend == "faiss" else None, "top_k": top_k, "queries": results})
+        return
+    metric = gallery.meta["metric"]
+    for res in results:
+        cam = f" (camera {res['camera']})" if res["camera"] >= 0 else ""
+        print(f"query {res['query']}{cam}: top {len(res['results'])} of {len(gallery)} by {metric}")
+        for r in res["results"]:
+            print(f"  {r['rank']:>4}  {r['distance']:.4f}  {r['path']}")

@@ -1,0 +1,214 @@
+"""A few-lines feature-extraction API: ``FeatureExtractor(checkpoint)(images) -> N x D``.
+
+>>> from attnreid import FeatureExtractor
+>>> extractor = FeatureExtractor("runs/market/checkpoints/best.pth")
+>>> feats = extractor(["a.jpg", "b.jpg"])          # torch.Tensor 2 x feature_dim
+
+Inputs may be mixed in one call:
+
+- an image path (``str`` / ``Path``; also ``archive.zip::member.jpg``),
+- a ``PIL.Image`` (any mode; converted to RGB),
+- a ``numpy`` array ``H x W x 3`` of ``uint8`` RGB pixels (or ``N x H x W x 3``),
+- a ``torch.uint8`` tensor ``3 x H x W`` (or ``B x 3 x H x W``): raw RGB pixels, treated
+  exactly like the numpy array (resized and normalised here),
+- a floating-point tensor ``3 x H x W`` (or ``B x 3 x H x W``): taken as an **already
+  preprocessed** model input, i.e. resized to the config's ``data.height x data.width``
+  and normalised with its ``data.mean``/``data.std`` (what
+  :meth:`FeatureExtractor.preprocess` returns). Its size must match; it is not resized.
+
+Everything except float tensors goes through the data layer's test transform
+(:func:`attnreid.data.transforms.build_transforms` with ``train=False``), so the features
+are the ones ``attnreid eval`` computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from attnreid.config import Config, load_config, to_dict
+from attnreid.errors import ConfigError, DataError
+
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """A short hash of everything in the config that changes the test feature.
+
+    That is the model section (architecture, test-feature variant, normalisation) and the
+    test-time input (size, mean, std). Initialisation-only keys (``backbone.pretrained``,
+    ``backbone.weights``) are left out: the checkpoint's weights replace them.
+    """
+    model = to_dict(cfg)["model"]
+    model["backbone"] = {k: v for k, v in model["backbone"].items() if k not in ("pretrained", "weights")}
+    data = cfg.data
+    payload = {"model": model, "input": [data.height, data.width, list(data.mean), list(data.std)]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    from attnreid.engine.build import resolve_device
+
+    return device if isinstance(device, torch.device) else resolve_device(str(device))
+
+
+class FeatureExtractor:
+    """Test features of images from a trained model, batched, under ``torch.inference_mode``.
+
+    Args:
+        config_or_checkpoint: a checkpoint file (its saved config is used), a config file
+            (``.yaml``) or a :class:`~attnreid.config.Config`. With a config, pass the
+            weights as ``checkpoint``; a config without a checkpoint gives a randomly
+            initialised model (useful for speed measurements only).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        batch_size: images per forward pass; inputs of any length are split into batches.
+        flip: average the features of each image and its horizontal mirror (the same
+            plain average ``attnreid eval`` uses with ``eval.flip``; not re-normalised).
+        checkpoint: the weights when ``config_or_checkpoint`` is a config; its model
+            section decides the architecture and test-feature variant.
+
+    Attributes: ``model`` (eval mode), ``cfg``, ``device``, ``feature_dim``,
+    ``model_name``, ``checkpoint`` (path or None), ``fingerprint`` (see
+    :func:`config_fingerprint`), ``metric`` (``cosine`` when the model L2-normalises its
+    feature or the config's ``eval.metric`` says so, else ``euclidean_sq``).
+    """
+
+    def __init__(self, config_or_checkpoint: str | Path | Config, device: str | torch.device = "cpu",
+                 batch_size: int = 64, flip: bool = False, checkpoint: Optional[str | Path] = None):
+        if batch_size < 1:
+            raise ConfigError(f"batch_size is {batch_size}; it must be >= 1")
+        self.device = _resolve_device(device)
+        source = config_or_checkpoint
+        if isinstance(source, Config):
+            cfg: Optional[Config] = source
+        elif Path(source).suffix.lower() in CONFIG_SUFFIXES:
+            cfg = load_config(source)
+        else:
+            if checkpoint is not None:
+                raise ConfigError(f"{source} is not a .yaml config; pass a config with checkpoint=, or the checkpoint alone")
+            cfg, checkpoint = None, source
+        if checkpoint is not None:
+            from attnreid.engine.build import load_model
+
+            model, cfg = load_model(checkpoint, cfg=cfg, device=self.device)
+        else:
+            from attnreid.models import build_model
+
+            model = build_model(cfg.model, 2)  # random weights: the class count only sizes unused classifiers
+        self._setup(model, cfg, batch_size, flip, None if checkpoint is None else str(Path(checkpoint).resolve()))
+
+    @classmethod
+    def from_model(cls, model: nn.Module, cfg: Config, device: str | torch.device = "cpu",
+                   batch_size: int = 64, flip: bool = False) -> "FeatureExtractor":
+        """Wrap a model already in memory (e.g. at the end of training)."""
+        self = cls.__new__(cls)
+        self.device = _resolve_device(device)
+        self._setup(model, cfg, batch_size, flip, None)
+        return self
+
+    def _setup(self, model: nn.Module, cfg: Config, batch_size: int, flip: bool, checkpoint: Optional[str]) -> None:
+        from attnreid.data.transforms import build_transforms
+
+        self.model = model.to(self.device).eval()
+        self.cfg = cfg
+        self.batch_size = int(batch_size)
+        self.flip = bool(flip)
+        self.checkpoint = checkpoint
+        self.model_name = getattr(model, "model_name", cfg.model.name)
+        self.feature_dim = int(model.feature_dim)
+        self.fingerprint = config_fingerprint(cfg)
+        self.metric = "cosine" if (cfg.model.feature_norm or cfg.eval.metric == "cosine") else "euclidean_sq"
+        d = cfg.data
+        self.input_size = (d.height, d.width)
+        self._transform = build_transforms(height=d.height, width=d.width, mean=list(d.mean), std=list(d.std),
+                                           train=False, flip=False, random_erasing=0.0)
+
+    # -- preprocessing -------------------------------------------------------------------
+
+    def _from_pixels(self, array: np.ndarray, what: str) -> torch.Tensor:
+        from PIL import Image
+
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise DataError(f"{what} must be an H x W x 3 uint8 RGB array, got shape {tuple(array.shape)} "
+                            f"dtype {array.dtype}")
+        return self._transform(Image.fromarray(np.ascontiguousarray(array), "RGB"))
+
+    def _check_input(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        if x.ndim != 3 or x.shape[0] != 3 or tuple(x.shape[1:]) != self.input_size:
+            h, w = self.input_size
+            raise DataError(f"{what} is a float tensor of shape {tuple(x.shape)}; float tensors are taken as "
+                            f"preprocessed model input and must be 3 x {h} x {w} (pass uint8 pixels to resize)")
+        return x.float()
+
+    def _expand(self, item: Any) -> Iterator[Any]:
+        """One input item -> one or more single images (batched arrays/tensors are split)."""
+        if isinstance(item, np.ndarray) and item.ndim == 4:
+            yield from item
+        elif isinstance(item, torch.Tensor) and item.ndim == 4:
+            yield from item
+        else:
+            yield item
+
+    def preprocess(self, item: Any) -> torch.Tensor:
+        """One image (path, PIL image, HxWx3 uint8 array, 3xHxW tensor) -> the model's 3 x H x W input."""
+        from PIL import Image
+
+        if isinstance(item, (str, Path)):
+            from attnreid.data.io import read_image
+
+            return self._transform(read_image(str(item)))
+        if isinstance(item, Image.Image):
+            return self._transform(item.convert("RGB"))
+        if isinstance(item, np.ndarray):
+            return self._from_pixels(item, "numpy image")
+        if isinstance(item, torch.Tensor):
+            if item.dtype == torch.uint8:
+                if item.ndim != 3 or item.shape[0] != 3:
+                    raise DataError(f"uint8 image tensor must be 3 x H x W, got shape {tuple(item.shape)}")
+                return self._from_pixels(item.permute(1, 2, 0).cpu().numpy(), "uint8 image tensor")
+            if item.is_floating_point():
+                return self._check_input(item.detach().cpu(), "image tensor")
+        raise DataError(f"cannot read an image from a {type(item).__name__}; expected a path, PIL image, "
+                        f"H x W x 3 uint8 array or 3 x H x W tensor")
+
+    # -- inference -----------------------------------------------------------------------
+
+    def forward_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """Features of a preprocessed B x 3 x H x W batch (flip-averaged when asked), float32 on the CPU."""
+        with torch.inference_mode():
+            x = images.to(self.device)
+            f = self.model(x).float()
+            if self.flip:
+                f = (f + self.model(torch.flip(x, dims=[3])).float()) / 2
+        return f.cpu()
+
+    def _batches(self, items: Iterable[Any]) -> Iterator[torch.Tensor]:
+        pending: List[torch.Tensor] = []
+        for item in items:
+            for single in self._expand(item):
+                pending.append(self.preprocess(single))
+                if len(pending) == self.batch_size:
+                    yield torch.stack(pending)
+                    pending = []
+        if pending:
+            yield torch.stack(pending)
+
+    def __call__(self, images: Any) -> torch.Tensor:
+        """Features N x ``feature_dim`` (float32, CPU) of one image or a sequence of images, in order."""
+        items: Sequence[Any] = images if isinstance(images, (list, tuple)) else [images]
+        feats = [self.forward_batch(batch) for batch in self._batches(items)]
+        if not feats:
+            return torch.zeros(0, self.feature_dim)
+        return torch.cat(feats)
+
+    extract = __call__
+
+    def __repr__(self) -> str:
+        return (f"FeatureExtractor(model={self.model_name!r}, feature_dim={self.feature_dim}, "
+                f"input={self.input_size[0]}x{self.input_size[1]}, device={str(self.device)!r}, flip={self.flip})")

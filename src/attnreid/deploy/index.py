@@ -1,0 +1,504 @@
+"""Gallery index on disk, exact search in torch, approximate search with faiss.
+
+An index is a folder::
+
+    INDEX/meta.json          model name, feature dim, config hash, checkpoint, metric, ...
+    INDEX/shard-00000.npz    features (n x D float32), paths (n,), camids (n,) -- one per chunk
+    INDEX/skipped.json       images that could not be read in the latest build run
+    INDEX/faiss/*.faiss      cached faiss indexes (rebuilt when the gallery grows)
+
+Shards are written as the build goes (atomically), so an interrupted build resumes where
+it stopped: a re-run skips every image already in a shard. The meta records
+:func:`~attnreid.deploy.extractor.config_fingerprint`, so a query model whose features
+are not comparable (other model, variant, feature size or input size) is refused.
+
+Distances: ``euclidean_sq`` (squared Euclidean, the papers' test distance) or ``cosine``
+(1 - cosine similarity) when the model L2-normalises its feature; smaller is closer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from attnreid.errors import AttnReidError, CheckpointError, DataError
+
+INDEX_VERSION = 1
+DEFAULT_CAMERA_REGEX = r"_c(\d+)"  # Market-1501 / DukeMTMC names: 0001_c1s1_001051_00.jpg
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+FAISS_KINDS = ("flat", "ivf", "hnsw")
+
+
+# -- distances and exact search ----------------------------------------------------------
+
+def pairwise_distance(query: torch.Tensor, gallery: torch.Tensor, metric: str) -> torch.Tensor:
+    """Q x G distances: ``euclidean_sq`` = |q|^2 + |g|^2 - 2 q.g (clamped at 0), or ``cosine`` = 1 - q.g/(|q||g|)."""
+    if metric == "cosine":
+        q = torch.nn.functional.normalize(query, dim=1)
+        g = torch.nn.functional.normalize(gallery, dim=1)
+        return 1.0 - q @ g.T
+    if metric == "euclidean_sq":
+        d = query.pow(2).sum(1, keepdim=True) + gallery.pow(2).sum(1)[None, :] - 2.0 * query @ gallery.T
+        return d.clamp_min_(0.0)
+    raise AttnReidError(f"unknown metric {metric!r}; expected euclidean_sq or cosine")
+
+
+def _same_camera_mask(query_cams: Optional[torch.Tensor], gallery_cams: torch.Tensor) -> Optional[torch.Tensor]:
+    if query_cams is None:
+        return None
+    return (query_cams[:, None] == gallery_cams[None, :]) & (gallery_cams[None, :] >= 0)
+
+
+def exact_topk(query: torch.Tensor, gallery: torch.Tensor, k: int, metric: str,
+               query_cams: Optional[torch.Tensor] = None, gallery_cams: Optional[torch.Tensor] = None,
+               chunk_size: int = 65536) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest gallery rows of each query, by brute force over gallery chunks.
+
+    Memory stays at Q x ``chunk_size`` distances however large the gallery. With
+    ``query_cams``, gallery rows of the query's camera are excluded (their distance is
+    +inf, and they sort last). Returns ``(distances Q x k', indices Q x k')`` with
+    ``k' = min(k, G)``, nearest first; excluded slots carry ``inf`` and index -1.
+    """
+    q = query.float()
+    best_d = torch.full((q.shape[0], 0), math.inf)
+    best_i = torch.zeros((q.shape[0], 0), dtype=torch.long)
+    for start in range(0, gallery.shape[0], chunk_size):
+        g = gallery[start:start + chunk_size].float()
+        d = pairwise_distance(q, g, metric)
+        if query_cams is not None and gallery_cams is not None:
+            d.masked_fill_(_same_camera_mask(query_cams, gallery_cams[start:start + chunk_size]), math.inf)
+        kk = min(k, d.shape[1])
+        cd, ci = torch.topk(d, kk, dim=1, largest=False, sorted=True)
+        best_d = torch.cat([best_d, cd], 1)
+        best_i = torch.cat([best_i, ci + start], 1)
+        if best_d.shape[1] > k:
+            best_d, order = torch.topk(best_d, k, dim=1, largest=False, sorted=True)
+            best_i = torch.gather(best_i, 1, order)
+    return _refine(q, gallery, best_d, best_i, metric)
+
+
+def _refine(query: torch.Tensor, gallery: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor,
+            metric: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Recompute the k winners' distances from differences and re-sort them.
+
+    The expansion |q|^2 + |g|^2 - 2 q.g that makes brute force fast loses about 1e-7
+    of |q|^2 to float32 cancellation (an identical image would be at 0.008, not 0, for
+    features of norm 300); sum((q - g)^2) over k candidates is exact and cheap.
+    For cosine, 1 - cos = |q/|q| - g/|g||^2 / 2.
+    """
+    valid = ~torch.isinf(dist)
+    cand = gallery[idx.clamp_min(0)].float()
+    q = query[:, None, :]
+    if metric == "cosine":
+        exact = 0.5 * (torch.nn.functional.normalize(q, dim=2) - torch.nn.functional.normalize(cand, dim=2)).pow(2).sum(2)
+    else:
+        exact = (q - cand).pow(2).sum(2)
+    exact = torch.where(valid, exact, torch.full_like(exact, math.inf))
+    exact, order = exact.sort(dim=1, stable=True)
+    idx = torch.gather(idx, 1, order)
+    idx[torch.isinf(exact)] = -1
+    return exact, idx
+
+
+def recall_at_k(approx_idx: np.ndarray | torch.Tensor, exact_idx: np.ndarray | torch.Tensor, k: int) -> float:
+    """Mean over queries of |approx top-k  ∩  exact top-k| / k (1.0 = the approximate search lost nothing)."""
+    a = np.asarray(approx_idx)[:, :k]
+    e = np.asarray(exact_idx)[:, :k]
+    if a.shape[0] != e.shape[0]:
+        raise ValueError("approx and exact results must have the same number of queries")
+    hits = [len(set(ar[ar >= 0].tolist()) & set(er[er >= 0].tolist())) / k for ar, er in zip(a, e)]
+    return float(np.mean(hits)) if hits else 0.0
+
+
+# -- faiss -------------------------------------------------------------------------------
+
+def import_faiss():
+    """faiss is an optional extra; without it, one line says how to get it."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        raise AttnReidError("faiss is not installed; pip install 'attnreid[faiss]' (faiss-cpu) "
+                            "or use --backend torch") from None
+    return faiss
+
+
+@dataclass
+class FaissParams:
+    """Approximate-search knobs. ``nlist`` 0 = about 4 sqrt(N) IVF cells (at least 39 points each)."""
+
+    nlist: int = 0
+    nprobe: int = 32
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 128
+
+    def ivf_nlist(self, n: int) -> int:
+        return self.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
+
+
+def faiss_cache_name(kind: str, metric: str, params: FaissParams, n: int) -> str:
+    """File name of a cached faiss index: changes with the gallery size and the build parameters."""
+    extra = {"flat": "", "ivf": f"-nlist{params.ivf_nlist(n)}", "hnsw": f"-m{params.hnsw_m}-efc{params.ef_construction}"}
+    return f"{kind}{extra.get(kind, '')}-{metric}-{n}.faiss"
+
+
+class FaissSearcher:
+    """A faiss index over a gallery: ``flat`` (exact), ``ivf`` (IVF-Flat) or ``hnsw`` (HNSW-Flat).
+
+    For the ``cosine`` metric vectors are L2-normalised and searched by inner product;
+    distances come back as 1 - similarity, like :func:`pairwise_distance`. faiss's L2
+    distances are already squared, matching ``euclidean_sq``.
+    """
+
+    def __init__(self, features: torch.Tensor | np.ndarray, metric: str, kind: str = "flat",
+                 params: Optional[FaissParams] = None, cache: Optional[Path] = None):
+        if kind not in FAISS_KINDS:
+            raise AttnReidError(f"unknown faiss index {kind!r}; expected one of: {', '.join(FAISS_KINDS)}")
+        faiss = import_faiss()
+        self.faiss, self.metric, self.kind = faiss, metric, kind
+        self.params = params or FaissParams()
+        x = self._prepare(features)
+        n, d = x.shape
+        self.ntotal = n
+        if cache is not None and cache.is_file():
+            self.index = faiss.read_index(str(cache))
+        else:
+            self.index = self._build(x)
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_name(cache.name + ".tmp")
+                faiss.write_index(self.index, str(tmp))
+                os.replace(tmp, cache)
+        if kind == "ivf":
+            self.index.nprobe = self.params.nprobe
+        elif kind == "hnsw":
+            self.index.hnsw.efSearch = self.params.ef_search
+
+    def _prepare(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
+        if self.metric == "cosine":
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _build(self, x: np.ndarray):
+        faiss, p = self.faiss, self.params
+        n, d = x.shape
+        mt = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
+        if self.kind == "flat":
+            index = faiss.IndexFlatIP(d) if self.metric == "cosine" else faiss.IndexFlatL2(d)
+        elif self.kind == "ivf":
+            quantizer = faiss.IndexFlatIP(d) if self.metric == "cosine" else faiss.IndexFlatL2(d)
+            index = faiss.IndexIVFFlat(quantizer, d, p.ivf_nlist(n), mt)
+            index.train(x)
+        else:
+            index = faiss.IndexHNSWFlat(d, p.hnsw_m, mt)
+            index.hnsw.efConstruction = p.ef_construction
+        index.add(x)
+        return index
+
+    def _raw(self, q: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        dist, idx = self.index.search(q, k)
+        if self.metric == "cosine":
+            dist = 1.0 - dist
+        dist = np.where(idx < 0, np.inf, dist).astype(np.float32)
+        return dist, idx.astype(np.int64)
+
+    def search(self, query: torch.Tensor | np.ndarray, k: int, query_cams: Optional[torch.Tensor] = None,
+               gallery_cams: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Same contract as :func:`exact_topk`. Camera exclusion over-fetches (x4 per round) and filters."""
+        q = self._prepare(query)
+        k = min(k, self.ntotal)
+        fetch = k
+        while True:
+            dist, idx = self._raw(q, fetch)
+            if query_cams is None or gallery_cams is None:
+                break
+            gc = gallery_cams.numpy()[np.maximum(idx, 0)]
+            bad = (idx < 0) | ((gc == query_cams.numpy()[:, None]) & (gc >= 0))
+            dist = np.where(bad, np.inf, dist)
+            enough = (~bad).sum(1).min() >= k
+            if enough or fetch >= self.ntotal:
+                break
+            fetch = min(self.ntotal, fetch * 4)
+        order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        dist = np.take_along_axis(dist, order, 1)
+        idx = np.where(np.isinf(dist), -1, np.take_along_axis(idx, order, 1))
+        return torch.from_numpy(dist), torch.from_numpy(idx)
+
+
+# -- the index on disk -------------------------------------------------------------------
+
+def list_images(root: str | Path) -> List[Path]:
+    """Image files under ``root`` (recursive), sorted, resolved."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    return sorted(p.resolve() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def parse_camera(path: str | Path, regex: Optional[str] = DEFAULT_CAMERA_REGEX) -> int:
+    """Camera id from the file name (first group of ``regex``), or -1 when it does not match."""
+    if not regex:
+        return -1
+    m = re.search(regex, Path(str(path).split("::")[-1]).name)
+    if not m:
+        return -1
+    try:
+        return int(m.group(1) if m.groups() else m.group(0))
+    except ValueError:
+        return -1
+
+
+def compile_camera_regex(regex: Optional[str]) -> Optional[str]:
+    if regex:
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            raise AttnReidError(f"--camera-regex {regex!r} is not a valid regular expression ({exc})") from None
+    return regex or None
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def model_meta(extractor) -> Dict[str, Any]:
+    """What an index records about the model that made its features."""
+    return {
+        "model": extractor.model_name,
+        "feature_dim": extractor.feature_dim,
+        "config_hash": extractor.fingerprint,
+        "metric": extractor.metric,
+        "flip": extractor.flip,
+        "input_size": list(extractor.input_size),
+        "checkpoint": extractor.checkpoint,
+    }
+
+
+class GalleryIndex:
+    """An index folder read into memory: ``meta``, ``features`` (N x D), ``paths``, ``camids`` (N,)."""
+
+    def __init__(self, path: Path, meta: Dict[str, Any], features: torch.Tensor, paths: List[str], camids: torch.Tensor):
+        self.path, self.meta, self.features, self.paths, self.camids = path, meta, features, paths, camids
+
+    @staticmethod
+    def read_meta(path: str | Path) -> Dict[str, Any]:
+        path = Path(path)
+        meta_file = path / "meta.json"
+        if not meta_file.is_file():
+            raise DataError(f"{path} is not an attnreid index (no meta.json); build one with 'attnreid index build'")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DataError(f"index meta file {meta_file} is corrupt") from None
+        if not isinstance(meta, dict) or meta.get("version") != INDEX_VERSION:
+            raise DataError(f"index {path} has an unsupported format version {meta.get('version') if isinstance(meta, dict) else None}")
+        return meta
+
+    @staticmethod
+    def shard_files(path: Path) -> List[Path]:
+        return sorted(path.glob("shard-*.npz"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GalleryIndex":
+        path = Path(path)
+        meta = cls.read_meta(path)
+        feats, paths, cams = [], [], []
+        for shard in cls.shard_files(path):
+            try:
+                with np.load(shard, allow_pickle=False) as z:
+                    feats.append(z["features"])
+                    paths.extend(z["paths"].tolist())
+                    cams.append(z["camids"])
+            except (OSError, ValueError, KeyError):
+                raise DataError(f"index shard {shard} is corrupt; delete it and re-run 'attnreid index build'") from None
+        if not feats:
+            raise DataError(f"index {path} holds no features yet; run 'attnreid index build' first")
+        features = torch.from_numpy(np.concatenate(feats).astype(np.float32, copy=False))
+        if features.shape[1] != meta["feature_dim"]:
+            raise DataError(f"index {path} has {features.shape[1]}-d features but its meta says {meta['feature_dim']}")
+        return cls(path, meta, features, paths, torch.from_numpy(np.concatenate(cams).astype(np.int64)))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def check_model(self, extractor) -> None:
+        """Refuse (one line) a query model whose features cannot be compared with the index's."""
+        check_compatible(self.meta, extractor, self.path)
+
+    def search(self, query: torch.Tensor, k: int, query_cams: Optional[torch.Tensor] = None,
+               backend: str = "torch", faiss_index: str = "flat",
+               faiss_params: Optional[FaissParams] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Top-k ``(distances, indices)`` of each query row; see :func:`exact_topk`."""
+        metric = self.meta["metric"]
+        gallery_cams = self.camids if query_cams is not None else None
+        if backend == "torch":
+            return exact_topk(query, self.features, k, metric, query_cams, gallery_cams)
+        if backend == "faiss":
+            params = faiss_params or FaissParams()
+            # flat needs no training, so only IVF/HNSW are worth caching on disk
+            cache = None if faiss_index == "flat" else self.path / "faiss" / faiss_cache_name(
+                faiss_index, metric, params, len(self))
+            searcher = FaissSearcher(self.features, metric, faiss_index, params, cache)
+            return searcher.search(query, k, query_cams, gallery_cams)
+        raise AttnReidError(f"unknown search backend {backend!r}; expected torch or faiss")
+
+
+def check_compatible(meta: Dict[str, Any], extractor, where: Path | str) -> None:
+    mine = model_meta(extractor)
+    keys = ("model", "feature_dim", "config_hash")
+    if any(meta.get(k) != mine[k] for k in keys):
+        raise CheckpointError(
+            f"index {where} was built with model '{meta.get('model')}' (feature dim {meta.get('feature_dim')}, "
+            f"config {meta.get('config_hash')}) but the query model is '{mine['model']}' (feature dim "
+            f"{mine['feature_dim']}, config {mine['config_hash']}); use the index's checkpoint or rebuild the index")
+
+
+def build_index(extractor, images_dir: str | Path, out: str | Path, camera_regex: Optional[str] = DEFAULT_CAMERA_REGEX,
+                shard_size: int = 1024, progress: bool = True) -> Dict[str, Any]:
+    """Index every image under ``images_dir`` into the folder ``out``, resuming a previous run.
+
+    Images already in a shard are skipped; unreadable images are skipped, listed in the
+    result and in ``skipped.json`` (and tried again on the next run), never fatal. A
+    shard is written every ``shard_size`` images, so an interrupted run loses at most
+    that much work. Returns a summary dict (``images``, ``added``, ``already_indexed``,
+    ``skipped`` list of ``{"path", "error"}``, ``num_vectors``, ``seconds``).
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    camera_regex = compile_camera_regex(camera_regex)
+    images = list_images(images_dir)
+    if not images:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {images_dir}")
+    done: set = set()
+    if (out / "meta.json").is_file():
+        meta = GalleryIndex.read_meta(out)
+        check_compatible(meta, extractor, out)
+        if meta.get("camera_regex") != camera_regex:
+            raise AttnReidError(f"index {out} was built with --camera-regex {meta.get('camera_regex')!r}, "
+                                f"not {camera_regex!r}; use the same one or another --out")
+        for shard in GalleryIndex.shard_files(out):
+            with np.load(shard, allow_pickle=False) as z:
+                done.update(z["paths"].tolist())
+    elif out.exists() and any(out.iterdir()):
+        raise DataError(f"--out {out} exists and is not an attnreid index; choose an empty or new folder")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"version": INDEX_VERSION, **model_meta(extractor), "camera_regex": camera_regex,
+                "images_dir": str(Path(images_dir).resolve()), "num_vectors": 0}
+        _write_json(out / "meta.json", meta)
+    todo = [p for p in images if str(p) not in done]
+    next_shard = len(GalleryIndex.shard_files(out))
+    skipped: List[Dict[str, str]] = []
+    buf_f: List[torch.Tensor] = []
+    buf_p: List[str] = []
+    added = 0
+
+    def flush() -> None:
+        nonlocal buf_f, buf_p, next_shard, added
+        if not buf_p:
+            return
+        feats = torch.cat(buf_f).numpy().astype(np.float32)
+        cams = np.array([parse_camera(p, camera_regex) for p in buf_p], dtype=np.int64)
+        _write_npz(out / f"shard-{next_shard:05d}.npz", features=feats, paths=np.array(buf_p), camids=cams)
+        next_shard += 1
+        added += len(buf_p)
+        buf_f, buf_p = [], []
+
+    bar = _progress(progress, len(todo), f"indexing {Path(images_dir).name}")
+    try:
+        for start in range(0, len(todo), extractor.batch_size):
+            chunk = todo[start:start + extractor.batch_size]
+            tensors, paths = [], []
+            for p in chunk:
+                try:
+                    tensors.append(extractor.preprocess(p))
+                    paths.append(str(p))
+                except (AttnReidError, OSError, ValueError) as exc:
+                    skipped.append({"path": str(p), "error": str(exc)})
+            if tensors:
+                buf_f.append(extractor.forward_batch(torch.stack(tensors)))
+                buf_p.extend(paths)
+            if len(buf_p) >= shard_size:
+                flush()
+            if bar is not None:
+                bar[0].advance(bar[1], len(chunk))
+        flush()
+    finally:
+        if bar is not None:
+            bar[0].stop()
+        _write_json(out / "skipped.json", skipped)
+        meta["num_vectors"] = len(done) + added
+        _write_json(out / "meta.json", meta)
+    return {"index": str(out), "images": len(images), "added": added, "already_indexed": len(images) - len(todo),
+            "skipped": skipped, "num_vectors": meta["num_vectors"], "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _progress(enabled: bool, total: int, label: str):
+    if not enabled or total == 0:
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=Console(stderr=True))
+    task = bar.add_task(label, total=total)
+    bar.start()
+    return bar, task
+
+
+# -- queries -----------------------------------------------------------------------------
+
+def search_images(index: GalleryIndex, extractor, queries: Sequence[str | Path], k: int = 10,
+                  exclude_same_camera: bool = False, backend: str = "torch", faiss_index: str = "flat",
+                  faiss_params: Optional[FaissParams] = None) -> List[Dict[str, Any]]:
+    """Rank the gallery for each query image with the index's model.
+
+    Returns one dict per query: ``query``, ``camera``, ``results`` (list of ``rank``,
+    ``path``, ``distance``, ``camera``), nearest first. With ``exclude_same_camera``,
+    gallery images from the query's camera (parsed with the index's camera regex) are
+    left out, as in the Market-1501 protocol; a query without a camera id is an error.
+    """
+    if k < 1:
+        raise AttnReidError(f"--top-k is {k}; it must be >= 1")
+    index.check_model(extractor)
+    regex = index.meta.get("camera_regex")
+    cams = [parse_camera(q, regex) for q in queries]
+    if exclude_same_camera:
+        if not regex:
+            raise AttnReidError(f"index {index.path} records no camera ids (built without a camera regex); "
+                                f"cannot exclude same-camera images")
+        for q, c in zip(queries, cams):
+            if c < 0:
+                raise DataError(f"query {q} has no camera id in its name (regex {regex!r}); "
+                                f"cannot exclude same-camera images")
+    feats = extractor([str(q) for q in queries])
+    qc = torch.tensor(cams, dtype=torch.long) if exclude_same_camera else None
+    dist, idx = index.search(feats, k, qc, backend, faiss_index, faiss_params)
+    out = []
+    for q, c, drow, irow in zip(queries, cams, dist.tolist(), idx.tolist()):
+        hits = [(d, i) for d, i in zip(drow, irow) if i >= 0]
+        results = [{"rank": r + 1, "path": index.paths[i], "distance": float(d), "camera": int(index.camids[i])}
+                   for r, (d, i) in enumerate(hits)]
+        out.append({"query": str(q), "camera": c, "results": results})
+    return out
