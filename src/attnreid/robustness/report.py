@@ -392,6 +392,16 @@ def run_robustness(
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     dataset = build_dataset_from_config(cfg.data)
+    if cfg.data.skip_bad_images:
+        # Decode query and gallery once up front: the occluders read the queries (and the
+        # person donors) outside the loader, so a bad file must be gone before they run.
+        import copy
+
+        from attnreid.data.loader import check_images
+
+        dataset = copy.copy(dataset)
+        dataset.train = []
+        dataset = check_images(dataset, skip_bad_images=True)
     if getattr(dataset, "bad_images", None):
         from attnreid.data.datasets.base import warn_bad
 
