@@ -194,3 +194,14 @@ def test_baseline_and_hacnn_criteria():
 def test_all_weights_zero_is_one_line_error():
     with pytest.raises(ConfigError, match="every loss weight is 0"):
         _criterion("model.name=baseline", "loss.global_ce=false")
+
+
+def test_distances_stay_float32_under_autocast():
+    g = torch.Generator().manual_seed(0)
+    a = 50 + torch.randn(6, 64, generator=g)  # large norms, small differences: bf16 expansion would cancel badly
+    exact = ((a[:, None, :] - a[None, :, :]) ** 2).sum(-1)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        d = pairwise_squared_distance(a, a)
+        f = feature_diversity(a.view(2, 3, 64))
+    assert d.dtype == torch.float32 and torch.allclose(d, exact, rtol=1e-3, atol=1e-2)
+    assert f.dtype == torch.float32 and f.item() == pytest.approx(feature_diversity(a.view(2, 3, 64)).item(), rel=1e-5)

@@ -138,25 +138,20 @@ def test_test_features_are_the_named_vectors_and_feature_norm():
     x = _images(b=2)
     model.eval()
     with torch.no_grad():
-        model.train(False)
-        concat = model(x)
-        model.train()
-        # BatchNorm in eval mode for the reference pass too
-        for mod in model.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.eval()
-        out = model(x)
-    assert torch.allclose(concat, torch.cat([out["p_star"], out["q_star"]], 1), atol=1e-5)
-    for feature, expected in (("star", out["p_star"]), ("global", out["q_star"]), ("head", out["P"][:, 1])):
-        other, _ = _model("model.mhsanet.num_heads=4", f"model.test_feature={feature}", "model.test_head=1")
-        other.load_state_dict(model.state_dict())
-        other.eval()
-        with torch.no_grad():
-            assert torch.allclose(other(x), expected, atol=1e-5)
-    normed, _ = _model("model.mhsanet.num_heads=4", "model.feature_norm=true")
-    normed.eval()
-    with torch.no_grad():
-        assert torch.allclose(normed(x).norm(dim=1), torch.ones(2), atol=1e-5)
+        fmap = model.backbone(x)
+        q_star = model.global_branch(fmap)
+        p, _ = model.mhsam(fmap)
+        p_star, _ = model.fusion(p)
+        assert torch.allclose(model(x), torch.cat([p_star, q_star], 1), atol=1e-5)
+        for feature, expected in (("star", p_star), ("global", q_star), ("head", p[:, 1])):
+            other, _ = _model("model.mhsanet.num_heads=4", f"model.test_feature={feature}", "model.test_head=1")
+            other.load_state_dict(model.state_dict())
+            assert torch.allclose(other.eval()(x), expected, atol=1e-5), feature
+        normed, _ = _model("model.mhsanet.num_heads=4", "model.feature_norm=true")
+        normed.load_state_dict(model.state_dict())
+        f = normed.eval()(x)
+        assert torch.allclose(f, F.normalize(torch.cat([p_star, q_star], 1), dim=1), atol=1e-6)
+        assert torch.allclose(f.norm(dim=1), torch.ones(2), atol=1e-5)
 
 
 def test_rlm_false_and_fusion_switches_build_only_their_modules():

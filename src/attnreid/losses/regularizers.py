@@ -13,10 +13,11 @@ def feature_diversity(p: torch.Tensor) -> torch.Tensor:
     embeddings of every image are orthogonal (always zero for K = 1).
     """
     k = p.shape[1]
-    pn = F.normalize(p, dim=2)
-    gram = torch.bmm(pn, pn.transpose(1, 2))
-    eye = torch.eye(k, dtype=p.dtype, device=p.device)
-    return torch.linalg.matrix_norm(gram - eye, ord="fro").mean() / (k * k)
+    with torch.autocast(device_type=p.device.type, enabled=False):  # G - I is small: keep float32
+        pn = F.normalize(p.float(), dim=2)
+        gram = torch.bmm(pn, pn.transpose(1, 2))
+        eye = torch.eye(k, dtype=gram.dtype, device=p.device)
+        return torch.linalg.matrix_norm(gram - eye, ord="fro").mean() / (k * k)
 
 
 def attention_competition(alpha: torch.Tensor, gamma: float = 1e-3) -> torch.Tensor:

@@ -15,8 +15,14 @@ import torch.nn.functional as F
 
 
 def pairwise_squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """d(a_i, b_j) = ||a_i - b_j||^2 for a: N x D, b: M x D -> N x M (clamped at 0)."""
-    d = a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1).unsqueeze(0) - 2.0 * a @ b.t()
+    """d(a_i, b_j) = ||a_i - b_j||^2 for a: N x D, b: M x D -> N x M (clamped at 0).
+
+    Computed in float32 with autocast off: the expansion ||a||^2 + ||b||^2 - 2ab cancels
+    large terms, which half precision cannot resolve.
+    """
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        a, b = a.float(), b.float()
+        d = a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1).unsqueeze(0) - 2.0 * a @ b.t()
     return d.clamp_min(0.0)
 
 
