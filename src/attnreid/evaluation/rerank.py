@@ -55,14 +55,17 @@ def _order(vals: torch.Tensor, idx: torch.Tensor, k: int):
 def _block_topk(block: torch.Tensor, k: int, col0: int):
     """The k smallest entries of each row of ``block`` in (value, column) order: values, columns + col0."""
     k = min(k, block.shape[1])
-    vals, idx = torch.topk(block, k, dim=1, largest=False)
-    # Rows whose k-th value is tied with an unselected entry: topk may have picked any of the tied
-    # columns, so those rows are redone with a full stable sort.
-    tied = (block <= vals[:, -1:]).sum(dim=1) > k
-    if bool(tied.any()):
-        rows = torch.nonzero(tied).flatten()
-        srt = torch.sort(block[rows], dim=1, stable=True)
-        vals[rows], idx[rows] = srt.values[:, :k], srt.indices[:, :k]
+    extra = 1 if k < block.shape[1] else 0
+    vals, idx = torch.topk(block, k + extra, dim=1, largest=False)
+    # A row whose (k+1)-th smallest value equals its k-th has a tie across the cut: topk may have
+    # picked any of the tied columns, so such rows are redone with a full stable sort.
+    if extra:
+        tied = vals[:, k] == vals[:, k - 1]
+        vals, idx = vals[:, :k], idx[:, :k]
+        if bool(tied.any()):
+            rows = torch.nonzero(tied).flatten()
+            srt = torch.sort(block[rows], dim=1, stable=True)
+            vals[rows], idx[rows] = srt.values[:, :k], srt.indices[:, :k]
     vals, idx = _order(vals, idx, k)
     return vals, idx + col0
 
@@ -261,11 +264,13 @@ def re_ranking(
         while lo < which.shape[0]:
             budget_end = int(torch.searchsorted(ends, (ends[lo] - pairs[lo]) + _BUDGET, right=True))
             hi = max(budget_end, lo + 1)
-            w, cc, vv, pp = which[lo:hi], qc[lo:hi], qv[lo:hi], pairs[lo:hi]
+            pp = pairs[lo:hi]
+            # Pair p of entry e reads gallery entry col_ptr[col_e] + (p - first pair of e).
+            base = col_ptr[qc[lo:hi]] - (torch.cumsum(pp, 0) - pp)
             rep = torch.repeat_interleave(torch.arange(hi - lo, device=dev), pp)
-            offs = torch.arange(rep.shape[0], device=dev) - (torch.cumsum(pp, 0) - pp)[rep]
-            gi = col_ptr[cc[rep]] + offs
-            acc.index_add_(0, w[rep] * num_g + g_rows[gi], torch.minimum(vv[rep], g_vals[gi]))
+            gi = base[rep] + torch.arange(rep.shape[0], device=dev)
+            target = (which[lo:hi] * num_g)[rep] + g_rows[gi]
+            acc.index_add_(0, target, torch.minimum(qv[lo:hi][rep], g_vals[gi]))
             lo = hi
         acc = acc.view(e - s, num_g)
         jaccard = 1.0 - acc / (2.0 - acc)
