@@ -1,0 +1,215 @@
+"""ONNX export with a built-in equivalence check against PyTorch.
+
+:func:`export_onnx` writes a graph with one input ``images`` (``batch x 3 x H x W``,
+normalised like :meth:`FeatureExtractor.preprocess` output; the batch dimension is
+dynamic) and the output ``feature`` (``batch x feature_dim``, the model's configured test
+feature). With ``attention=True`` the graph also returns the model's
+``forward_attention`` maps: MHSA-Net ``attention`` (B x K x h x w) and ``beta`` (B x K);
+HA-CNN ``soft_attention_<l>`` (B x h_l x w_l) and ``regions_<l>`` (B x T x 4) per level.
+
+The exporter is torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``), which
+handles HA-CNN's ``affine_grid``/``grid_sample`` at opset 18; the TorchScript exporter
+is the fallback (it needs opset >= 20 for ``affine_grid``). Then :func:`check_onnx` runs
+the file in onnxruntime on a random batch whose size differs from the export batch (so a
+batch size frozen into the graph is caught) and compares every output with PyTorch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from attnreid.errors import AttnReidError
+
+DEFAULT_OPSET = 18
+GRID_SAMPLE_OPSET = 16  # GridSample entered the ONNX standard in opset 16
+EXPORT_BATCH = 2
+CHECK_BATCH = 3
+REL_TOLERANCE = 1e-4
+
+
+def flatten_outputs(outputs: Dict[str, Any]) -> List[Tuple[str, torch.Tensor]]:
+    """``forward_attention``'s dict -> named tensors in a fixed order (lists become ``name_<i>``).
+
+    Non-tensor entries (e.g. HA-CNN's ``region_levels``, a list of ints) are not graph outputs.
+    """
+    flat: List[Tuple[str, torch.Tensor]] = []
+    for name, value in outputs.items():
+        if isinstance(value, torch.Tensor):
+            flat.append((name, value))
+        elif isinstance(value, (list, tuple)):
+            flat.extend((f"{name}_{i}", v) for i, v in enumerate(value) if isinstance(v, torch.Tensor))
+    return flat
+
+
+class ExportWrapper(nn.Module):
+    """The graph that is exported: test feature alone, or feature plus attention maps."""
+
+    def __init__(self, model: nn.Module, attention: bool = False):
+        super().__init__()
+        self.model = model
+        self.attention = attention
+
+    def forward(self, images: torch.Tensor):
+        if not self.attention:
+            return self.model(images)
+        outputs = self.model.forward_attention(images)
+        return tuple(t for _, t in flatten_outputs(outputs))
+
+    def output_names(self, example: torch.Tensor) -> List[str]:
+        if not self.attention:
+            return ["feature"]
+        with torch.inference_mode():
+            return [n for n, _ in flatten_outputs(self.model.forward_attention(example))]
+
+
+@contextlib.contextmanager
+def _without_classifiers(model: nn.Module):
+    """Detach the identity classifiers (unused at test time) while exporting.
+
+    The dynamo exporter regenerates Python code from the module tree, and a classifier
+    named ``global`` (a Python keyword) makes that code invalid; the classifiers would
+    only be dead weights in the graph anyway.
+    """
+    heads = getattr(model, "classifiers", None)
+    if heads is None:
+        yield
+        return
+    model.classifiers = nn.ModuleDict()
+    try:
+        yield
+    finally:
+        model.classifiers = heads
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def _export_dynamo(wrapper: nn.Module, example: torch.Tensor, out: Path, opset: int, names: List[str]) -> None:
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.onnx.export(wrapper, (example,), None, dynamo=True, opset_version=opset,
+                                input_names=["images"], output_names=names,
+                                dynamic_shapes={"images": {0: batch}}, optimize=True, verbose=False)
+    program.save(str(out))
+
+
+def _export_torchscript(wrapper: nn.Module, example: torch.Tensor, out: Path, opset: int, names: List[str]) -> None:
+    axes = {n: {0: "batch"} for n in ["images", *names]}
+    torch.onnx.export(wrapper, (example,), str(out), dynamo=False, opset_version=opset, input_names=["images"],
+                      output_names=names, dynamic_axes=axes, do_constant_folding=True)
+
+
+def check_onnx(path: str | Path, model: nn.Module, input_size: Sequence[int], attention: bool = False,
+               batch: int = CHECK_BATCH, seed: int = 0) -> Dict[str, Any]:
+    """Run the ONNX file in onnxruntime and PyTorch on the same random batch; compare outputs.
+
+    Returns ``max_abs_diff`` and ``rel_diff`` (max |onnx - torch| / max |torch|, the
+    worst over all outputs), and the same per output name under ``diffs``.
+    """
+    import onnxruntime as ort
+
+    wrapper = ExportWrapper(model, attention).eval()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, *input_size, generator=gen)
+    with torch.inference_mode():
+        ref = wrapper(x)
+    refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    names = [o.name for o in session.get_outputs()]
+    if len(got) != len(refs):
+        raise AttnReidError(f"ONNX file {path} has {len(got)} outputs but the model gives {len(refs)}")
+    per_output = {}
+    for name, g, r in zip(names, got, refs):
+        r = r.float().numpy()
+        if g.shape != r.shape:
+            raise AttnReidError(f"ONNX output '{name}' of {path} has shape {g.shape} for batch {batch}; "
+                                f"PyTorch gives {r.shape}")
+        abs_diff = float(np.abs(g - r).max()) if r.size else 0.0
+        per_output[name] = {"max_abs_diff": abs_diff, "rel_diff": abs_diff / max(float(np.abs(r).max()), 1e-12)}
+    return {
+        "check_batch": batch,
+        "max_abs_diff": max(v["max_abs_diff"] for v in per_output.values()),
+        "rel_diff": max(v["rel_diff"] for v in per_output.values()),
+        "diffs": per_output,
+    }
+
+
+def export_onnx(model: nn.Module, out: str | Path, input_size: Sequence[int], opset: Optional[int] = None,
+                attention: bool = False, check: bool = True, tolerance: float = REL_TOLERANCE,
+                metadata: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Export ``model`` (eval mode) to ``out`` and verify it; return a report dict.
+
+    ``metadata`` (e.g. model name, config hash, mean/std) is stored as the ONNX model's
+    ``metadata_props``. A relative difference >= ``tolerance`` raises a one-line
+    :class:`AttnReidError` (the file is left in place for inspection).
+    """
+    out = Path(out)
+    model = model.eval()
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    name = getattr(model, "model_name", type(model).__name__)
+    if name == "hacnn" and opset < GRID_SAMPLE_OPSET:
+        raise AttnReidError(f"--opset {opset} is too old for HA-CNN: its hard attention uses grid_sample, "
+                            f"which needs opset >= {GRID_SAMPLE_OPSET}")
+    if attention and not hasattr(model, "forward_attention"):
+        raise AttnReidError(f"model '{name}' has no attention maps to export; drop --attention")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = ExportWrapper(model, attention).eval()
+    example = torch.randn(EXPORT_BATCH, 3, *input_size)
+    names = wrapper.output_names(example)
+    t0 = time.perf_counter()
+    errors = []
+    exporter = None
+    for label, fn in (("dynamo", _export_dynamo), ("torchscript", _export_torchscript)):
+        log = io.StringIO()
+        try:
+            # The exporters report progress on stdout/stderr; keep --json output clean.
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings(), \
+                    _without_classifiers(model):
+                warnings.simplefilter("ignore")
+                fn(wrapper, example, out, opset, names)
+            exporter = label
+            break
+        except Exception as exc:  # any exporter failure: try the other one, then report both
+            errors.append(f"{label}: {_first_line(exc)}")
+    if exporter is None:
+        raise AttnReidError(f"ONNX export of '{name}' failed ({'; '.join(errors)})")
+    if metadata:
+        _write_metadata(out, metadata)
+    report: Dict[str, Any] = {"onnx": str(out), "model": name, "exporter": exporter, "opset": opset,
+                              "inputs": ["images"], "outputs": names, "export_batch": EXPORT_BATCH,
+                              "input_size": list(input_size), "export_seconds": round(time.perf_counter() - t0, 2)}
+    if check:
+        report.update(verify_onnx(out, model, input_size, attention, tolerance))
+    return report
+
+
+def verify_onnx(path: str | Path, model: nn.Module, input_size: Sequence[int], attention: bool = False,
+                tolerance: float = REL_TOLERANCE) -> Dict[str, Any]:
+    """:func:`check_onnx`, raising one line when the relative difference is >= ``tolerance``."""
+    diff = check_onnx(path, model, input_size, attention)
+    if diff["rel_diff"] >= tolerance:
+        raise AttnReidError(f"ONNX check failed for {path}: onnxruntime differs from PyTorch by "
+                            f"{diff['rel_diff']:.2e} relative (max abs {diff['max_abs_diff']:.2e}); "
+                            f"tolerance {tolerance:.0e}")
+    return diff
+
+
+def _write_metadata(path: Path, metadata: Dict[str, Any]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(key), str(value)
+    onnx.save(proto, str(path))
