@@ -47,6 +47,23 @@ _NAMES = {
 JUNK_PID = -1
 
 
+def check_finite(d: torch.Tensor, name: str) -> None:
+    """Raise a one-line error naming the first NaN/inf entry of ``d``.
+
+    Checked a block of rows at a time with a min/max reduction (NaN propagates through both), so
+    no Q x G boolean array is allocated.
+    """
+    step = max(1, (1 << 22) // max(d.shape[1], 1))
+    for s in range(0, d.shape[0], step):
+        lo, hi = torch.aminmax(d[s : s + step])
+        if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            continue
+        bad = ~torch.isfinite(d[s : s + step])
+        r, c = (int(v) for v in torch.nonzero(bad)[0])
+        count = sum(int((~torch.isfinite(d[t : t + step])).sum()) for t in range(s, d.shape[0], step))
+        raise AttnReidError(f"{name} (shape {tuple(d.shape)}) has {count} NaN/inf value(s), first at [{r + s}, {c}]")
+
+
 def _ids(x: ArrayLike, name: str, expected: int, device: torch.device) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
     if t.dim() != 1:
@@ -58,7 +75,7 @@ def _ids(x: ArrayLike, name: str, expected: int, device: torch.device) -> torch.
             raise AttnReidError(f"{name} must hold integer ids")
     elif t.dtype == torch.bool or t.is_complex():
         raise AttnReidError(f"{name} must hold integer ids, got dtype {t.dtype}")
-    return t.to(device=device, dtype=torch.int64)
+    return t.to(device=device, dtype=torch.int64).contiguous()
 
 
 def check_rank_inputs(
@@ -84,13 +101,7 @@ def check_rank_inputs(
         raise AttnReidError(f"{n['distmat']} has shape {tuple(d.shape)}: the gallery is empty")
     if not d.is_floating_point():
         d = d.to(torch.float32)
-    finite = torch.isfinite(d)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        r, c = (int(v) for v in torch.nonzero(~finite)[0])
-        raise AttnReidError(
-            f"{n['distmat']} (shape {tuple(d.shape)}) has {bad} NaN/inf value(s), first at [{r}, {c}]"
-        )
+    check_finite(d, n["distmat"])
     dev = d.device
     qp = _ids(q_pids, n["q_pids"], d.shape[0], dev)
     gp = _ids(g_pids, n["g_pids"], d.shape[1], dev)
@@ -131,11 +142,28 @@ class _Gallery:
         return torch.where(ok, self.by_pid[flat], -1)
 
 
+_POOL = None
+
+
 def _sort_rows(x: torch.Tensor) -> torch.Tensor:
-    # numpy's vectorised (AVX-512/AVX2) float sort is several times faster than torch.sort on CPU.
-    if x.device.type == "cpu":
-        return torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=1)))
-    return torch.sort(x, dim=1).values
+    """Row-wise values-only sort of a fresh (contiguous, disposable) tensor, in place."""
+    if x.device.type != "cpu":
+        return torch.sort(x, dim=1).values
+    # numpy's vectorised (AVX-512/AVX2) float sort is several times faster than torch.sort on CPU;
+    # it releases the GIL, so row blocks are sorted on torch's number of threads.
+    global _POOL
+    arr = x.numpy()
+    threads = max(1, min(torch.get_num_threads(), arr.shape[0]))
+    if threads == 1:
+        arr.sort(axis=1)
+        return x
+    if _POOL is None or _POOL._max_workers < threads:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=threads)
+    bounds = np.linspace(0, arr.shape[0], threads + 1).astype(int)
+    list(_POOL.map(lambda i: arr[bounds[i] : bounds[i + 1]].sort(axis=1), range(threads)))
+    return x
 
 
 def _chunk_ranks(
@@ -165,11 +193,13 @@ def _chunk_ranks(
         rows, slots = torch.nonzero(same_cam, as_tuple=True)
         d[rows, cand[rows, slots]] = float("inf")
     thresh = torch.where(positive, d.gather(1, safe), float("inf"))
-    srt = _sort_rows(d)
+    srt = _sort_rows(d.clone())
     left = torch.searchsorted(srt, thresh, side="left")
-    right = torch.searchsorted(srt, thresh, side="right")
     rank = left + 1
-    tie_r, tie_s = torch.nonzero(positive & (right - left > 1), as_tuple=True)
+    # srt[left] is the match's own distance; another equal value can only sit right after it.
+    after = srt.gather(1, (left + 1).clamp_(max=g - 1))
+    tied = positive & (left + 1 < g) & (after == thresh)
+    tie_r, tie_s = torch.nonzero(tied, as_tuple=True)
     if tie_r.numel():
         # Equal distances: gallery images with a smaller index come first (stable order).
         col = torch.arange(g, device=dev)
