@@ -83,6 +83,9 @@ def robustness(
     from rich.console import Console
 
     console = Console()
+    if not console.is_terminal:
+        # Piped or redirected: rich would fold the tables into 80 columns.
+        console = Console(width=200)
     for table in report_tables(report):
         console.print(table)
     console.print(f"wrote {json_path} and {png_path}")

@@ -242,10 +242,10 @@ def report_tables(report: Dict[str, Any]) -> list:
     tables = []
     main = Table(title=f"Occlusion robustness on {report['dataset']} ({report['num_query']} queries, "
                        f"{report['num_gallery']} gallery; seed {report['seed']}; %)")
-    main.add_column("occluded", justify="right")
+    main.add_column("occluded", justify="right", no_wrap=True)
     for m in report["models"]:
-        main.add_column(f"{m['label']}\nrank-1", justify="right")
-        main.add_column(f"{m['label']}\nmAP", justify="right")
+        main.add_column(f"{m['label']}\nrank-1", justify="right", no_wrap=True)
+        main.add_column(f"{m['label']}\nmAP", justify="right", no_wrap=True)
     for i, level in enumerate(report["levels"]):
         cells = [f"{level:g}%"]
         for m in report["models"]:
@@ -257,9 +257,9 @@ def report_tables(report: Dict[str, Any]) -> list:
         levels = [lv for lv in report["levels"] if lv > 0]
         for m in report["models"]:
             t = Table(title=f"{m['label']}: rank-1 / mAP per occluder (%)")
-            t.add_column("kind / position")
+            t.add_column("kind / position", no_wrap=True)
             for lv in levels:
-                t.add_column(f"{lv:g}%", justify="right")
+                t.add_column(f"{lv:g}%", justify="right", no_wrap=True)
             for kind in report["kinds"]:
                 for pos in report["positions"]:
                     cells = [f"{kind} / {pos}"]
