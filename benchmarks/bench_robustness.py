@@ -8,8 +8,8 @@
    and a gallery of every gallery image of those identities plus ``--distractors`` other
    gallery images (other identities and Market's distractors, pid 0).
 2. The model: ``--checkpoint`` when given; else the engine benchmark's Market smoke
-   checkpoint when one exists; else a small baseline (ResNet-18, 128x64, no pretraining)
-   trained for ``--train-minutes`` on the subset's training identities with
+   checkpoint when one exists; else a small baseline (ResNet-18, no pretraining)
+   trained for ``--train-minutes`` at 64x32 on the subset's training identities with
    ``attnreid.engine.trainer.train``.
 3. ``attnreid.robustness.report.run_robustness`` on the subset (every kind and position,
    levels 0..50 %), exactly what ``attnreid robustness`` runs.
@@ -85,10 +85,10 @@ def train_small(root: Path, run_dir: Path, minutes: float, threads: int) -> Path
     from attnreid.engine.trainer import train
 
     cfg = load_config(None, [
-        "data.dataset=market1501", f"data.root={root}", "data.height=128", "data.width=64",
-        "data.batch_size=32", "data.num_instances=4", "data.test_batch_size=128", "data.workers=1",
-        "model.name=baseline", "model.backbone.name=resnet18", "model.backbone.last_stride=1",
-        "optim.lr=3.5e-4", "optim.warmup_epochs=0", "optim.milestones=[1000]",
+        "data.dataset=market1501", f"data.root={root}", "data.height=64", "data.width=32",
+        "data.batch_size=32", "data.num_instances=4", "data.test_batch_size=128", "data.workers=0",
+        "model.name=baseline", "model.backbone.name=resnet18", "model.backbone.last_stride=2",
+        "optim.lr=1e-3", "optim.warmup_epochs=0", "optim.milestones=[1000]",
         "train.epochs=1000", "train.eval_every=0", f"train.max_minutes={minutes}", "train.device=cpu",
         f"train.threads={threads}", "train.log_every=20",
     ])
@@ -136,7 +136,7 @@ def main() -> None:
         t_train, trained_here = time.perf_counter() - t0, True
 
     cfg = load_config(None, ["data.dataset=market1501", f"data.root={root}", "data.test_batch_size=128",
-                             "data.workers=1", "train.device=cpu"])
+                             "data.workers=0", "train.device=cpu", f"train.threads={args.threads}"])
     t0 = time.perf_counter()
     report = run_robustness(cfg, [ckpt], parse_levels(args.levels), seed=args.seed,
                             log=lambda line: print(line, file=sys.stderr, flush=True))

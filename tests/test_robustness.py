@@ -346,3 +346,31 @@ def test_cli_needs_a_checkpoint(tmp_path):
     cfg_path.write_text("train:\n  device: cpu\n")
     code, _, err = run_cli(["robustness", cfg_path])
     assert_one_line_error(code, err, "--checkpoint")
+
+
+def test_partial_protocol_without_map(tmp_path):
+    """Partial-REID / Partial-iLIDS report rank-1 and rank-3 only: table, plot and log cope."""
+    ds = _toy_dataset(tmp_path)
+    ds.protocol = "partial"
+    models = [ModelUnderTest("toy/a", "a.pth", None, SimpleNamespace(), "fake")]
+
+    def partial_eval(*args, **kw):
+        r = _nn_evaluate(*args, **kw)
+        return {"rank1": r["rank1"], "rank3": r["rank1"]}
+
+    lines = []
+    rows = evaluate_robustness(models, ds, SimpleNamespace(metric="euclidean_sq", rerank=False, k1=1, k2=1,
+                                                           lambda_value=0.3), build_conditions([0.0, 0.5], ["block", "erasing"], ["top"]),
+                               extract=_Calls().extract, evaluate=partial_eval, log=lines.append,
+                               read_image=lambda p: Image.open(p).convert("RGB"))
+    report = build_report(models, rows, ds, [0.0, 0.5], ["block", "erasing"], ["top"], seed=0)
+    assert "rank3" in report["models"][0]["per_level"][1] and "mAP" not in report["models"][0]["per_level"][1]
+    assert len(lines) == 3 and "mAP" not in lines[0]
+    json_path, png_path = write_report(report, tmp_path / "out")
+    assert png_path.is_file()
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    for t in report_tables(report):
+        console.print(t)
+    assert "block / top" in console.export_text()

@@ -26,7 +26,7 @@ from attnreid.errors import AttnReidError
 from attnreid.robustness.occlusion import OCCLUDER_KINDS, POSITIONS, QueryOccluder
 
 DEFAULT_LEVELS = (0, 10, 20, 30, 40, 50)
-METRICS = ("rank1", "mAP", "mINP")
+METRICS = ("rank1", "rank3", "mAP", "mINP")  # the partial protocol gives rank1 and rank3 only
 
 
 @dataclass(frozen=True)
@@ -178,8 +178,8 @@ def evaluate_robustness(
                        "coverage": round(coverage * 100, 3), **_metrics(result)}
                 rows[m.label].append(row)
                 if log:
-                    log(f"{m.label}: level {row['level']:g}% {cond.kind}/{cond.position}: "
-                        f"rank-1 {row['rank1'] * 100:.1f}%  mAP {row['mAP'] * 100:.1f}%")
+                    scores = "  ".join(f"{k} {row[k] * 100:.1f}%" for k in ("rank1", "mAP") if k in row)
+                    log(f"{m.label}: level {row['level']:g}% {cond.kind}/{cond.position}: {scores}")
             shutil.rmtree(Path(tmp) / str(n), ignore_errors=True)
     return rows
 
@@ -265,7 +265,7 @@ def report_tables(report: Dict[str, Any]) -> list:
                     cells = [f"{kind} / {pos}"]
                     for lv in levels:
                         r = next(r for r in m["conditions"] if r["level"] == lv and r["kind"] == kind and r["position"] == pos)
-                        cells.append(f"{_pct(r['rank1'])} / {_pct(r['mAP'])}")
+                        cells.append(f"{_pct(r.get('rank1'))} / {_pct(r.get('mAP'))}")
                     t.add_row(*cells)
             tables.append(t)
     return tables
@@ -289,18 +289,18 @@ def plot_report(report: Dict[str, Any], path: str | Path) -> Path:
     for col, (metric, name) in enumerate((("rank1", "rank-1"), ("mAP", "mAP"))):
         ax = axes[0][col]
         for i, m in enumerate(report["models"]):
-            xs = [e["level"] for e in m["per_level"]]
-            ys = [e[metric] * 100 for e in m["per_level"]]
-            ax.plot(xs, ys, "-o", color=colors[i % len(colors)], label=m["label"])
+            pts = [(e["level"], e[metric] * 100) for e in m["per_level"] if metric in e]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=colors[i % len(colors)], label=m["label"])
         ax.set_title(f"{name} (mean over occluders)")
         if several:
             ax2 = axes[1][col]
             for i, m in enumerate(report["models"]):
                 clean = [r for r in m["conditions"] if r["level"] == 0]
                 for j, kind in enumerate(report["kinds"]):
-                    pts = [(0.0, clean[0][metric])] if clean else []
+                    pts = [(0.0, clean[0][metric])] if clean and metric in clean[0] else []
                     for lv in report["levels"]:
-                        at = [r[metric] for r in m["conditions"] if r["level"] == lv and r["kind"] == kind]
+                        at = [r[metric] for r in m["conditions"]
+                              if r["level"] == lv and r["kind"] == kind and metric in r]
                         if lv > 0 and at:
                             pts.append((lv, float(np.mean(at))))
                     ax2.plot([p[0] for p in pts], [p[1] * 100 for p in pts], styles[j % len(styles)], marker=".",
