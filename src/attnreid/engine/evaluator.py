@@ -48,7 +48,7 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
     t_extract = time.perf_counter() - t0
     metrics = evaluate(qf, gf, q_pids, g_pids, q_camids, g_camids, protocol=dataset.protocol,
                        metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value)
-    metrics = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in metrics.items()}
+    metrics = {k: _plain(v) for k, v in metrics.items()}
     metrics.update({
         "dataset": dataset.name,
         "protocol": dataset.protocol,
@@ -67,6 +67,19 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
         write_eval_files(Path(out_dir), metrics, dataset, qf, gf, q_pids, g_pids, q_camids, g_camids,
                          metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value)
     return metrics
+
+
+def _plain(v: Any) -> Any:
+    """numpy/torch scalars and arrays as Python numbers and lists, for JSON."""
+    if isinstance(v, (np.ndarray, torch.Tensor)):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
 
 
 def ranked_lists(qf: torch.Tensor, gf: torch.Tensor, metric: str, rerank: bool, k1: int, k2: int,

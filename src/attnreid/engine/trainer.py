@@ -166,7 +166,8 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
 
 
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: bool = False,
-          hooks: Sequence[Hook] = (), quiet: bool = False) -> Dict[str, Any]:
+          hooks: Sequence[Hook] = (), quiet: bool = False, dataset: Any = None,
+          eval_dataset: Any = None) -> Dict[str, Any]:
     """Train ``cfg`` into the run folder ``out_dir``; return the final metrics.
 
     The returned dict holds the last evaluation's metrics (``mAP``, ``rank1``, ...)
@@ -178,6 +179,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
     the run stops after the current step, then still checkpoints and evaluates. A
     KeyboardInterrupt saves ``last.pth`` (the epoch in progress is redone on resume) and
     returns with ``status: interrupted``.
+
+    ``dataset`` / ``eval_dataset`` (ReIDDataset-like objects) replace the sets the config
+    names, e.g. a subset of a benchmark for a smoke test.
     """
     from attnreid.data.datasets import build_dataset_from_config
     from attnreid.data.loader import build_train_loader
@@ -197,10 +201,12 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
         device = torch.device("cuda", dist.local_rank)
     seed_everything(tc.seed + dist.rank)
 
-    dataset = build_dataset_from_config(cfg.data)
+    if dataset is None:
+        dataset = build_dataset_from_config(cfg.data)
     if not dataset.train or dataset.num_train_pids < 2:
         raise DataError(f"dataset '{cfg.data.dataset}' under {cfg.data.root} has no training identities to learn from")
-    eval_dataset = build_eval_dataset(cfg) if (cfg.eval.dataset or cfg.eval.root) else dataset
+    if eval_dataset is None:
+        eval_dataset = build_eval_dataset(cfg) if (cfg.eval.dataset or cfg.eval.root) else dataset
     loader = build_train_loader(cfg.data, dataset, seed=tc.seed, rank=dist.rank, world_size=dist.world_size)
     sampler = _train_loader_sampler(loader)
     num_classes = dataset.num_train_pids
