@@ -1,6 +1,6 @@
 """Benchmark: the occlusion-robustness report on Market-1501 (a subset), timed.
 
-    .venv/bin/python benchmarks/bench_robustness.py [--checkpoint CKPT] [--train-minutes 2]
+    .venv/bin/python benchmarks/bench_robustness.py [--checkpoint CKPT] [--train-minutes 8]
 
 1. A subset of the shared Market-1501 zip is written in the Market layout under
    ``scratch/bench_robustness/data`` (git-ignored; never in the repository): ``--train-ids``
@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--train-ids", type=int, default=300)
     ap.add_argument("--num-query", type=int, default=200)
     ap.add_argument("--distractors", type=int, default=1000)
-    ap.add_argument("--train-minutes", type=float, default=2.0)
+    ap.add_argument("--train-minutes", type=float, default=8.0)
     ap.add_argument("--levels", default="0,10,20,30,40,50")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)

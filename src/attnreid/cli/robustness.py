@@ -62,12 +62,13 @@ def robustness(
 
     cfg = load_config(config, overrides)
     if dataset or root:
+        from attnreid.engine.build import eval_data_config
+
         # The evaluation set was data.* or eval.*; the command line replaces whichever was in force.
-        cur_name = cfg.eval.dataset or cfg.data.dataset
-        cur_root = (cfg.eval.root or cfg.data.root) if cfg.eval.dataset else cfg.data.root
+        current = eval_data_config(cfg)
         cfg = replace(
             cfg,
-            data=replace(cfg.data, dataset=dataset or cur_name, root=root or cur_root),
+            data=replace(current, dataset=dataset or current.dataset, root=str(root or current.root)),
             eval=replace(cfg.eval, dataset="", root=""),
         )
 
