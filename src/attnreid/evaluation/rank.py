@@ -180,7 +180,7 @@ def _chunk_ranks(
     """
     c, g = dist.shape
     dev = dist.device
-    d = dist.to(torch.float32, copy=True)
+    d = torch.empty(dist.shape, dtype=torch.float32, device=dev).copy_(dist)  # contiguous, ours
     if gallery.junk.numel():
         d[:, gallery.junk] = float("inf")
     cand = gallery.candidates(q_pids)
