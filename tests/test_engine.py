@@ -30,19 +30,8 @@ def tiny_cfg(root, *extra):
 
 
 @pytest.fixture
-def data_root(request, monkeypatch, tmp_path):
-    """The shared synthetic set when the data layer provides it, else in-memory stand-ins."""
-    import _engine_standins
-
-    try:
-        root = request.getfixturevalue("synthetic_root")
-    except pytest.FixtureLookupError:
-        root = None
-    _engine_standins.install(monkeypatch, real_data=root is not None)
-    if root is None:
-        root = tmp_path / "standin"
-        root.mkdir()
-    return root
+def data_root(synthetic_root):
+    return synthetic_root
 
 
 # ---------------------------------------------------------------- checkpoints

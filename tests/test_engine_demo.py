@@ -14,8 +14,8 @@ TINY = ["data.height=64", "data.width=32", "data.batch_size=8", "data.num_instan
 def test_demo_tiny_budget(tmp_path):
     from attnreid.engine.demo import run_demo
 
-    result = run_demo(minutes=0.35, out_dir=tmp_path / "demo", num_ids=12, images_per_id=6, quiet=True,
-                      overrides=TINY)
+    result = run_demo(minutes=0.2, out_dir=tmp_path / "demo", num_ids=12, images_per_id=6, quiet=True,
+                      overrides=TINY, report=False)
     labels = [r["label"] for r in result["rows"]]
     assert labels == ["Baseline", "MHSA-Net", "MHSA-Net*", "HA-CNN"]
     for r in result["rows"]:

@@ -81,10 +81,11 @@ def chance_level(dataset: Any) -> Dict[str, float]:
 
 def run_demo(minutes: float = 6.0, out_dir: str | Path = "runs/demo", models: Sequence[str] = MODEL_ROWS,
              quiet: bool = False, num_ids: int = 40, images_per_id: int = 8, threads: int = 0,
-             overrides: Sequence[str] = ()) -> Dict[str, Any]:
+             overrides: Sequence[str] = (), report: bool = True) -> Dict[str, Any]:
     """Run the demo; returns a JSON-able dict (rows, chance level, verdict, paths).
 
     ``overrides`` (KEY=VALUE) apply to every model's config, e.g. a smaller input for tests.
+    ``report=False`` skips the HTML report (it is tested with the visualisation layer).
     """
     from rich.console import Console
     from rich.table import Table
@@ -160,18 +161,19 @@ def run_demo(minutes: float = 6.0, out_dir: str | Path = "runs/demo", models: Se
                   "", "", "")
     console.print(table)
     console.print(verdict)
-    report = None
-    try:
-        report = write_report_if_available(run_dirs, out_dir / "report")
-    except AttnReidError as exc:
-        console.print(f"report not written: {exc}")
-    if report is not None:
-        console.print(f"report: {report}")
+    report_path = None
+    if report:
+        try:
+            report_path = write_report_if_available(run_dirs, out_dir / "report")
+        except AttnReidError as exc:
+            console.print(f"report not written: {exc}")
+    if report_path is not None:
+        console.print(f"report: {report_path}")
     total = time.perf_counter() - t_start
     console.print(f"total {total:.0f} s; runs in {out_dir / 'runs'}")
     result = {"rows": rows, "chance": chance, "verdict": verdict, "num_query": len(dataset.query),
               "num_gallery": len(dataset.gallery), "seconds": round(total, 1), "minutes": minutes,
-              "report": str(report) if report else None, "runs": [str(d) for d in run_dirs]}
+              "report": str(report_path) if report_path else None, "runs": [str(d) for d in run_dirs]}
     (out_dir / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
