@@ -52,11 +52,12 @@ def main() -> None:
     ap.add_argument("--test-ids", type=int, default=50)
     ap.add_argument("--height", type=int, default=128)
     ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32, help="PK batch (4 images per identity)")
     ap.add_argument("--out", type=Path, default=None, help="run folder (default: a temp dir)")
     args = ap.parse_args()
     cfg = load_config(None, [
         "data.dataset=market1501", f"data.root={args.root}", f"data.height={args.height}", f"data.width={args.width}",
-        "data.batch_size=32", "data.num_instances=4", "data.workers=2", "data.test_batch_size=64",
+        f"data.batch_size={args.batch}", "data.num_instances=4", "data.workers=2", "data.test_batch_size=64",
         f"model.name={args.model}", f"model.backbone.name={args.backbone}", "model.backbone.pretrained=false",
         "model.mhsanet.num_heads=4", "optim.lr=1e-3", "optim.warmup_epochs=1", "optim.warmup_start_lr=1e-4",
         "optim.milestones=[1000]", "train.epochs=1000", "train.eval_every=0", "train.device=cpu",
@@ -74,7 +75,7 @@ def main() -> None:
         "train_ids": ds.num_train_pids, "train_images": len(ds.train), "test_ids": args.test_ids,
         "num_query": len(ds.query), "num_gallery": len(ds.gallery),
         "model": args.model, "backbone": args.backbone, "pretrained": False, "input": [args.height, args.width],
-        "budget_minutes": args.minutes, "epochs": result["epoch"], "steps": result["step"],
+        "budget_minutes": args.minutes, "batch": args.batch, "epochs": result["epoch"], "steps": result["step"],
         "img_per_s": result["img_per_s"], "data_wait": result["data_wait"],
         "rank1": result["rank1"], "rank5": result["rank5"], "rank10": result["rank10"], "mAP": result["mAP"],
         "chance_rank1": chance["rank1"], "chance_mAP_approx": chance["mAP"],
