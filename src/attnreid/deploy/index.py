@@ -18,6 +18,7 @@ Distances: ``euclidean_sq`` (squared Euclidean, the papers' test distance) or ``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -40,16 +41,22 @@ FAISS_KINDS = ("flat", "ivf", "hnsw")
 
 # -- distances and exact search ----------------------------------------------------------
 
-def pairwise_distance(query: torch.Tensor, gallery: torch.Tensor, metric: str) -> torch.Tensor:
-    """Q x G distances: ``euclidean_sq`` = |q|^2 + |g|^2 - 2 q.g (clamped at 0), or ``cosine`` = 1 - q.g/(|q||g|)."""
+def pairwise_distance(query: torch.Tensor, gallery: torch.Tensor, metric: str,
+                      gallery_norms: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Q x G distances: ``euclidean_sq`` = |q|^2 + |g|^2 - 2 q.g (clamped at 0), or ``cosine`` = 1 - q.g/(|q||g|).
+
+    ``gallery_norms`` (G,) are the rows' L2 norms when already known. The gallery is only
+    read by the one matrix product: no G x D temporary, which for a single query would
+    cost more memory traffic than the product itself.
+    """
+    if metric not in ("euclidean_sq", "cosine"):
+        raise AttnReidError(f"unknown metric {metric!r}; expected euclidean_sq or cosine")
+    norms = torch.linalg.vector_norm(gallery, dim=1) if gallery_norms is None else gallery_norms
     if metric == "cosine":
         q = torch.nn.functional.normalize(query, dim=1)
-        g = torch.nn.functional.normalize(gallery, dim=1)
-        return 1.0 - q @ g.T
-    if metric == "euclidean_sq":
-        d = query.pow(2).sum(1, keepdim=True) + gallery.pow(2).sum(1)[None, :] - 2.0 * query @ gallery.T
-        return d.clamp_min_(0.0)
-    raise AttnReidError(f"unknown metric {metric!r}; expected euclidean_sq or cosine")
+        return 1.0 - (q @ gallery.T) / norms.clamp_min(1e-12)[None, :]
+    d = torch.linalg.vector_norm(query, dim=1, keepdim=True).square() + norms.square()[None, :] - 2.0 * query @ gallery.T
+    return d.clamp_min_(0.0)
 
 
 def _same_camera_mask(query_cams: Optional[torch.Tensor], gallery_cams: torch.Tensor) -> Optional[torch.Tensor]:
@@ -60,10 +67,11 @@ def _same_camera_mask(query_cams: Optional[torch.Tensor], gallery_cams: torch.Te
 
 def exact_topk(query: torch.Tensor, gallery: torch.Tensor, k: int, metric: str,
                query_cams: Optional[torch.Tensor] = None, gallery_cams: Optional[torch.Tensor] = None,
-               chunk_size: int = 65536) -> Tuple[torch.Tensor, torch.Tensor]:
+               chunk_size: int = 65536, gallery_norms: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The k nearest gallery rows of each query, by brute force over gallery chunks.
 
-    Memory stays at Q x ``chunk_size`` distances however large the gallery. With
+    Memory stays at Q x ``chunk_size`` distances however large the gallery.
+    ``gallery_norms`` (the rows' L2 norms) can be passed to skip recomputing them. With
     ``query_cams``, gallery rows of the query's camera are excluded (their distance is
     +inf, and they sort last). Returns ``(distances Q x k', indices Q x k')`` with
     ``k' = min(k, G)``, nearest first; excluded slots carry ``inf`` and index -1.
@@ -73,7 +81,7 @@ def exact_topk(query: torch.Tensor, gallery: torch.Tensor, k: int, metric: str,
     best_i = torch.zeros((q.shape[0], 0), dtype=torch.long)
     for start in range(0, gallery.shape[0], chunk_size):
         g = gallery[start:start + chunk_size].float()
-        d = pairwise_distance(q, g, metric)
+        d = pairwise_distance(q, g, metric, None if gallery_norms is None else gallery_norms[start:start + chunk_size])
         if query_cams is not None and gallery_cams is not None:
             d.masked_fill_(_same_camera_mask(query_cams, gallery_cams[start:start + chunk_size]), math.inf)
         kk = min(k, d.shape[1])
@@ -165,10 +173,9 @@ class FaissSearcher:
             raise AttnReidError(f"unknown faiss index {kind!r}; expected one of: {', '.join(FAISS_KINDS)}")
         faiss = import_faiss()
         self.faiss, self.metric, self.kind = faiss, metric, kind
-        self.params = params or FaissParams()
+        self.params = dataclasses.replace(params) if params else FaissParams()
         x = self._prepare(features)
-        n, d = x.shape
-        self.ntotal = n
+        self.ntotal = x.shape[0]
         if cache is not None and cache.is_file():
             self.index = faiss.read_index(str(cache))
         else:
@@ -178,10 +185,15 @@ class FaissSearcher:
                 tmp = cache.with_name(cache.name + ".tmp")
                 faiss.write_index(self.index, str(tmp))
                 os.replace(tmp, cache)
-        if kind == "ivf":
-            self.index.nprobe = self.params.nprobe
-        elif kind == "hnsw":
-            self.index.hnsw.efSearch = self.params.ef_search
+        self.tune(self.params.nprobe, self.params.ef_search)
+
+    def tune(self, nprobe: int, ef_search: int) -> None:
+        """Set the search-time knobs (IVF cells visited, HNSW candidate list); no rebuild needed."""
+        self.params.nprobe, self.params.ef_search = nprobe, ef_search
+        if self.kind == "ivf":
+            self.index.nprobe = nprobe
+        elif self.kind == "hnsw":
+            self.index.hnsw.efSearch = ef_search
 
     def _prepare(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
@@ -300,6 +312,7 @@ class GalleryIndex:
 
     def __init__(self, path: Path, meta: Dict[str, Any], features: torch.Tensor, paths: List[str], camids: torch.Tensor):
         self.path, self.meta, self.features, self.paths, self.camids = path, meta, features, paths, camids
+        self._norms: Optional[torch.Tensor] = None
 
     @staticmethod
     def read_meta(path: str | Path) -> Dict[str, Any]:
@@ -353,7 +366,9 @@ class GalleryIndex:
         metric = self.meta["metric"]
         gallery_cams = self.camids if query_cams is not None else None
         if backend == "torch":
-            return exact_topk(query, self.features, k, metric, query_cams, gallery_cams)
+            if self._norms is None:
+                self._norms = torch.linalg.vector_norm(self.features, dim=1)
+            return exact_topk(query, self.features, k, metric, query_cams, gallery_cams, gallery_norms=self._norms)
         if backend == "faiss":
             params = faiss_params or FaissParams()
             # flat needs no training, so only IVF/HNSW are worth caching on disk

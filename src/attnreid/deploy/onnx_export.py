@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -88,6 +89,21 @@ def _without_classifiers(model: nn.Module):
         yield
     finally:
         model.classifiers = heads
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporters report progress and warnings (stdout, stderr, the ``torch.onnx`` logger); keep them off the console."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -171,12 +187,8 @@ def export_onnx(model: nn.Module, out: str | Path, input_size: Sequence[int], op
     errors = []
     exporter = None
     for label, fn in (("dynamo", _export_dynamo), ("torchscript", _export_torchscript)):
-        log = io.StringIO()
         try:
-            # The exporters report progress on stdout/stderr; keep --json output clean.
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings(), \
-                    _without_classifiers(model):
-                warnings.simplefilter("ignore")
+            with _quiet_exporter(), _without_classifiers(model):
                 fn(wrapper, example, out, opset, names)
             exporter = label
             break
