@@ -142,7 +142,16 @@ def main() -> None:
                             log=lambda line: print(line, file=sys.stderr, flush=True))
     t_report = time.perf_counter() - t0
     n_cond = len(report["models"][0]["conditions"])
+    from attnreid.data.datasets import build_dataset
+    from attnreid.engine.demo import chance_level
+
+    run_eval = Path(ckpt).parent.parent / "eval.json"
     report["benchmark"] = {
+        # A random ranking's rank-1 on this subset: how far above chance the model is.
+        "chance": chance_level(build_dataset("market1501", str(root))),
+        "training": ({k: v for k, v in json.loads(run_eval.read_text()).items()
+                      if k in ("rank1", "mAP", "epoch", "step", "num_query", "num_gallery")}
+                     if run_eval.is_file() else None),
         "subset": {"train_ids": args.train_ids, "num_query": report["num_query"], "num_gallery": report["num_gallery"],
                    "distractors": args.distractors, "source": Path(args.zip).name},
         "checkpoint": ckpt, "trained_here": trained_here, "train_minutes": args.train_minutes if trained_here else None,
@@ -157,8 +166,9 @@ def main() -> None:
     plot_report(report, out.with_suffix(".png"))
     from rich.console import Console
 
+    console = Console(width=200)
     for table in report_tables(report):
-        Console().print(table)
+        console.print(table)
     print(f"wrote {out} ({t_report:.0f} s for {n_cond} conditions)")
 
 
