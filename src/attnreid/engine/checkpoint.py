@@ -12,6 +12,7 @@ stored as tensors and lists rather than numpy objects.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import zipfile
 from pathlib import Path
@@ -60,14 +61,21 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    # torch.save writes a zip archive; anything else (text, a cut-off file) is not one.
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt (not a torch.save archive)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower():
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read safely: it holds objects other than tensors "
+                "and plain values, which weights_only=True refuses to unpickle"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt (unreadable pickle)") from None
+    except Exception as exc:  # torch reports a damaged archive with several exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({first[:120]})") from None
-    except Exception as exc:  # pickle.UnpicklingError for non-weights content, among others
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be read safely ({first[:120]})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"checkpoint {path} is not an attnreid checkpoint (no 'model' entry)")
     return state
