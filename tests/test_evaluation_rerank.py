@@ -171,10 +171,14 @@ def test_torch_input_gives_same_result():
 
 
 @pytest.mark.parametrize("ties", [False, True])
-def test_tiny_memory_budget_gives_the_same_result(monkeypatch, ties):
-    # A budget of 64 elements forces 8 x 8 distance blocks (so the running top-k merge and the
-    # mirrored blocks are used), many expansion chunks and many Jaccard pair batches.
+@pytest.mark.parametrize("merge_every", [8, 2])
+def test_tiny_memory_budget_gives_the_same_result(monkeypatch, ties, merge_every):
+    # A budget of 64 elements forces 8 x 8 distance blocks (so the per-block candidates, the
+    # mirrored blocks and, with merge_every=2, the intermediate candidate merges are used), many
+    # expansion chunks, and Jaccard batches of a few query entries per padded gallery table.
     from attnreid.evaluation import rerank
+
+    monkeypatch.setattr(rerank, "_MERGE_EVERY", merge_every)
 
     if ties:
         rng = np.random.default_rng(5)
@@ -185,3 +189,39 @@ def test_tiny_memory_budget_gives_the_same_result(monkeypatch, ties):
     expected = re_ranking_dense(qf, gf, k1=6, k2=3)
     monkeypatch.setattr(rerank, "_BUDGET", 64)
     np.testing.assert_allclose(re_ranking(qf, gf, k1=6, k2=3), expected, atol=1e-4, rtol=0)
+
+
+def test_merge_equals_two_key_sort_with_ties():
+    # _merge takes one topk and re-sorts only rows with equal values among their first k + 1.
+    from attnreid.evaluation.rerank import _merge, _order
+
+    gen = torch.Generator().manual_seed(0)
+    for width, k, levels in [(30, 7, 4), (30, 7, 1000), (12, 12, 3), (9, 1, 2)]:
+        vals = torch.randint(0, levels, (50, width), generator=gen).to(torch.float32)
+        idx = torch.stack([torch.randperm(100, generator=gen)[:width] for _ in range(50)])
+        mv, mi = _merge(vals, idx, k)
+        ov, oi = _order(vals, idx, k)
+        assert torch.equal(mv, ov) and torch.equal(mi, oi)
+
+
+def test_bucket_width_pads_at_most_a_quarter():
+    from attnreid.evaluation.rerank import _bucket_width
+
+    lengths = torch.arange(0, 5000)
+    width = _bucket_width(lengths)
+    assert width[:8].tolist() == list(range(8))
+    assert _bucket_width(torch.tensor([9, 15, 17, 100, 1025])).tolist() == [10, 16, 20, 112, 1280]
+    assert bool((width >= lengths).all()) and bool((width[1:] <= 1.25 * lengths[1:]).all())
+    assert torch.unique(width[1025:2049]).tolist() == [1280, 1536, 1792, 2048]
+
+
+def test_thread_count_is_restored():
+    # The sparse phases run on one intra-op thread; the caller's setting comes back afterwards.
+    qf, gf = clustered_features(2, dtype=np.float32)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        re_ranking(qf, gf)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)

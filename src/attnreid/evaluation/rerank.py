@@ -21,12 +21,19 @@ given Euclidean distances, since it squares its input) or, with ``metric="cosine
 squared Euclidean distance of the L2-normalised features (``2 x`` the cosine distance; the row
 scaling makes the factor irrelevant).
 
-Memory: row chunks of the N x N distances are computed, used for the top-(k1+1) neighbours and
-the row maxima, and dropped, except that the query rows' Q x G block is kept as the output
-buffer. V is sparse: each row of V holds the expanded set, at most ``(k1+1) + (k1+1)(round(k1/2)+1)``
-entries (252 for k1 = 20; typically tens); after query expansion a row holds at most k2 times
-that. The Jaccard term is accumulated only for the Q x G block, by walking the columns of V
-shared by a query and a gallery image. Nothing N x N is ever allocated.
+Memory: square blocks of the N x N distances (on and above the diagonal; each also serves its
+mirror) are computed, used for the row maxima and each row's k1+1 best candidates (``topk``), and
+dropped, except that the query rows' Q x G block is kept as the output buffer; a row's candidates
+are merged into its top-(k1+1) once at the end. V is sparse: each row of V holds the expanded set,
+at most ``(k1+1) + (k1+1)(round(k1/2)+1)`` entries (252 for k1 = 20; typically tens); after query
+expansion a row holds at most k2 times that. The Jaccard term is accumulated only for the Q x G
+block: the gallery rows of V are inverted (column -> list of (gallery row, value)) into dense
+tables padded to a few widths per power of two, and each query entry (q, column, value) is
+min-ed against its column's table row and scatter-added into row q, a query chunk at a time.
+Nothing N x N is ever allocated.
+
+Threads: the block products and top-k selections use torch's intra-op threads; the sparse phases
+after them (many small gathers, sorts and scatters) run on one thread (see ``_one_cpu_thread``).
 
 Ties (equal distances) are ordered by index, as a stable sort orders them; the reference calls
 ``np.argsort`` with numpy's default non-stable sort, whose order of tied entries is unspecified.
@@ -34,7 +41,8 @@ Ties (equal distances) are ordered by index, as a stable sort orders them; the r
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from contextlib import contextmanager
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -43,6 +51,26 @@ from attnreid.errors import AttnReidError
 from attnreid.evaluation.distance import METRICS, ArrayLike, as_feature_tensor
 
 _BUDGET = 1 << 24  # elements per temporary block (64 MB in float32)
+_MERGE_EVERY = 8  # candidate neighbour sets kept per row strip before they are merged
+
+
+@contextmanager
+def _one_cpu_thread(dev: torch.device) -> Iterator[None]:
+    """Run the enclosed torch CPU ops on one intra-op thread (restored afterwards).
+
+    The sparse phases are sequences of many small, memory-bound gathers, sorts and scatters: extra
+    threads gain little there, and on a busy machine every op waits for its slowest thread (measured
+    on the shared 2-core benchmark machine: 2 threads made these phases 7-10x slower than 1).
+    """
+    old = torch.get_num_threads()
+    if dev.type != "cpu" or old == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _order(vals: torch.Tensor, idx: torch.Tensor, k: int):
@@ -52,65 +80,93 @@ def _order(vals: torch.Tensor, idx: torch.Tensor, k: int):
     return vals[:, :k], idx.gather(1, perm2)[:, :k]
 
 
-def _block_topk(block: torch.Tensor, k: int, col0: int):
-    """The k smallest entries of each row of ``block`` in (value, column) order: values, columns + col0."""
-    k = min(k, block.shape[1])
-    extra = 1 if k < block.shape[1] else 0
-    vals, idx = torch.topk(block, k + extra, dim=1, largest=False)
+def _merge(vals: torch.Tensor, idx: torch.Tensor, k: int):
+    """The k smallest (value, index) pairs of each row, in (value, index) order (needs k <= width).
+
+    One ``topk`` on the values; only rows with equal values among their first k + 1 (where the
+    value order alone does not decide set or order) go through the exact two-key sort.
+    """
+    kk = min(k + 1, vals.shape[1])
+    v, p = torch.topk(vals, kk, dim=1, largest=False, sorted=True)
+    i = idx.gather(1, p)
+    if kk > 1:
+        amb = (v[:, 1:] == v[:, :-1]).any(dim=1)
+        if bool(amb.any()):
+            rows = torch.nonzero(amb).flatten()
+            ov, oi = _order(vals[rows], idx[rows], k)
+            v[rows, :k], i[rows, :k] = ov, oi
+    return v[:, :k], i[:, :k]
+
+
+def _block_select(block: torch.Tensor, k: int):
+    """Values and columns of the k smallest entries of each row under (value, column) order, in
+    no particular order (a row's set is exact even when tied values straddle the cut)."""
+    w = block.shape[1]
+    if k >= w:
+        return block.clone(), torch.arange(w, device=block.device).expand(block.shape[0], w).clone()
+    vals, idx = torch.topk(block, k + 1, dim=1, largest=False, sorted=True)
     # A row whose (k+1)-th smallest value equals its k-th has a tie across the cut: topk may have
     # picked any of the tied columns, so such rows are redone with a full stable sort.
-    if extra:
-        tied = vals[:, k] == vals[:, k - 1]
-        vals, idx = vals[:, :k], idx[:, :k]
-        if bool(tied.any()):
-            rows = torch.nonzero(tied).flatten()
-            srt = torch.sort(block[rows], dim=1, stable=True)
-            vals[rows], idx[rows] = srt.values[:, :k], srt.indices[:, :k]
-    vals, idx = _order(vals, idx, k)
-    return vals, idx + col0
+    tied = vals[:, k] == vals[:, k - 1]
+    vals, idx = vals[:, :k], idx[:, :k]
+    if bool(tied.any()):
+        rows = torch.nonzero(tied).flatten()
+        srt = torch.sort(block[rows], dim=1, stable=True)
+        vals[rows], idx[rows] = srt.values[:, :k], srt.indices[:, :k]
+    return vals, idx
 
 
 def _neighbours(feats: torch.Tensor, k: int, num_q: int):
-    """Top-k neighbours (N x k, by (distance, index)), row maxima of the squared distances and the
-    raw Q x G distance block, from square blocks of the N x N matrix.
+    """Top-k neighbours (N x k, by (distance, index)), row maxima of the
+    squared distances and the raw Q x G distance block, from square blocks of the N x N matrix.
 
     D is symmetric, so only blocks on and above the diagonal are computed; each also serves its
-    mirror (half the matrix products). Per row, a running top-k is merged with each block's.
+    mirror (half the matrix products). Each block contributes its rows' k best candidates
+    (``topk``); the candidates of a row strip are merged once at the end (or every
+    ``_MERGE_EVERY`` blocks, so that memory stays N x k x _MERGE_EVERY at most).
     """
     n, dev, dtype = feats.shape[0], feats.device, feats.dtype
     sq = (feats * feats).sum(dim=1)
-    best_val = torch.full((n, k), float("inf"), dtype=dtype, device=dev)
-    best_idx = torch.full((n, k), n, dtype=torch.int64, device=dev)
     row_max = torch.zeros(n, dtype=dtype, device=dev)
     qg = torch.empty((num_q, n - num_q), dtype=dtype, device=dev)
     size = max(1, int(_BUDGET**0.5))
     starts = list(range(0, n, size))
+    cands = [[] for _ in starts]
+    buf = torch.empty(min(size, n) ** 2, dtype=dtype, device=dev)
+    tbuf = torch.empty_like(buf) if len(starts) > 1 else buf
 
-    def update(r0: int, block: torch.Tensor, c0: int) -> None:
+    def update(strip: int, r0: int, block: torch.Tensor, c0: int) -> None:
         r1 = r0 + block.shape[0]
-        torch.maximum(row_max[r0:r1], block.max(dim=1).values, out=row_max[r0:r1])
-        v, i = _block_topk(block, k, c0)
-        best_val[r0:r1], best_idx[r0:r1] = _order(
-            torch.cat([best_val[r0:r1], v], dim=1), torch.cat([best_idx[r0:r1], i], dim=1), k
-        )
+        torch.maximum(row_max[r0:r1], block.amax(dim=1), out=row_max[r0:r1])
+        v, i = _block_select(block, k)
+        found = cands[strip]
+        found.append((v, i + c0))
+        if len(found) >= _MERGE_EVERY:
+            found[:] = [_merge(torch.cat([x[0] for x in found], 1), torch.cat([x[1] for x in found], 1), k)]
         if r0 < num_q and c0 + block.shape[1] > num_q:
             rq, cg = min(r1, num_q), max(c0, num_q)
             qg[r0:rq, cg - num_q : c0 + block.shape[1] - num_q] = block[: rq - r0, cg - c0 :]
 
-    for a in starts:
+    for ai, a in enumerate(starts):
         fa = feats[a : a + size]
-        for b in starts:
-            if b < a:
-                continue
+        for bi in range(ai, len(starts)):
+            b = starts[bi]
             fb = feats[b : b + size]
-            block = torch.addmm(sq[b : b + size].unsqueeze(0), fa, fb.T, beta=1.0, alpha=-2.0)
-            block += sq[a : a + size].unsqueeze(1)
-            block.clamp_(min=0.0)
-            update(a, block, b)
+            block = buf[: fa.shape[0] * fb.shape[0]].view(fa.shape[0], fb.shape[0])
+            torch.addmm(sq[b : b + size].unsqueeze(0), fa, fb.T, beta=1.0, alpha=-2.0, out=block)
+            block.add_(sq[a : a + size].unsqueeze(1)).clamp_(min=0.0)
+            update(ai, a, block, b)
             if b != a:
-                update(b, block.T.contiguous(), a)
-            del block
-    return best_idx, row_max, qg
+                mirror = tbuf[: block.numel()].view(fb.shape[0], fa.shape[0])
+                mirror.copy_(block.T)
+                update(bi, b, mirror, a)
+    del buf, tbuf
+    top = torch.empty((n, k), dtype=torch.int64, device=dev)
+    for strip, s in enumerate(starts):
+        found = cands[strip]
+        top[s : s + size] = _merge(torch.cat([x[0] for x in found], 1), torch.cat([x[1] for x in found], 1), k)[1]
+        cands[strip] = None
+    return top, row_max, qg
 
 
 def _reciprocal(top: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
@@ -126,9 +182,9 @@ def _reciprocal(top: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
 
 
 def _pair_sq_dist(feats: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distance of the listed (row, col) pairs, in batches."""
+    """Squared Euclidean distance of the listed (row, col) pairs, in cache-sized batches."""
     out = torch.empty(rows.shape[0], dtype=feats.dtype, device=feats.device)
-    step = max(1, _BUDGET // max(feats.shape[1], 1))
+    step = max(1, min(_BUDGET, 1 << 21) // max(feats.shape[1], 1))
     for s in range(0, rows.shape[0], step):
         r, c = rows[s : s + step], cols[s : s + step]
         dot = (feats[r] * feats[c]).sum(dim=1)
@@ -148,6 +204,139 @@ def _csr_rows(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, rows: to
 def _to_csr(rows: torch.Tensor, n: int) -> torch.Tensor:
     counts = torch.bincount(rows, minlength=n)
     return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+
+def _bucket_width(length: torch.Tensor) -> torch.Tensor:
+    """Padded width for lists of the given lengths: L rounded up to a multiple of 2^(floor(log2 L) - 2)
+    (at most 25% padding, about 4 widths per power of two); 0 stays 0."""
+    e = torch.floor(torch.log2(length.clamp(min=1).to(torch.float64))).to(torch.int64)
+    q = torch.pow(2, (e - 2).clamp(min=0))
+    return (length + q - 1) // q * q
+
+
+def _gallery_buckets(g_rows: torch.Tensor, g_cols: torch.Tensor, g_vals: torch.Tensor, n: int):
+    """Inverted index of the gallery rows of V (column -> its (gallery row, value) list), laid out
+    as dense padded tables, one per list width: a column's list is one table row, padded with
+    (row 0, value 0) entries, which add 0 to the Jaccard sums.
+
+    Returns (bucket of each column (-1: empty), row of each column in its bucket's table,
+    list of (rows table, values table) per bucket).
+    """
+    dev = g_rows.device
+    order = torch.argsort(g_cols, stable=True)
+    g_rows, g_vals = g_rows[order], g_vals[order]
+    col_ptr = _to_csr(g_cols, n)
+    col_len = col_ptr[1:] - col_ptr[:-1]
+    width = _bucket_width(col_len)
+    bucket = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    slot = torch.zeros(n, dtype=torch.int64, device=dev)
+    tables = []
+    for b, w in enumerate(torch.unique(width[col_len > 0]).tolist()):
+        cs = torch.nonzero(width == w).flatten()
+        bucket[cs] = b
+        slot[cs] = torch.arange(cs.shape[0], device=dev)
+        offs = torch.arange(w, device=dev)
+        pos = (col_ptr[cs].unsqueeze(1) + offs).clamp_(max=g_rows.shape[0] - 1)
+        valid = offs < col_len[cs].unsqueeze(1)
+        tables.append((torch.where(valid, g_rows[pos], 0), torch.where(valid, g_vals[pos], 0)))
+    return bucket, slot, tables
+
+
+def _sparse_phases(
+    feats: torch.Tensor,
+    top: torch.Tensor,
+    row_max: torch.Tensor,
+    out: torch.Tensor,
+    num_q: int,
+    k: int,
+    k_half: int,
+    k_qe: int,
+    lambda_value: float,
+) -> torch.Tensor:
+    """Steps 2-6 of the module docstring from the neighbour table; ``out`` (the row-scaled Q x G
+    distances) is overwritten with the re-ranked distances and returned."""
+    n, dtype, dev = feats.shape[0], feats.dtype, feats.device
+    num_g = n - num_q
+    # k-reciprocal sets (Eq. 4) and their expansion (Eq. 6), in row chunks: the members of each
+    # row's expanded set are collected as keys row * N + column, made unique (and row-major) once.
+    recip = _reciprocal(top, k, max(1, _BUDGET // (k * k)))
+    recip_half = _reciprocal(top, k_half, max(1, _BUDGET // (k_half * k_half)))
+    top_half = top[:, :k_half]
+    keys = []
+    step = max(1, _BUDGET // (k * k_half * k))
+    for s in range(0, n, step):
+        nb = top[s : s + step]
+        rec = recip[s : s + step]
+        c = rec.shape[0]
+        mine = torch.where(rec, nb, -1)  # R(i, k1), padded with -1
+        cand = top_half[nb]  # c x k x k_half: N(c, k1/2) for every c in N(i, k1)
+        cand_ok = recip_half[nb]  # ... restricted to R(c, k1/2)
+        inside = (cand.unsqueeze(3) == mine.view(c, 1, 1, k)).any(dim=3) & cand_ok
+        # |R(c, k1/2) & R(i, k1)| > 2/3 |R(c, k1/2)|, in integers (equal to the float test for all sizes)
+        keep = rec & (3 * inside.sum(dim=2) > 2 * cand_ok.sum(dim=2))
+        base = (torch.arange(s, s + c, device=dev) * n).view(c, 1)
+        keys.append((base + nb)[rec])
+        keys.append((base.view(c, 1, 1) + cand)[cand_ok & keep.unsqueeze(2)])
+    keys = torch.unique(torch.cat(keys))
+    del recip, recip_half, top_half
+    rows, cols = keys // n, keys % n
+    del keys
+    sq = (feats * feats).sum(dim=1)
+    weight = torch.exp(-_pair_sq_dist(feats, sq, rows, cols) / row_max[rows])
+    total = torch.zeros(n, dtype=dtype, device=dev).index_add_(0, rows, weight)
+    vals = weight / total[rows]
+    crow = _to_csr(rows, n)
+    del rows, weight
+
+    # Local query expansion (Eq. 10): V[i] = mean of the rows of its k2 nearest neighbours.
+    if k_qe != 1:
+        qe_keys, qe_vals = [], []
+        per_row = int((crow[1:] - crow[:-1]).max())
+        step = max(1, _BUDGET // (k_qe * max(per_row, 1)))
+        for s in range(0, n, step):
+            nb = top[s : s + step, :k_qe].reshape(-1)
+            which, c_, v_ = _csr_rows(crow, cols, vals, nb)
+            key, inv = torch.unique((which // k_qe + s) * n + c_, return_inverse=True)
+            qe_keys.append(key)
+            qe_vals.append(torch.zeros(key.shape[0], dtype=dtype, device=dev).index_add_(0, inv, v_) / k_qe)
+        key = torch.cat(qe_keys)
+        del qe_keys
+        rows, cols, vals = key // n, key % n, torch.cat(qe_vals)
+        del key, qe_vals
+        crow = _to_csr(rows, n)
+        del rows
+
+    # Jaccard distance (Eq. 11) for the Q x G block: sum over the columns shared by a query row
+    # and a gallery row of min(V[q, col], V[g, col]). Each query entry (q, col, v) is paired with
+    # the column's gallery list (one row of a padded table), min-ed and scatter-added into q's row.
+    g0 = int(crow[num_q])
+    g_rows = torch.repeat_interleave(torch.arange(num_g, device=dev), crow[num_q + 1 :] - crow[num_q:-1])
+    bucket, slot, tables = _gallery_buckets(g_rows, cols[g0:], vals[g0:], n)
+    del g_rows
+    q_chunk = max(1, min(num_q, _BUDGET // num_g))
+    acc_buf = torch.empty(q_chunk * num_g, dtype=dtype, device=dev)
+    den_buf = torch.empty_like(acc_buf)
+    for s in range(0, num_q, q_chunk):
+        e = min(s + q_chunk, num_q)
+        acc = acc_buf[: (e - s) * num_g].zero_()
+        which, qc, qv = _csr_rows(crow, cols, vals, torch.arange(s, e, device=dev))
+        qb = bucket[qc]
+        for b, (t_rows, t_vals) in enumerate(tables):
+            sel = torch.nonzero(qb == b).flatten()
+            if sel.numel() == 0:
+                continue
+            sl, v, base = slot[qc[sel]], qv[sel].unsqueeze(1), (which[sel] * num_g).unsqueeze(1)
+            per = max(1, _BUDGET // t_rows.shape[1])
+            for t in range(0, sel.shape[0], per):
+                mins = torch.minimum(t_vals.index_select(0, sl[t : t + per]), v[t : t + per])
+                target = t_rows.index_select(0, sl[t : t + per]).add_(base[t : t + per])
+                acc.index_add_(0, target.view(-1), mins.view(-1))
+        acc = acc.view(e - s, num_g)
+        den = torch.sub(2.0, acc, out=den_buf[: acc.numel()].view(e - s, num_g))
+        jac_sim = acc.div_(den)  # s / (2 - s) = 1 - d_J
+        # d* = (1 - lambda) (1 - s / (2 - s)) + lambda d
+        out[s:e].mul_(lambda_value).add_(jac_sim, alpha=-(1.0 - lambda_value)).add_(1.0 - lambda_value)
+    return out
 
 
 def re_ranking(
@@ -190,89 +379,6 @@ def re_ranking(
     top, row_max, out = _neighbours(feats, k, num_q)
     out /= row_max[:num_q].unsqueeze(1)
 
-    # k-reciprocal sets (Eq. 4) and their expansion (Eq. 6), in row chunks.
-    recip = _reciprocal(top, k, max(1, _BUDGET // (k * k)))
-    recip_half = _reciprocal(top, k_half, max(1, _BUDGET // (k_half * k_half)))
-    top_half = top[:, :k_half]
-    sentinel = n
-    sq = (feats * feats).sum(dim=1)
-    v_rows, v_cols, v_vals = [], [], []
-    step = max(1, _BUDGET // (k * k_half * k))
-    for s in range(0, n, step):
-        rec = recip[s : s + step]
-        c = rec.shape[0]
-        mine = torch.where(rec, top[s : s + step], sentinel)  # R(i, k1), padded
-        cand = top_half[top[s : s + step]]  # c x k x k_half: N(c, k1/2) for every c in N(i, k1)
-        cand_ok = recip_half[top[s : s + step]]  # ... restricted to R(c, k1/2)
-        inside = (cand.unsqueeze(3) == mine.view(c, 1, 1, k)).any(dim=3) & cand_ok
-        size = cand_ok.sum(dim=2).to(torch.float64)
-        keep = rec & (inside.sum(dim=2).to(torch.float64) > (2.0 / 3.0) * size)
-        extra = torch.where(cand_ok & keep.unsqueeze(2), cand, sentinel).view(c, -1)
-        members = torch.sort(torch.cat([mine, extra], dim=1), dim=1).values
-        first = torch.ones_like(members, dtype=torch.bool)
-        first[:, 1:] = members[:, 1:] != members[:, :-1]
-        r, slot = torch.nonzero(first & (members != sentinel), as_tuple=True)
-        v_rows.append(r + s)
-        v_cols.append(members[r, slot])
-    rows, cols = torch.cat(v_rows), torch.cat(v_cols)
-    del v_rows, v_cols, recip, recip_half
-    weight = torch.exp(-_pair_sq_dist(feats, sq, rows, cols) / row_max[rows])
-    total = torch.zeros(n, dtype=dtype, device=dev).index_add_(0, rows, weight)
-    vals = weight / total[rows]
-    crow = _to_csr(rows, n)
-    del rows, weight
-
-    # Local query expansion (Eq. 10): V[i] = mean of the rows of its k2 nearest neighbours.
-    if k_qe != 1:
-        qe_rows, qe_cols, qe_vals = [], [], []
-        per_row = int((crow[1:] - crow[:-1]).max())
-        step = max(1, _BUDGET // (k_qe * max(per_row, 1)))
-        for s in range(0, n, step):
-            nb = top[s : s + step, :k_qe].reshape(-1)
-            which, c_, v_ = _csr_rows(crow, cols, vals, nb)
-            local = which // k_qe
-            keys, inv = torch.unique(local * n + c_, return_inverse=True)
-            summed = torch.zeros(keys.shape[0], dtype=dtype, device=dev).index_add_(0, inv, v_)
-            qe_rows.append(keys // n + s)
-            qe_cols.append(keys % n)
-            qe_vals.append(summed / k_qe)
-        rows = torch.cat(qe_rows)
-        cols, vals = torch.cat(qe_cols), torch.cat(qe_vals)
-        crow = _to_csr(rows, n)
-        del qe_rows, qe_cols, qe_vals, rows
-
-    # Jaccard distance (Eq. 11) for the Q x G block: for every column shared by a query row and a
-    # gallery row, add min(V[q, col], V[g, col]).
-    g_start = int(crow[num_q])
-    g_rows = torch.repeat_interleave(
-        torch.arange(n - num_q, device=dev), crow[num_q + 1 :] - crow[num_q:-1]
-    )
-    g_cols, g_vals = cols[g_start:], vals[g_start:]
-    order = torch.argsort(g_cols, stable=True)
-    g_rows, g_cols, g_vals = g_rows[order], g_cols[order], g_vals[order]
-    col_ptr = _to_csr(g_cols, n)
-    col_len = col_ptr[1:] - col_ptr[:-1]
-    num_g = n - num_q
-    q_chunk = max(1, _BUDGET // num_g)
-    for s in range(0, num_q, q_chunk):
-        e = min(s + q_chunk, num_q)
-        acc = torch.zeros((e - s) * num_g, dtype=dtype, device=dev)
-        which, qc, qv = _csr_rows(crow, cols, vals, torch.arange(s, e, device=dev))
-        pairs = col_len[qc]
-        ends = torch.cumsum(pairs, 0)
-        lo = 0
-        while lo < which.shape[0]:
-            budget_end = int(torch.searchsorted(ends, (ends[lo] - pairs[lo]) + _BUDGET, right=True))
-            hi = max(budget_end, lo + 1)
-            pp = pairs[lo:hi]
-            # Pair p of entry e reads gallery entry col_ptr[col_e] + (p - first pair of e).
-            base = col_ptr[qc[lo:hi]] - (torch.cumsum(pp, 0) - pp)
-            rep = torch.repeat_interleave(torch.arange(hi - lo, device=dev), pp)
-            gi = base[rep] + torch.arange(rep.shape[0], device=dev)
-            target = (which[lo:hi] * num_g)[rep] + g_rows[gi]
-            acc.index_add_(0, target, torch.minimum(qv[lo:hi][rep], g_vals[gi]))
-            lo = hi
-        acc = acc.view(e - s, num_g)
-        jaccard = 1.0 - acc / (2.0 - acc)
-        out[s:e] = (1.0 - lambda_value) * jaccard + lambda_value * out[s:e]
+    with _one_cpu_thread(dev):
+        out = _sparse_phases(feats, top, row_max, out, num_q, k, k_half, k_qe, lambda_value)
     return out.cpu().numpy()
