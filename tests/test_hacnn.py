@@ -254,6 +254,38 @@ def test_one_adam_step_lowers_the_loss():
     assert loss().item() < first.item()
 
 
+@pytest.mark.parametrize("attention, cross_attention", [("all", True), ("all", False), ("spatial", True)])
+def test_every_conv_and_pool_gets_channels_last_input(attention, cross_attention):
+    # NCHW input sends oneDNN through a reorder around every conv and pooling through
+    # unvectorised kernels: 1.4-1.5x slower training steps on a CPU (docs/hacnn.md).
+    model = small_model(attention=attention, cross_attention=cross_attention).train()
+    seen, not_cl = [], []
+
+    def check(module, args, name):
+        x = args[0]
+        seen.append(name)
+        if x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1 and not x.is_contiguous(memory_format=torch.channels_last):
+            not_cl.append((name, tuple(x.shape)))
+
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.AvgPool2d)):
+            module.register_forward_pre_hook(lambda m, a, name=name: check(m, a, name))
+    model(torch.randn(2, 3, 80, 32))  # plain NCHW in, as the data loader gives it
+    assert any(n.startswith("local_inceptions.2") for n in seen)
+    assert not_cl == []
+
+
+def test_sampled_regions_flatten_to_a_channels_last_view():
+    x = torch.randn(2, 5, 8, 4).contiguous(memory_format=torch.channels_last)
+    theta = region_transforms(torch.rand(2, 3, 2) - 0.5, 3)
+    crops = sample_regions(x, theta, (4, 3))
+    flat = crops.flatten(0, 1)
+    assert flat.is_contiguous(memory_format=torch.channels_last) and flat.data_ptr() == crops.data_ptr()
+    reference = F.grid_sample(x[:1].contiguous(), F.affine_grid(theta[0, 1:2], [1, 5, 4, 3], align_corners=False),
+                              align_corners=False)
+    assert torch.allclose(crops[0, 1], reference[0], atol=1e-6)
+
+
 def test_build_model_dispatches_to_hacnn():
     from attnreid.models import build_model
 
