@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import assert_one_line_error, run_cli
-from test_deploy import make_checkpoint, person
+from test_deploy import make_checkpoint, one_thread, person  # noqa: F401  (one_thread: autouse fixture)
 
 from attnreid.deploy.extractor import FeatureExtractor
 from attnreid.deploy.onnx_export import REL_TOLERANCE, check_onnx, export_onnx, flatten_outputs, verify_onnx

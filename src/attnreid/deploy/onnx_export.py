@@ -140,7 +140,9 @@ def check_onnx(path: str | Path, model: nn.Module, input_size: Sequence[int], at
     with torch.inference_mode():
         ref = wrapper(x)
     refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the same CPU budget as the PyTorch side
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     names = [o.name for o in session.get_outputs()]
     if len(got) != len(refs):
