@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_deploy.py                 # all three parts
     .venv/bin/python benchmarks/bench_deploy.py extract         # one of: extract, search, variants
-    .venv/bin/python benchmarks/bench_deploy.py extract --extract-threads 1 2 --repeats 5
+    .venv/bin/python benchmarks/bench_deploy.py extract --extract-threads 1 2 --repeats 5 --models hacnn_160x64
     .venv/bin/python benchmarks/bench_deploy.py tables          # results as markdown tables
 
 Writes ``benchmarks/results/deploy_extract.json``, ``deploy_search.json`` and
@@ -122,7 +122,7 @@ def _compare(ext, onnx_path: Path, x: torch.Tensor, name: str, batch: int, batch
     }
 
 
-def bench_extract(thread_counts, repeats: int, batches: int) -> None:
+def bench_extract(thread_counts, repeats: int, batches: int, models=None) -> None:
     import onnxruntime as ort
 
     from attnreid.config import from_dict
@@ -132,8 +132,13 @@ def bench_extract(thread_counts, repeats: int, batches: int) -> None:
     levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
               "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    results = []
+    out = RESULTS / "deploy_extract.json"
+    # re-measuring some models keeps the others' rows
+    results = [r for r in json.loads(out.read_text())["results"] if r["model"] not in models] \
+        if models and out.is_file() else []
     for name, (overrides, batch) in EXTRACT_MODELS.items():
+        if models and name not in models:
+            continue
         cfg = from_dict(overrides)
         ext = FeatureExtractor(cfg, batch_size=batch)
         x = torch.randn(batch, 3, *ext.input_size)
@@ -329,6 +334,7 @@ def main() -> None:
     p.add_argument("--search-threads", type=int, nargs="+", default=[1, 2], help="thread counts compared (search)")
     p.add_argument("--extract-threads", type=int, nargs="+", default=[1, 2], help="thread counts compared (extract)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--models", nargs="+", choices=list(EXTRACT_MODELS), help="extract: only these (others' rows kept)")
     p.add_argument("--batches", type=int, default=3, help="batches per timed repeat (extract)")
     p.add_argument("--gallery", type=int, default=100_000)
     p.add_argument("--dims", type=int, nargs="+", default=[512, 1024])
@@ -342,7 +348,7 @@ def main() -> None:
     if unknown:
         p.error(f"unknown part(s): {', '.join(sorted(unknown))}")
     if "extract" in parts:
-        bench_extract(args.extract_threads, args.repeats, args.batches)
+        bench_extract(args.extract_threads, args.repeats, args.batches, args.models)
     if "search" in parts:
         bench_search(args.search_threads, args.gallery, args.dims, args.queries, k=10)
     if "variants" in parts:
