@@ -33,3 +33,24 @@ def test_demo_bad_options():
     assert_one_line_error(code, err, "--models", "resnet")
     code, _, err = run_cli(["demo", "--minutes", "0"])
     assert_one_line_error(code, err, "--minutes")
+
+
+def _row(model, rank1, mAP, img_per_s, epochs):
+    label = {"baseline": "Baseline", "mhsanet": "MHSA-Net"}[model]
+    return {"model": model, "label": label, "rank1": rank1, "mAP": mAP, "img_per_s": img_per_s,
+            "train_seconds": 100.0, "epochs": epochs}
+
+
+def test_verdict_words_and_unequal_work_caveat():
+    from attnreid.engine.demo import _verdict
+
+    equal = _verdict([_row("baseline", 0.10, 0.18, 100.0, 60), _row("mhsanet", 0.30, 0.35, 90.0, 55)], 31)
+    assert "attention branch helped" in equal and "Caveat" not in equal
+    worse = _verdict([_row("baseline", 0.30, 0.35, 100.0, 60), _row("mhsanet", 0.10, 0.18, 90.0, 55)], 31)
+    assert "did NOT help" in worse and "Caveat" not in worse
+    same = _verdict([_row("baseline", 0.30, 0.35, 100.0, 60), _row("mhsanet", 0.30, 0.355, 90.0, 55)], 31)
+    assert "made no clear difference" in same
+    # The Baseline saw a quarter of MHSA-Net's images (e.g. other jobs took the CPU during its share).
+    unequal = _verdict([_row("baseline", 0.10, 0.18, 25.0, 15), _row("mhsanet", 0.30, 0.35, 100.0, 67)], 31)
+    assert "helped" in unequal and "Caveat: not an equal-work comparison" in unequal
+    assert "10000 images (67 epochs)" in unequal and "2500 (15 epochs)" in unequal
