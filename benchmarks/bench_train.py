@@ -6,7 +6,7 @@ workers) and reports images/s and the share of step time spent waiting for data.
 first ``--warmup`` steps are not timed. On a machine with CUDA it also runs the GPU path
 (bf16 autocast, channels_last).
 
-    python benchmarks/bench_train.py [--steps 4] [--batch 16] [--workers 2]
+    python benchmarks/bench_train.py [--steps 4] [--batch 32] [--workers 2] [--threads N] [--models hacnn_160x64]
 
 Writes benchmarks/results/train_cpu.json (and train_cuda.json on a GPU).
 """
@@ -61,6 +61,7 @@ def bench(name: str, overrides, root: Path, device: torch.device, steps: int, wa
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
     state = TrainState()
+    load_before = list(os.getloadavg())
     data_s = step_s = 0.0
     images = 0
     timed = 0
@@ -96,23 +97,33 @@ def bench(name: str, overrides, root: Path, device: torch.device, steps: int, wa
     return {"model": name, "device": str(device), "batch": batch, "steps_timed": timed, "workers": workers,
             "img_per_s": round(images / step_s, 2), "seconds_per_step": round(step_s / timed, 3),
             "data_wait_share": round(data_s / step_s, 4), "input": [cfg.data.height, cfg.data.width],
-            "amp": "bf16" if cuda else "off", "channels_last": cuda}
+            "amp": "bf16" if cuda else "off", "channels_last": cuda, "threads": torch.get_num_threads(),
+            "load_average_before": [round(v, 2) for v in load_before],
+            "load_average_after": [round(v, 2) for v in os.getloadavg()]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
     ap.add_argument("--root", type=Path, default=None, help="where to generate the synthetic set (default: a temp dir)")
     args = ap.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="bench_train_"))
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    names = [n for n in args.models.split(",") if n]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}; expected: {', '.join(MODELS)}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     RESULTS.mkdir(parents=True, exist_ok=True)
     for device in devices:
         batch = args.batch if device.type == "cpu" else max(args.batch, 64)
-        rows = [bench(n, o, root, device, args.steps, args.warmup, batch, args.workers) for n, o in MODELS.items()]
+        rows = [bench(n, MODELS[n], root, device, args.steps, args.warmup, batch, args.workers) for n in names]
         for r in rows:
             print(f"{r['model']:28s} {r['device']:5s} batch {r['batch']:3d}: {r['img_per_s']:8.2f} img/s, "
                   f"{100 * r['data_wait_share']:.1f}% of step time waiting for data")
