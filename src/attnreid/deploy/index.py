@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from attnreid.errors import AttnReidError, CheckpointError, DataError
+from attnreid.evaluation.distance import distance_block
 
 INDEX_VERSION = 1
 DEFAULT_CAMERA_REGEX = r"_c(\d+)"  # Market-1501 / DukeMTMC names: 0001_c1s1_001051_00.jpg
@@ -43,20 +44,13 @@ FAISS_KINDS = ("flat", "ivf", "hnsw")
 
 def pairwise_distance(query: torch.Tensor, gallery: torch.Tensor, metric: str,
                       gallery_norms: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Q x G distances: ``euclidean_sq`` = |q|^2 + |g|^2 - 2 q.g (clamped at 0), or ``cosine`` = 1 - q.g/(|q||g|).
+    """Q x G distances (``euclidean_sq`` or ``cosine``), by the evaluation layer's formula.
 
-    ``gallery_norms`` (G,) are the rows' L2 norms when already known. The gallery is only
-    read by the one matrix product: no G x D temporary, which for a single query would
-    cost more memory traffic than the product itself.
+    ``gallery_norms`` (G,) are the rows' L2 norms when already known.
     """
     if metric not in ("euclidean_sq", "cosine"):
         raise AttnReidError(f"unknown metric {metric!r}; expected euclidean_sq or cosine")
-    norms = torch.linalg.vector_norm(gallery, dim=1) if gallery_norms is None else gallery_norms
-    if metric == "cosine":
-        q = torch.nn.functional.normalize(query, dim=1)
-        return 1.0 - (q @ gallery.T) / norms.clamp_min(1e-12)[None, :]
-    d = torch.linalg.vector_norm(query, dim=1, keepdim=True).square() + norms.square()[None, :] - 2.0 * query @ gallery.T
-    return d.clamp_min_(0.0)
+    return distance_block(query, gallery, metric, gallery_norms)
 
 
 def _same_camera_mask(query_cams: Optional[torch.Tensor], gallery_cams: torch.Tensor) -> Optional[torch.Tensor]:

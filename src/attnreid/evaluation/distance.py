@@ -70,6 +70,23 @@ def compute_distance(
     return out
 
 
+def distance_block(q: torch.Tensor, g: torch.Tensor, metric: str,
+                   g_norms: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Q x G distances of checked tensors of one dtype and device: the one place the metrics are computed.
+
+    ``euclidean_sq`` = |q|^2 + |g|^2 - 2 q.g (clamped at 0); ``cosine`` = 1 - q.g / (|q| |g|).
+    ``g_norms`` (G,) are the L2 norms of ``g``'s rows when already known (a search index keeps
+    them); ``g`` itself is only read by the one matrix product.
+    """
+    norms = torch.linalg.vector_norm(g, dim=1) if g_norms is None else g_norms
+    if metric == "cosine":
+        qn = torch.nn.functional.normalize(q, dim=1)
+        return 1.0 - (qn @ g.T) / norms.clamp_min(1e-12).unsqueeze(0)
+    block = torch.addmm(norms.square().unsqueeze(0), q, g.T, beta=1.0, alpha=-2.0)
+    block += (q * q).sum(dim=1, keepdim=True)
+    return block.clamp_(min=0.0)
+
+
 def iter_distance_chunks(q: torch.Tensor, g: torch.Tensor, metric: str, chunk_size: int):
     """Yield ``(first_row, block)`` with ``block`` = distances of query rows ``first_row..`` to all of ``g``.
 
@@ -77,15 +94,6 @@ def iter_distance_chunks(q: torch.Tensor, g: torch.Tensor, metric: str, chunk_si
     to stream over a gallery without holding the whole Q x G matrix.
     """
     chunk_size = max(1, int(chunk_size))
-    if metric == "cosine":
-        g = torch.nn.functional.normalize(g, dim=1)
-        for start in range(0, q.shape[0], chunk_size):
-            qc = torch.nn.functional.normalize(q[start : start + chunk_size], dim=1)
-            yield start, (1.0 - qc @ g.T)
-        return
-    g_sq = (g * g).sum(dim=1)
+    g_norms = torch.linalg.vector_norm(g, dim=1)
     for start in range(0, q.shape[0], chunk_size):
-        qc = q[start : start + chunk_size]
-        block = torch.addmm(g_sq.unsqueeze(0), qc, g.T, beta=1.0, alpha=-2.0)
-        block += (qc * qc).sum(dim=1, keepdim=True)
-        yield start, block.clamp_(min=0.0)
+        yield start, distance_block(q[start : start + chunk_size], g, metric, g_norms)
