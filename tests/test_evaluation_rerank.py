@@ -225,3 +225,12 @@ def test_thread_count_is_restored():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(old)
+
+
+def test_query_expansion_wider_than_the_reciprocal_neighbourhood():
+    # k2 > k1 + 1: query expansion averages over more neighbours than the k-reciprocal sets use
+    # (found by the property test; the neighbour table used to hold only k1 + 1 columns).
+    qf, gf = np.array([[0.0]]), np.array([[0.0], [1.0]])
+    np.testing.assert_allclose(re_ranking(qf, gf, k1=1, k2=3, lambda_value=0.0), [[0.0, 0.0]], atol=1e-6)
+    qf, gf = clustered_features(6, num_q=10, num_g=30)
+    np.testing.assert_allclose(re_ranking(qf, gf, k1=3, k2=9), re_ranking_dense(qf, gf, k1=3, k2=9), atol=1e-4, rtol=0)

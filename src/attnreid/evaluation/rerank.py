@@ -265,7 +265,7 @@ def _sparse_phases(
     keys = []
     step = max(1, _BUDGET // (k * k_half * k))
     for s in range(0, n, step):
-        nb = top[s : s + step]
+        nb = top[s : s + step, :k]
         rec = recip[s : s + step]
         c = rec.shape[0]
         mine = torch.where(rec, nb, -1)  # R(i, k1), padded with -1
@@ -375,8 +375,9 @@ def re_ranking(
     k_half = min(int(round(k1 / 2.0)) + 1, n)
     k_qe = min(k2, n)
 
-    # Neighbours, row maxima and the Q x G block, from blocks of the N x N distances.
-    top, row_max, out = _neighbours(feats, k, num_q)
+    # Neighbours, row maxima and the Q x G block, from blocks of the N x N distances. Query
+    # expansion needs the k2 nearest, which can be more than the k1 + 1 the reciprocal sets use.
+    top, row_max, out = _neighbours(feats, max(k, k_qe), num_q)
     out /= row_max[:num_q].unsqueeze(1)
 
     with _one_cpu_thread(dev):
