@@ -283,7 +283,9 @@ def test_sampled_regions_flatten_to_a_channels_last_view():
     assert flat.is_contiguous(memory_format=torch.channels_last) and flat.data_ptr() == crops.data_ptr()
     reference = F.grid_sample(x[:1].contiguous(), F.affine_grid(theta[0, 1:2], [1, 5, 4, 3], align_corners=False),
                               align_corners=False)
-    assert torch.allclose(crops[0, 1], reference[0], atol=1e-6)
+    # bilinear reads of 4 values with weights from a batched vs a single affine grid: float32
+    # rounding of a few ulps of the largest value, whatever the kernel's summation order
+    torch.testing.assert_close(crops[0, 1], reference[0], rtol=0, atol=1e-5 * float(x.abs().max()))
 
 
 def test_build_model_dispatches_to_hacnn():
