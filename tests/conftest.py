@@ -1,9 +1,35 @@
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
+
+# Files whose float results depend on the CPU's kernels (matmuls, convolutions, reductions):
+# `python -m pytest -m numerics` runs them, and .ci/run runs them again on older CPUs' kernel
+# paths (docs/testing.md).
+NUMERICS_FILES = {
+    "test_backbones.py", "test_deploy.py", "test_deploy_export.py", "test_evaluation_properties.py",
+    "test_evaluation_rank.py", "test_evaluation_rerank.py", "test_hacnn.py", "test_losses.py",
+    "test_mhsanet.py", "test_paper_mutations.py", "test_precision.py",
+}
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in NUMERICS_FILES:
+            item.add_marker(pytest.mark.numerics)
+
+
+def pytest_report_header(config):
+    """Which kernels the floats come from: a failure on one CPU but not another starts here."""
+    import torch
+
+    env = " ".join(f"{k}={os.environ[k]}" for k in KERNEL_ENV if k in os.environ) or "none"
+    return (f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} threads; kernel-path variables: {env}")
 
 
 @pytest.fixture(scope="session")
