@@ -250,3 +250,18 @@ def test_all_queries_without_match_is_an_error():
 def test_camids_for_one_side_only_is_an_error():
     with pytest.raises(AttnReidError, match="g_camids is missing"):
         evaluate_rank(np.zeros((1, 2)), [1], [1, 2], [0], None)
+
+
+def test_multi_query_evaluation_ranks_the_averaged_queries():
+    # HA Table 2's multi-query setting: evaluate() ranks each query's (pid, camera) group mean.
+    rng = np.random.default_rng(8)
+    qf, gf = rng.standard_normal((4, 6)), rng.standard_normal((15, 6))
+    qp, qc = np.array([0, 1, 2, 3]), np.array([0, 1, 0, 1])
+    gp, gc = rng.integers(0, 4, 15), rng.integers(0, 3, 15)
+    groups, group_pids, group_cams = rng.standard_normal((9, 6)), np.array([0, 0, 1, 1, 1, 2, 3, 3, 0]), np.array(
+        [0, 0, 1, 1, 0, 0, 1, 1, 1])
+    averaged = multi_query_features(qf, qp, qc, groups, group_pids, group_cams)
+    mq = evaluate(qf, gf, qp, gp, qc, gc, multi_query=(groups, group_pids, group_cams))
+    direct = evaluate_rank(compute_distance(averaged, gf), qp, gp, qc, gc)
+    assert {k: mq[k] for k in direct} == direct
+    assert not np.allclose(averaged.numpy(), qf)
