@@ -62,8 +62,27 @@ def test_pk_distributed_ranks_split_the_global_batches():
 def test_pk_errors():
     with pytest.raises(DataError, match="multiple"):
         PKSampler(PIDS, 10, 4)
+    with pytest.raises(DataError, match="multiple"):
+        PKSampler(PIDS, 0, 4)
     with pytest.raises(DataError, match="at least P"):
         PKSampler(PIDS, 32, 4)
+    with pytest.raises(DataError, match=r"rank 2 is outside 0\.\.1 \(world_size 2\)"):
+        PKSampler(PIDS, 8, 4, rank=2, world_size=2)
+    assert len(list(PKSampler(PIDS, 4, 1))) > 0  # K = 1 is a PK batch too (P = 4 identities)
+
+
+@pytest.mark.parametrize("mode", ["images", "identities"])
+def test_pk_epoch_uses_each_identity_with_exactly_k_images_once_without_repeats(mode):
+    """8 identities with exactly K = 4 images, P = 4: an epoch is 2 batches, each identity in one,
+    its 4 images all different (replacement only for identities with fewer than K images)."""
+    pids = [i // 4 for i in range(32)]
+    sampler = PKSampler(pids, batch_size=16, num_instances=4, seed=2, epoch_mode=mode)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 2
+        assert sorted(pids[i] for b in batches for i in b) == sorted(pids)
+        assert all(len(set(b)) == 16 for b in batches)
 
 
 # ---- transforms ------------------------------------------------------------------------

@@ -265,3 +265,8 @@ def test_multi_query_evaluation_ranks_the_averaged_queries():
     direct = evaluate_rank(compute_distance(averaged, gf), qp, gp, qc, gc)
     assert {k: mq[k] for k in direct} == direct
     assert not np.allclose(averaged.numpy(), qf)
+
+
+def test_cuhk03_single_shot_needs_cameras():
+    with pytest.raises(AttnReidError, match="single-shot protocol needs camera ids"):
+        evaluate_cuhk03_single_shot(np.zeros((1, 2)), [1], [1, 2], None, None)

@@ -60,10 +60,11 @@ def test_ha_eq6_stream_input_is_stream_feature_plus_global_crop(attention):
     for level in (1, 2):
         theta = seen["theta"][level] if seen["theta"][level] is not None else model.stripes.expand(b, -1, -1, -1)
         crop = sample_regions(seen["global"][level - 1], theta, REGION_SIZES[level]).flatten(0, 1)
-        previous = seen["stream_out"][level - 1]
+        previous = seen["stream_out"][level - 1].detach()
+        crop = crop.detach()
         expected = previous + crop
-        got = seen["stream_in"][level]
-        scale = float(expected.detach().abs().max())
+        got = seen["stream_in"][level].detach()
+        scale = float(expected.abs().max())
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * scale)
         # neither addend alone is the input (both are far from zero)
         assert float((got - crop).abs().max()) > 1e-2 * scale and float((got - previous).abs().max()) > 1e-2 * scale
@@ -214,3 +215,14 @@ def test_the_trainers_optimiser_updates_every_parameter(model_name):
     assert unmoved == []
     if model_name == "mhsanet":
         assert {"mhsam.w1.weight", "mhsam.w2.weight", "fusion.w4.weight", "fusion.w6.weight"} <= set(before)
+
+
+def test_baseline_test_feature_is_q_star_by_default_or_by_name():
+    """The Baseline row (Tables I, V, VIII) is tested on q*; ``global`` names the same feature."""
+    default, _ = _tiny_mhsanet("model.name=baseline")
+    named, _ = _tiny_mhsanet("model.name=baseline", "model.test_feature=global")
+    x = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        q_star = default.train()(x)["q_star"]  # train-mode BN on both sides
+        assert torch.equal(named.train()(x)["q_star"], q_star)
+    assert named.feature_dim == default.feature_dim == 16
