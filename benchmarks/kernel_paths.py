@@ -89,8 +89,9 @@ def main(argv=None) -> int:
             runs.append(row)
             print(f"{path:10s} threads {threads}: rc {row['rc']}, {row['passed']} passed, {row['failed']} failed, "
                   f"{row['skipped']} skipped, {row['wall_s']} s {' '.join(row['failed_tests'])}", flush=True)
-    record = {"machine": machine_record(), "pytest_args": pytest_args, "runs": runs}
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+            # after every run, so that an interrupted series keeps what it measured
+            record = {"machine": machine_record(), "pytest_args": pytest_args, "runs": runs}
+            Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     return 0 if all(r["rc"] == 0 for r in runs) else 1
 
 

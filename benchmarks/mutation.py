@@ -47,11 +47,12 @@ PACKAGES = {
                ["tests/test_hacnn.py", "tests/test_mhsanet.py", "tests/test_backbones.py",
                 "tests/test_paper_mutations.py"]),
     "losses": (["src/attnreid/losses/*.py"],
-               ["tests/test_losses.py", "tests/test_mhsanet.py", "tests/test_paper_mutations.py"]),
+               ["tests/test_losses.py", "tests/test_mhsanet.py", "tests/test_paper_mutations.py",
+                "tests/test_loss_edges.py"]),
     "evaluation": (["src/attnreid/evaluation/*.py"],
                    ["tests/test_evaluation_rank.py", "tests/test_evaluation_rerank.py",
                     "tests/test_evaluation_properties.py"]),
-    "sampler": (["src/attnreid/data/sampler.py"], ["tests/test_data_pipeline.py"]),
+    "sampler": (["src/attnreid/data/sampler.py"], ["tests/test_data_pipeline.py", "tests/test_training_modes.py"]),
 }
 
 # The mutations issue 14 names, each with the test that kills it: (id, what, file, old, new, test).
@@ -94,15 +95,15 @@ def machine() -> dict:
 
 
 def export_tree(ref: str | None, dest: Path) -> str:
-    """src/, tests/, pyproject.toml of the working tree (ref None) or of commit ``ref`` into ``dest``."""
+    """src/, tests/, configs/, pyproject.toml of the working tree (ref None) or of commit ``ref`` into ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
     if ref is None:
-        for name in ("src", "tests"):
+        for name in ("src", "tests", "configs"):
             shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         shutil.copy(REPO / "pyproject.toml", dest / "pyproject.toml")
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                               text=True).stdout.strip() + "+worktree"
-    archive = subprocess.run(["git", "archive", ref, "src", "tests", "pyproject.toml"], cwd=REPO,
+    archive = subprocess.run(["git", "archive", ref, "src", "tests", "configs", "pyproject.toml"], cwd=REPO,
                              capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return subprocess.run(["git", "rev-parse", "--short", ref], cwd=REPO, capture_output=True,
@@ -144,6 +145,7 @@ def _pyproject(files, tests) -> str:
     toml_list = lambda xs: "[" + ", ".join(json.dumps(x) for x in xs) + "]"  # noqa: E731
     return ("[tool.mutmut]\n"
             'source_paths = ["src"]\n'
+            'also_copy = ["configs"]\n'
             f"only_mutate = {toml_list(files)}\n"
             f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
             'pytest_add_cli_args = ["-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider"]\n'
@@ -161,8 +163,9 @@ def _results(work: Path) -> dict:
 
 def _mutmut(work: Path, names, budget_s: float, workers: int) -> None:
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(workers), *names]
-    proc = subprocess.Popen(cmd, cwd=work, env=_env(work / "mutants" / "src"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    log = open(work / "mutmut.log", "ab")
+    proc = subprocess.Popen(cmd, cwd=work, env=_env(work / "mutants" / "src"), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         proc.wait(timeout=budget_s)
     except subprocess.TimeoutExpired:
@@ -172,6 +175,7 @@ def _mutmut(work: Path, names, budget_s: float, workers: int) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    log.close()
 
 
 KILLED = {1, 3, 24, -24, 36, 152, 255}  # mutmut: failed test, pytest error, CPU-time limit
@@ -207,12 +211,15 @@ def run_package(package: str, ref: str | None, sample: int, seed: int, budget_s:
                                   env=_env(work / "mutants" / "src"), capture_output=True, text=True).stdout
             survivors_out.write(f"### {package}: {name}\n{diff}\n")
         scored = len(checked) - len(no_tests)
+        # nothing checked: mutmut stopped early (its clean test run failed, say): say why
+        error = None if checked or not chosen else (work / "mutmut.log").read_text(errors="replace")[-2000:]
         return {
             "package": package, "commit": commit, "files": files, "tests": tests,
             "generated": len(generated), "sampled": len(chosen), "checked": len(checked),
             "killed": len(killed), "survived": len(survived), "no_tests": len(no_tests),
             "score": round(len(killed) / scored, 3) if scored else None,
             "sampled_names": chosen, "survivors": survived, "wall_s": round(time.time() - start, 1),
+            "error": error,
         }
 
 

@@ -69,6 +69,19 @@ def test_pk_errors():
     with pytest.raises(DataError, match=r"rank 2 is outside 0\.\.1 \(world_size 2\)"):
         PKSampler(PIDS, 8, 4, rank=2, world_size=2)
     assert len(list(PKSampler(PIDS, 4, 1))) > 0  # K = 1 is a PK batch too (P = 4 identities)
+    with pytest.raises(DataError, match="data.epoch_mode is 'steps'; expected images or identities"):
+        PKSampler(PIDS, 8, 4, epoch_mode="steps")
+
+
+def test_pk_epoch_modes_visit_images_or_identities():
+    """8 ids x 8 images, P = 8, K = 4: an images-epoch cuts each id into 2 groups (2 batches of
+    all 8 ids), an identities-epoch visits each id once (1 batch)."""
+    pids = [i // 8 for i in range(64)]
+    images = PKSampler(pids, 32, 4, seed=0, epoch_mode="images")
+    identities = PKSampler(pids, 32, 4, seed=0, epoch_mode="identities")
+    assert len(list(images)) == len(images) == 2 and len(list(identities)) == len(identities) == 1
+    assert sorted(i for b in images for i in b) == list(range(64))  # every image once
+    assert Counter(pids[i] for b in identities for i in b) == {p: 4 for p in range(8)}
 
 
 @pytest.mark.parametrize("mode", ["images", "identities"])
