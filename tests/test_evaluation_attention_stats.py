@@ -10,8 +10,8 @@ from attnreid.evaluation.attention_stats import (
     beta_entropy,
     beta_entropy_max,
     beta_mean,
+    alpha_below,
     head_overlap,
-    share_below,
 )
 
 # Image 0: head 0 on the left half, head 1 on the right half, head 2 uniform.
@@ -35,8 +35,7 @@ def test_head_overlap_accepts_grids_and_unnormalised_maps():
     assert head_overlap(ALPHA.view(2, 3, 2, 2)) == pytest.approx(2 / 3, rel=1e-6)
     scaled = ALPHA * torch.tensor([2.0, 0.5, 3.0])[None, :, None]  # attention_norm=heads: maps need not sum to 1
     assert head_overlap(scaled) == pytest.approx(2 / 3, rel=1e-6)
-    with pytest.raises(ValueError, match="2 heads"):
-        head_overlap(ALPHA[:, :1])
+    assert head_overlap(ALPHA[:, :1]) is None  # K = 1: no pair of heads
 
 
 def test_beta_entropy_in_nats_by_hand():
@@ -47,9 +46,9 @@ def test_beta_entropy_in_nats_by_hand():
     assert beta_mean(beta) == pytest.approx([2 / 3, 1 / 6, 1 / 6], rel=1e-6)
 
 
-def test_share_below_and_summary():
+def test_alpha_below_and_summary():
     alpha = torch.tensor([[[0.0005, 0.002, 0.5, 0.0001]], [[0.9, 0.05, 0.001, 0.0002]]])
-    assert share_below(alpha, 1e-3) == pytest.approx(3 / 8)  # 0.001 itself is not below
+    assert alpha_below(alpha, 1e-3) == pytest.approx(3 / 8)  # 0.001 itself is not below
     stats = attention_stats(ALPHA, torch.tensor([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]]), gamma=0.2)
     assert stats["head_overlap"] == pytest.approx(2 / 3, rel=1e-6)
     assert stats["beta_entropy"] == pytest.approx(math.log(3) / 2, rel=1e-6)

@@ -2,7 +2,7 @@
 
 They tell whether the K heads look at different regions (:func:`head_overlap`), whether
 SAFFM uses them all or one (:func:`beta_entropy`), and how much of alpha ACM acts on
-(:func:`share_below`). Inputs are tensors (any device, any float dtype; computed in
+(:func:`alpha_below`). Inputs are tensors (any device, any float dtype; computed in
 float32): ``alpha`` B x K x J (or B x K x h x w), ``beta`` B x K. Each function returns
 one Python float, a mean over the B images, so a caller that sees the images in batches
 weights each batch's value by its size. Used by ``engine/evaluator.py`` (eval.json), the
@@ -23,18 +23,18 @@ def _maps(alpha: torch.Tensor) -> torch.Tensor:
     return alpha.detach().float().flatten(2)
 
 
-def head_overlap(alpha: torch.Tensor) -> float:
+def head_overlap(alpha: torch.Tensor) -> Optional[float]:
     """Mean pairwise overlap of the K attention maps: sum_j min(alpha_a,j, alpha_b,j).
 
     Averaged over the K(K-1)/2 head pairs a < b and over the images. Each map is first
     divided by its sum over the J positions, so that it is a distribution (already so
     with ``attention_norm: spatial``; with ``heads`` the raw maps do not sum to 1).
-    1 = the K maps are identical, 0 = their supports are disjoint. Needs K >= 2.
+    1 = the K maps are identical, 0 = their supports are disjoint. None for K = 1 (no pairs).
     """
     maps = _maps(alpha)
-    b, k, _ = maps.shape
+    k = maps.shape[1]
     if k < 2:
-        raise ValueError("head_overlap needs at least 2 heads")
+        return None
     maps = maps / maps.sum(2, keepdim=True).clamp_min(1e-12)
     a, c = torch.triu_indices(k, k, offset=1)
     overlap = torch.minimum(maps[:, a], maps[:, c]).sum(2)  # B x pairs
@@ -63,7 +63,7 @@ def beta_mean(beta: torch.Tensor) -> List[float]:
     return [float(v) for v in beta.detach().float().mean(0)]
 
 
-def share_below(alpha: torch.Tensor, gamma: float) -> float:
+def alpha_below(alpha: torch.Tensor, gamma: float) -> float:
     """Share of the attention entries strictly below gamma (those ACM, Eq. 12, acts on)."""
     return float((_maps(alpha) < gamma).float().mean())
 
@@ -75,14 +75,14 @@ def attention_stats(alpha: torch.Tensor, beta: Optional[torch.Tensor] = None,
     ``head_overlap`` (K >= 2 only), ``beta_entropy``, ``beta_entropy_max``, ``beta_mean``
     (with beta), ``alpha_below_gamma`` (with gamma), ``num_images``.
     """
-    k = alpha.shape[1]
     out: Dict[str, object] = {"num_images": int(alpha.shape[0])}
-    if k >= 2:
-        out["head_overlap"] = head_overlap(alpha)
+    overlap = head_overlap(alpha)
+    if overlap is not None:
+        out["head_overlap"] = overlap
     if beta is not None:
         out["beta_entropy"] = beta_entropy(beta)
         out["beta_entropy_max"] = beta_entropy_max(beta.shape[1])
         out["beta_mean"] = beta_mean(beta)
     if gamma is not None:
-        out["alpha_below_gamma"] = share_below(alpha, gamma)
+        out["alpha_below_gamma"] = alpha_below(alpha, gamma)
     return out

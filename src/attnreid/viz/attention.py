@@ -205,8 +205,9 @@ def head_diversity(attention: np.ndarray, beta: Optional[np.ndarray]) -> Dict[st
     from attnreid.evaluation.attention_stats import beta_entropy, beta_entropy_max, head_overlap
 
     out: Dict[str, float] = {}
-    if attention.shape[0] >= 2:
-        out["head_overlap"] = round(head_overlap(torch.as_tensor(attention)[None]), 4)
+    overlap = head_overlap(torch.as_tensor(attention)[None])
+    if overlap is not None:
+        out["head_overlap"] = round(overlap, 4)
     if beta is not None:
         out["beta_entropy"] = round(beta_entropy(torch.as_tensor(beta)[None]), 4)
         out["beta_entropy_max"] = round(beta_entropy_max(len(beta)), 4)
