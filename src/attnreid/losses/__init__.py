@@ -32,7 +32,9 @@ How each term is computed (SPEC.md 1; defaults first):
   ``loss.acm_gamma``.
 
 A term whose weight is 0 is not computed, so each Table V ablation row is a set of
-weights (e.g. Baseline+MHSAM: lambda_fdrt = lambda_ihtl = lambda_acm = 0).
+weights (e.g. Baseline+MHSAM: lambda_fdrt = lambda_ihtl = lambda_acm = 0). A new term
+(e.g. a center loss) is one more ``(name, weight, fn)`` entry in :func:`build_criterion`.
+:mod:`attnreid.losses.balance` measures each term's gradient at the backbone.
 """
 
 from __future__ import annotations
