@@ -15,39 +15,20 @@ B x K x E) without gradients, averaged over an epoch's images by
 - ``beta_entropy``: -sum_k beta_k log beta_k (nats) averaged over images: 0 for a one-hot
   beta, log K for a uniform one.
 
-These are the single place the trainer takes the metrics from, so that the shared
-definitions (``head_overlap``, ``beta_entropy``) can be swapped for the losses module's
-once it has them.
+The definitions live in :mod:`attnreid.evaluation.attention_stats` (one copy, shared
+with eval.json and the report); this module applies them to a training batch.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
+from attnreid.evaluation.attention_stats import alpha_below, beta_entropy, head_overlap
 from attnreid.losses.regularizers import feature_diversity
 
-
-def alpha_below(alpha: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Share of the entries of ``alpha`` strictly below ``gamma`` (0-dim)."""
-    return (alpha.float() < gamma).float().mean()
-
-
-def head_overlap(alpha: torch.Tensor) -> Optional[torch.Tensor]:
-    """Mean over head pairs and images of sum_j min(alpha_a,j, alpha_b,j); None for K = 1."""
-    a = alpha.float()
-    k = a.shape[1]
-    if k < 2:
-        return None
-    i, j = torch.triu_indices(k, k, offset=1)
-    return torch.minimum(a[:, i], a[:, j]).sum(-1).mean()
-
-
-def beta_entropy(beta: torch.Tensor) -> torch.Tensor:
-    """-sum_k beta_k log beta_k (nats), averaged over images (0 log 0 = 0)."""
-    b = beta.float()
-    return -(torch.special.xlogy(b, b)).sum(1).mean()
+__all__ = ["alpha_below", "beta_entropy", "head_overlap", "batch_diagnostics", "DiagnosticsMeter"]
 
 
 def batch_diagnostics(outputs: Dict[str, torch.Tensor], acm_gamma: float) -> Dict[str, object]:
