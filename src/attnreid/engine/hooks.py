@@ -75,17 +75,20 @@ class NonFiniteLossGuard(Hook):
 
 class CheckpointHook(Hook):
     """Writes ``checkpoints/last.pth`` (weights, optimiser, schedule, RNG: what resume reads) after
-    every epoch and at the end; :meth:`save_interrupted` does it on Ctrl-C."""
+    every epoch and at the end; :meth:`save_last` is also what Ctrl-C calls.
+
+    A run stopped inside an epoch (Ctrl-C, the budget) keeps the current weights but the
+    schedule position of the last completed epoch: resume redoes the stopped epoch, and its
+    step counter then matches an uninterrupted run's.
+    """
 
     def after_epoch(self, state: Any) -> None:
-        self.trainer.save("last.pth", full=True)
+        self.save_last()
 
     def after_train(self, state: Any) -> None:
-        self.trainer.save("last.pth", full=True)
+        self.save_last()
 
-    def save_interrupted(self) -> Optional[Path]:
-        """The current weights with the schedule position of the last completed epoch: resume redoes
-        the interrupted epoch, and its step counter matches an uninterrupted run's."""
+    def save_last(self) -> Optional[Path]:
         state = self.trainer.state
         mid_epoch = state.epoch >= state.epochs_done
         return self.trainer.save("last.pth", full=True, step=state.epoch_start_step if mid_epoch else state.step)

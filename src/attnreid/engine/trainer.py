@@ -309,9 +309,10 @@ def run_config(run_dir: str | Path, overrides: Sequence[str] = (),
     is given too, ``ignored`` lists the keys it sets differently (they are not applied:
     pass them as KEY=VALUE overrides to change them, e.g. ``train.epochs=600`` to extend).
     """
-    saved = Path(run_dir) / "config.yaml"
-    if not saved.is_file():
-        raise CheckpointError(f"nothing to resume in {run_dir}: {saved} not found")
+    last, saved = Path(run_dir) / "checkpoints" / "last.pth", Path(run_dir) / "config.yaml"
+    for needed in (last, saved):
+        if not needed.is_file():
+            raise CheckpointError(f"nothing to resume in {run_dir}: {needed} not found")
     cfg = load_config(saved, list(overrides))
     ignored: List[str] = []
     if config is not None:
@@ -437,7 +438,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
     try:
         status = trainer.train()
     except KeyboardInterrupt:
-        path = checkpoints.save_interrupted()
+        path = checkpoints.save_last()
         saved = load_checkpoint(path) if path is not None else {"epoch": state.epochs_done, "step": state.step}
         logger.write({"type": "interrupted", "epoch": saved["epoch"], "step": saved["step"]})
         return {"status": "interrupted", "epoch": int(saved["epoch"]), "step": int(saved["step"]),
@@ -477,7 +478,7 @@ def _restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.O
     if scaler is not None and "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
     state.epochs_done = state.epoch = int(ckpt["epoch"])
-    state.step = int(ckpt["step"])
+    state.step = state.epoch_start_step = int(ckpt["step"])
     metrics = dict(ckpt.get("metrics") or {})
     state.best = dict(metrics.pop("best", state.best))
     state.metrics = metrics
