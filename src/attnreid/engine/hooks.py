@@ -122,11 +122,8 @@ class EvalHook(Hook):
         from attnreid.engine.evaluator import evaluate_model
 
         t = self.trainer
-        t0 = time.perf_counter()
-        m = evaluate_model(t.model, dataset, t.cfg, out_dir=out_dir, device=t.device,
-                           extra={"epoch": t.state.epochs_done, "step": t.state.step})
-        t.state.eval_seconds = time.perf_counter() - t0
-        return m
+        return evaluate_model(t.model, dataset, t.cfg, out_dir=out_dir, device=t.device,
+                              extra={"epoch": t.state.epochs_done, "step": t.state.step})
 
     def test(self, state: Any) -> None:
         t = self.trainer

@@ -62,14 +62,13 @@ class TrainState:
     lr: float = 0.0
     loss: float = float("nan")  # the last step's
     terms: Dict[str, float] = field(default_factory=dict)
-    outputs: Any = None  # the last step's model outputs (float32, still attached to the graph)
+    outputs: Any = None  # the last step's model outputs (float32, detached)
     images: int = 0  # images in the last step, all ranks together
     step_time: float = 0.0  # seconds of the last step, data wait included
     data_time: float = 0.0  # seconds the last step waited for its batch
     metrics: Dict[str, Any] = field(default_factory=dict)  # the last test-split evaluation
     val_metrics: Dict[str, Any] = field(default_factory=dict)  # the last validation evaluation
     best: Dict[str, Any] = field(default_factory=lambda: {"mAP": -1.0, "epoch": 0})  # on validation
-    eval_seconds: float = 0.0  # how long the last evaluation took
     stop: Optional[str] = None  # set by a hook to end the run ("budget", "early_stop", ...)
     run_dir: Optional[Path] = None
 
@@ -147,15 +146,20 @@ def _train_loader_sampler(loader):
     return None
 
 
+def _map_tensors(x: Any, fn) -> Any:
+    """``fn`` applied to every tensor in nested dicts, lists and tuples."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: _map_tensors(v, fn) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_map_tensors(v, fn) for v in x)
+    return x
+
+
 def to_float32(outputs: Any) -> Any:
     """``outputs`` (tensors in nested dicts/lists) with every floating tensor as float32."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs.float() if outputs.is_floating_point() else outputs
-    if isinstance(outputs, dict):
-        return {k: to_float32(v) for k, v in outputs.items()}
-    if isinstance(outputs, (list, tuple)):
-        return type(outputs)(to_float32(v) for v in outputs)
-    return outputs
+    return _map_tensors(outputs, lambda t: t.float() if t.is_floating_point() else t)
 
 
 def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
@@ -171,7 +175,6 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
         outputs = model(images)
     outputs = to_float32(outputs)
     total, terms = criterion(outputs, pids)
-    state.outputs = outputs
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(total).backward()
@@ -185,6 +188,7 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
+    state.outputs = _map_tensors(outputs, torch.Tensor.detach)
     return total.detach(), terms
 
 
