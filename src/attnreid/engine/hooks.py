@@ -290,10 +290,10 @@ def _clock(seconds: float) -> str:
 class DiagnosticsHook(Hook):
     """MHSA-Net's per-epoch diagnostics (engine/diagnostics.py) as one ``diagnostics`` record of log.jsonl."""
 
-    def __init__(self, acm_gamma: float):
+    def __init__(self, acm_gamma: float, fdrt_form: str = "paper"):
         from attnreid.engine.diagnostics import DiagnosticsMeter
 
-        self.acm_gamma = acm_gamma
+        self.acm_gamma, self.fdrt_form = acm_gamma, fdrt_form
         self.meter = DiagnosticsMeter()
         self.last: Dict[str, Any] = {}
 
@@ -305,7 +305,7 @@ class DiagnosticsHook(Hook):
 
         outputs = state.outputs
         if isinstance(outputs, dict) and "alpha" in outputs:
-            self.meter.add(batch_diagnostics(outputs, self.acm_gamma), int(outputs["alpha"].shape[0]))
+            self.meter.add(batch_diagnostics(outputs, self.acm_gamma, self.fdrt_form), int(outputs["alpha"].shape[0]))
 
     def after_epoch(self, state: Any) -> None:
         means = self.meter.means()

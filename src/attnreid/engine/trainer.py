@@ -430,7 +430,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
     checkpoints = CheckpointHook()
     loop_hooks: List[Hook] = [NonFiniteLossGuard(), logging]
     if cfg.model.name == "mhsanet":
-        loop_hooks.append(DiagnosticsHook(cfg.loss.acm_gamma))
+        loop_hooks.append(DiagnosticsHook(cfg.loss.acm_gamma, cfg.loss.fdrt_form))
     loop_hooks.append(EvalHook(eval_dataset, val_dataset, tc.eval_every))
     if tc.max_minutes:
         loop_hooks.append(BudgetHook(tc.max_minutes))
