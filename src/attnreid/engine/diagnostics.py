@@ -6,7 +6,7 @@ B x K x E) without gradients, averaged over an epoch's images by
 
 - ``alpha_below_gamma``: the share of attention weights below ACM's gamma (Eq. 12). ACM's
   gradient comes only from those weights, so 0 means ACM does nothing.
-- ``fdrt``: FDRT's value (Eq. 3), also when its weight is 0.
+- ``fdrt``: FDRT's value (Eq. 3, or the form ``loss.fdrt_form`` names), also when its weight is 0.
 - ``beta_mean``: SAFFM's mean beta per head (Eq. 6); one head near 1 means the fusion
   uses one head only.
 - ``head_overlap``: the mean over head pairs (a < b) and images of sum_j min(alpha_a,j,
@@ -31,15 +31,16 @@ from attnreid.losses.regularizers import feature_diversity
 __all__ = ["alpha_below", "beta_entropy", "head_overlap", "batch_diagnostics", "DiagnosticsMeter"]
 
 
-def batch_diagnostics(outputs: Dict[str, torch.Tensor], acm_gamma: float) -> Dict[str, object]:
-    """The diagnostics of one batch's training outputs (empty when they hold no ``alpha``)."""
+def batch_diagnostics(outputs: Dict[str, torch.Tensor], acm_gamma: float, fdrt_form: str = "paper") -> Dict[str, object]:
+    """The diagnostics of one batch's training outputs (empty when they hold no ``alpha``);
+    FDRT in the run's ``loss.fdrt_form``."""
     if not isinstance(outputs, dict) or "alpha" not in outputs:
         return {}
     with torch.no_grad():
         alpha = outputs["alpha"]
         out: Dict[str, object] = {"alpha_below_gamma": float(alpha_below(alpha, acm_gamma))}
         if "P" in outputs:
-            out["fdrt"] = float(feature_diversity(outputs["P"]))
+            out["fdrt"] = float(feature_diversity(outputs["P"], fdrt_form))
         overlap = head_overlap(alpha)
         if overlap is not None:
             out["head_overlap"] = float(overlap)
