@@ -10,7 +10,7 @@ split; nothing is tuned on the test split. Then, from ``last.pth``:
 - the Market protocol on the full query/gallery, without and with re-ranking;
 - MHSA-Net* (p* alone) from the same MHSA-Net run;
 - head diversity of MHSA-Net on the query set: the mean pairwise overlap of the K
-  attention maps and the entropy of SAFFM's beta (``attnreid.engine.diagnostics``);
+  attention maps and the entropy of SAFFM's beta (``attnreid.evaluation.attention_stats``);
 - ``attnreid robustness`` (block, person and erasing occluders at the top, bottom and side,
   0-50 % of the image) for the Baseline and MHSA-Net on one query per test identity
   (``--robust-queries``) against the full gallery.
@@ -61,7 +61,7 @@ def pick(metrics: dict) -> dict:
 def head_diversity(model, dataset, cfg, device, limit: int = 1024) -> dict:
     """Mean head overlap and beta entropy of MHSA-Net over the first ``limit`` queries (eval mode)."""
     from attnreid.data.loader import build_test_loader
-    from attnreid.engine.diagnostics import beta_entropy, head_overlap
+    from attnreid.evaluation.attention_stats import beta_entropy, head_overlap
 
     loader = build_test_loader(cfg.data, dataset.query[:limit])
     overlaps, entropies, betas, n = [], [], [], 0
@@ -154,7 +154,7 @@ def main() -> None:
         entry = {"config": str(CONFIGS[name].relative_to(ROOT)), "steps": summary["step"], "epochs": summary["epoch"],
                  "train_wall_seconds": round(train_s, 1), "img_per_s": summary.get("img_per_s"),
                  "data_wait": summary.get("data_wait"), "precision": summary.get("precision"),
-                 "status": summary.get("status"), "val_best": summary.get("best_mAP"),
+                 "status": summary.get("status"), "val_best_mAP": summary.get("best_val_mAP"),
                  "backbone": run_cfg.model.backbone.name, "input": [run_cfg.data.height, run_cfg.data.width],
                  "batch": run_cfg.data.batch_size, "val_ids": run_cfg.data.val_ids,
                  "load_average_end": machine_record()["load_average"]}
