@@ -113,6 +113,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "scratch" / "market_accuracy")
     ap.add_argument("--robust-queries", type=int, default=750)
     ap.add_argument("--no-robustness", action="store_true")
+    ap.add_argument("--robustness-only", action="store_true",
+                    help="no training: the occlusion curves of the baseline and mhsanet runs already in --out")
     ap.add_argument("--smoke", action="store_true", help="2 epochs on 40 ids, small test set: checks the script")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -125,10 +127,19 @@ def main() -> None:
     result["machine"] = machine_record()
 
     def save() -> None:
+        # Several processes (one per model) may share the file: merge into what is there now.
+        on_disk = json.loads(args.results.read_text()) if args.results.is_file() and not args.smoke else {}
+        models_now = {**on_disk.get("models", {}), **result["models"]}
+        merged = {**on_disk, **result, "models": models_now}
         args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(result, indent=2) + "\n")
+        tmp = args.results.with_suffix(".tmp")
+        tmp.write_text(json.dumps(merged, indent=2) + "\n")
+        tmp.replace(args.results)
 
     full = None
+    if args.robustness_only:
+        models = []
+        full = build_dataset_from_config(load_config(CONFIGS["baseline"], [f"data.root={args.root}"]).data)
     for name in models:
         overrides = [f"data.root={args.root}", f"train.threads={args.threads}", "train.device=cpu"]
         if args.epochs:
@@ -174,13 +185,14 @@ def main() -> None:
         result["models"][name] = entry
         print(json.dumps({name: entry}, indent=1), flush=True)
         save()
-    if not args.no_robustness and {"baseline", "mhsanet"} <= set(models):
+    if args.robustness_only or (not args.no_robustness and {"baseline", "mhsanet"} <= set(models)):
         cfg = load_config(CONFIGS["mhsanet"], [f"data.root={args.root}", f"train.threads={args.threads}"])
         ckpts = [str(args.out / m / "checkpoints" / "last.pth") for m in ("baseline", "mhsanet")]
         t2 = time.perf_counter()
         result["robustness"] = robustness(cfg, ckpts, full, resolve_device("cpu"), args.robust_queries,
                                           log=lambda s: print(s, flush=True))
         result["robustness"]["seconds"] = round(time.perf_counter() - t2, 1)
+        result["robustness"]["machine"] = machine_record()
         save()
     print(f"wrote {args.results}")
 
