@@ -88,6 +88,9 @@ class MHSANetConfig:
     attention_dim: int = 512  # rows of w1 (Eq. 1)
     embed_dim: int = 512  # width of q*, P, p*, z
     attention_norm: str = "spatial"  # spatial | heads (SPEC.md 1, MHSAM)
+    # Not in the paper: c > 0 caps Eq. 1's logits as c tanh(l / c) so the softmax cannot
+    # saturate (heads collapsed onto one position without it, docs/models.md); 0 = off.
+    attention_logit_cap: float = 0.0
     fusion: str = "saffm"  # saffm | concat | sum (Table IX)
     rlm: bool = True  # Residual Learning Module (Eq. 9-10)
     # LayerNorm on z after summing the K rows of Z (authors' code); false = Eq. 9 as written,
@@ -233,6 +236,7 @@ REMOVED_KEYS = {
 # (key, lower bound, inclusive?) for numeric keys.
 LOWER_BOUNDS = {
     "model.mhsanet.num_heads": (1, True),
+    "model.mhsanet.attention_logit_cap": (0.0, True),
     "model.mhsanet.attention_dim": (1, True),
     "model.mhsanet.embed_dim": (1, True),
     "model.hacnn.num_regions": (1, True),
