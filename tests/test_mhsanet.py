@@ -1,6 +1,7 @@
 """MHSA-Net and the baseline: each component against its equation, variants, gradients, a training step."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -302,3 +303,22 @@ def test_hacnn_is_dispatched_to_its_module():
     assert model.model_name == "hacnn" and "local" in model.classifiers
     with pytest.raises(ConfigError, match="model.name"):
         build_model(dataclasses.replace(_cfg().model, name="osnet"), 5)
+
+
+def test_attention_logit_cap_bounds_the_softmax():
+    """c tanh(l / c): with c = 2 no position can take more than e^4 times another's weight."""
+    from attnreid.models.mhsanet import MultiHeadSelfAttention
+
+    torch.manual_seed(0)
+    capped = MultiHeadSelfAttention(8, 2, 4, 4, logit_cap=2.0)
+    plain = MultiHeadSelfAttention(8, 2, 4, 4)
+    plain.load_state_dict(capped.state_dict())
+    q = torch.randn(3, 5, 8) * 100.0  # huge logits: the plain softmax is one-hot
+    with torch.no_grad():
+        a_cap, a_plain = capped.attention(q), plain.attention(q)
+        logits = plain.w2(torch.relu(plain.w1(q))).transpose(1, 2)
+    assert float(a_plain.max()) > 0.999
+    ratio = a_cap.max(dim=2).values / a_cap.min(dim=2).values
+    assert float(ratio.max()) <= math.exp(4.0) * (1 + 1e-5)
+    expected = (2.0 * torch.tanh(logits / 2.0)).softmax(dim=2)
+    torch.testing.assert_close(a_cap, expected)

@@ -88,6 +88,9 @@ class MHSANetConfig:
     attention_dim: int = 512  # rows of w1 (Eq. 1)
     embed_dim: int = 512  # width of q*, P, p*, z
     attention_norm: str = "spatial"  # spatial | heads (SPEC.md 1, MHSAM)
+    # Not in the paper: c > 0 caps Eq. 1's logits as c tanh(l / c) so the softmax cannot
+    # saturate (heads collapsed onto one position without it, docs/models.md); 0 = off.
+    attention_logit_cap: float = 0.0
     fusion: str = "saffm"  # saffm | concat | sum (Table IX)
     rlm: bool = True  # Residual Learning Module (Eq. 9-10)
     # LayerNorm on z after summing the K rows of Z (authors' code); false = Eq. 9 as written,
@@ -143,6 +146,9 @@ class LossConfig:
     lambda_acm: float = 1e-3  # lambda3, Eq. 13 (authors' code with acm_form linear: 1e-4)
     acm_form: str = "paper"  # paper (Eq. 12, min(alpha, gamma)^2) | linear (authors' code, alpha below gamma)
     acm_gamma: float = 1e-3  # gamma, Eq. 12: the threshold of both forms (authors' code: 0.01)
+    # Not in MHSA-Net: ||A A^T - I||_F^2 on the attention maps (Lin et al. 2017, its [56]),
+    # an option against heads that collapse onto one map; 0 = off (the paper's loss).
+    lambda_attention_orth: float = 0.0
 
 
 @dataclass
@@ -167,7 +173,8 @@ class TrainConfig:
     amp: str = "auto"  # auto | off | bf16 | fp16; auto = bf16 where the CUDA device or CPU runs it natively (precision.py)
     channels_last: bool = False
     eval_every: int = 50  # epochs; 0 = only at the end
-    log_every: int = 20  # steps
+    log_every: int = 20  # steps between log.jsonl train records
+    print_every: int = 50  # steps between progress lines when stdout is not a terminal (also every 30 s)
     max_minutes: float = 0.0  # wall-clock budget; 0 = none (the demo uses it)
     max_steps_per_epoch: int = 0  # 0 = a full pass over the sampler
     threads: int = 0  # torch CPU threads; 0 = torch's default
@@ -229,6 +236,7 @@ REMOVED_KEYS = {
 # (key, lower bound, inclusive?) for numeric keys.
 LOWER_BOUNDS = {
     "model.mhsanet.num_heads": (1, True),
+    "model.mhsanet.attention_logit_cap": (0.0, True),
     "model.mhsanet.attention_dim": (1, True),
     "model.mhsanet.embed_dim": (1, True),
     "model.hacnn.num_regions": (1, True),
@@ -256,6 +264,7 @@ LOWER_BOUNDS = {
     "train.epochs": (1, True),
     "train.eval_every": (0, True),
     "train.log_every": (1, True),
+    "train.print_every": (1, True),
     "train.max_minutes": (0.0, True),
     "train.max_steps_per_epoch": (0, True),
     "train.threads": (0, True),
@@ -270,7 +279,7 @@ UPPER_BOUNDS = {
     "eval.lambda_value": 1.0,
 }
 for _k in ("loss.saffm_ce", "loss.saffm_triplet", "loss.rlm_ce", "loss.rlm_triplet",
-           "loss.lambda_fdrt", "loss.lambda_ihtl", "loss.lambda_acm", "eval.lambda_value",
+           "loss.lambda_fdrt", "loss.lambda_ihtl", "loss.lambda_acm", "loss.lambda_attention_orth", "eval.lambda_value",
            "data.synthetic.occluded_query_share"):
     LOWER_BOUNDS[_k] = (0.0, True)
 

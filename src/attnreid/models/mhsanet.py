@@ -48,14 +48,21 @@ class MultiHeadSelfAttention(nn.Module):
 
     Eq. 2: ``P = (alpha Q) w3 + b3``, w3: C -> E with bias: P is B x K x E.
     ``alpha`` is returned as B x K x J in both modes.
+
+    ``logit_cap`` (``model.mhsanet.attention_logit_cap``; 0 = off, Eq. 1 as written) is
+    not in the paper: the logits become ``c tanh(logits / c)``, so no position can win a
+    head's softmax by more than e^(2c) and the softmax cannot saturate. Trained from
+    scratch at 128x64 without it, every head's map became one-hot on one fixed grid
+    position, where the softmax passes no gradient back (docs/models.md).
     """
 
     def __init__(self, in_channels: int, num_heads: int, attention_dim: int = 512, embed_dim: int = 512,
-                 norm: str = "spatial"):
+                 norm: str = "spatial", logit_cap: float = 0.0):
         super().__init__()
         if norm not in ("spatial", "heads"):
             raise ConfigError(f"config key 'model.mhsanet.attention_norm' is {norm!r}; expected spatial or heads")
         self.norm = norm
+        self.logit_cap = float(logit_cap)
         self.w1 = nn.Linear(in_channels, attention_dim, bias=False)
         self.w2 = nn.Linear(attention_dim, num_heads, bias=False)
         self.w3 = nn.Linear(in_channels, embed_dim)
@@ -63,6 +70,8 @@ class MultiHeadSelfAttention(nn.Module):
     def attention(self, q: torch.Tensor) -> torch.Tensor:
         """Eq. 1: Q (B x J x C) -> alpha (B x K x J)."""
         logits = self.w2(F.relu(self.w1(q))).transpose(1, 2)
+        if self.logit_cap > 0:
+            logits = self.logit_cap * torch.tanh(logits / self.logit_cap)
         return logits.softmax(dim=2 if self.norm == "spatial" else 1)
 
     def forward(self, feature_map: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +210,7 @@ class MHSANet(nn.Module):
         self.backbone = build_backbone(model_cfg.backbone)
         self.global_branch = GlobalFeatureBranch(self.backbone.out_channels, e)
         self.mhsam = MultiHeadSelfAttention(self.backbone.out_channels, cfg.num_heads, cfg.attention_dim, e,
-                                            cfg.attention_norm)
+                                            cfg.attention_norm, cfg.attention_logit_cap)
         self.fusion = FUSIONS[cfg.fusion](cfg.num_heads, e)
         self.rlm = ResidualLearningModule(e, cfg.rlm_out_norm) if cfg.rlm else None
         heads = {"global": make_classifier(e, num_classes), "saffm": make_classifier(self.fusion.out_dim, num_classes)}
