@@ -21,6 +21,8 @@ PINNED_ELSEWHERE = {
     "cpu/market1501_baseline.yaml": "tests/test_cpu_recipes.py",
     "cpu/market1501_mhsanet.yaml": "tests/test_cpu_recipes.py",
     "cpu/market1501_hacnn.yaml": "tests/test_cpu_recipes.py",
+    "cpu/market1501_mhsanet_orth.yaml": "tests/test_cpu_recipes.py",
+    "cpu/market1501_mhsanet_diverse.yaml": "tests/test_cpu_recipes.py",
 }
 
 # --- MHSA-Net (SPEC.md 1, MHSA-Net Sec. VII) ---------------------------------------------------
@@ -28,6 +30,8 @@ PAPER_LAMBDAS = (1e-4, 1.0, 1e-3)  # lambda1 (FDRT), lambda2 (IHTL), lambda3 (AC
 MHSANET = {  # MHSA-Net (K=8), Table I / V: everything on, test feature cat(p*, q*)
     "model": "mhsanet", "K": 8, "lambdas": PAPER_LAMBDAS, "global_ce": True, "fusion": "saffm", "rlm": True,
     "test_feature": "concat", "rerank": False,
+    # not in the paper, so 0 in every paper row: Lin et al.'s attention penalty, the logit cap
+    "attention_orth": 0.0, "logit_cap": 0.0,
 }
 # suffix -> what the row changes (Table I, V, IX). The Table V ablations switch components off
 # by weight 0; "MHSAM" alone is lambda1 = lambda2 = lambda3 = 0 (Table VIII's setting).
@@ -147,7 +151,8 @@ def _row_values(cfg, expected: dict) -> dict:
     got["global_ce"] = cfg.loss.global_ce
     if m.name == "mhsanet":
         got.update(K=m.mhsanet.num_heads, fusion=m.mhsanet.fusion, rlm=m.mhsanet.rlm,
-                   lambdas=(cfg.loss.lambda_fdrt, cfg.loss.lambda_ihtl, cfg.loss.lambda_acm))
+                   lambdas=(cfg.loss.lambda_fdrt, cfg.loss.lambda_ihtl, cfg.loss.lambda_acm),
+                   attention_orth=cfg.loss.lambda_attention_orth, logit_cap=m.mhsanet.attention_logit_cap)
         if "test_head" in expected:
             got["test_head"] = m.test_head
     return got
@@ -157,7 +162,7 @@ def _row_values(cfg, expected: dict) -> dict:
 def test_config_means_its_table_row(name):
     expected = dict(EXPECTED[name])
     if expected["model"] == "baseline":  # the Baseline has no MHSAB: K, lambdas, fusion and RLM mean nothing
-        for key in ("K", "lambdas", "fusion", "rlm"):
+        for key in ("K", "lambdas", "fusion", "rlm", "attention_orth", "logit_cap"):
             expected.pop(key)
     got = _row_values(load_config(CONFIGS / name), expected)
     assert got == expected, name
