@@ -157,6 +157,9 @@ class EvalConfig:
     k2: int = 6
     lambda_value: float = 0.3
     flip: bool = False  # average features of the image and its mirror
+    # Inference precision of evaluation, extract, index build, FeatureExtractor: auto | off | bf16 | fp16.
+    # auto = bf16 autocast where the CPU/GPU runs bf16 natively (attnreid.engine.inference says why).
+    amp: str = "auto"
     max_rank: int = 50
     # Evaluation set when it differs from the training set (Partial-REID / Partial-iLIDS:
     # trained on Market-1501, MHSA-Net Table III). "" = data.dataset / data.root.
@@ -186,6 +189,7 @@ CHOICES = {
     "optim.name": ("adam", "sgd"),
     "train.amp": ("off", "bf16", "fp16"),
     "eval.metric": ("euclidean_sq", "cosine"),
+    "eval.amp": ("auto", "off", "bf16", "fp16"),
     "data.cuhk03_split": ("new",),
     "model.backbone.last_stride": (1, 2),
 }

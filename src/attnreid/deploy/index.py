@@ -298,6 +298,7 @@ def model_meta(extractor) -> Dict[str, Any]:
         "flip": extractor.flip,
         "input_size": list(extractor.input_size),
         "checkpoint": extractor.checkpoint,
+        "precision": extractor.precision.describe(),  # informative: bf16 and fp32 features are comparable
     }
 
 

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from attnreid.engine.inference import announce, inference_precision
 from attnreid.errors import DataError
+from attnreid.precision import Precision
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -18,25 +20,28 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 def extract_features(model: nn.Module, items: Sequence[Tuple[str, int, int]], data_cfg: Any,
                      batch_size: Optional[int] = None, device: str | torch.device = "cpu",
                      flip: bool = False, channels_last: bool = False,
-                     autocast_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
+                     amp: str | Precision = "auto") -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Run the model in eval mode over ``items`` (``(path, pid, camid)``).
 
     Returns ``(features N x D float32 on the CPU, pids, camids)`` in the order of
     ``items``. ``flip`` averages the features of each image and its mirror image (an
-    evaluation option neither paper uses; off by default).
+    evaluation option neither paper uses; off by default). ``amp`` is the precision
+    (``eval.amp``: auto | off | bf16 | fp16, or a resolved
+    :class:`~attnreid.precision.Precision`); see :mod:`attnreid.engine.inference`.
     """
     from attnreid.data.loader import build_test_loader
 
     if batch_size is not None:
         data_cfg = dataclasses.replace(data_cfg, test_batch_size=batch_size)
     device = torch.device(device)
+    precision = inference_precision(amp, device)
     loader = build_test_loader(data_cfg, list(items))
     was_training = model.training
     model.eval()
     feats: List[torch.Tensor] = []
     pids: List[np.ndarray] = []
     camids: List[np.ndarray] = []
-    use_amp = autocast_dtype is not None and device.type == "cuda"
+    announce(precision)
     try:
         with torch.inference_mode():
             for batch in loader:
@@ -44,7 +49,7 @@ def extract_features(model: nn.Module, items: Sequence[Tuple[str, int, int]], da
                 images = images.to(device, non_blocking=True)
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.bfloat16, enabled=use_amp):
+                with precision.autocast():
                     f = model(images).float()
                     if flip:
                         f = (f + model(torch.flip(images, dims=[3])).float()) / 2
