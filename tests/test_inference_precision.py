@@ -119,3 +119,52 @@ def test_fastest_matching_path_skips_paths_that_disagree_or_failed():
     assert fastest_matching_path(rows) == "eager_bf16"
     assert fastest_matching_path(rows, threshold=0.9999) == "onnxruntime_fp32"
     assert fastest_matching_path(rows[3:4]) is None
+
+
+class AutocastSensitive(torch.nn.Module):
+    """Features that turn into other features under CPU autocast (a model bf16 breaks)."""
+
+    feature_dim = 4
+
+    def forward(self, x):
+        f = x.float().mean(dim=(2, 3)).repeat(1, 2)[:, :4] + torch.arange(4.0)
+        if torch.is_autocast_enabled("cpu"):
+            f = f.flip(1) * torch.tensor([1.0, -1.0, 1.0, -1.0])
+        return f
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """This process sees a CPU with AVX512-BF16, whatever it really has (bf16 is then emulated)."""
+    for var in ("DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(inference, "_announced", set())
+
+
+def test_settle_keeps_bf16_only_when_it_matches_float32(bf16_cpu):
+    auto = inference_precision("auto", "cpu")
+    assert auto.dtype == torch.bfloat16 and inference.needs_check(auto)
+    same = inference.settle(auto, lambda: torch.linspace(1, 2, 12).reshape(3, 4))
+    assert same.dtype == torch.bfloat16 and same.requested == "bf16" and not inference.needs_check(same)
+    assert "matches float32 on this model: mean cosine 1.00000 on the first 3 images" in same.reason
+    model = AutocastSensitive()
+    x = torch.rand(3, 3, 4, 4)
+    worse = inference.settle(auto, lambda: model(x))
+    assert worse.dtype is None and worse.requested == "off"
+    assert "bf16 features differ from float32 on this model" in worse.reason
+    explicit = inference_precision("bf16", "cpu")
+    assert inference.settle(explicit, lambda: model(x)) is explicit  # asked for: no check
+
+
+def test_auto_falls_back_to_float32_where_bf16_breaks_the_model(bf16_cpu, tiny, capsys):
+    _, cfg, items = tiny
+    model = AutocastSensitive()
+    auto, _, _ = extract_features(model, items, cfg.data, amp="auto")
+    off, _, _ = extract_features(model, items, cfg.data, amp="off")
+    assert torch.equal(auto, off)
+    err = capsys.readouterr().err
+    assert "inference precision: float32 (CPU has AVX512-BF16, but bf16 features differ" in err
+    ext = FeatureExtractor.from_model(model, cfg)
+    x = torch.rand(2, 3, 64, 32)
+    assert torch.equal(ext.forward_batch(x), model(x)) and ext.precision.dtype is None

@@ -195,15 +195,21 @@ class FeatureExtractor:
 
     def forward_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Features of a preprocessed B x 3 x H x W batch (flip-averaged when asked), float32 on the CPU."""
-        from attnreid.engine.inference import announce
+        from attnreid.engine.inference import announce, needs_check, settle
 
+        x = images.to(self.device)
+        if needs_check(self.precision):  # auto: bf16 only if it matches float32 on this model's first batch
+            self.precision = settle(self.precision, lambda: self._features(x))
         announce(self.precision)
         with torch.inference_mode(), self.precision.autocast():
-            x = images.to(self.device)
-            f = self.model(x).float()
-            if self.flip:
-                f = (f + self.model(torch.flip(x, dims=[3])).float()) / 2
+            f = self._features(x)
         return f.cpu()
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.model(x).float()
+        if self.flip:
+            f = (f + self.model(torch.flip(x, dims=[3])).float()) / 2
+        return f
 
     def _batches(self, items: Iterable[Any]) -> Iterator[torch.Tensor]:
         pending: List[torch.Tensor] = []

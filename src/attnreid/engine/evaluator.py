@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnreid.engine.extract import extract_features
-from attnreid.engine.inference import inference_precision
+from attnreid.engine.extract import extract_features, extract_with_precision
 from attnreid.errors import DataError
 
 TOPK = 50
@@ -40,10 +39,10 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
     ev = cfg.eval
     rerank = ev.rerank if rerank is None else rerank
     channels_last = bool(cfg.train.channels_last)
-    amp = inference_precision(ev.amp, device)
     t0 = time.perf_counter()
-    qf, q_pids, q_camids = extract_features(model, dataset.query, cfg.data, device=device, flip=ev.flip,
-                                            channels_last=channels_last, amp=amp)
+    # the query set settles auto's precision (checked against float32), the gallery reuses it
+    qf, q_pids, q_camids, amp = extract_with_precision(model, dataset.query, cfg.data, device=device, flip=ev.flip,
+                                                       channels_last=channels_last, amp=ev.amp)
     gf, g_pids, g_camids = extract_features(model, dataset.gallery, cfg.data, device=device, flip=ev.flip,
                                             channels_last=channels_last, amp=amp)
     t_extract = time.perf_counter() - t0
