@@ -184,15 +184,17 @@ def run_group(model: str, paths, args, tmp: str, limit: int) -> list:
 def markdown(rows) -> str:
     from attnreid.engine.inference import fastest_matching_path
 
-    lines = ["| model | batch | path | img/s | ms/batch | mean cos | min cos | setup s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    lines = ["| model | batch | path | img/s | ms/batch | vs eager fp32 | mean cos | min cos | setup s | load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["model"], r["batch"], PATHS.index(r["path"]))):
         setup = r.get("compile_s", r.get("setup_s", ""))
+        load = r["load_average_start"][0]
         if r.get("img_per_s") is None:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['path']} | failed: {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['model']} | {r['batch']} | {r['path']} | {r['error'][:60]} | | | | | | {load} |")
             continue
-        lines.append(f"| {r['model']} | {r['batch']} | {r['path']} | {r['img_per_s']:.1f} | {r['ms_per_batch']:.0f} | "
-                     f"{r['mean_cosine']:.5f} | {r['min_cosine']:.5f} | {setup} |")
+        lines.append(f"| {r['model']} | {r['batch']} | {r['path']} | {r['img_per_s']:.2f} | {r['ms_per_batch']:.0f} | "
+                     f"{r['speedup_vs_eager_fp32']:.2f}x | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | {setup} | "
+                     f"{load} |")
     groups = sorted({(r["model"], r["batch"]) for r in rows})
     best = {f"{m} batch {b}": fastest_matching_path([r for r in rows if (r["model"], r["batch"]) == (m, b)])
             for m, b in groups}
@@ -210,6 +212,7 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--out", type=Path, default=RESULTS / "infer_cpu.json")
+    ap.add_argument("--table", action="store_true", help="print the existing result file as a markdown table")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
@@ -217,6 +220,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.table:
+        print(markdown(json.loads(args.out.read_text())["rows"]))
         return
     from _machine import machine_record
     from attnreid.engine.inference import fastest_matching_path

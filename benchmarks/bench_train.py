@@ -174,6 +174,7 @@ def main() -> None:
     ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     ap.add_argument("--compile", action="store_true",
                     help="also torch.compile the step (models: " + ", ".join(COMPILE_MODELS) + ")")
+    ap.add_argument("--compile-amps", default="off,bf16", help="the amps the compiled variants run with")
     ap.add_argument("--limit", type=int, default=900, help="seconds allowed to one eager variant")
     ap.add_argument("--compile-limit", type=int, default=600, help="seconds allowed to one compiled variant")
     ap.add_argument("--root", type=Path, default=None, help="where to generate the synthetic set (default: a temp dir)")
@@ -204,9 +205,10 @@ def main() -> None:
                                                  "data.synthetic.num_ids=40", "data.synthetic.images_per_id=8"]).data)
     machine = machine_record()
     rows = []
+    compile_amps = [a for a in args.compile_amps.split(",") if a]
     for n in names:
         for compile_ in ([False, True] if args.compile and n in COMPILE_MODELS else [False]):
-            for amp in amps:
+            for amp in (compile_amps if compile_ else amps):
                 r = run_variant(args, n, amp, compile_, root)
                 rows.append(r)
                 speed = f"{r['img_per_s']:8.2f} img/s" if r["img_per_s"] is not None else f"failed: {r['error']}"

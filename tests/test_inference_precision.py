@@ -102,6 +102,9 @@ def test_precision_choice_is_validated(tiny, tmp_path):
     model, cfg, _ = tiny
     with pytest.raises(ConfigError, match="'eval.amp'"):
         load_config(None, ["eval.amp=int8"])
+    # an unquoted off is a YAML boolean; for these keys it means the word
+    cfg_off = load_config(None, ["eval.amp=off", "train.amp=off"])
+    assert cfg_off.eval.amp == cfg_off.train.amp == "off"
     with pytest.raises(ConfigError, match="'amp' is 'half'"):
         FeatureExtractor.from_model(model, cfg, amp="half")
     assert FeatureExtractor.from_model(model, cfg, amp="off").precision.describe() == "float32 (amp=off)"
@@ -168,3 +171,21 @@ def test_auto_falls_back_to_float32_where_bf16_breaks_the_model(bf16_cpu, tiny, 
     ext = FeatureExtractor.from_model(model, cfg)
     x = torch.rand(2, 3, 64, 32)
     assert torch.equal(ext.forward_batch(x), model(x)) and ext.precision.dtype is None
+
+
+def test_the_check_is_made_once_per_model_weights(bf16_cpu):
+    model = torch.nn.Linear(4, 4)
+    x = torch.rand(3, 4)
+    calls = []
+
+    def forward():
+        calls.append(1)
+        return model(x)
+
+    auto = inference_precision("auto", "cpu")
+    first = inference.settle_for(model, auto, forward)
+    assert inference.settle_for(model, auto, forward) is first and len(calls) == 2  # one check: fp32 + bf16
+    with torch.no_grad():
+        model.weight.add_(0.5)  # new weights (a training step): checked again
+    inference.settle_for(model, auto, forward)
+    assert len(calls) == 4

@@ -379,10 +379,19 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+# YAML 1.1 reads an unquoted off / on (``train.amp=off``) as a boolean, which a string
+# field then holds as "False" / "True"; for keys whose choices are the words, they mean the words.
+_YAML_BOOL_WORDS = {"False": "off", "True": "on"}
+
+
 def validate(cfg: Config) -> Config:
     """Check choices and ranges; raise ConfigError naming the first bad key."""
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
+        if value in _YAML_BOOL_WORDS and _YAML_BOOL_WORDS[value] in allowed:
+            value = _YAML_BOOL_WORDS[value]
+            parent, leaf = key.rsplit(".", 1)
+            setattr(_get(cfg, parent), leaf, value)
         if value not in allowed:
             names = ", ".join(str(a) for a in allowed)
             raise ConfigError(f"config key '{key}' is {value!r}; expected one of: {names}")

@@ -195,11 +195,11 @@ class FeatureExtractor:
 
     def forward_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Features of a preprocessed B x 3 x H x W batch (flip-averaged when asked), float32 on the CPU."""
-        from attnreid.engine.inference import announce, needs_check, settle
+        from attnreid.engine.inference import announce, needs_check, settle_for
 
         x = images.to(self.device)
         if needs_check(self.precision):  # auto: bf16 only if it matches float32 on this model's first batch
-            self.precision = settle(self.precision, lambda: self._features(x))
+            self.precision = settle_for(self.model, self.precision, lambda: self._features(x))
         announce(self.precision)
         with torch.inference_mode(), self.precision.autocast():
             f = self._features(x)

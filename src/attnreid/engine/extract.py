@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnreid.engine.inference import announce, inference_precision, needs_check, settle
+from attnreid.engine.inference import announce, inference_precision, needs_check, settle_for
 from attnreid.errors import DataError
 from attnreid.precision import Precision
 
@@ -67,7 +67,7 @@ def extract_with_precision(model: nn.Module, items: Sequence[Tuple[str, int, int
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 if needs_check(precision):
-                    precision = settle(precision, lambda: features(images))
+                    precision = settle_for(model, precision, lambda: features(images))
                     announce(precision)
                 with precision.autocast():
                     f = features(images)

@@ -71,6 +71,23 @@ def settle(precision: Precision, forward: Callable[[], torch.Tensor]) -> Precisi
                      f"mean cosine {cos:.5f} < {MATCH_MEAN_COSINE} on the first {n} images")
 
 
+def settle_for(model: torch.nn.Module, precision: Precision, forward: Callable[[], torch.Tensor]) -> Precision:
+    """:func:`settle`, decided once per model and weights: later calls (the gallery after the
+    query, a second extractor on the same model) reuse the decision until a parameter or
+    buffer changes (training steps bump their version counters), so one set of features
+    is never split between precisions by a borderline cosine."""
+    if not needs_check(precision):
+        return precision
+    key = (precision.dtype, precision.device_type,
+           tuple(t._version for t in (*model.parameters(), *model.buffers())))
+    cached = model.__dict__.get("_attnreid_settled")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    settled = settle(precision, forward)
+    model.__dict__["_attnreid_settled"] = (key, settled)
+    return settled
+
+
 def announce(precision: Precision) -> None:
     """Print ``inference precision: ...`` on stderr, once per process and choice (a later
     evaluation of the same run making the same choice stays quiet)."""

@@ -380,7 +380,7 @@ def run_robustness(
 
     The set is ``cfg.eval.dataset``/``cfg.eval.root`` when given, else
     ``cfg.data.dataset``/``cfg.data.root``; ``cfg.train.threads`` (when > 0) sets torch's
-    CPU threads, ``cfg.train.device``/``amp``/``channels_last`` the extraction.
+    CPU threads, ``cfg.train.device``/``channels_last`` and ``cfg.eval.amp`` the extraction.
     """
     import torch
 
