@@ -143,6 +143,9 @@ class LossConfig:
     lambda_acm: float = 1e-3  # lambda3, Eq. 13 (authors' code with acm_form linear: 1e-4)
     acm_form: str = "paper"  # paper (Eq. 12, min(alpha, gamma)^2) | linear (authors' code, alpha below gamma)
     acm_gamma: float = 1e-3  # gamma, Eq. 12: the threshold of both forms (authors' code: 0.01)
+    # Not in MHSA-Net: ||A A^T - I||_F^2 on the attention maps (Lin et al. 2017, its [56]),
+    # an option against heads that collapse onto one map; 0 = off (the paper's loss).
+    lambda_attention_orth: float = 0.0
 
 
 @dataclass
@@ -167,7 +170,8 @@ class TrainConfig:
     amp: str = "auto"  # auto | off | bf16 | fp16; auto = bf16 where the CUDA device or CPU runs it natively (precision.py)
     channels_last: bool = False
     eval_every: int = 50  # epochs; 0 = only at the end
-    log_every: int = 20  # steps
+    log_every: int = 20  # steps between log.jsonl train records
+    print_every: int = 50  # steps between progress lines when stdout is not a terminal (also every 30 s)
     max_minutes: float = 0.0  # wall-clock budget; 0 = none (the demo uses it)
     max_steps_per_epoch: int = 0  # 0 = a full pass over the sampler
     threads: int = 0  # torch CPU threads; 0 = torch's default
@@ -260,6 +264,7 @@ LOWER_BOUNDS = {
     "train.epochs": (1, True),
     "train.eval_every": (0, True),
     "train.log_every": (1, True),
+    "train.print_every": (1, True),
     "train.max_minutes": (0.0, True),
     "train.max_steps_per_epoch": (0, True),
     "train.threads": (0, True),
@@ -274,7 +279,7 @@ UPPER_BOUNDS = {
     "eval.lambda_value": 1.0,
 }
 for _k in ("loss.saffm_ce", "loss.saffm_triplet", "loss.rlm_ce", "loss.rlm_triplet",
-           "loss.lambda_fdrt", "loss.lambda_ihtl", "loss.lambda_acm", "eval.lambda_value",
+           "loss.lambda_fdrt", "loss.lambda_ihtl", "loss.lambda_acm", "loss.lambda_attention_orth", "eval.lambda_value",
            "data.synthetic.occluded_query_share"):
     LOWER_BOUNDS[_k] = (0.0, True)
 

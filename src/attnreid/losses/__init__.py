@@ -16,6 +16,8 @@ term           what                               weight (config)        paper
 ``fdrt``       FDRT on P                          loss.lambda_fdrt       Eq. 3, 11
 ``ihtl``       IHTL on P                          loss.lambda_ihtl       Eq. 5, 11
 ``acm``        ACM on alpha                       loss.lambda_acm        Eq. 12, 13
+``attn_orth``  ||A A^T - I||^2 on alpha           loss.lambda_attention  not in the paper
+                                                  _orth (default 0)      ([56], option)
 ``ce_local``   CE on HA-CNN's local feature       1                      HA Sec. 3
 =============  =================================  =====================  ========
 
@@ -32,7 +34,9 @@ How each term is computed (SPEC.md 1; defaults first):
   ``loss.acm_gamma``.
 
 A term whose weight is 0 is not computed, so each Table V ablation row is a set of
-weights (e.g. Baseline+MHSAM: lambda_fdrt = lambda_ihtl = lambda_acm = 0).
+weights (e.g. Baseline+MHSAM: lambda_fdrt = lambda_ihtl = lambda_acm = 0). A new term
+(e.g. a center loss) is one more ``(name, weight, fn)`` entry in :func:`build_criterion`.
+:mod:`attnreid.losses.balance` measures each term's gradient at the backbone.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnreid.errors import ConfigError
-from attnreid.losses.regularizers import ACM_FORMS, FDRT_FORMS, attention_competition, feature_diversity
+from attnreid.losses.regularizers import (ACM_FORMS, FDRT_FORMS, attention_competition, attention_orthogonality,
+                                         feature_diversity)
 from attnreid.losses.triplet import DISTANCES, batch_hard_triplet, improved_hard_triplet, parse_margin
 
 Term = Tuple[str, float, Callable[[dict, torch.Tensor], torch.Tensor]]
@@ -65,14 +70,14 @@ class Criterion(nn.Module):
         self.terms = terms
         self.weights = {name: weight for name, weight, _ in terms}
 
+    def term_values(self, outputs: dict, labels: torch.Tensor) -> Dict[str, Tuple[float, torch.Tensor]]:
+        """Each term's (weight, unweighted value), values still attached to the graph."""
+        return {name: (weight, fn(outputs, labels)) for name, weight, fn in self.terms}
+
     def forward(self, outputs: dict, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        total = None
-        values: Dict[str, torch.Tensor] = {}
-        for name, weight, fn in self.terms:
-            value = fn(outputs, labels)
-            values[name] = value.detach()
-            total = weight * value if total is None else total + weight * value
-        return total, values  # type: ignore[return-value]
+        values = self.term_values(outputs, labels)
+        total = sum(weight * value for weight, value in values.values())
+        return total, {name: value.detach() for name, (_, value) in values.items()}  # type: ignore[return-value]
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}*{weight:g}" for name, weight, _ in self.terms)
@@ -113,6 +118,7 @@ def build_criterion(loss_cfg, model_cfg) -> Criterion:
             ("fdrt", loss_cfg.lambda_fdrt, lambda out, y: feature_diversity(out["P"], fdrt_form)),
             ("ihtl", loss_cfg.lambda_ihtl, lambda out, y: improved_hard_triplet(out["P"], y, ihtl_margin, ihtl_distance)),
             ("acm", loss_cfg.lambda_acm, lambda out, y: attention_competition(out["alpha"], gamma, acm_form)),
+            ("attn_orth", loss_cfg.lambda_attention_orth, lambda out, y: attention_orthogonality(out["alpha"])),
         ]
     elif model_cfg.name == "hacnn":
         weighted.append(("ce_local", 1.0, ce("local")))
@@ -128,4 +134,4 @@ def _check_choice(value: str, allowed, key: str) -> str:
 
 
 __all__ = ["Criterion", "build_criterion", "cross_entropy", "batch_hard_triplet", "improved_hard_triplet",
-           "feature_diversity", "attention_competition"]
+           "feature_diversity", "attention_competition", "attention_orthogonality"]
