@@ -9,12 +9,15 @@ evaluation stay in float32.
 ``auto`` keeps bf16 only where its features match float32 *on the model at hand*
 (:func:`settle`): the first batch runs both ways, and bf16 stays when the mean cosine
 between the two is at least :data:`MATCH_MEAN_COSINE` (0.999), else the rest runs in
-float32 and the printed line says why. The rule is the one ``benchmarks/bench_infer.py``
-applies to its measurements (:func:`fastest_matching_path`): the fastest path whose
-features match float32. A measured rule and not a constant, because agreement depends on
-the weights: on this AMD EPYC (AVX512-BF16) randomly initialised HA-CNN features agree
-with float32 to a mean cosine of only ~0.986, while a trained ResNet-18 Baseline's agree
-to >= 0.999 (docs/deployment.md, docs/training.md). An explicit ``bf16`` is taken as
+float32 and the printed line says why. The decision is made once per model and weights
+(:func:`settle_for`), so query and gallery features never end up in different
+precisions. The rule is the one ``benchmarks/bench_infer.py`` applies to its
+measurements (:func:`fastest_matching_path`): the fastest path whose features match
+float32. It is measured per model and not fixed per CPU, because agreement depends on
+the weights: with random weights, HA-CNN's bf16 features reach a mean cosine of only
+~0.986 with float32 and MHSA-Net's (ResNet-50) ~0.91, while a trained ResNet-18
+Baseline's reach >= 0.999 (measured on an AMD EPYC with AVX512-BF16; docs/deployment.md,
+docs/training.md). An explicit ``bf16`` is taken as
 asked, without the check. ``torch.compile`` and onnxruntime are not used by these
 commands: see docs/deployment.md for why (compilation costs minutes here; onnxruntime
 needs an export and is the ``attnreid export`` path).
