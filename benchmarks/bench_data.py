@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from _machine import machine_record
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -28,8 +28,7 @@ SHARED = HERE.parent / ".." / "shared" / "data"
 
 
 def _machine() -> dict:
-    return {"cpus": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2), "python": platform.python_version(),
-            "torch": torch.__version__}
+    return {**machine_record(), "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
 def _write(name: str, result: dict) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import machine_record
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -44,8 +44,8 @@ RESULTS = HERE / "results"
 def _machine(threads: int) -> dict:
     import onnxruntime
 
-    info = {"cpus": os.cpu_count(), "threads": threads, "load_avg_1min": round(os.getloadavg()[0], 2),
-            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    info = {**machine_record(), "threads": threads, "load_avg_1min": round(os.getloadavg()[0], 2),
+            "onnxruntime": onnxruntime.__version__}
     try:
         import faiss
 

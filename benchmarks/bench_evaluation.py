@@ -43,17 +43,12 @@ NAME = re.compile(r"/(query|bounding_box_test)/([-\d]+)_c(\d)[^/]*\.jpg$")
 
 
 def machine() -> dict:
-    import torch
+    from _machine import machine_record
 
     return {
+        **machine_record(),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
         "numpy": np.__version__,
-        "python": platform.python_version(),
-        "cuda": torch.cuda.is_available(),
         "load_average_at_start": os.getloadavg(),
         "note": "shared 2-core machine: other jobs were running; compare ratios, not absolute times",
     }

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import machine_record
+
 from attnreid.config import load_config
 from attnreid.data.datasets import build_dataset_from_config
 from attnreid.data.datasets.base import ReIDDataset
@@ -81,7 +83,7 @@ def main() -> None:
         "chance_rank1": chance["rank1"], "chance_mAP_approx": chance["mAP"],
         "rank1_over_chance": round(result["rank1"] / max(chance["rank1"], 1e-9), 2),
         "wall_seconds": round(time.perf_counter() - t0, 1), "load_average": list(os.getloadavg()),
-        "cpu_count": os.cpu_count(),
+        "machine": machine_record(),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "market_smoke.json").write_text(json.dumps(out, indent=2) + "\n")

@@ -114,6 +114,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    from _machine import machine_record
 
     from attnreid.config import load_config
     from attnreid.robustness.report import parse_levels, plot_report, report_tables, run_robustness
@@ -157,7 +158,7 @@ def main() -> None:
         "checkpoint": ckpt, "trained_here": trained_here, "train_minutes": args.train_minutes if trained_here else None,
         "device": "cpu", "threads": args.threads,
         "seconds": {"subset": round(t_subset, 1), "train": round(t_train, 1), "report": round(t_report, 1)},
-        "conditions": n_cond,
+        "conditions": n_cond, "machine": machine_record(),
         "query_images_per_second": round(n_cond * report["num_query"] / t_report, 1),
     }
     out = Path(args.out)

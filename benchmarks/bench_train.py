@@ -1,12 +1,25 @@
-"""Training throughput (images/s) of MHSA-Net (ResNet-50, 384x128) and HA-CNN (160x64).
+"""Training throughput (images/s): float32 vs bf16 autocast, eager vs torch.compile, on this CPU.
 
-Runs the trainer's own step (:func:`attnreid.engine.trainer.train_step`) on PK batches
+Runs the trainer's own step (:func:`attnreid.engine.trainer.train_step`: forward under
+autocast, each model's criterion in float32, backward, optimiser step) on PK batches
 from the real data pipeline (synthetic set, JPEG decoding and transforms in DataLoader
 workers) and reports images/s and the share of step time spent waiting for data. The
-first ``--warmup`` steps are not timed. On a machine with CUDA it also runs the GPU path
-(bf16 autocast, channels_last).
+first ``--warmup`` steps are not timed (with torch.compile they include the compilation,
+reported as ``compile_s``). Random weights.
 
-    python benchmarks/bench_train.py [--steps 4] [--batch 32] [--workers 2] [--threads N] [--models hacnn_160x64]
+Models (``--models``):
+
+- ``baseline_resnet18_128x64``, ``mhsanet_resnet18_k8_128x64``, ``hacnn_160x64``,
+  ``mhsanet_resnet50_256x128``: the precision table (issue 13), channels_last on;
+- ``mhsanet_resnet50_384x128``, ``hacnn_160x64`` with ``--no-channels-last --amps off``:
+  the earlier float32 rows (paper input sizes, NCHW).
+
+Every variant (model x amp x compile) runs in its own subprocess with a time limit, so a
+compilation that takes longer than the machine allows is recorded as such. Rows of
+variants not re-measured are kept from the existing result file, each with the machine
+it came from.
+
+    python benchmarks/bench_train.py [--steps 4] [--batch 32] [--threads 2] [--amps off,bf16] [--compile]
 
 Writes benchmarks/results/train_cpu.json (and train_cuda.json on a GPU).
 """
@@ -16,56 +29,70 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import subprocess
+import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-
-from attnreid.config import load_config
-from attnreid.data.datasets import build_dataset_from_config
-from attnreid.data.loader import build_train_loader
-from attnreid.engine.optim import build_optimizer
-from attnreid.engine.trainer import TrainState, train_step
-from attnreid.losses import build_criterion
-from attnreid.models import build_model
+from _machine import machine_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
+UNRECORDED = "unrecorded (an earlier machine of this kind)"
 
 MODELS = {
-    "mhsanet_resnet50_384x128": ["model.name=mhsanet", "model.backbone.name=resnet50", "model.backbone.pretrained=false",
-                                 "data.height=384", "data.width=128", "data.flip=true"],
+    "baseline_resnet18_128x64": ["model.name=baseline", "model.backbone.name=resnet18",
+                                 "model.backbone.pretrained=false", "data.height=128", "data.width=64"],
+    "mhsanet_resnet18_k8_128x64": ["model.name=mhsanet", "model.backbone.name=resnet18",
+                                   "model.backbone.pretrained=false", "model.mhsanet.num_heads=8",
+                                   "data.height=128", "data.width=64"],
     "hacnn_160x64": ["model.name=hacnn", "data.height=160", "data.width=64", "data.flip=false"],
+    "mhsanet_resnet50_256x128": ["model.name=mhsanet", "model.backbone.name=resnet50",
+                                 "model.backbone.pretrained=false", "data.height=256", "data.width=128"],
+    "mhsanet_resnet50_384x128": ["model.name=mhsanet", "model.backbone.name=resnet50",
+                                 "model.backbone.pretrained=false", "data.height=384", "data.width=128",
+                                 "data.flip=true"],
 }
+TABLE = ["baseline_resnet18_128x64", "mhsanet_resnet18_k8_128x64", "hacnn_160x64", "mhsanet_resnet50_256x128"]
+COMPILE_MODELS = ["baseline_resnet18_128x64", "mhsanet_resnet18_k8_128x64", "mhsanet_resnet50_256x128"]
 
 
-def bench(name: str, overrides, root: Path, device: torch.device, steps: int, warmup: int, batch: int,
-          workers: int) -> dict:
+def load() -> list:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def bench(name: str, root: Path, device: torch.device, steps: int, warmup: int, batch: int, workers: int,
+          amp: str, channels_last: bool, compile_: bool) -> dict:
+    from attnreid.config import load_config
+    from attnreid.data.datasets import build_dataset_from_config
+    from attnreid.data.loader import build_train_loader
+    from attnreid.engine.optim import build_optimizer
+    from attnreid.engine.trainer import TrainState, train_step
+    from attnreid.losses import build_criterion
+    from attnreid.models import build_model
+    from attnreid.precision import resolve_precision
+
     cfg = load_config(None, [f"data.root={root}", "data.dataset=synthetic", "data.synthetic.num_ids=40",
                              "data.synthetic.images_per_id=8", f"data.batch_size={batch}", "data.num_instances=4",
-                             f"data.workers={workers}", *overrides])
+                             f"data.workers={workers}", *MODELS[name]])
     dataset = build_dataset_from_config(cfg.data)
     loader = build_train_loader(cfg.data, dataset, seed=0)
+    torch.manual_seed(0)
     model = build_model(cfg.model, dataset.num_train_pids).to(device)
     criterion = build_criterion(cfg.loss, cfg.model).to(device)
-    cuda = device.type == "cuda"
-    if cuda:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, [model, criterion])
     params = [p for g in optimizer.param_groups for p in g["params"]]
     model.train()
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    net = torch.compile(model) if compile_ else model
+    precision = resolve_precision(amp, device)
 
     state = TrainState()
-    load_before = list(os.getloadavg())
-    data_s = step_s = 0.0
-    images = 0
-    timed = 0
-    epoch = 0
+    load_before = load()
+    data_s = step_s = warm_s = 0.0
+    images = timed = epoch = 0
     it = None
     t_prev = time.perf_counter()
     for i in range(warmup + steps):
@@ -81,11 +108,11 @@ def bench(name: str, overrides, root: Path, device: torch.device, steps: int, wa
             batch_ = next(it)
         t_data = time.perf_counter()
         x = batch_[0].to(device, non_blocking=True)
-        if cuda:
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.as_tensor(batch_[1]).to(device)
-        train_step(model, criterion, optimizer, x, y, autocast, None, 0.0, params, state)
-        if cuda:
+        train_step(net, criterion, optimizer, x, y, precision.autocast, None, 0.0, params, state)
+        if device.type == "cuda":
             torch.cuda.synchronize()
         t_end = time.perf_counter()
         if i >= warmup:
@@ -93,13 +120,46 @@ def bench(name: str, overrides, root: Path, device: torch.device, steps: int, wa
             step_s += t_end - t_prev
             images += x.shape[0]
             timed += 1
+        else:
+            warm_s += t_end - t_prev
         t_prev = t_end
-    return {"model": name, "device": str(device), "batch": batch, "steps_timed": timed, "workers": workers,
-            "img_per_s": round(images / step_s, 2), "seconds_per_step": round(step_s / timed, 3),
-            "data_wait_share": round(data_s / step_s, 4), "input": [cfg.data.height, cfg.data.width],
-            "amp": "bf16" if cuda else "off", "channels_last": cuda, "threads": torch.get_num_threads(),
-            "load_average_before": [round(v, 2) for v in load_before],
-            "load_average_after": [round(v, 2) for v in os.getloadavg()]}
+    row = {"model": name, "device": str(device), "batch": batch, "steps_timed": timed, "workers": workers,
+           "img_per_s": round(images / step_s, 2), "seconds_per_step": round(step_s / timed, 3),
+           "data_wait_share": round(data_s / step_s, 4), "input": [cfg.data.height, cfg.data.width],
+           "amp": amp, "precision": precision.describe(), "channels_last": channels_last, "compile": compile_,
+           "threads": torch.get_num_threads(), "load_average_before": load_before, "load_average_after": load()}
+    if compile_:
+        row["compile_s"] = round(warm_s - warmup * step_s / timed, 1)  # warm-up steps minus their steady cost
+    row["loaded"] = max(row["load_average_before"][0], row["load_average_after"][0]) > 1
+    return row
+
+
+def key(r: dict) -> tuple:
+    return (r["model"], r["device"], r.get("amp", "off"), bool(r.get("channels_last")), bool(r.get("compile")))
+
+
+def run_variant(args, name: str, amp: str, compile_: bool, root: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--models", name, "--amps", amp, "--root", str(root),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+           "--workers", str(args.workers), "--threads", str(args.threads)]
+    if not args.channels_last:
+        cmd.append("--no-channels-last")
+    if compile_:
+        cmd.append("--compile")
+    limit = args.compile_limit if compile_ else args.limit
+    start = load()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+        rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+        if rows:
+            return rows[0]
+        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
+        error = f"exit code {proc.returncode}: " + " | ".join(tail)
+    except subprocess.TimeoutExpired:
+        error = f"did not finish within {limit} s ({args.warmup} warm-up + {args.steps} timed steps)"
+    return {"model": name, "device": "cpu", "batch": args.batch, "amp": amp, "channels_last": args.channels_last,
+            "compile": compile_, "img_per_s": None, "error": error[-1500:], "threads": args.threads,
+            "load_average_before": start, "load_average_after": load()}
 
 
 def main() -> None:
@@ -108,34 +168,70 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--models", default=",".join(TABLE), help="comma-separated subset of: " + ", ".join(MODELS))
+    ap.add_argument("--amps", default="off,bf16")
+    ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    ap.add_argument("--compile", action="store_true",
+                    help="also torch.compile the step (models: " + ", ".join(COMPILE_MODELS) + ")")
+    ap.add_argument("--compile-amps", default="off,bf16", help="the amps the compiled variants run with")
+    ap.add_argument("--limit", type=int, default=900, help="seconds allowed to one eager variant")
+    ap.add_argument("--compile-limit", type=int, default=600, help="seconds allowed to one compiled variant")
     ap.add_argument("--root", type=Path, default=None, help="where to generate the synthetic set (default: a temp dir)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="bench_train_"))
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     names = [n for n in args.models.split(",") if n]
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
         ap.error(f"unknown model(s) {', '.join(unknown)}; expected: {', '.join(MODELS)}")
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    amps = [a for a in args.amps.split(",") if a]
+    if args.worker:  # one variant, in this process
+        row = bench(names[0], root, torch.device("cpu"), args.steps, args.warmup, args.batch, args.workers, amps[0],
+                    args.channels_last, args.compile)
+        print("ROW " + json.dumps(row), flush=True)
+        return
+    if torch.cuda.is_available():  # the GPU path: bf16 autocast, channels_last, in this process
+        rows = [bench(n, root, torch.device("cuda"), args.steps, args.warmup, max(args.batch, 64), args.workers,
+                      "bf16", True, False) for n in names]
+        (RESULTS / "train_cuda.json").write_text(json.dumps({"machine": {**machine_record(),
+                                                 "gpu": torch.cuda.get_device_name(0)}, "rows": rows}, indent=2) + "\n")
+    from attnreid.config import load_config
+    from attnreid.data.datasets import build_dataset_from_config
+
+    # generate the synthetic set once, before the variants' processes read it
+    build_dataset_from_config(load_config(None, [f"data.root={root}", "data.dataset=synthetic",
+                                                 "data.synthetic.num_ids=40", "data.synthetic.images_per_id=8"]).data)
+    machine = machine_record()
+    rows = []
+    compile_amps = [a for a in args.compile_amps.split(",") if a]
+    for n in names:
+        for compile_ in ([False, True] if args.compile and n in COMPILE_MODELS else [False]):
+            for amp in (compile_amps if compile_ else amps):
+                r = run_variant(args, n, amp, compile_, root)
+                rows.append(r)
+                speed = f"{r['img_per_s']:8.2f} img/s" if r["img_per_s"] is not None else f"failed: {r['error']}"
+                print(f"{n:28s} amp={amp:4s} compile={compile_!s:5s} channels_last={args.channels_last!s:5s}: {speed}",
+                      flush=True)
+    out_file = RESULTS / "train_cpu.json"
+    kept = []
+    if out_file.is_file():
+        old = json.loads(out_file.read_text())
+        new_keys = {key(r) for r in rows}
+        for r in old.get("rows", []):
+            if key(r) not in new_keys:
+                r.setdefault("machine", old["machine"] if isinstance(old.get("machine"), str) else UNRECORDED)
+                kept.append(r)
+    for r in rows:
+        r["machine"] = "this file's machine"
+    out = {"machine": machine, "load_average_end": load(), "rows": kept + rows,
+           "note": ("CPU numbers from a 2-core machine shared with other jobs (each row's load_average; loaded = "
+                    "1-minute load above 1); random-init weights, synthetic images resized to the input sizes. "
+                    "Rows whose machine is not this file's were measured earlier and kept.")}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for device in devices:
-        batch = args.batch if device.type == "cpu" else max(args.batch, 64)
-        rows = [bench(n, MODELS[n], root, device, args.steps, args.warmup, batch, args.workers) for n in names]
-        for r in rows:
-            print(f"{r['model']:28s} {r['device']:5s} batch {r['batch']:3d}: {r['img_per_s']:8.2f} img/s, "
-                  f"{100 * r['data_wait_share']:.1f}% of step time waiting for data")
-        out = {"rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()), "machine": platform.machine(),
-               "note": ("CPU numbers from a 2-core machine shared with other jobs (see load_average); "
-                        "random-init weights, synthetic images resized to the paper input sizes.")}
-        if device.type == "cuda":
-            out["gpu"] = torch.cuda.get_device_name(0)
-        name = "train_cpu.json" if device.type == "cpu" else "train_cuda.json"
-        (RESULTS / name).write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {RESULTS / name}")
+    out_file.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {out_file}")
 
 
 if __name__ == "__main__":

@@ -188,6 +188,9 @@ class EvalConfig:
     k2: int = 6
     lambda_value: float = 0.3
     flip: bool = False  # average features of the image and its mirror
+    # Inference precision of evaluation, extract, index build, FeatureExtractor: auto | off | bf16 | fp16.
+    # auto = bf16 autocast where the CPU/GPU runs bf16 natively (attnreid.engine.inference says why).
+    amp: str = "auto"
     max_rank: int = 50
     # Evaluation set when it differs from the training set (Partial-REID / Partial-iLIDS:
     # trained on Market-1501, MHSA-Net Table III). "" = data.dataset / data.root.
@@ -221,6 +224,7 @@ CHOICES = {
     "train.amp": ("auto", "off", "bf16", "fp16"),
     "data.epoch_mode": ("images", "identities"),
     "eval.metric": ("euclidean_sq", "cosine"),
+    "eval.amp": ("auto", "off", "bf16", "fp16"),
     "data.cuhk03_split": ("new",),
     "model.backbone.last_stride": (1, 2),
 }
@@ -384,10 +388,19 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+# YAML 1.1 reads an unquoted off / on (``train.amp=off``) as a boolean, which a string
+# field then holds as "False" / "True"; for keys whose choices are the words, they mean the words.
+_YAML_BOOL_WORDS = {"False": "off", "True": "on"}
+
+
 def validate(cfg: Config) -> Config:
     """Check choices and ranges; raise ConfigError naming the first bad key."""
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
+        if value in _YAML_BOOL_WORDS and _YAML_BOOL_WORDS[value] in allowed:
+            value = _YAML_BOOL_WORDS[value]
+            parent, leaf = key.rsplit(".", 1)
+            setattr(_get(cfg, parent), leaf, value)
         if value not in allowed:
             names = ", ".join(str(a) for a in allowed)
             raise ConfigError(f"config key '{key}' is {value!r}; expected one of: {names}")

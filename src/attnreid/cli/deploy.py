@@ -11,6 +11,8 @@ from attnreid.cli._app import app
 from attnreid.cli._util import print_json
 
 DEFAULT_CAMERA_REGEX = r"_c(\d+)"  # same as attnreid.deploy.index (not imported: keeps --help fast)
+AMP_CHOICES = ("auto", "off", "bf16", "fp16")  # attnreid.precision.AMP_CHOICES (not imported: keeps --help fast)
+AMP_HELP = "Precision: auto, off, bf16 or fp16 (default: the config's eval.amp, auto = bf16 where native)."
 
 index_app = typer.Typer(help="Build a gallery index for 'attnreid search'.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
@@ -48,6 +50,13 @@ def export(
           f"{report['max_abs_diff']:.2e}, relative {report['rel_diff']:.2e} (< {tolerance:.0e}: ok)")
 
 
+def _check_amp(amp: Optional[str]) -> None:
+    from attnreid.errors import AttnReidError
+
+    if amp is not None and amp not in AMP_CHOICES:
+        raise AttnReidError(f"--amp is {amp!r}; expected one of: {', '.join(AMP_CHOICES)}")
+
+
 @index_app.command("build")
 def index_build(
     images_dir: Path = typer.Argument(..., help="Folder of gallery images (searched recursively)."),
@@ -60,6 +69,7 @@ def index_build(
     shard_size: int = typer.Option(1024, "--shard-size", help="Images per shard file (resume granularity)."),
     flip: bool = typer.Option(False, "--flip", help="Average each image's feature with its mirror's."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    amp: Optional[str] = typer.Option(None, "--amp", help=AMP_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
     """Extract features of every image in a folder into a resumable index."""
@@ -69,10 +79,12 @@ def index_build(
 
     if shard_size < 1:
         raise AttnReidError(f"--shard-size is {shard_size}; it must be >= 1")
+    _check_amp(amp)
     if config is not None:
-        ext = FeatureExtractor(config, checkpoint=checkpoint, device=device, batch_size=batch_size, flip=flip)
+        ext = FeatureExtractor(config, checkpoint=checkpoint, device=device, batch_size=batch_size, flip=flip,
+                               amp=amp)
     else:
-        ext = FeatureExtractor(checkpoint, device=device, batch_size=batch_size, flip=flip)
+        ext = FeatureExtractor(checkpoint, device=device, batch_size=batch_size, flip=flip, amp=amp)
     summary = build_index(ext, images_dir, out, camera_regex=camera_regex, shard_size=shard_size,
                           progress=not json_out)
     if json_out:
@@ -101,12 +113,14 @@ def search(
                                               help="Query model (default: the checkpoint the index was built with)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Config to go with --checkpoint."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    amp: Optional[str] = typer.Option(None, "--amp", help=AMP_HELP),
 ) -> None:
     """Rank the indexed gallery for each query image (distances: smaller is closer)."""
     from attnreid.deploy.extractor import FeatureExtractor
     from attnreid.deploy.index import FAISS_KINDS, FaissParams, GalleryIndex, search_images
     from attnreid.errors import AttnReidError
 
+    _check_amp(amp)
     if backend not in ("torch", "faiss"):
         raise AttnReidError(f"--backend is {backend!r}; expected torch or faiss")
     if faiss_index not in FAISS_KINDS:
@@ -117,9 +131,9 @@ def search(
         raise AttnReidError(f"index {index} records no checkpoint; pass --checkpoint")
     flip = bool(gallery.meta.get("flip", False))
     if config is not None:
-        ext = FeatureExtractor(config, checkpoint=ckpt, device=device, flip=flip)
+        ext = FeatureExtractor(config, checkpoint=ckpt, device=device, flip=flip, amp=amp)
     else:
-        ext = FeatureExtractor(ckpt, device=device, flip=flip)
+        ext = FeatureExtractor(ckpt, device=device, flip=flip, amp=amp)
     results = search_images(gallery, ext, [str(q) for q in queries], k=top_k,
                             exclude_same_camera=exclude_same_camera, backend=backend, faiss_index=faiss_index,
                             faiss_params=FaissParams(nprobe=nprobe, ef_search=ef_search))

@@ -156,7 +156,8 @@ def extract_cmd(
     arrays = {}
     if folder is not None:
         items = folder_items(folder)
-        feats, _, _ = extract_features(model, items, cfg.data, device=device, flip=cfg.eval.flip)
+        feats, _, _ = extract_features(model, items, cfg.data, device=device, flip=cfg.eval.flip,
+                                       amp=cfg.eval.amp)
         arrays = {"features": feats.numpy(), "paths": np.array([p for p, _, _ in items])}
     else:
         if "train" in splits:
@@ -166,7 +167,8 @@ def extract_cmd(
         eval_set = build_eval_dataset(cfg) if any(s != "train" for s in splits) else None
         for s in splits:
             items = train_set.train if s == "train" else getattr(eval_set, s)
-            feats, pids, camids = extract_features(model, items, cfg.data, device=device, flip=cfg.eval.flip)
+            feats, pids, camids = extract_features(model, items, cfg.data, device=device, flip=cfg.eval.flip,
+                                                   amp=cfg.eval.amp)
             arrays.update({f"{s}_features": feats.numpy(), f"{s}_pids": pids, f"{s}_camids": camids,
                            f"{s}_paths": np.array([p for p, _, _ in items])})
     out.parent.mkdir(parents=True, exist_ok=True)

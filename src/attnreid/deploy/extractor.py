@@ -34,6 +34,7 @@ from torch import nn
 
 from attnreid.config import Config, load_config, to_dict
 from attnreid.errors import ConfigError, DataError
+from attnreid.precision import Precision
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
 
@@ -72,18 +73,26 @@ class FeatureExtractor:
             plain average ``attnreid eval`` uses with ``eval.flip``; not re-normalised).
         checkpoint: the weights when ``config_or_checkpoint`` is a config; its model
             section decides the architecture and test-feature variant.
+        amp: the precision, ``auto | off | bf16 | fp16`` (default: the config's
+            ``eval.amp``, itself ``auto``: bf16 autocast where the hardware runs it
+            natively; see :mod:`attnreid.engine.inference`). Features are float32 either way.
 
-    Attributes: ``model`` (eval mode), ``cfg``, ``device``, ``feature_dim``,
+    Attributes: ``model`` (eval mode), ``cfg``, ``device``, ``precision``, ``feature_dim``,
     ``model_name``, ``checkpoint`` (path or None), ``fingerprint`` (see
     :func:`config_fingerprint`), ``metric`` (``cosine`` when the model L2-normalises its
     feature or the config's ``eval.metric`` says so, else ``euclidean_sq``).
     """
 
     def __init__(self, config_or_checkpoint: str | Path | Config, device: str | torch.device = "cpu",
-                 batch_size: int = 64, flip: bool = False, checkpoint: Optional[str | Path] = None):
+                 batch_size: int = 64, flip: bool = False, checkpoint: Optional[str | Path] = None,
+                 amp: Optional[str] = None):
         if batch_size < 1:
             raise ConfigError(f"batch_size is {batch_size}; it must be >= 1")
         self.device = _resolve_device(device)
+        if amp is not None:  # a bad value is refused before the checkpoint is read
+            from attnreid.engine.inference import inference_precision
+
+            amp = inference_precision(amp, self.device, key="amp")
         source = config_or_checkpoint
         if isinstance(source, Config):
             cfg: Optional[Config] = source
@@ -101,19 +110,24 @@ class FeatureExtractor:
             from attnreid.models import build_model
 
             model = build_model(cfg.model, 2)  # random weights: the class count only sizes unused classifiers
-        self._setup(model, cfg, batch_size, flip, None if checkpoint is None else str(Path(checkpoint).resolve()))
+        self._setup(model, cfg, batch_size, flip, None if checkpoint is None else str(Path(checkpoint).resolve()), amp)
 
     @classmethod
     def from_model(cls, model: nn.Module, cfg: Config, device: str | torch.device = "cpu",
-                   batch_size: int = 64, flip: bool = False) -> "FeatureExtractor":
+                   batch_size: int = 64, flip: bool = False, amp: Optional[str] = None) -> "FeatureExtractor":
         """Wrap a model already in memory (e.g. at the end of training)."""
         self = cls.__new__(cls)
         self.device = _resolve_device(device)
-        self._setup(model, cfg, batch_size, flip, None)
+        self._setup(model, cfg, batch_size, flip, None, amp)
         return self
 
-    def _setup(self, model: nn.Module, cfg: Config, batch_size: int, flip: bool, checkpoint: Optional[str]) -> None:
+    def _setup(self, model: nn.Module, cfg: Config, batch_size: int, flip: bool, checkpoint: Optional[str],
+               amp: Optional[str | Precision]) -> None:
         from attnreid.data.transforms import build_transforms
+        from attnreid.engine.inference import inference_precision
+
+        self.precision = inference_precision(cfg.eval.amp if amp is None else amp, self.device,
+                                             key="eval.amp" if amp is None else "amp")
 
         self.model = model.to(self.device).eval()
         self.cfg = cfg
@@ -181,12 +195,21 @@ class FeatureExtractor:
 
     def forward_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Features of a preprocessed B x 3 x H x W batch (flip-averaged when asked), float32 on the CPU."""
-        with torch.inference_mode():
-            x = images.to(self.device)
-            f = self.model(x).float()
-            if self.flip:
-                f = (f + self.model(torch.flip(x, dims=[3])).float()) / 2
+        from attnreid.engine.inference import announce, needs_check, settle_for
+
+        x = images.to(self.device)
+        if needs_check(self.precision):  # auto: bf16 only if it matches float32 on this model's first batch
+            self.precision = settle_for(self.model, self.precision, lambda: self._features(x))
+        announce(self.precision)
+        with torch.inference_mode(), self.precision.autocast():
+            f = self._features(x)
         return f.cpu()
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.model(x).float()
+        if self.flip:
+            f = (f + self.model(torch.flip(x, dims=[3])).float()) / 2
+        return f
 
     def _batches(self, items: Iterable[Any]) -> Iterator[torch.Tensor]:
         pending: List[torch.Tensor] = []
@@ -211,4 +234,5 @@ class FeatureExtractor:
 
     def __repr__(self) -> str:
         return (f"FeatureExtractor(model={self.model_name!r}, feature_dim={self.feature_dim}, "
-                f"input={self.input_size[0]}x{self.input_size[1]}, device={str(self.device)!r}, flip={self.flip})")
+                f"input={self.input_size[0]}x{self.input_size[1]}, device={str(self.device)!r}, flip={self.flip}, "
+                f"precision={self.precision.name!r})")

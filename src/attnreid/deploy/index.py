@@ -298,6 +298,7 @@ def model_meta(extractor) -> Dict[str, Any]:
         "flip": extractor.flip,
         "input_size": list(extractor.input_size),
         "checkpoint": extractor.checkpoint,
+        "precision": extractor.precision.describe(),  # informative only: bf16 and fp32 features are comparable
     }
 
 
@@ -458,6 +459,7 @@ def build_index(extractor, images_dir: str | Path, out: str | Path, camera_regex
             bar[0].stop()
         _write_json(out / "skipped.json", skipped)
         meta["num_vectors"] = len(done) + added
+        meta["precision"] = extractor.precision.describe()  # as settled by this (latest) build
         _write_json(out / "meta.json", meta)
     return {"index": str(out), "images": len(images), "added": added, "already_indexed": len(images) - len(todo),
             "skipped": skipped, "num_vectors": meta["num_vectors"], "seconds": round(time.perf_counter() - t0, 3)}

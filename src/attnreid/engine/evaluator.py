@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnreid.engine.extract import extract_features
+from attnreid.engine.extract import extract_features, extract_with_precision
 from attnreid.errors import DataError
 
 TOPK = 50
@@ -43,12 +43,12 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
     ev = cfg.eval
     rerank = ev.rerank if rerank is None else rerank
     channels_last = bool(cfg.train.channels_last)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
     t0 = time.perf_counter()
-    qf, q_pids, q_camids = extract_features(model, dataset.query, cfg.data, device=device, flip=ev.flip,
-                                            channels_last=channels_last, autocast_dtype=amp)
+    # the query set settles auto's precision (checked against float32), the gallery reuses it
+    qf, q_pids, q_camids, amp = extract_with_precision(model, dataset.query, cfg.data, device=device, flip=ev.flip,
+                                                       channels_last=channels_last, amp=ev.amp)
     gf, g_pids, g_camids = extract_features(model, dataset.gallery, cfg.data, device=device, flip=ev.flip,
-                                            channels_last=channels_last, autocast_dtype=amp)
+                                            channels_last=channels_last, amp=amp)
     t_extract = time.perf_counter() - t0
     metrics = evaluate(qf, gf, q_pids, g_pids, q_camids, g_camids, protocol=dataset.protocol,
                        metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value)
@@ -64,6 +64,7 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
         "num_query": len(dataset.query),
         "num_gallery": len(dataset.gallery),
         "extract_seconds": round(t_extract, 3),
+        "precision": amp.describe(),
     })
     stats = attention_diagnostics(model, dataset.query, cfg.data, getattr(cfg.loss, "acm_gamma", None), device)
     if stats is not None:

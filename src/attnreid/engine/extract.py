@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from attnreid.engine.inference import announce, inference_precision, needs_check, settle_for
 from attnreid.errors import DataError
+from attnreid.precision import Precision
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -18,25 +20,45 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 def extract_features(model: nn.Module, items: Sequence[Tuple[str, int, int]], data_cfg: Any,
                      batch_size: Optional[int] = None, device: str | torch.device = "cpu",
                      flip: bool = False, channels_last: bool = False,
-                     autocast_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
+                     amp: str | Precision = "auto") -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Run the model in eval mode over ``items`` (``(path, pid, camid)``).
 
     Returns ``(features N x D float32 on the CPU, pids, camids)`` in the order of
     ``items``. ``flip`` averages the features of each image and its mirror image (an
-    evaluation option neither paper uses; off by default).
+    evaluation option neither paper uses; off by default). ``amp`` is the precision
+    (``eval.amp``: auto | off | bf16 | fp16, or a resolved
+    :class:`~attnreid.precision.Precision`); see :mod:`attnreid.engine.inference`.
     """
+    feats, pids, camids, _ = extract_with_precision(model, items, data_cfg, batch_size, device, flip, channels_last,
+                                                    amp)
+    return feats, pids, camids
+
+
+def extract_with_precision(model: nn.Module, items: Sequence[Tuple[str, int, int]], data_cfg: Any,
+                           batch_size: Optional[int] = None, device: str | torch.device = "cpu",
+                           flip: bool = False, channels_last: bool = False, amp: str | Precision = "auto"):
+    """:func:`extract_features` plus the precision it settled on (``auto`` checked on the first batch)."""
     from attnreid.data.loader import build_test_loader
 
     if batch_size is not None:
         data_cfg = dataclasses.replace(data_cfg, test_batch_size=batch_size)
     device = torch.device(device)
+    precision = inference_precision(amp, device)
     loader = build_test_loader(data_cfg, list(items))
     was_training = model.training
     model.eval()
     feats: List[torch.Tensor] = []
     pids: List[np.ndarray] = []
     camids: List[np.ndarray] = []
-    use_amp = autocast_dtype is not None and device.type == "cuda"
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        f = model(images).float()
+        if flip:
+            f = (f + model(torch.flip(images, dims=[3])).float()) / 2
+        return f
+
+    if not needs_check(precision):
+        announce(precision)
     try:
         with torch.inference_mode():
             for batch in loader:
@@ -44,18 +66,20 @@ def extract_features(model: nn.Module, items: Sequence[Tuple[str, int, int]], da
                 images = images.to(device, non_blocking=True)
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.bfloat16, enabled=use_amp):
-                    f = model(images).float()
-                    if flip:
-                        f = (f + model(torch.flip(images, dims=[3])).float()) / 2
+                if needs_check(precision):
+                    precision = settle_for(model, precision, lambda: features(images))
+                    announce(precision)
+                with precision.autocast():
+                    f = features(images)
                 feats.append(f.cpu())
                 pids.append(np.asarray(pid).reshape(-1))
                 camids.append(np.asarray(camid).reshape(-1))
     finally:
         model.train(was_training)
     if not feats:
-        return torch.zeros(0, getattr(model, "feature_dim", 0)), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return torch.cat(feats), np.concatenate(pids).astype(np.int64), np.concatenate(camids).astype(np.int64)
+        empty = torch.zeros(0, getattr(model, "feature_dim", 0))
+        return empty, np.zeros(0, np.int64), np.zeros(0, np.int64), precision
+    return torch.cat(feats), np.concatenate(pids).astype(np.int64), np.concatenate(camids).astype(np.int64), precision
 
 
 def folder_items(folder: str | Path) -> List[Tuple[str, int, int]]:

@@ -143,7 +143,7 @@ def evaluate_robustness(
 
     ``extract``/``evaluate``/``read_image`` default to the engine's
     ``extract_features``, ``protocols.evaluate`` and the data layer's ``read_image``;
-    ``extract_options`` are passed on to ``extract`` (channels_last, autocast_dtype).
+    ``extract_options`` are passed on to ``extract`` (channels_last, amp).
     """
     if extract is None:
         from attnreid.engine.extract import extract_features as extract
@@ -380,7 +380,7 @@ def run_robustness(
 
     The set is ``cfg.eval.dataset``/``cfg.eval.root`` when given, else
     ``cfg.data.dataset``/``cfg.data.root``; ``cfg.train.threads`` (when > 0) sets torch's
-    CPU threads, ``cfg.train.device``/``amp``/``channels_last`` the extraction.
+    CPU threads, ``cfg.train.device``/``channels_last`` and ``cfg.eval.amp`` the extraction.
     """
     import torch
 
@@ -410,7 +410,7 @@ def run_robustness(
     conditions = build_conditions(levels, kinds, positions)
     extract_options = {
         "channels_last": bool(cfg.train.channels_last),
-        "autocast_dtype": {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp),
+        "amp": cfg.eval.amp,
     }
     rows = evaluate_robustness(models, dataset, cfg.eval, conditions, seed=seed, device=device, log=log,
                                extract_options=extract_options)
