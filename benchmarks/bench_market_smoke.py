@@ -24,7 +24,7 @@ from pathlib import Path
 from attnreid.config import load_config
 from attnreid.data.datasets import build_dataset_from_config
 from attnreid.data.datasets.base import ReIDDataset
-from attnreid.engine.demo import chance_level
+from attnreid.apps.demo import chance_level
 from attnreid.engine.trainer import train
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -47,11 +47,14 @@ def train_cmd(
 
 
 def _metrics_line(m: dict) -> str:
+    from attnreid.evaluation.stats import level_text, metric_text
+
     if m.get("protocol") == "partial":
         keys = [("rank1", "R1"), ("rank3", "R3")]
     else:
-        keys = [("rank1", "R1"), ("rank5", "R5"), ("rank10", "R10"), ("mAP", "mAP")]
-    return "  ".join(f"{label} {100 * m[k]:.1f}%" for k, label in keys if isinstance(m.get(k), (int, float)))
+        keys = [("rank1", "R1"), ("rank5", "R5"), ("rank10", "R10"), ("mAP", "mAP"), ("mINP", "mINP")]
+    line = "  ".join(f"{label} {metric_text(m, k)}%" for k, label in keys if isinstance(m.get(k), (int, float)))
+    return f"{line} ({level_text(m)})" if level_text(m) else line
 
 
 @app.command("eval")
@@ -67,7 +70,8 @@ def eval_cmd(
     from attnreid.config import load_config
     from attnreid.engine.build import build_eval_dataset, load_model, resolve_device
     from attnreid.engine.checkpoint import load_checkpoint
-    from attnreid.engine.evaluator import evaluate_model, write_report_if_available
+    from attnreid.engine.evaluator import evaluate_model
+    from attnreid.viz.report import write_report
 
     cfg = load_config(config, list(overrides or []))
     device = resolve_device(cfg.train.device)
@@ -80,7 +84,7 @@ def eval_cmd(
     if out is not None:
         if not as_json:
             print(f"wrote {out / 'eval.json'} and {out / 'eval_ranks.npz'}")
-        report = write_report_if_available([out], out / "report")
+        report = write_report([out], out / "report")
     if as_json:
         if report is not None:
             metrics["report"] = str(report)
@@ -155,7 +159,7 @@ def demo_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
     """Synthetic occluded data set -> train Baseline, MHSA-Net, HA-CNN on the CPU -> compare side by side."""
-    from attnreid.engine.demo import run_demo
+    from attnreid.apps.demo import run_demo
 
     result = run_demo(minutes=minutes, out_dir=out, models=[m.strip() for m in models.split(",") if m.strip()],
                       quiet=as_json)
