@@ -153,15 +153,16 @@ def extract_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    minutes: float = typer.Option(6.0, "--minutes", help="Total time budget (data, training, evaluation)."),
+    minutes: float = typer.Option(6.0, "--minutes", help="Time budget per seed (data, training, evaluation)."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the data set, runs and report."),
     models: str = typer.Option("baseline,mhsanet,hacnn", "--models", help="Comma-separated models to train."),
+    seeds: int = typer.Option(1, "--seeds", help="Train N times (train.seed 0..N-1, --minutes each): mean ± sd."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
-    """Synthetic occluded data set -> train Baseline, MHSA-Net, HA-CNN on the CPU -> compare side by side."""
+    """Synthetic occluded data set -> train Baseline, MHSA-Net, HA-CNN on the CPU -> paired comparison."""
     from attnreid.apps.demo import run_demo
 
     result = run_demo(minutes=minutes, out_dir=out, models=[m.strip() for m in models.split(",") if m.strip()],
-                      quiet=as_json)
+                      quiet=as_json, seeds=seeds)
     if as_json:
         print_json(result)

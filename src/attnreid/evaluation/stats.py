@@ -242,8 +242,10 @@ def verdict(result: Mapping[str, Any], name_a: str = "A", name_b: str = "B") -> 
     return f"{name_a} better" if w == "A" else f"{name_b} better" if w == "B" else "no significant difference"
 
 
-def format_p(p: float) -> str:
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}" if p < 0.1 else f"p = {p:.2f}"
+def format_p(p: float, prefix: bool = True) -> str:
+    """``p = 0.031`` (three decimals below 0.1, two above; ``p < 0.001``); ``prefix=False``: the number."""
+    text = "< 0.001" if p < 0.001 else f"{p:.3f}" if p < 0.1 else f"{p:.2f}"
+    return ("p " + text if text.startswith("<") else "p = " + text) if prefix else text
 
 
 def format_diff(entry: Mapping[str, Any], scale: float = 100.0, digits: int = 1) -> str:
@@ -283,12 +285,14 @@ def mean_std(values: Sequence[float]) -> Dict[str, Any]:
     return {"mean": float(arr.mean()), "std": std, "n": len(v), "values": v}
 
 
-def format_mean_std(summary: Mapping[str, Any], scale: float = 100.0, digits: int = 1) -> str:
-    """``62.3 ± 1.6 (sd, 3 seeds)``, or the value alone for one seed."""
+def format_mean_std(summary: Mapping[str, Any], scale: float = 100.0, digits: int = 1, note: bool = True) -> str:
+    """``62.3 ± 1.6 (sd, 3 seeds)`` (``note=False``: without the parenthesis), or the value alone
+    for one seed."""
     m = f"{scale * summary['mean']:.{digits}f}"
     if summary.get("std") is None:
         return m
-    return f"{m} ± {scale * summary['std']:.{digits}f} (sd, {summary['n']} seeds)"
+    text = f"{m} ± {scale * summary['std']:.{digits}f}"
+    return f"{text} (sd, {summary['n']} seeds)" if note else text
 
 
 def summarise_seeds(results: Sequence[Mapping[str, Any]], keys: Sequence[str] = ("rank1", "mAP", "mINP")
