@@ -223,6 +223,7 @@ def _run_seed(configs: Mapping[str, Config], dataset: Any, models: Sequence[str]
     if report_path is not None:
         console.print(f"report: {report_path}")
     return {"rows": rows, "comparisons": comparisons, "verdict": verdict,
+            "seconds": round(time.perf_counter() - t_start, 1),
             "winner": (comparisons.get(LABELS[VERDICT_ROW]) or {}).get("winner"),
             "report": str(report_path) if report_path else None, "runs": [r["run"] for r in rows]}
 
