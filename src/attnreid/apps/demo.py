@@ -69,7 +69,7 @@ def demo_configs(data_root: Path, num_ids: int = NUM_IDS, images_per_id: int = I
                                "height": 128, "width": 64, "occluded_query_share": 1.0, "seed": 0}},
         "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 5e-4, "warmup_epochs": 0, "warmup_start_lr": 1e-4,
                   "milestones": [1000], "gamma": 0.1},
-        "train": {"epochs": 1000, "eval_every": 0, "device": "cpu", "log_every": 5, "threads": threads,
+        "train": {"epochs": 1000, "eval_every": 0, "device": "cpu", "log_every": 5, "threads": threads, "amp": "auto",
                   "seed": int(seed)},
         "model": {"backbone": {"name": "resnet18", "pretrained": False, "last_stride": 1}},
     }
@@ -196,6 +196,8 @@ def _run_seed(configs: Mapping[str, Config], dataset: Any, models: Sequence[str]
         run = out_dir / "runs" / name
         console.print(f"training {name} for up to {60 * train_minutes:.0f} s ...")
         result = train(cfg, run, overwrite=True, quiet=True)
+        console.print(f"  {name}: {result['epoch']} epochs, {result['step']} steps, {result['img_per_s']:.1f} img/s "
+                      f"({result.get('precision', 'fp32')}), {result['status']}")
         rows.append(_row(name, "default", result, run))
         if name == "mhsanet":
             star_cfg = from_dict({**to_dict(cfg), "model": {**to_dict(cfg)["model"], "test_feature": "star"}},
@@ -238,7 +240,8 @@ _METRICS = ("rank1", "rank5", "mAP", "mINP")
 def _row(name: str, feature: str, result: Dict[str, Any], run: Path) -> Dict[str, Any]:
     row = {"model": name, "label": LABELS[(name, feature)], "feature": FEATURES[(name, feature)], "run": str(run),
            "epochs": int(result["epoch"]), "train_seconds": float(result["train_seconds"]),
-           "img_per_s": float(result["img_per_s"]), "status": result["status"]}
+           "img_per_s": float(result["img_per_s"]), "status": result["status"],
+           "precision": result.get("precision")}
     for k in _METRICS:
         row[k] = float(result[k])
         ci = stats.ci_of(result, k)
