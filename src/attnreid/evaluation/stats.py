@@ -250,9 +250,12 @@ def format_p(p: float, prefix: bool = True) -> str:
 
 def format_diff(entry: Mapping[str, Any], scale: float = 100.0, digits: int = 1) -> str:
     """``+4.9 [+1.2, +8.6]`` (points) from a :func:`compare` metric entry."""
+    def signed(x: float) -> str:
+        x = scale * x
+        return f"{0.0 if abs(x) < 0.5 * 10 ** -digits else x:+.{digits}f}"  # never "-0.0"
+
     lo, hi = entry["ci"]
-    f = f"{{:+.{digits}f}}"
-    return f"{f.format(scale * entry['diff'])} [{f.format(scale * lo)}, {f.format(scale * hi)}]"
+    return f"{signed(entry['diff'])} [{signed(lo)}, {signed(hi)}]"
 
 
 def format_ci(value: float, ci: Optional[Sequence[float]], scale: float = 100.0, digits: int = 1) -> str:
