@@ -6,7 +6,8 @@ Runs ``attnreid demo`` (``attnreid.apps.demo.run_demo``, default sizes and the d
 budget per seed) with ``--seeds 3``: the same synthetic data set and queries, ``train.seed`` 0, 1
 and 2. For each seed it records every model's rank-1 / mAP with their bootstrap intervals, the
 paired MHSA-Net - Baseline comparison (mAP and rank-1 difference, interval, sign-test p) and the
-verdict; then how many seeds gave the most common verdict, and the mean ± sd over seeds.
+verdict; then how many seeds gave the most common verdict, and the mean ± sd over seeds. The HTML
+reports are not written (they do not change the verdict, and the machine is shared).
 
 Writes benchmarks/results/demo_verdict.json (with ``machine_record()`` at the start and the end:
 the demo shares its budget by wall-clock time, so the load of the machine matters) and the
@@ -55,7 +56,7 @@ def main() -> None:
     t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "console.txt", "w") as log, redirect_stdout(_Tee(sys.__stdout__, log)):
-        result = run_demo(minutes=args.minutes, out_dir=args.out, seeds=args.seeds, report=True,
+        result = run_demo(minutes=args.minutes, out_dir=args.out, seeds=args.seeds, report=False,
                           num_ids=args.num_ids or NUM_IDS, images_per_id=args.images_per_id or IMAGES_PER_ID)
     per_seed = []
     for seed, res in enumerate(result["per_seed"]):
