@@ -74,12 +74,15 @@ def _quantiles(samples: np.ndarray, level: float) -> np.ndarray:
 
 
 def resample_means(columns: Mapping[str, np.ndarray], resamples: int = DEFAULT_RESAMPLES,
-                   seed: int = DEFAULT_SEED) -> Dict[str, np.ndarray]:
+                   seed: int = DEFAULT_SEED, first_rank: Optional[np.ndarray] = None,
+                   max_rank: int = 0) -> Dict[str, np.ndarray]:
     """Means of each column (all of length n) over the same ``resamples`` resamples of n rows.
 
     Returns ``{name: array of resamples}``. The columns share the draws, so the resampled
     metrics stay jointly consistent (e.g. a difference of two resampled means is the resampled
-    mean of the differences).
+    mean of the differences). Given ``first_rank`` (1-based, length n) and ``max_rank``, also
+    ``"cmc"``: ``resamples x max_rank``, each resample's CMC (the cumulative histogram of its
+    rows' first-match ranks, one ``bincount`` per block).
     """
     cols = {k: np.asarray(v, dtype=np.float64) for k, v in columns.items()}
     lengths = {len(v) for v in cols.values()}
@@ -89,9 +92,18 @@ def resample_means(columns: Mapping[str, np.ndarray], resamples: int = DEFAULT_R
     if n == 0:
         raise AttnReidError("cannot bootstrap an empty set of queries")
     out = {k: np.empty(int(resamples)) for k in cols}
+    m = int(max_rank)
+    if first_rank is not None and m:
+        bins = np.minimum(np.asarray(first_rank, dtype=np.int64), m + 1) - 1  # rank > max_rank -> bin m
+        out["cmc"] = np.empty((int(resamples), m))
     for rows, idx in _resample_blocks(n, int(resamples), seed):
         for k, v in cols.items():
             out[k][rows] = v[idx].mean(axis=1)
+        if "cmc" in out:
+            b = idx.shape[0]
+            flat = (np.arange(b)[:, None] * (m + 1) + bins[idx]).ravel()
+            counts = np.bincount(flat, minlength=b * (m + 1)).reshape(b, m + 1)[:, :m]
+            out["cmc"][rows] = np.cumsum(counts, axis=1) / n
     return out
 
 
@@ -126,21 +138,10 @@ def bootstrap_metrics(per_query: Mapping[str, np.ndarray], resamples: int = DEFA
     if n == 0:
         raise AttnReidError("no valid query to bootstrap (every query was skipped)")
     cols = {name: np.asarray(per_query[key], dtype=np.float64)[valid] for name, key in CI_KEYS.items()}
-    first = per_query.get("first_rank") if max_rank else None
-    samples = {k: np.empty(int(resamples)) for k in cols}
-    cmc = None
-    if first is not None:
-        m = int(max_rank)
-        first = np.minimum(np.asarray(first, dtype=np.int64)[valid], m + 1) - 1  # rank > max_rank -> bin m
-        cmc = np.empty((int(resamples), m))
-    for rows, idx in _resample_blocks(n, int(resamples), seed):
-        for k, v in cols.items():
-            samples[k][rows] = v[idx].mean(axis=1)
-        if cmc is not None:
-            b = idx.shape[0]
-            flat = (np.arange(b)[:, None] * (m + 1) + first[idx]).ravel()
-            counts = np.bincount(flat, minlength=b * (m + 1)).reshape(b, m + 1)[:, :m]
-            cmc[rows] = np.cumsum(counts, axis=1) / n
+    first = per_query.get("first_rank")
+    samples = resample_means(cols, resamples, seed, None if first is None else np.asarray(first)[valid],
+                             int(max_rank or 0))
+    cmc = samples.pop("cmc", None)
     out: Dict[str, Any] = {}
     for k in cols:
         lo, hi = _quantiles(samples[k], level)
