@@ -3,7 +3,8 @@
     nohup nice -n 10 python benchmarks/bench_demo_verdict.py [--seeds 3] [--minutes 6] [--out scratch/demo_verdict] &
 
 Runs ``attnreid demo`` (``attnreid.apps.demo.run_demo``, default sizes and the default 6-minute
-budget per seed) with ``--seeds 3``: the same synthetic data set and queries, ``train.seed`` 0, 1
+budget per seed) with ``--seeds 3 --threads 1`` (one torch thread: on a shared 2-core machine under
+load, two threads spend most of their time waiting for each other at every kernel's barrier): the same synthetic data set and queries, ``train.seed`` 0, 1
 and 2. For each seed it records every model's rank-1 / mAP with their bootstrap intervals, the
 paired MHSA-Net - Baseline comparison (mAP and rank-1 difference, interval, sign-test p) and the
 verdict; then how many seeds gave the most common verdict, and the mean ± sd over seeds. The HTML
@@ -46,6 +47,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--minutes", type=float, default=6.0, help="budget per seed (the demo's default)")
     ap.add_argument("--out", type=Path, default=Path("scratch/demo_verdict"))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (train.threads); 1 on a shared machine, where two threads wait on each other")
     ap.add_argument("--num-ids", type=int, default=None, help="smaller data set for a quick check of this script")
     ap.add_argument("--images-per-id", type=int, default=None)
     args = ap.parse_args()
@@ -56,7 +59,7 @@ def main() -> None:
     t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "console.txt", "w") as log, redirect_stdout(_Tee(sys.__stdout__, log)):
-        result = run_demo(minutes=args.minutes, out_dir=args.out, seeds=args.seeds, report=False,
+        result = run_demo(minutes=args.minutes, out_dir=args.out, seeds=args.seeds, report=False, threads=args.threads,
                           num_ids=args.num_ids or NUM_IDS, images_per_id=args.images_per_id or IMAGES_PER_ID)
     per_seed = []
     for seed, res in enumerate(result["per_seed"]):
@@ -70,7 +73,9 @@ def main() -> None:
         })
     out = {
         "benchmark": "agreement of the demo's verdict over training seeds",
-        "command": f"run_demo(minutes={args.minutes}, seeds={args.seeds}) = attnreid demo --seeds {args.seeds}",
+        "command": f"run_demo(minutes={args.minutes}, seeds={args.seeds}, threads={args.threads}) = "
+                   f"attnreid demo --seeds {args.seeds} --threads {args.threads}",
+        "threads": args.threads,
         "num_query": result["num_query"], "num_gallery": result["num_gallery"],
         "num_train_ids": result["num_train_ids"], "minutes_per_seed": args.minutes,
         "seconds_per_seed": [r["seconds"] for r in result["per_seed"]],

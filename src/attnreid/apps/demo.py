@@ -138,6 +138,10 @@ def run_demo(minutes: float = 6.0, out_dir: str | Path = "runs/demo", models: Se
         raise AttnReidError(f"--minutes is {minutes}; it must be > 0")
     if seeds < 1:
         raise AttnReidError(f"--seeds is {seeds}; it must be >= 1")
+    if threads > 0:  # also for the data generation and the evaluations outside train()
+        import torch
+
+        torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     configs0 = _configs(out_dir, num_ids, images_per_id, threads, overrides, 0)
     per_seed = f", {seeds} seeds x {minutes:g} min" if seeds > 1 else f", budget {minutes:g} min"

@@ -185,12 +185,13 @@ def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the data set, runs and report."),
     models: str = typer.Option("baseline,mhsanet,hacnn", "--models", help="Comma-separated models to train."),
     seeds: int = typer.Option(1, "--seeds", help="Train N times (train.seed 0..N-1, --minutes each): mean ± sd."),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch threads (0: torch's default; 1 on a busy machine)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
     """Synthetic occluded data set -> train Baseline, MHSA-Net, HA-CNN on the CPU -> paired comparison."""
     from attnreid.apps.demo import run_demo
 
     result = run_demo(minutes=minutes, out_dir=out, models=[m.strip() for m in models.split(",") if m.strip()],
-                      quiet=as_json, seeds=seeds)
+                      quiet=as_json, seeds=seeds, threads=threads)
     if as_json:
         print_json(result)
