@@ -144,7 +144,7 @@ def main() -> None:
     t_report = time.perf_counter() - t0
     n_cond = len(report["models"][0]["conditions"])
     from attnreid.data.datasets import build_dataset
-    from attnreid.engine.demo import chance_level
+    from attnreid.apps.demo import chance_level
 
     run_eval = Path(ckpt).parent.parent / "eval.json"
     report["benchmark"] = {

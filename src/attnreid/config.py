@@ -196,6 +196,10 @@ class EvalConfig:
     # trained on Market-1501, MHSA-Net Table III). "" = data.dataset / data.root.
     dataset: str = ""
     root: str = ""
+    # Confidence intervals over queries (attnreid.evaluation.stats): percentile bootstrap with
+    # this many resamples (0 = no intervals), seeded with 0, at this level.
+    bootstrap: int = 1000
+    ci_level: float = 0.95
 
 
 @dataclass
@@ -275,12 +279,15 @@ LOWER_BOUNDS = {
     "eval.k1": (1, True),
     "eval.k2": (1, True),
     "eval.max_rank": (1, True),
+    "eval.bootstrap": (0, True),
+    "eval.ci_level": (0.0, False),
 }
 UPPER_BOUNDS = {
     "data.random_erasing": 1.0,
     "data.synthetic.occluded_query_share": 1.0,
     "loss.label_smoothing": 1.0,
     "eval.lambda_value": 1.0,
+    "eval.ci_level": 0.999,
 }
 for _k in ("loss.saffm_ce", "loss.saffm_triplet", "loss.rlm_ce", "loss.rlm_triplet",
            "loss.lambda_fdrt", "loss.lambda_ihtl", "loss.lambda_acm", "loss.lambda_attention_orth", "eval.lambda_value",

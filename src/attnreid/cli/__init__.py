@@ -11,7 +11,7 @@ import sys
 from typing import List, Optional
 
 from attnreid.cli._app import app
-from attnreid.cli import data, deploy, metrics, model, robustness, train, viz  # noqa: F401  (register commands)
+from attnreid.cli import compare, data, deploy, metrics, model, robustness, train, viz  # noqa: F401  (register commands)
 from attnreid.errors import AttnReidError
 
 

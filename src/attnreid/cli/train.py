@@ -75,11 +75,14 @@ def resume_command(run_dir: Path) -> str:
 
 
 def _metrics_line(m: dict) -> str:
+    from attnreid.evaluation.stats import level_text, metric_text
+
     if m.get("protocol") == "partial":
         keys = [("rank1", "R1"), ("rank3", "R3")]
     else:
-        keys = [("rank1", "R1"), ("rank5", "R5"), ("rank10", "R10"), ("mAP", "mAP")]
-    return "  ".join(f"{label} {100 * m[k]:.1f}%" for k, label in keys if isinstance(m.get(k), (int, float)))
+        keys = [("rank1", "R1"), ("rank5", "R5"), ("rank10", "R10"), ("mAP", "mAP"), ("mINP", "mINP")]
+    line = "  ".join(f"{label} {metric_text(m, k)}%" for k, label in keys if isinstance(m.get(k), (int, float)))
+    return f"{line} ({level_text(m)})" if level_text(m) else line
 
 
 @app.command("eval")
@@ -95,7 +98,8 @@ def eval_cmd(
     from attnreid.config import load_config
     from attnreid.engine.build import build_eval_dataset, load_model, resolve_device
     from attnreid.engine.checkpoint import load_checkpoint
-    from attnreid.engine.evaluator import evaluate_model, write_report_if_available
+    from attnreid.engine.evaluator import evaluate_model
+    from attnreid.viz.report import write_report
 
     cfg = load_config(config, list(overrides or []))
     device = resolve_device(cfg.train.device)
@@ -108,7 +112,7 @@ def eval_cmd(
     if out is not None:
         if not as_json:
             print(f"wrote {out / 'eval.json'} and {out / 'eval_ranks.npz'}")
-        report = write_report_if_available([out], out / "report")
+        report = write_report([out], out / "report")
     if as_json:
         if report is not None:
             metrics["report"] = str(report)
@@ -179,15 +183,17 @@ def extract_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    minutes: float = typer.Option(6.0, "--minutes", help="Total time budget (data, training, evaluation)."),
+    minutes: float = typer.Option(6.0, "--minutes", help="Time budget per seed (data, training, evaluation)."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the data set, runs and report."),
     models: str = typer.Option("baseline,mhsanet,hacnn", "--models", help="Comma-separated models to train."),
+    seeds: int = typer.Option(1, "--seeds", help="Train N times (train.seed 0..N-1, --minutes each): mean ± sd."),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch threads (0: torch's default; 1 on a busy machine)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
-    """Synthetic occluded data set -> train Baseline, MHSA-Net, HA-CNN on the CPU -> compare side by side."""
-    from attnreid.engine.demo import run_demo
+    """Synthetic occluded data set -> train Baseline, MHSA-Net, HA-CNN on the CPU -> paired comparison."""
+    from attnreid.apps.demo import run_demo
 
     result = run_demo(minutes=minutes, out_dir=out, models=[m.strip() for m in models.split(",") if m.strip()],
-                      quiet=as_json)
+                      quiet=as_json, seeds=seeds, threads=threads)
     if as_json:
         print_json(result)

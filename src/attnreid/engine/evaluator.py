@@ -1,10 +1,12 @@
 """Evaluate a model on a dataset's query/gallery split with the dataset's protocol.
 
-Writes, when asked, the two files other tools read (docs/design.md): ``eval.json``
-(the metrics plus ``dataset``, ``protocol``, ``model``, and for MHSA-Net
-``attention_stats``: head overlap, beta entropy, see :func:`attention_diagnostics`) and
-``eval_ranks.npz`` (each query's top-k gallery indices and distances, with paths, ids and
-cameras) for the ranked-list pictures of the report.
+Writes, when asked, the files other tools read (docs/design.md): ``eval.json``
+(the metrics, their bootstrap intervals over queries, plus ``dataset``, ``protocol``,
+``model``, and for MHSA-Net ``attention_stats``: head overlap, beta entropy, see
+:func:`attention_diagnostics`), ``eval_ranks.npz`` (each query's top-k gallery indices and
+distances, with paths, ids and cameras) for the ranked-list pictures of the report, and
+``eval_per_query.npz`` (each query's AP, INP, rank-1 hit and first-match rank) for
+``attnreid compare``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 
 from attnreid.engine.extract import extract_features, extract_with_precision
 from attnreid.errors import DataError
+from attnreid.evaluation.stats import per_query_record, with_intervals
 
 TOPK = 50
 # Query images the attention diagnostics look at (evenly spaced over the query list): a
@@ -51,7 +54,10 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
                                             channels_last=channels_last, amp=amp)
     t_extract = time.perf_counter() - t0
     metrics = evaluate(qf, gf, q_pids, g_pids, q_camids, g_camids, protocol=dataset.protocol,
-                       metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value)
+                       metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value,
+                       per_query=True)
+    with_intervals(metrics, ev.bootstrap, ev.ci_level)
+    per_query = metrics.pop("per_query")
     metrics = {k: _plain(v) for k, v in metrics.items()}
     metrics.update({
         "dataset": dataset.name,
@@ -73,7 +79,8 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
         metrics.update(extra)
     if out_dir is not None:
         write_eval_files(Path(out_dir), metrics, dataset, qf, gf, q_pids, g_pids, q_camids, g_camids,
-                         metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value)
+                         metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value,
+                         per_query=per_query)
     return metrics
 
 
@@ -143,8 +150,9 @@ def ranked_lists(qf: torch.Tensor, gf: torch.Tensor, metric: str, rerank: bool, 
 
 def write_eval_files(out_dir: Path, metrics: Dict[str, Any], dataset: Any, qf, gf, q_pids, g_pids,
                      q_camids, g_camids, metric: str, rerank: bool, k1: int, k2: int,
-                     lambda_value: float) -> None:
-    """``eval.json`` and ``eval_ranks.npz`` in ``out_dir``, each written atomically."""
+                     lambda_value: float, per_query: Optional[Dict[str, np.ndarray]] = None) -> None:
+    """``eval.json``, ``eval_ranks.npz`` (and, given ``per_query``, ``eval_per_query.npz``) in
+    ``out_dir``, each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     topk_index, topk_dist = ranked_lists(qf, gf, metric, rerank, k1, k2, lambda_value)
     tmp = out_dir / f".eval_ranks.{os.getpid()}.tmp.npz"
@@ -154,21 +162,13 @@ def write_eval_files(out_dir: Path, metrics: Dict[str, Any], dataset: Any, qf, g
              query_camids=np.asarray(q_camids), gallery_camids=np.asarray(g_camids),
              topk_index=topk_index, topk_dist=topk_dist)
     os.replace(tmp, out_dir / "eval_ranks.npz")
+    if per_query is not None:
+        tmp = out_dir / f".eval_per_query.{os.getpid()}.tmp.npz"
+        np.savez(tmp, **per_query_record([p for p, _, _ in dataset.query], q_pids, q_camids,
+                                         [p for p, _, _ in dataset.gallery], g_pids, g_camids, per_query,
+                                         protocol=metrics.get("protocol", ""), dataset=metrics.get("dataset", "")))
+        os.replace(tmp, out_dir / "eval_per_query.npz")
     tmp_json = out_dir / f".eval.{os.getpid()}.tmp.json"
     tmp_json.write_text(json.dumps(metrics, indent=2) + "\n")
     os.replace(tmp_json, out_dir / "eval.json")
 
-
-def write_report_if_available(run_dirs, out_dir: Path) -> Optional[Path]:
-    """Call ``attnreid.viz.report.write_report`` when the viz layer provides it."""
-    import importlib
-
-    try:
-        report = importlib.import_module("attnreid.viz.report")
-    except ImportError:
-        return None
-    write = getattr(report, "write_report", None)
-    if write is None:
-        return None
-    result = write([Path(d) for d in run_dirs], Path(out_dir))
-    return Path(result) if result is not None else Path(out_dir)

@@ -93,12 +93,14 @@ def evaluate(
     seed: int = 0,
     chunk_size: Optional[int] = None,
     device: Optional[Union[str, torch.device]] = None,
+    per_query: bool = False,
 ) -> Dict:
     """Metrics of query features ``qf`` (Q x D) against gallery features ``gf`` (G x D).
 
     Returns the dict of :func:`attnreid.evaluation.rank.evaluate_rank` (``mAP``, ``mINP``,
     ``cmc``, ``rank1``, ``rank3``, ``rank5``, ``rank10``, ``num_valid_queries``,
-    ``num_skipped_queries``) plus ``protocol``, ``metric`` and ``rerank``.
+    ``num_skipped_queries``) plus ``protocol``, ``metric`` and ``rerank``; ``per_query=True`` adds
+    the per-query arrays (``"per_query"``, see :func:`attnreid.evaluation.rank.evaluate_rank`).
     """
     if protocol not in PROTOCOLS:
         raise AttnReidError(f"unknown evaluation protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
@@ -130,10 +132,10 @@ def evaluate(
 
     if protocol == "cuhk03_classic":
         res = evaluate_cuhk03_single_shot(
-            distmat, q_pids, g_pids, q_camids, g_camids, max_rank, num_repeats, seed, chunk_size
+            distmat, q_pids, g_pids, q_camids, g_camids, max_rank, num_repeats, seed, chunk_size, per_query=per_query
         )
     elif distmat is not None:
-        res = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, chunk_size)
+        res = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, chunk_size, per_query=per_query)
     else:
         dev = q.device
         qp = _ids(q_pids, "q_pids", q.shape[0], dev)
@@ -143,7 +145,7 @@ def evaluate(
         qc = None if q_camids is None else _ids(q_camids, "q_camids", q.shape[0], dev)
         gc = None if g_camids is None else _ids(g_camids, "g_camids", g.shape[0], dev)
         chunks = iter_distance_chunks(q, g, metric, chunk_size or _default_chunk(g.shape[0]))
-        res = evaluate_rank_chunks(chunks, qp, gp, qc, gc, max_rank)
+        res = evaluate_rank_chunks(chunks, qp, gp, qc, gc, max_rank, per_query=per_query)
     res.update(protocol=protocol, metric=metric, rerank=bool(rerank))
     return res
 

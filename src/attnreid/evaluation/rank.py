@@ -224,6 +224,27 @@ def _ap_inp(ranks: torch.Tensor, positive: torch.Tensor):
     return ap, inp, m > 0
 
 
+def _per_query(ap: torch.Tensor, inp: torch.Tensor, hit1: torch.Tensor, valid: torch.Tensor,
+               first_rank: Optional[torch.Tensor]) -> Dict[str, np.ndarray]:
+    """Per-query arrays over *all* queries, in query order (skipped queries: NaN / 0 / False).
+
+    ``ap``, ``inp`` (float64), ``rank1`` (float64: the query's rank-1 hit, 0 or 1; under the CUHK03
+    single-shot protocol the share of the draws that hit), ``valid`` (bool) and, for the Market
+    protocol, ``first_rank`` (int64: 1-based rank of the first true match; 0 when skipped).
+    These are what :mod:`attnreid.evaluation.stats` resamples.
+    """
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=ap.device)
+    out = {
+        "ap": torch.where(valid, ap, nan).cpu().numpy(),
+        "inp": torch.where(valid, inp, nan).cpu().numpy(),
+        "rank1": torch.where(valid, hit1, nan).cpu().numpy(),
+        "valid": valid.cpu().numpy(),
+    }
+    if first_rank is not None:
+        out["first_rank"] = torch.where(valid, first_rank, 0).cpu().numpy().astype(np.int64)
+    return out
+
+
 def _summary(first_cmc: torch.Tensor, ap: torch.Tensor, inp: torch.Tensor, num_queries: int) -> Dict:
     num_valid = int(ap.numel())
     if num_valid == 0:
@@ -265,24 +286,29 @@ def evaluate_rank(
     max_rank: int = 50,
     chunk_size: Optional[int] = None,
     names: Optional[Mapping[str, str]] = None,
+    per_query: bool = False,
 ) -> Dict:
     """CMC, mAP and mINP under the Market-1501 single-query protocol (see the module docstring).
 
     ``distmat`` is Q x G (numpy or torch, CPU or GPU; smaller = closer). Without camera ids no
     same-camera filtering is done (partial re-ID protocols). Returns ``{"mAP", "mINP", "cmc"
     (max_rank fractions), "rank1", "rank3", "rank5", "rank10", "num_valid_queries",
-    "num_skipped_queries"}``, all scores fractions in [0, 1].
+    "num_skipped_queries"}``, all scores fractions in [0, 1]; with ``per_query=True`` also
+    ``"per_query"``: numpy arrays over all queries (see :func:`_per_query`). The summary values are
+    the same either way.
     """
     d, qp, gp, qc, gc = check_rank_inputs(distmat, q_pids, g_pids, q_camids, g_camids, names)
-    return evaluate_rank_chunks(iter_rank_chunks(d, chunk_size or _default_chunk(d.shape[1])), qp, gp, qc, gc, max_rank)
+    return evaluate_rank_chunks(iter_rank_chunks(d, chunk_size or _default_chunk(d.shape[1])), qp, gp, qc, gc, max_rank,
+                                per_query=per_query)
 
 
-def evaluate_rank_chunks(chunks, qp, gp, qc, gc, max_rank: int = 50) -> Dict:
+def evaluate_rank_chunks(chunks, qp, gp, qc, gc, max_rank: int = 50, per_query: bool = False) -> Dict:
     """:func:`evaluate_rank` over ``(first_row, distance block)`` pairs (e.g. computed on the fly)."""
     if max_rank < 1:
         raise AttnReidError(f"max_rank must be >= 1, got {max_rank}")
     gallery = _Gallery(gp, gc)
     firsts, aps, inps = [], [], []
+    all_ap, all_inp, all_first, all_valid = [], [], [], []
     ks = None
     for start, block in chunks:
         rows = slice(start, start + block.shape[0])
@@ -293,7 +319,17 @@ def evaluate_rank_chunks(chunks, qp, gp, qc, gc, max_rank: int = 50) -> Dict:
         firsts.append((ranks[valid, :1] <= ks.unsqueeze(0)).to(torch.float64))
         aps.append(ap[valid])
         inps.append(inp[valid])
-    return _summary(torch.cat(firsts), torch.cat(aps), torch.cat(inps), int(qp.shape[0]))
+        if per_query:
+            all_ap.append(ap)
+            all_inp.append(inp)
+            all_first.append(torch.where(valid, ranks[:, 0], 0))
+            all_valid.append(valid)
+    out = _summary(torch.cat(firsts), torch.cat(aps), torch.cat(inps), int(qp.shape[0]))
+    if per_query:
+        first = torch.cat(all_first)
+        out["per_query"] = _per_query(torch.cat(all_ap), torch.cat(all_inp), (first == 1).to(torch.float64),
+                                      torch.cat(all_valid), first)
+    return out
 
 
 def evaluate_cuhk03_single_shot(
@@ -307,6 +343,7 @@ def evaluate_cuhk03_single_shot(
     seed: int = 0,
     chunk_size: Optional[int] = None,
     names: Optional[Mapping[str, str]] = None,
+    per_query: bool = False,
 ) -> Dict:
     """CUHK03 classic single-shot protocol (torchreid's ``use_metric_cuhk03``).
 
@@ -315,7 +352,8 @@ def evaluate_cuhk03_single_shot(
     and averaged over ``num_repeats`` draws. As in torchreid, mAP and mINP are computed on the full
     filtered gallery (the draw only affects the CMC). Draws come from a ``torch.Generator``
     seeded with ``seed``, so results are reproducible (they cannot equal torchreid's, which draws
-    from numpy's global RNG). Ties as in :func:`evaluate_rank`.
+    from numpy's global RNG). Ties as in :func:`evaluate_rank`. ``per_query`` as there, without
+    ``first_rank`` (a query's rank-1 hit is the share of draws that hit).
     """
     d, qp, gp, qc, gc = check_rank_inputs(distmat, q_pids, g_pids, q_camids, g_camids, names)
     if qc is None:
@@ -333,6 +371,7 @@ def evaluate_cuhk03_single_shot(
     col = torch.arange(num_g, device=dev)
     ks = torch.arange(1, max_rank + 1, device=dev)
     firsts, aps, inps = [], [], []
+    all_ap, all_inp, all_hit, all_valid = [], [], [], []
     for start, block in iter_rank_chunks(d, chunk_size or _default_chunk(num_g)):
         c = block.shape[0]
         rows = slice(start, start + c)
@@ -359,4 +398,13 @@ def evaluate_cuhk03_single_shot(
         firsts.append(cmc[valid])
         aps.append(ap[valid])
         inps.append(inp[valid])
-    return _summary(torch.cat(firsts), torch.cat(aps), torch.cat(inps), int(qp.shape[0]))
+        if per_query:
+            all_ap.append(ap)
+            all_inp.append(inp)
+            all_hit.append(cmc[:, 0])
+            all_valid.append(valid)
+    out = _summary(torch.cat(firsts), torch.cat(aps), torch.cat(inps), int(qp.shape[0]))
+    if per_query:
+        out["per_query"] = _per_query(torch.cat(all_ap), torch.cat(all_inp), torch.cat(all_hit),
+                                      torch.cat(all_valid), None)
+    return out

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from attnreid.errors import AttnReidError
+from attnreid.viz.page import CSS
 
 REGION_COLOURS = ["#00e5ff", "#ffea00", "#ff3d00", "#76ff03", "#d500f9", "#ffffff", "#2979ff", "#ff9100"]
 
@@ -226,8 +227,6 @@ def diversity_text(stats: Dict[str, Any]) -> str:
 
 def write_index(entries: Sequence[Dict[str, Any]], out_dir: str | Path, model_name: str) -> Path:
     """A small self-contained index.html showing every overlay with its source path."""
-    from attnreid.viz.report import CSS
-
     e = html.escape
     out_dir = Path(out_dir)
     body = "".join(

@@ -86,11 +86,14 @@ def training_series(records: Sequence[Mapping]) -> Dict[str, Dict[str, List[floa
 
 
 def plot_cmc(curves: Mapping[str, Sequence[float]], out_path: str | Path, max_rank: int = 20,
-             title: Optional[str] = None) -> Path:
+             title: Optional[str] = None,
+             bands: Optional[Mapping[str, Sequence[Sequence[float]]]] = None) -> Path:
     """Draw the CMC curves of several runs (``{label: cmc}``, fractions) in one PNG.
 
     The y axis is the matching rate in percent, as in the papers' CMC figures; curves
-    are cut at ``max_rank`` (or their own length when shorter).
+    are cut at ``max_rank`` (or their own length when shorter). ``bands`` (``{label:
+    [[lo, hi], ...]}``, e.g. eval.json's ``cmc_ci``) shades each curve's interval at every
+    rank in the curve's colour; labels without a band are drawn as lines only.
     """
     if not curves:
         raise DataError("plot_cmc needs at least one CMC curve")
@@ -98,11 +101,16 @@ def plot_cmc(curves: Mapping[str, Sequence[float]], out_path: str | Path, max_ra
     fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=100)
     for label, cmc in curves.items():
         values = [100.0 * float(c) for c in list(cmc)[:max_rank]]
-        ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
+        ranks = range(1, len(values) + 1)
+        (line,) = ax.plot(ranks, values, marker="o", markersize=3, label=label)
+        band = list((bands or {}).get(label) or [])[: len(values)]
+        if len(band) == len(values):
+            ax.fill_between(ranks, [100.0 * float(lo) for lo, _ in band], [100.0 * float(hi) for _, hi in band],
+                            color=line.get_color(), alpha=0.18, linewidth=0)
     ax.set_xlabel("rank")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("matching rate (%)")
-    ax.set_title(title or "CMC")
+    ax.set_title(title or ("CMC (shaded: interval over queries)" if bands else "CMC"))
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

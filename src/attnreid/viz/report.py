@@ -25,6 +25,8 @@ from urllib.parse import quote
 import yaml
 
 from attnreid.errors import DataError
+from attnreid.evaluation.stats import format_diff, format_p, level_text, metric_text, verdict
+from attnreid.viz.page import CSS
 
 ASSETS = "report_files"
 
@@ -35,27 +37,6 @@ COLUMNS = {
     "partial": [("R1", "rank1"), ("R3", "rank3")],
 }
 
-CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
-       max-width: 1100px; margin: 0 auto; padding: 16px 20px 48px; color: #1b1b1b;
-       background: #fff; line-height: 1.45; }
-h1 { font-size: 1.6em; margin-bottom: 0.2em; }
-h2 { font-size: 1.3em; border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 1.8em; }
-h3 { font-size: 1.05em; margin-bottom: 0.3em; }
-.meta { color: #666; font-size: 0.9em; }
-table.metrics { border-collapse: collapse; margin: 8px 0 16px; font-variant-numeric: tabular-nums; }
-table.metrics th, table.metrics td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
-table.metrics th { background: #f0f3f7; }
-table.metrics td.name, table.metrics th.name { text-align: left; }
-table.metrics tr.best td.val { font-weight: 600; }
-img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figure { margin: 10px 0 18px; }
-figcaption { color: #555; font-size: 0.88em; }
-.note { background: #fff7e0; border-left: 4px solid #e0a800; padding: 6px 10px; margin: 8px 0; }
-dl.cfg { display: grid; grid-template-columns: max-content auto; gap: 2px 14px; font-size: 0.92em; }
-dl.cfg dt { color: #555; } dl.cfg dd { margin: 0; }
-.legend span { display: inline-block; padding: 0 6px; margin-right: 6px; color: #fff; border-radius: 3px; }
-"""
 
 
 @dataclass
@@ -148,6 +129,55 @@ def _pct(v: Any) -> str:
     return f"{100.0 * float(v):.1f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "–"
 
 
+def _value(metrics: dict, key: str) -> str:
+    """A metric in percent with its bootstrap interval when eval.json has one (``62.3 ± 1.6``)."""
+    v = metrics.get(key)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return "–"
+    return metric_text(metrics, key)
+
+
+def comparison_section(runs: Sequence[RunInfo]) -> str:
+    """Each run against the first (the reference) on the same queries: paired bootstrap interval of
+    the mAP and rank-1 differences, sign-test p-values and the verdict (attnreid.evaluation.stats).
+    Runs without per-query results, or evaluated on other queries, get a note instead."""
+    from attnreid.errors import AttnReidError
+    from attnreid.evaluation.paired import PER_QUERY_FILE, compare_evaluated, load_run
+
+    e = html.escape
+    with_pq = [r for r in runs if (r.path / PER_QUERY_FILE).is_file()]
+    if len(runs) < 2:
+        return ""
+    if len(with_pq) < 2:
+        return (f'<h2>Paired comparison</h2><p class="note">Fewer than two runs hold {PER_QUERY_FILE} '
+                '(written by evaluations since attnreid compare exists): no paired comparison.</p>')
+    ref = load_run(with_pq[0].path, with_pq[0].label)
+    rows, notes = [], []
+    for r in with_pq[1:]:
+        try:
+            res = compare_evaluated(load_run(r.path, r.label), ref)
+        except AttnReidError as exc:
+            notes.append(f'<p class="note">{e(r.label)}: {e(str(exc))}</p>')
+            continue
+        m, h = res["mAP"], res["rank1"]
+        rows.append(f'<tr><td class="name">{e(r.label)}</td><td class="val">{e(format_diff(m))}</td>'
+                    f'<td class="val">{e(format_p(m["p"]))}</td><td class="val">{e(format_diff(h))}</td>'
+                    f'<td class="val">{e(format_p(h["p"]))}</td><td class="val">{res["num_queries"]}</td>'
+                    f'<td class="name">{e(verdict(res, r.label, ref.label))}</td></tr>')
+    skipped = [r.label for r in runs if r not in with_pq]
+    if skipped:
+        notes.append(f'<p class="note">No {PER_QUERY_FILE} (not compared): {e(", ".join(skipped))}.</p>')
+    table = ""
+    if rows:
+        table = ('<table class="metrics"><caption class="meta">Each run minus the reference, in points, with the '
+                 '95% paired bootstrap interval over queries; p: exact two-sided sign test over the queries '
+                 '(rank-1: the queries only one of the two hits). The verdict is decided on mAP: a run is better '
+                 'when p &lt; 0.05 and the interval excludes 0.</caption><thead><tr><th class="name">run</th>'
+                 '<th>ΔmAP [95% CI]</th><th>p</th><th>ΔRank-1 [95% CI]</th><th>p</th><th>queries</th>'
+                 f'<th class="name">verdict</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+    return (f'<h2>Paired comparison (reference: {e(ref.label)})</h2>' + table + "".join(notes))
+
+
 def metrics_tables(runs: Sequence[RunInfo]) -> str:
     """One table per (protocol): a row per evaluated run, values in percent as in the
     papers, the best value of each column in bold."""
@@ -169,11 +199,14 @@ def metrics_tables(runs: Sequence[RunInfo]) -> str:
             extra = " +re-rank" if r.eval.get("rerank") else ""
             cells = "".join(
                 f'<td class="val">{"<b>" if r.eval.get(k) == best[k] and len(group) > 1 else ""}'
-                f'{e(_pct(r.eval.get(k)))}{"</b>" if r.eval.get(k) == best[k] and len(group) > 1 else ""}</td>'
+                f'{e(_value(r.eval, k))}{"</b>" if r.eval.get(k) == best[k] and len(group) > 1 else ""}</td>'
                 for _, k in cols)
             rows.append(f'<tr><td class="name">{e(r.label)}</td><td class="name">{e(r.model)}</td>'
                         f'<td class="name">{e(r.dataset + extra)}</td>{cells}</tr>')
         caption = "partial re-ID protocol (single-shot, %)" if protocol == "partial" else "single query, % (CMC rank-k and mAP)"
+        levels = [level_text(r.eval) for r in group if level_text(r.eval)]
+        if levels:
+            caption += f"; {levels[0]} (an interval whose sides differ by more than 1.5x is shown as +up/-down)"
         out.append(f'<table class="metrics"><caption class="meta">{e(caption)}</caption>'
                    f'<thead><tr><th class="name">run</th><th class="name">model</th><th class="name">data set</th>'
                    f'{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
@@ -275,7 +308,8 @@ def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Pat
     overlays (0: none; they need the run's checkpoint and an attention model).
     ``image_reader`` (path -> PIL image) defaults to :func:`attnreid.data.io.read_image`.
     With two or more evaluated runs on the same queries, the first two are compared
-    query by query.
+    query by query, and every run is compared with the first one statistically
+    (:func:`comparison_section`).
     """
     from attnreid.viz import plots, ranking
 
@@ -297,10 +331,13 @@ def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Pat
     parts.append("<h2>Results</h2>")
     parts.append(metrics_tables(runs))
     curves = {r.label: r.eval["cmc"] for r in runs if r.eval and isinstance(r.eval.get("cmc"), list) and r.eval["cmc"]}
+    bands = {r.label: r.eval["cmc_ci"] for r in runs if r.label in curves and isinstance(r.eval.get("cmc_ci"), list)}
     if curves:
-        png = plots.plot_cmc(curves, assets / "cmc.png", max_rank=20)
+        png = plots.plot_cmc(curves, assets / "cmc.png", max_rank=20, bands=bands)
         parts.append(_img(png, out_dir, "CMC curves",
-                          "CMC: the share of queries whose first true match is within the top k."))
+                          "CMC: the share of queries whose first true match is within the top k"
+                          + ("; shaded: the bootstrap interval over queries at each rank." if bands else ".")))
+    parts.append(comparison_section(runs))
 
     ranks_cache: Dict[int, dict] = {}
     chosen: Dict[int, List[int]] = {}

@@ -1,0 +1,123 @@
+"""The metrics ``.npz`` format: ids, cameras and a distance matrix or features, read and evaluated.
+
+What ``attnreid metrics`` and ``attnreid compare`` read (and ``attnreid extract --split query
+--split gallery`` writes): ``query_pids``, ``gallery_pids``, ``query_camids``, ``gallery_camids``
+(camera ids may be left out for the partial protocol), and either ``distmat`` (Q x G) or
+``query_features`` + ``gallery_features``; optionally ``query_paths`` / ``gallery_paths``.
+Every problem is one line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Dict
+
+from attnreid.errors import AttnReidError
+
+_ID_KEYS = ("query_pids", "gallery_pids", "query_camids", "gallery_camids")
+_PATH_KEYS = ("query_paths", "gallery_paths")  # optional; `attnreid extract` writes them
+
+
+def load_metrics_npz(path: Path, need_features: bool, need_cameras: bool = True) -> Dict:
+    """Read and check the arrays of a metrics npz; every problem is one line naming the key."""
+    import numpy as np
+
+    if not path.is_file():
+        raise AttnReidError(f"{path}: no such file")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise AttnReidError(f"{path} is not a readable .npz file ({type(exc).__name__})") from None
+    if not hasattr(npz, "files"):
+        raise AttnReidError(f"{path} holds a single array, not an .npz archive of named arrays")
+    try:
+        keys = set(npz.files)
+        needed = _ID_KEYS if need_cameras else _ID_KEYS[:2]
+        for key in needed:
+            if key not in keys:
+                raise AttnReidError(f"{path}: missing key '{key}' (has: {', '.join(sorted(keys)) or 'nothing'})")
+        has_feats = "query_features" in keys and "gallery_features" in keys
+        if need_features and not has_feats:
+            missing = "query_features" if "query_features" not in keys else "gallery_features"
+            raise AttnReidError(f"{path}: --rerank needs features; missing key '{missing}'")
+        if not has_feats and "distmat" not in keys:
+            raise AttnReidError(f"{path}: missing key 'distmat' (or both 'query_features' and 'gallery_features')")
+        try:
+            arrays = {k: npz[k] for k in keys if k in _ID_KEYS + _PATH_KEYS + ("distmat", "query_features", "gallery_features")}
+        except ValueError as exc:  # object arrays need pickle, which is refused
+            raise AttnReidError(f"{path}: an array could not be read without pickle ({exc})") from None
+    finally:
+        npz.close()
+    for key in _ID_KEYS + _PATH_KEYS:
+        if key in arrays and arrays[key].ndim != 1:
+            raise AttnReidError(f"{path}: '{key}' must be 1-D, got shape {arrays[key].shape}")
+    for side in ("query", "gallery"):
+        n = len(arrays[f"{side}_pids"])
+        if f"{side}_camids" in arrays and len(arrays[f"{side}_camids"]) != n:
+            raise AttnReidError(
+                f"{path}: '{side}_camids' has shape {arrays[f'{side}_camids'].shape} but '{side}_pids' has {n} entries"
+            )
+        paths = arrays.get(f"{side}_paths")
+        if paths is not None and len(paths) != n:
+            raise AttnReidError(f"{path}: '{side}_paths' has {len(paths)} entries but '{side}_pids' has {n}")
+        feats = arrays.get(f"{side}_features")
+        if feats is not None and (feats.ndim != 2 or feats.shape[0] != n):
+            raise AttnReidError(
+                f"{path}: '{side}_features' has shape {feats.shape}; expected {n} rows (one per '{side}_pids' entry)"
+            )
+    if "distmat" in arrays and not (need_features or "query_features" in arrays):
+        d = arrays["distmat"]
+        expected = (len(arrays["query_pids"]), len(arrays["gallery_pids"]))
+        if d.ndim != 2 or d.shape != expected:
+            raise AttnReidError(f"{path}: 'distmat' has shape {d.shape}; expected {expected} (query_pids x gallery_pids)")
+    if len(arrays["query_pids"]) == 0:
+        raise AttnReidError(f"{path}: 'query_pids' is empty: the query set is empty")
+    return arrays
+
+
+def evaluate_npz(file: Path, protocol: str = "market", metric: str = "euclidean_sq", rerank: bool = False,
+                 k1: int = 20, k2: int = 6, lambda_value: float = 0.3, max_rank: int = 50,
+                 per_query: bool = False) -> Dict:
+    """Metrics of a metrics npz (:func:`load_metrics_npz`), as :func:`attnreid.evaluation.rank.evaluate_rank`
+    returns them; ``per_query`` adds the per-query arrays. The loaded arrays are under ``"arrays"``."""
+    from attnreid.evaluation.distance import METRICS, as_feature_tensor, compute_distance
+    from attnreid.evaluation.protocols import PROTOCOLS
+    from attnreid.evaluation.rank import evaluate_cuhk03_single_shot, evaluate_rank
+
+    if protocol not in PROTOCOLS:
+        raise AttnReidError(f"unknown --protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    if metric not in METRICS:
+        raise AttnReidError(f"unknown --metric {metric!r}; expected one of {', '.join(METRICS)}")
+    arrays = load_metrics_npz(file, need_features=rerank, need_cameras=protocol != "partial")
+    if rerank or "distmat" not in arrays:
+        qf = as_feature_tensor(arrays["query_features"], f"{file}: 'query_features'")
+        gf = as_feature_tensor(arrays["gallery_features"], f"{file}: 'gallery_features'")
+        if qf.shape[1] != gf.shape[1]:
+            raise AttnReidError(
+                f"{file}: 'query_features' has shape {tuple(qf.shape)} but 'gallery_features' has {tuple(gf.shape)} (dimensions differ)"
+            )
+        if rerank:
+            from attnreid.evaluation.rerank import re_ranking
+
+            distmat = re_ranking(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric)
+        else:
+            distmat = compute_distance(qf, gf, metric)
+    else:
+        distmat = arrays["distmat"]
+    names = {
+        "distmat": f"{file}: 'distmat'",
+        "q_pids": "'query_pids'",
+        "g_pids": "'gallery_pids'",
+        "q_camids": "'query_camids'",
+        "g_camids": "'gallery_camids'",
+    }
+    cams = (None, None) if protocol == "partial" else (arrays["query_camids"], arrays["gallery_camids"])
+    ids = (arrays["query_pids"], arrays["gallery_pids"], *cams)
+    if protocol == "cuhk03_classic":
+        res = evaluate_cuhk03_single_shot(distmat, *ids, max_rank=max_rank, names=names, per_query=per_query)
+    else:
+        res = evaluate_rank(distmat, *ids, max_rank=max_rank, names=names, per_query=per_query)
+
+    res["arrays"] = arrays
+    return res
