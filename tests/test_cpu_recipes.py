@@ -10,7 +10,7 @@ CPU = Path(__file__).resolve().parents[1] / "configs" / "cpu"
 
 
 def test_cpu_recipes_share_the_step_budget_and_validation_split():
-    cfgs = {m: load_config(CPU / f"market1501_{m}.yaml") for m in ("baseline", "mhsanet", "hacnn", "mhsanet_orth", "mhsanet_diverse")}
+    cfgs = {m: load_config(CPU / f"market1501_{m}.yaml") for m in ("baseline", "mhsanet", "hacnn", "mhsanet_orth", "mhsanet_diverse", "mhsanet_heads")}
     budget = {(c.data.batch_size, c.data.num_instances, c.data.epoch_mode, c.train.epochs, c.data.val_ids)
               for c in cfgs.values()}
     assert budget == {(32, 4, "identities", 24, 50)}
@@ -24,3 +24,4 @@ def test_cpu_recipes_share_the_step_budget_and_validation_split():
     assert (cfgs["hacnn"].data.height, cfgs["hacnn"].data.width, cfgs["hacnn"].data.flip) == (160, 64, False)
     assert cfgs["mhsanet_orth"].loss.lambda_attention_orth == 1.0 and cfgs["mhsanet"].loss.lambda_attention_orth == 0.0
     assert cfgs["mhsanet_diverse"].model.mhsanet.attention_logit_cap == 2.0 and cfgs["mhsanet"].model.mhsanet.attention_logit_cap == 0.0
+    assert cfgs["mhsanet_heads"].model.mhsanet.attention_norm == "heads"
