@@ -104,6 +104,32 @@ def robustness(cfg, checkpoints, dataset, device, num_queries: int, log) -> dict
             "curves": {label: summarize(r) for label, r in rows.items()}}
 
 
+def rank1_hits(run: Path) -> np.ndarray:
+    """Per query, whether the first valid gallery image (Market protocol) has its identity.
+
+    Read from the run's ``eval_ranks.npz`` (the final test evaluation's top 50): gallery
+    images of the query's identity seen by the query's camera are skipped, as the protocol
+    drops them.
+    """
+    r = np.load(run / "eval_ranks.npz")
+    qp, qc, gp, gc, top = r["query_pids"], r["query_camids"], r["gallery_pids"], r["gallery_camids"], r["topk_index"]
+    junk = (gp[top] == qp[:, None]) & (gc[top] == qc[:, None])
+    first = np.argmax(~junk, axis=1)
+    return (gp[top[np.arange(len(top)), first]] == qp).astype(np.float64)
+
+
+def paired_rank1(out: Path, a: str, b: str) -> dict:
+    """Paired bootstrap interval and exact McNemar (sign) test of rank-1 of run ``a`` minus run ``b``."""
+    from attnreid.evaluation.stats import paired_bootstrap, sign_test
+
+    ha, hb = rank1_hits(out / a), rank1_hits(out / b)
+    res = paired_bootstrap(ha, hb)
+    test = sign_test(ha - hb)
+    return {"a": a, "b": b, "rank1_a": round(float(ha.mean()), 5), "rank1_b": round(float(hb.mean()), 5),
+            "rank1_diff": round(res["diff"], 5), "rank1_diff_ci95": [round(x, 5) for x in res["ci"]],
+            "a_only_hits": test["n_pos"], "b_only_hits": test["n_neg"], "p_sign_test": test["p"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=str(ROOT.parent / "shared" / "data"))
@@ -117,6 +143,9 @@ def main() -> None:
                     help="no training: the occlusion curves of the baseline and mhsanet runs already in --out")
     ap.add_argument("--smoke", action="store_true", help="2 epochs on 40 ids, small test set: checks the script")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--paired", default="mhsanet:baseline,mhsanet:hacnn,mhsanet_diverse:mhsanet,hacnn:baseline",
+                    help="A:B pairs of runs in --out compared on rank-1 (paired bootstrap, sign test)")
+    ap.add_argument("--paired-only", action="store_true", help="no training: only the paired comparisons")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -137,6 +166,8 @@ def main() -> None:
         tmp.replace(args.results)
 
     full = None
+    if args.paired_only:
+        models = []
     if args.robustness_only:
         models = []
         full = build_dataset_from_config(load_config(CONFIGS["baseline"], [f"data.root={args.root}"]).data)
@@ -184,6 +215,11 @@ def main() -> None:
         entry["eval_seconds"] = round(time.perf_counter() - t1, 1)
         result["models"][name] = entry
         print(json.dumps({name: entry}, indent=1), flush=True)
+        save()
+    pairs = [p.split(":") for p in args.paired.split(",") if p]
+    done = [(a, b) for a, b in pairs if (args.out / a / "eval_ranks.npz").is_file() and (args.out / b / "eval_ranks.npz").is_file()]
+    if done:
+        result["paired_rank1"] = [paired_rank1(args.out, a, b) for a, b in done]
         save()
     if args.robustness_only or (not args.no_robustness and {"baseline", "mhsanet"} <= set(models)):
         cfg = load_config(CONFIGS["mhsanet"], [f"data.root={args.root}", f"train.threads={args.threads}"])
