@@ -18,14 +18,20 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 def extract_features(model: nn.Module, items: Sequence[Tuple[str, int, int]], data_cfg: Any,
                      batch_size: Optional[int] = None, device: str | torch.device = "cpu",
                      flip: bool = False, channels_last: bool = False,
-                     autocast_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
+                     autocast_dtype: Optional[torch.dtype] = None, progress: Optional[str] = None,
+                     return_index: bool = False):
     """Run the model in eval mode over ``items`` (``(path, pid, camid)``).
 
     Returns ``(features N x D float32 on the CPU, pids, camids)`` in the order of
     ``items``. ``flip`` averages the features of each image and its mirror image (an
-    evaluation option neither paper uses; off by default).
+    evaluation option neither paper uses; off by default). ``progress``: a label for a
+    progress display on stderr (:class:`attnreid.progress.ProgressReporter`); None shows
+    none. With ``data.skip_bad_images`` unreadable images are left out, so N may be
+    smaller than ``len(items)``; ``return_index=True`` adds a fourth value, the index
+    into ``items`` of each row.
     """
     from attnreid.data.loader import build_test_loader
+    from attnreid.progress import ProgressReporter
 
     if batch_size is not None:
         data_cfg = dataclasses.replace(data_cfg, test_batch_size=batch_size)
@@ -36,7 +42,11 @@ def extract_features(model: nn.Module, items: Sequence[Tuple[str, int, int]], da
     feats: List[torch.Tensor] = []
     pids: List[np.ndarray] = []
     camids: List[np.ndarray] = []
+    index: List[np.ndarray] = []
+    rows = 0
     use_amp = autocast_dtype is not None and device.type == "cuda"
+    bar = ProgressReporter(progress or "", total=len(loader.dataset), enabled=progress is not None)
+    finished = False
     try:
         with torch.inference_mode():
             for batch in loader:
@@ -51,11 +61,19 @@ def extract_features(model: nn.Module, items: Sequence[Tuple[str, int, int]], da
                 feats.append(f.cpu())
                 pids.append(np.asarray(pid).reshape(-1))
                 camids.append(np.asarray(camid).reshape(-1))
+                index.append(np.asarray(batch[3]).reshape(-1))
+                rows += len(index[-1])
+                bar.advance(rows + len(loader.bad_images) - bar.done)  # skipped images count as processed
+        finished = True
     finally:
+        bar.close(ok=finished)
         model.train(was_training)
     if not feats:
-        return torch.zeros(0, getattr(model, "feature_dim", 0)), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return torch.cat(feats), np.concatenate(pids).astype(np.int64), np.concatenate(camids).astype(np.int64)
+        empty = np.zeros(0, np.int64)
+        out = (torch.zeros(0, getattr(model, "feature_dim", 0)), empty, empty)
+        return out + (empty,) if return_index else out
+    out = (torch.cat(feats), np.concatenate(pids).astype(np.int64), np.concatenate(camids).astype(np.int64))
+    return out + (np.concatenate(index).astype(np.int64),) if return_index else out
 
 
 def folder_items(folder: str | Path) -> List[Tuple[str, int, int]]:

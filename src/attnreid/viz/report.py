@@ -201,13 +201,26 @@ def _config_summary(run: RunInfo) -> str:
             items.append(("heads K / fusion", f"{_get(c, 'model.mhsanet.num_heads')} / {_get(c, 'model.mhsanet.fusion')}"))
         if run.model == "hacnn":
             items.append(("attention", _get(c, "model.hacnn.attention")))
-        items.append(("epochs (config)", _get(c, "train.epochs")))
+        items.append(("epochs trained", _epochs_trained(run, _get(c, "train.epochs"))))
     if run.eval:
         items += [("evaluated at epoch", run.eval.get("epoch")), ("mINP", _pct(run.eval.get("mINP")) if "mINP" in run.eval else None),
                   ("valid queries", run.eval.get("num_valid_queries")), ("metric", run.eval.get("metric"))]
     items.append(("checkpoint", run.checkpoint.name if run.checkpoint else "none"))
     body = "".join(f"<dt>{e(str(k))}</dt><dd>{e(str(v))}</dd>" for k, v in items if v not in (None, ""))
     return f'<dl class="cfg">{body}</dl>'
+
+
+def _epochs_trained(run: RunInfo, configured: Any) -> Optional[str]:
+    """``12 of 400``: the complete epochs the log (or the evaluation) shows, and the configured count."""
+    from attnreid.viz.plots import training_series
+
+    trained = training_series(run.log)["epochs_trained"] if run.log else 0
+    evaluated = (run.eval or {}).get("epoch")
+    if isinstance(evaluated, int) and not isinstance(evaluated, bool):
+        trained = max(trained, evaluated)
+    if not trained:
+        return None
+    return f"{trained} of {configured}" if isinstance(configured, int) and configured != trained else str(trained)
 
 
 def _ranked_section(run: RunInfo, ranks: dict, picked: List[int], slug: str, out_dir: Path, topk: int,
