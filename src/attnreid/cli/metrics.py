@@ -101,8 +101,10 @@ def metrics(
             )
         if rerank:
             from attnreid.evaluation.rerank import re_ranking
+            from attnreid.progress import ProgressReporter
 
-            distmat = re_ranking(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric)
+            with ProgressReporter(f"re-ranking {qf.shape[0]} x {gf.shape[0]}"):
+                distmat = re_ranking(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric)
         else:
             distmat = compute_distance(qf, gf, metric)
     else:
