@@ -523,3 +523,13 @@ def test_eval_datasets_errors(small):
     assert_one_line_error(code, err, "eval.datasets names a data set twice")
     code, _, err = run_cli(["eval", small["cfg"], "eval.datasets=[market1501, msmt17]", "--checkpoint", small["ckpt"]])
     assert_one_line_error(code, err, "MSMT17")
+
+
+def test_data_check_shows_progress(small, monkeypatch):
+    import attnreid.progress as progress
+
+    monkeypatch.setattr(progress, "MIN_SECONDS", 0.0)
+    code, out, err = run_cli(["data", "stats", "market1501", "--root", small["root"], "--check-images", "--json"])
+    assert code == 0, err
+    json.loads(out)
+    assert "checking market1501 images: " in err and "ETA" in err
