@@ -330,7 +330,7 @@ def test_help_groups_commands_in_order(monkeypatch):
     from attnreid.cli import PANELS, app
 
     listed = {n for _, names in PANELS for n in names}
-    assert {c.name or c.callback.__name__ for c in app.registered_commands} <= listed
+    assert {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands} <= listed
     assert {g.name for g in app.registered_groups} <= listed
 
 
@@ -513,8 +513,12 @@ def test_eval_on_several_test_sets(small, tmp_path):
                                  "--checkpoint", small["ckpt"]])
     assert code == 0, err
     table = stdout.splitlines()
-    assert table[0].endswith("on 2 test sets:") and table[1].split()[:2] == ["dataset", "protocol"]
-    assert [line.split()[0] for line in table[2:4]] == ["market1501", "dukemtmcreid"]
+    assert table[0].endswith("on 2 test sets:")
+    assert table[1].split() == ["dataset", "protocol", "R1", "R3", "R5", "R10", "mAP", "queries", "gallery"]
+    for line, d in zip(table[2:4], m["datasets"]):
+        cells = line.split()
+        assert cells[:2] == [d["dataset"], "market"] and float(cells[2]) == pytest.approx(100 * d["rank1"], abs=0.05)
+        assert cells[-2:] == [str(d["num_query"]), str(d["num_gallery"])]
 
 
 def test_eval_datasets_errors(small):

@@ -303,6 +303,24 @@ def _suggest(key: str) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML for config files and override values, with YAML 1.2's booleans: only true/false.
+
+    YAML 1.1 (PyYAML's default) also reads yes/no/on/off as booleans, which would turn
+    ``amp: off`` or a list item ``no`` into ``False``. Boolean keys still accept those
+    words: OmegaConf converts the strings.
+    """
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                      list("tTfF"))
+
+
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     """Read a YAML file, resolving ``_base_`` inheritance (bases first, file wins)."""
     if not path.is_file():
@@ -353,24 +371,6 @@ def _check_keys(data: Any, prefix: str, source: str) -> None:
             if not isinstance(v, dict):
                 raise ConfigError(f"config key '{key}' in {source} is a section and needs a mapping, got {v!r}")
             _check_keys(v, key + ".", source)
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """YAML for config files and override values, with YAML 1.2's booleans: only true/false.
-
-    YAML 1.1 (PyYAML's default) also reads yes/no/on/off as booleans, which would turn
-    ``amp: off`` or a list item ``no`` into ``False``. Boolean keys still accept those
-    words: OmegaConf converts the strings.
-    """
-
-
-_BOOL_TAG = "tag:yaml.org,2002:bool"
-_ConfigLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_ConfigLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                      list("tTfF"))
 
 
 def key_type(dotted: str) -> Any:

@@ -75,18 +75,17 @@ def _counts(m: dict) -> str:
 
 
 def datasets_table(rows: List[dict]) -> str:
-    """The plain-text table of a multi-dataset evaluation (one row per test set, in %)."""
-    cols = [("R1", "rank1"), ("R5", "rank5"), ("R10", "rank10"), ("mAP", "mAP")]
+    """The plain-text table of a multi-dataset evaluation: one row per test set, scores in %."""
+    cols = [("R1", "rank1"), ("R3", "rank3"), ("R5", "rank5"), ("R10", "rank10"), ("mAP", "mAP")]
     width = max(len("dataset"), *(len(r["dataset"]) for r in rows))
-    lines = [f"{'dataset':<{width}}  {'protocol':<8} " + " ".join(f"{c:>6}" for c, _ in cols)
+
+    def pct(v) -> str:
+        return f"{100 * v:>6.1f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{'-':>6}"
+
+    lines = [f"{'dataset':<{width}}  {'protocol':<14} " + " ".join(f"{c:>6}" for c, _ in cols)
              + f" {'queries':>8} {'gallery':>8}"]
     for r in rows:
-        vals = []
-        for _, k in cols:
-            partial_gap = r["protocol"] == "partial" and k in ("rank5", "rank10", "mAP")
-            value = r.get("rank3") if partial_gap and k == "rank5" else r.get(k)
-            vals.append(f"{100 * value:>6.1f}" if isinstance(value, (int, float)) and not partial_gap else f"{'-':>6}")
-        lines.append(f"{r['dataset']:<{width}}  {r['protocol']:<8} " + " ".join(vals)
+        lines.append(f"{r['dataset']:<{width}}  {r['protocol']:<14} " + " ".join(pct(r.get(k)) for _, k in cols)
                      + f" {r['num_query']:>8} {r['num_gallery']:>8}")
     return "\n".join(lines)
 
