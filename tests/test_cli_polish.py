@@ -537,3 +537,17 @@ def test_data_check_shows_progress(small, monkeypatch):
     assert code == 0, err
     json.loads(out)
     assert "checking market1501 images: " in err and "ETA" in err
+
+
+def test_trainer_records_mark_complete_epochs():
+    from attnreid.viz.plots import training_series
+
+    # The trainer's own records: "run" at the start, "diagnostics" after each epoch, a
+    # budget stop inside epoch 3 followed by the final "eval" of the 2 complete epochs.
+    log = [{"type": "run", "epoch": 0, "step": 0},
+           {"type": "train", "epoch": 1, "step": 10, "loss": 3.0}, {"type": "diagnostics", "epoch": 1, "step": 10},
+           {"type": "train", "epoch": 2, "step": 20, "loss": 2.0}, {"type": "diagnostics", "epoch": 2, "step": 20},
+           {"type": "train", "epoch": 3, "step": 29, "loss": 7.0},
+           {"type": "eval", "epoch": 2, "step": 29, "mAP": 0.1, "rank1": 0.2}]
+    s = training_series(log)
+    assert s["loss_epochs"] == [1, 2] and s["epochs_trained"] == 2 and s["loss"]["loss"] == [3.0, 2.0]

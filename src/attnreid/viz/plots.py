@@ -54,8 +54,9 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-# Records that state how many epochs were complete when they were written.
-_EPOCH_MARKERS = ("eval", "interrupted", "resume", "epoch")
+# Records that state how many epochs were complete when they were written (the trainer's
+# "run" and "resume" at the start, "diagnostics" after each epoch, "eval"/"val" after an evaluation).
+_EPOCH_MARKERS = ("eval", "val", "interrupted", "resume", "run", "diagnostics", "epoch")
 
 
 def training_series(records: Sequence[Mapping]) -> Dict[str, Dict[str, List[float]]]:
@@ -67,10 +68,10 @@ def training_series(records: Sequence[Mapping]) -> Dict[str, Dict[str, List[floa
     in some records of an epoch is averaged over the records that have it.
 
     An epoch that did not complete is left out. Such an epoch is recognised two ways:
-    a later ``eval``, ``interrupted``, ``resume`` or ``epoch`` record says fewer epochs
-    were complete (a run stopped by Ctrl-C or its time budget mid-epoch, whose epoch is
-    redone on resume); or it is the last epoch of the log and has fewer steps than the
-    epochs before it (a run still training, or killed).
+    a later record of :data:`_EPOCH_MARKERS` says fewer epochs were complete (a run
+    stopped by Ctrl-C or its time budget mid-epoch, whose epoch is redone on resume); or
+    it is the last epoch of the log and has fewer steps than the epochs before it (a run
+    still training, or killed).
     """
     sums: Dict[int, Dict[str, List[float]]] = defaultdict(lambda: defaultdict(list))
     last_step: Dict[int, int] = {}

@@ -120,17 +120,13 @@ def read_run(path: str | Path, label: Optional[str] = None) -> RunInfo:
     run.log = read_log(path / "log.jsonl")
     if (path / "eval_ranks.npz").is_file():
         run.ranks_path = path / "eval_ranks.npz"
-    for name in ("best.pth", "last.pth"):
-        if (path / "checkpoints" / name).is_file():
-            run.checkpoint = path / "checkpoints" / name
-            break
-    # `attnreid eval --out DIR` writes only eval files; eval.json names the checkpoint it used.
+    # The overlays should come from the weights the ranked lists came from: the checkpoint
+    # eval.json names (`attnreid eval --out DIR`), else the final weights (last.pth: a run's
+    # closing evaluation is of those), else best.pth.
     evaluated = (run.eval or {}).get("checkpoint")
-    if run.checkpoint is None and isinstance(evaluated, str):
-        for cand in (Path(evaluated), path / evaluated):
-            if cand.is_file():
-                run.checkpoint = cand
-                break
+    candidates = [Path(evaluated), path / evaluated] if isinstance(evaluated, str) else []
+    candidates += [path / "checkpoints" / "last.pth", path / "checkpoints" / "best.pth"]
+    run.checkpoint = next((c for c in candidates if c.is_file()), None)
     return run
 
 
@@ -249,7 +245,7 @@ def _attention_section(run: RunInfo, image_paths: List[str], slug: str, out_dir:
     """Overlays of the given queries from the run's checkpoint; any problem is a note on
     the page (a report must not fail because a checkpoint moved or a model has none)."""
     from attnreid.errors import AttnReidError
-    from attnreid.viz.attention import LEGENDS, explain_files
+    from attnreid.viz.attention import LEGENDS, diversity_text, explain_files
 
     e = html.escape
     parts = ["<h3>Attention of these queries</h3>"]
@@ -264,8 +260,15 @@ def _attention_section(run: RunInfo, image_paths: List[str], slug: str, out_dir:
         return parts + [f'<p class="note">Attention overlays not available: {e(str(exc))}</p>']
     parts.append(f'<p class="meta">{e(LEGENDS.get(result["model"], ""))} '
                  f'(from {e(run.checkpoint.name)})</p>')
+    stats = (run.eval or {}).get("attention_stats")
+    if isinstance(stats, dict) and diversity_text(stats):
+        parts.append(f'<p class="meta">Head diversity over {int(stats.get("num_images", 0))} query images '
+                     f'(eval.json): {e(diversity_text(stats))}. Head overlap is the mean over head pairs of '
+                     'Σ_j min(α_a,j, α_b,j): 1 = identical maps, 0 = disjoint. β entropy 0 = SAFFM uses one '
+                     'head, ln K = all heads equally.</p>')
     for entry in result["images"]:
-        parts.append(_img(Path(entry["png"]), out_dir, f"attention of {entry['image']}", entry["image"]))
+        caption = entry["image"] + (f" ({diversity_text(entry)})" if diversity_text(entry) else "")
+        parts.append(_img(Path(entry["png"]), out_dir, f"attention of {entry['image']}", caption))
     return parts
 
 
