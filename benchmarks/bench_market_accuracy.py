@@ -46,7 +46,7 @@ from attnreid.engine.trainer import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "market_accuracy.json"
-CONFIGS = {m: ROOT / "configs" / "cpu" / f"market1501_{m}.yaml" for m in ("baseline", "mhsanet", "hacnn")}
+CONFIGS = {m: ROOT / "configs" / "cpu" / f"market1501_{m}.yaml" for m in ("baseline", "mhsanet", "hacnn", "mhsanet_orth")}
 METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 
 
@@ -107,7 +107,7 @@ def robustness(cfg, checkpoints, dataset, device, num_queries: int, log) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--models", default="baseline,mhsanet,hacnn")
+    ap.add_argument("--models", default="baseline,mhsanet,hacnn", help=f"any of {', '.join(CONFIGS)}")
     ap.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs (same for all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "scratch" / "market_accuracy")
@@ -172,11 +172,11 @@ def main() -> None:
         t1 = time.perf_counter()
         entry["test"] = pick(evaluate_model(model, full, run_cfg, device=device, rerank=False))
         entry["test_rerank"] = pick(evaluate_model(model, full, run_cfg, device=device, rerank=True))
-        if name == "mhsanet":
+        if name.startswith("mhsanet"):
             star_cfg = copy.deepcopy(run_cfg)
             star_cfg.model.test_feature = "star"
             star, _ = load_model(last, star_cfg, device=str(device))
-            result["models"]["mhsanet_star"] = {
+            result["models"][f"{name}_star"] = {
                 "from": "the mhsanet run's last.pth, test feature p*",
                 "test": pick(evaluate_model(star, full, star_cfg, device=device, rerank=False)),
                 "test_rerank": pick(evaluate_model(star, full, star_cfg, device=device, rerank=True))}

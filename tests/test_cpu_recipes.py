@@ -10,15 +10,16 @@ CPU = Path(__file__).resolve().parents[1] / "configs" / "cpu"
 
 
 def test_cpu_recipes_share_the_step_budget_and_validation_split():
-    cfgs = {m: load_config(CPU / f"market1501_{m}.yaml") for m in ("baseline", "mhsanet", "hacnn")}
+    cfgs = {m: load_config(CPU / f"market1501_{m}.yaml") for m in ("baseline", "mhsanet", "hacnn", "mhsanet_orth")}
     budget = {(c.data.batch_size, c.data.num_instances, c.data.epoch_mode, c.train.epochs, c.data.val_ids)
               for c in cfgs.values()}
     assert budget == {(32, 4, "identities", 24, 50)}
     for name, c in cfgs.items():
-        assert c.model.name == name and c.data.dataset == "market1501"
+        assert c.model.name == name.split("_")[0] and c.data.dataset == "market1501"
         assert c.train.amp == "auto" and not c.model.backbone.pretrained
     for name in ("baseline", "mhsanet"):
         c = cfgs[name]
         assert (c.model.backbone.name, c.model.backbone.last_stride, c.data.height, c.data.width) == ("resnet18", 1, 128, 64)
     assert cfgs["mhsanet"].model.mhsanet.num_heads == 8
     assert (cfgs["hacnn"].data.height, cfgs["hacnn"].data.width, cfgs["hacnn"].data.flip) == (160, 64, False)
+    assert cfgs["mhsanet_orth"].loss.lambda_attention_orth == 1.0 and cfgs["mhsanet"].loss.lambda_attention_orth == 0.0

@@ -482,3 +482,26 @@ def test_loss_balance_guard_detects_the_old_setting(config, overrides, one_threa
     rows = _balance(load_config(CONFIGS / config, TINY + overrides))
     assert worst_ratio(rows) > 10 * MAX_GRAD_RATIO
     assert max(rows, key=lambda r: r["ratio_to_ce"])["name"] == "tri_rlm"
+
+
+def test_attention_orthogonality_by_hand():
+    """||A A^T - I||_F^2 of Lin et al. on two heads over three positions, computed by hand."""
+    from attnreid.losses.regularizers import attention_orthogonality
+
+    # Image 1: disjoint one-position maps -> A A^T = I -> 0.
+    # Image 2: both heads (0.5, 0.5, 0): A A^T = [[.5, .5], [.5, .5]] -> (.5-1)^2*2 + .5^2*2 = 1.0.
+    alpha = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
+                          [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]]])
+    assert float(attention_orthogonality(alpha)) == pytest.approx((0.0 + 1.0) / 2)
+    assert float(attention_orthogonality(alpha[:1])) == 0.0
+
+
+def test_attention_orthogonality_is_an_option_off_by_default():
+    from attnreid.config import load_config
+    from attnreid.losses import build_criterion
+
+    cfg = load_config(None, [])
+    assert cfg.loss.lambda_attention_orth == 0.0
+    assert "attn_orth" not in build_criterion(cfg.loss, cfg.model).weights
+    on = load_config(None, ["loss.lambda_attention_orth=0.5"])
+    assert build_criterion(on.loss, on.model).weights["attn_orth"] == 0.5

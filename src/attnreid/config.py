@@ -147,6 +147,9 @@ class LossConfig:
     lambda_acm: float = 1e-3  # lambda3, Eq. 13 (authors' code with acm_form linear: 1e-4)
     acm_form: str = "paper"  # paper (Eq. 12, min(alpha, gamma)^2) | linear (authors' code, alpha below gamma)
     acm_gamma: float = 1e-3  # gamma, Eq. 12: the threshold of both forms (authors' code: 0.01)
+    # Not in MHSA-Net: ||A A^T - I||_F^2 on the attention maps (Lin et al. 2017, its [56]),
+    # an option against heads that collapse onto one map; 0 = off (the paper's loss).
+    lambda_attention_orth: float = 0.0
 
 
 @dataclass
@@ -278,7 +281,7 @@ UPPER_BOUNDS = {
     "eval.lambda_value": 1.0,
 }
 for _k in ("loss.saffm_ce", "loss.saffm_triplet", "loss.rlm_ce", "loss.rlm_triplet",
-           "loss.lambda_fdrt", "loss.lambda_ihtl", "loss.lambda_acm", "eval.lambda_value",
+           "loss.lambda_fdrt", "loss.lambda_ihtl", "loss.lambda_acm", "loss.lambda_attention_orth", "eval.lambda_value",
            "data.synthetic.occluded_query_share"):
     LOWER_BOUNDS[_k] = (0.0, True)
 

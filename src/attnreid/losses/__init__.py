@@ -16,6 +16,8 @@ term           what                               weight (config)        paper
 ``fdrt``       FDRT on P                          loss.lambda_fdrt       Eq. 3, 11
 ``ihtl``       IHTL on P                          loss.lambda_ihtl       Eq. 5, 11
 ``acm``        ACM on alpha                       loss.lambda_acm        Eq. 12, 13
+``attn_orth``  ||A A^T - I||^2 on alpha           loss.lambda_attention  not in the paper
+                                                  _orth (default 0)      ([56], option)
 ``ce_local``   CE on HA-CNN's local feature       1                      HA Sec. 3
 =============  =================================  =====================  ========
 
@@ -46,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnreid.errors import ConfigError
-from attnreid.losses.regularizers import ACM_FORMS, FDRT_FORMS, attention_competition, feature_diversity
+from attnreid.losses.regularizers import (ACM_FORMS, FDRT_FORMS, attention_competition, attention_orthogonality,
+                                         feature_diversity)
 from attnreid.losses.triplet import DISTANCES, batch_hard_triplet, improved_hard_triplet, parse_margin
 
 Term = Tuple[str, float, Callable[[dict, torch.Tensor], torch.Tensor]]
@@ -115,6 +118,7 @@ def build_criterion(loss_cfg, model_cfg) -> Criterion:
             ("fdrt", loss_cfg.lambda_fdrt, lambda out, y: feature_diversity(out["P"], fdrt_form)),
             ("ihtl", loss_cfg.lambda_ihtl, lambda out, y: improved_hard_triplet(out["P"], y, ihtl_margin, ihtl_distance)),
             ("acm", loss_cfg.lambda_acm, lambda out, y: attention_competition(out["alpha"], gamma, acm_form)),
+            ("attn_orth", loss_cfg.lambda_attention_orth, lambda out, y: attention_orthogonality(out["alpha"])),
         ]
     elif model_cfg.name == "hacnn":
         weighted.append(("ce_local", 1.0, ce("local")))
@@ -130,4 +134,4 @@ def _check_choice(value: str, allowed, key: str) -> str:
 
 
 __all__ = ["Criterion", "build_criterion", "cross_entropy", "batch_hard_triplet", "improved_hard_triplet",
-           "feature_diversity", "attention_competition"]
+           "feature_diversity", "attention_competition", "attention_orthogonality"]

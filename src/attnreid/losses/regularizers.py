@@ -65,3 +65,20 @@ def attention_competition(alpha: torch.Tensor, gamma: float = 1e-3, form: str = 
     else:
         per_entry = alpha * (alpha < gamma).to(alpha.dtype)
     return per_entry.flatten(1).sum(1).mean()
+
+
+def attention_orthogonality(alpha: torch.Tensor) -> torch.Tensor:
+    """Structured self-attention penalty (Lin et al. 2017, MHSA-Net's [56]): ||A A^T - I||_F^2.
+
+    alpha: B x K x J, each row a head's distribution over the J positions (the spatial
+    softmax). A A^T is K x K: its off-diagonal entries are the overlaps of two heads'
+    maps and its diagonal the heads' self-overlaps (1 only for a one-position map).
+    The penalty pushes the K maps apart, onto different positions, which FDRT (Eq. 3,
+    on the embeddings P) does not. Averaged over the batch. Not part of MHSA-Net's
+    loss: an option (``loss.lambda_attention_orth``, default 0), computed in float32.
+    """
+    with torch.autocast(device_type=alpha.device.type, enabled=False):
+        a = alpha.float()
+        gram = torch.bmm(a, a.transpose(1, 2))
+        eye = torch.eye(a.shape[1], dtype=gram.dtype, device=a.device)
+        return (gram - eye).pow(2).flatten(1).sum(1).mean()
