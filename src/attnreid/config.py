@@ -17,9 +17,12 @@ evaluation take the sub-config objects (duck-typed) or plain arguments.
 from __future__ import annotations
 
 import difflib
+import os
+import re
+import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
 import yaml
 from omegaconf import OmegaConf
@@ -57,7 +60,8 @@ class DataConfig:
     batch_size: int = 128  # P x K
     num_instances: int = 4  # K images per identity in a PK batch
     test_batch_size: int = 128
-    workers: int = 2
+    # DataLoader worker processes: a number, or "auto" (resolve_workers: min(4, CPUs - 1), 0 on one CPU)
+    workers: Union[int, str] = "auto"
     cuhk03_split: str = "new"  # only "new" (767/700) is supported by the CUHK03-NP layout
     skip_bad_images: bool = False  # skip (and list) unreadable images instead of failing
     # What one epoch is (data/sampler.py): "images" = every training image once, in PK
@@ -200,6 +204,9 @@ class EvalConfig:
     # this many resamples (0 = no intervals), seeded with 0, at this level.
     bootstrap: int = 1000
     ci_level: float = 0.95
+    # Several test sets in one run (cross-domain evaluation), e.g. [market1501, dukemtmcreid],
+    # all under eval.root (or data.root); the first is the primary one (best.pth). [] = eval.dataset.
+    datasets: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -255,7 +262,6 @@ LOWER_BOUNDS = {
     "data.batch_size": (1, True),
     "data.num_instances": (1, True),
     "data.test_batch_size": (1, True),
-    "data.workers": (0, True),
     "data.val_ids": (0, True),
     "data.max_ids": (0, True),
     "data.random_erasing": (0.0, True),
@@ -317,6 +323,24 @@ def _suggest(key: str) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML for config files and override values, with YAML 1.2's booleans: only true/false.
+
+    YAML 1.1 (PyYAML's default) also reads yes/no/on/off as booleans, which would turn
+    ``amp: off`` or a list item ``no`` into ``False``. Boolean keys still accept those
+    words: OmegaConf converts the strings.
+    """
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                      list("tTfF"))
+
+
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     """Read a YAML file, resolving ``_base_`` inheritance (bases first, file wins)."""
     if not path.is_file():
@@ -324,7 +348,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"config file {path} inherits from itself through _base_")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_ConfigLoader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -369,6 +393,52 @@ def _check_keys(data: Any, prefix: str, source: str) -> None:
             _check_keys(v, key + ".", source)
 
 
+def key_type(dotted: str) -> Any:
+    """The schema's type hint of a dotted key (``str``, ``int``, ``List[float]`` ...), or None if unknown."""
+    cls: Any = Config
+    hint: Any = None
+    for part in dotted.split("."):
+        if not (isinstance(cls, type) and is_dataclass(cls)):
+            return None
+        hint = typing.get_type_hints(cls).get(part)
+        if hint is None:
+            return None
+        cls = hint
+    return hint
+
+
+def _is_text(hint: Any) -> bool:
+    """``str`` or ``Optional[str]``: keys whose value is taken as typed on the command line."""
+    if hint is str:
+        return True
+    args = typing.get_args(hint)
+    return typing.get_origin(hint) is Union and str in args and all(a in (str, type(None)) for a in args)
+
+
+def parse_override_value(key: str, raw: str) -> Any:
+    """The value of ``KEY=RAW``: raw text for a string key, YAML for any other.
+
+    For a string-typed key (``train.amp``, ``data.root``, ...) the text is kept as it
+    is, so ``off``, ``no``, ``1e3`` or ``0123`` stay strings; quotes around it are
+    removed (``data.root="my data"``); ``null`` or ``~`` give None where the key allows
+    it. Other keys are read as YAML with only ``true``/``false`` as booleans.
+    """
+    text = raw.strip()
+    hint = key_type(key)
+    if hint is not None and _is_text(hint):
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            return yaml.load(text, Loader=_ConfigLoader)
+        if hint is not str and text in ("null", "~"):
+            return None
+        return raw
+    if text == "":
+        return ""
+    try:
+        return yaml.load(raw, Loader=_ConfigLoader)
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{key}={raw}' is not a valid value (YAML)") from None
+
+
 def _parse_overrides(overrides: List[str]) -> dict:
     out: dict = {}
     for item in overrides:
@@ -378,7 +448,7 @@ def _parse_overrides(overrides: List[str]) -> dict:
         key = key.strip()
         if not key:
             raise ConfigError(f"override '{item}' has an empty key")
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        value = parse_override_value(key, raw)
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
@@ -387,6 +457,37 @@ def _parse_overrides(overrides: List[str]) -> dict:
                 raise ConfigError(f"override '{item}' conflicts with an earlier override of '{p}'")
         node[parts[-1]] = value
     return out
+
+
+def _check_override_types(over: dict, items: List[str]) -> None:
+    """Type errors of the overrides themselves, reported as the override the user typed."""
+    try:
+        OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(over))
+    except OmegaConfBaseException as exc:
+        key = str(getattr(exc, "full_key", None) or "")
+        typed = next((i for i in reversed(items) if i.split("=", 1)[0].strip() == key), None)
+        msg = str(exc).splitlines()[0]
+        where = f"override '{typed}'" if typed else f"config key '{key}' in the command-line overrides"
+        raise ConfigError(f"{where}: {msg}") from None
+
+
+def resolve_workers(value: Union[int, str], cpus: Optional[int] = None) -> int:
+    """``data.workers`` as a number of DataLoader processes.
+
+    ``auto`` = min(4, CPUs - 1): one CPU is left to the training process itself, four
+    workers keep a GPU fed at re-ID image sizes, and a one-CPU machine loads in the main
+    process (0). CPUs are those this process may run on (``sched_getaffinity``).
+    """
+    if value == "auto":
+        if cpus is None:
+            try:
+                cpus = len(os.sched_getaffinity(0))
+            except AttributeError:  # not on Linux
+                cpus = os.cpu_count() or 1
+        return max(0, min(4, cpus - 1))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"config key 'data.workers' is {value!r}; expected 'auto' or a number >= 0")
+    return value
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -430,6 +531,7 @@ def validate(cfg: Config) -> Config:
             f"config key 'data.batch_size' ({cfg.data.batch_size}) must be a multiple of "
             f"'data.num_instances' ({cfg.data.num_instances}) for PK sampling"
         )
+    resolve_workers(cfg.data.workers)
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise ConfigError("config keys 'data.mean' and 'data.std' need 3 values (RGB)")
     if any(s <= 0 for s in cfg.data.std):
@@ -448,8 +550,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
     if path is not None:
         data = _read_yaml(Path(path))
         _check_keys(data, "", str(path))
-    over = _parse_overrides(list(overrides or []))
+    items = list(overrides or [])
+    over = _parse_overrides(items)
     _check_keys(over, "", "the command-line overrides")
+    _check_override_types(over, items)
     return from_dict(_deep_merge(data, over), source=str(path) if path else "the overrides")
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 
 from attnreid.cli._app import app
-from attnreid.cli._util import print_json
+from attnreid.cli._util import check_output_path, print_json
 
 data_app = typer.Typer(help="Dataset statistics and the synthetic data set.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -31,7 +31,7 @@ def stats(
     if check_images:
         from attnreid.data.loader import check_images as check
 
-        dataset = check(dataset, skip_bad_images=skip_bad_images)
+        dataset = check(dataset, skip_bad_images=skip_bad_images, progress=True)
     warn_bad(dataset.bad_images)
     result = dataset.stats()
     if as_json:
@@ -63,6 +63,7 @@ def synth(
     from attnreid.data.datasets import build_dataset
     from attnreid.data.datasets.synthetic import generate_synthetic
 
+    check_output_path(out, "dir")
     start = time.perf_counter()
     folder = generate_synthetic(out, ids, images_per_id, cameras, height, width, occluded_query_share, seed,
                                 overwrite=overwrite)

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from attnreid.cli._app import app
-from attnreid.cli._util import print_json
+from attnreid.cli._util import check_output_path, device_option, print_json
 
 DEFAULT_CAMERA_REGEX = r"_c(\d+)"  # same as attnreid.deploy.index (not imported: keeps --help fast)
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")  # attnreid.precision.AMP_CHOICES (not imported: keeps --help fast)
@@ -23,18 +23,21 @@ def export(
     config: Path = typer.Argument(..., help="Config YAML of the model (or a checkpoint, whose saved config is used)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Trained weights (required with a config)."),
     out: Path = typer.Option(..., "--out", help="ONNX file to write."),
-    attention: bool = typer.Option(False, "--attention", help="Also output the attention maps (extra graph outputs)."),
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 18; HA-CNN needs >= 16)."),
+    attention: bool = typer.Option(False, "--attention/--no-attention",
+                                   help="Also output the attention maps (extra graph outputs)."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 7 to 23 (default 18; HA-CNN: >= 16)."),
     tolerance: float = typer.Option(1e-4, "--tolerance", help="Largest accepted relative difference vs PyTorch."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Export a model to ONNX (dynamic batch) and check it against PyTorch in onnxruntime."""
     from attnreid.deploy.extractor import CONFIG_SUFFIXES, FeatureExtractor
-    from attnreid.deploy.onnx_export import export_onnx
+    from attnreid.deploy.onnx_export import check_opset, export_onnx
     from attnreid.errors import AttnReidError
 
     if config.suffix.lower() in CONFIG_SUFFIXES and checkpoint is None:
         raise AttnReidError(f"export of {config} needs --checkpoint (the trained weights)")
+    check_opset(opset)
+    check_output_path(out, "file")
     ext = FeatureExtractor(config, checkpoint=checkpoint)
     d = ext.cfg.data
     meta = {"model": ext.model_name, "feature_dim": ext.feature_dim, "config_hash": ext.fingerprint,
@@ -67,8 +70,8 @@ def index_build(
                                      help="Regex whose first group is the camera id in a file name; '' for none."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
     shard_size: int = typer.Option(1024, "--shard-size", help="Images per shard file (resume granularity)."),
-    flip: bool = typer.Option(False, "--flip", help="Average each image's feature with its mirror's."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    flip: bool = typer.Option(False, "--flip/--no-flip", help="Average each image's feature with its mirror's."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N."),
     amp: Optional[str] = typer.Option(None, "--amp", help=AMP_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
@@ -80,11 +83,13 @@ def index_build(
     if shard_size < 1:
         raise AttnReidError(f"--shard-size is {shard_size}; it must be >= 1")
     _check_amp(amp)
+    check_output_path(out, "dir")
+    dev = device_option(device)
     if config is not None:
-        ext = FeatureExtractor(config, checkpoint=checkpoint, device=device, batch_size=batch_size, flip=flip,
+        ext = FeatureExtractor(config, checkpoint=checkpoint, device=dev, batch_size=batch_size, flip=flip,
                                amp=amp)
     else:
-        ext = FeatureExtractor(checkpoint, device=device, batch_size=batch_size, flip=flip, amp=amp)
+        ext = FeatureExtractor(checkpoint, device=dev, batch_size=batch_size, flip=flip, amp=amp)
     summary = build_index(ext, images_dir, out, camera_regex=camera_regex, shard_size=shard_size,
                           progress=not json_out)
     if json_out:
@@ -112,7 +117,7 @@ def search(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
                                               help="Query model (default: the checkpoint the index was built with)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Config to go with --checkpoint."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N."),
     amp: Optional[str] = typer.Option(None, "--amp", help=AMP_HELP),
 ) -> None:
     """Rank the indexed gallery for each query image (distances: smaller is closer)."""
@@ -125,15 +130,16 @@ def search(
         raise AttnReidError(f"--backend is {backend!r}; expected torch or faiss")
     if faiss_index not in FAISS_KINDS:
         raise AttnReidError(f"--faiss-index is {faiss_index!r}; expected one of: {', '.join(FAISS_KINDS)}")
+    dev = device_option(device)
     gallery = GalleryIndex.load(index)
     ckpt = checkpoint or gallery.meta.get("checkpoint")
     if ckpt is None:
         raise AttnReidError(f"index {index} records no checkpoint; pass --checkpoint")
     flip = bool(gallery.meta.get("flip", False))
     if config is not None:
-        ext = FeatureExtractor(config, checkpoint=ckpt, device=device, flip=flip, amp=amp)
+        ext = FeatureExtractor(config, checkpoint=ckpt, device=dev, flip=flip, amp=amp)
     else:
-        ext = FeatureExtractor(ckpt, device=device, flip=flip, amp=amp)
+        ext = FeatureExtractor(ckpt, device=dev, flip=flip, amp=amp)
     results = search_images(gallery, ext, [str(q) for q in queries], k=top_k,
                             exclude_same_camera=exclude_same_camera, backend=backend, faiss_index=faiss_index,
                             faiss_params=FaissParams(nprobe=nprobe, ef_search=ef_search))

@@ -14,7 +14,7 @@ from attnreid.evaluation.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, DEFAULT_
 @app.command("metrics")
 def metrics(
     file: Path = typer.Argument(..., help="npz with query_pids, gallery_pids, query_camids, gallery_camids and distmat (Q x G) or query_features + gallery_features."),
-    rerank: bool = typer.Option(False, "--rerank", help="k-reciprocal re-ranking (needs the features)."),
+    rerank: bool = typer.Option(False, "--rerank/--no-rerank", help="k-reciprocal re-ranking (needs the features)."),
     k1: int = typer.Option(20, "--k1", help="Re-ranking k1."),
     k2: int = typer.Option(6, "--k2", help="Re-ranking k2 (query expansion)."),
     lambda_value: float = typer.Option(0.3, "--lambda", help="Re-ranking weight of the original distance."),

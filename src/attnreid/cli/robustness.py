@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from attnreid.cli._app import app
+from attnreid.cli._util import check_output_path
 from attnreid.errors import AttnReidError
 
 
@@ -56,6 +57,7 @@ def robustness(
     for ckpt in checkpoints:
         if not Path(ckpt).is_file():
             raise AttnReidError(f"checkpoint not found: {ckpt}")
+    out_dir = check_output_path(out or _default_out(checkpoints[0]), "dir")
     level_list = parse_levels(levels)
     kind_list = parse_names(kinds, OCCLUDER_KINDS, "--kinds")
     position_list = parse_names(positions, POSITIONS, "--positions")
@@ -74,7 +76,7 @@ def robustness(
 
     log = None if as_json else (lambda line: print(line, file=sys.stderr, flush=True))
     report = run_robustness(cfg, checkpoints, level_list, kind_list, position_list, seed=seed, log=log)
-    json_path, png_path = write_report(report, out or _default_out(checkpoints[0]))
+    json_path, png_path = write_report(report, out_dir)
     report["files"] = {"json": str(json_path), "plot": str(png_path)}
     if as_json:
         from attnreid.cli._util import print_json

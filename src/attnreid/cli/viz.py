@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from attnreid.cli._app import app
+from attnreid.cli._util import check_output_path, device_option
 from attnreid.errors import AttnReidError
 
 
@@ -25,7 +26,7 @@ def report(
     run_dirs: List[Path] = typer.Argument(..., help="One or more run folders (RUN_DIR ...)."),
     out: Path = typer.Option(..., "--out", help="Folder for index.html and its pictures."),
     title: Optional[str] = typer.Option(None, "--title", help="Page title."),
-    topk: int = typer.Option(10, "--topk", min=1, help="Gallery images per ranked list."),
+    top_k: int = typer.Option(10, "--top-k", "-k", min=1, help="Gallery images per ranked list."),
     worst: int = typer.Option(3, "--worst", min=0, help="Ranked lists of the N worst queries per run."),
     by: str = typer.Option("ap", "--by", help="Worst by 'ap' (AP within top-k) or 'first_hit'."),
     queries: Optional[str] = typer.Option(None, "--queries", help="Comma-separated query indices instead of the worst."),
@@ -37,7 +38,8 @@ def report(
 
     if by not in ("ap", "first_hit"):
         raise AttnReidError(f"--by must be 'ap' or 'first_hit', got {by!r}")
-    page = write_report(run_dirs, out, title=title, topk=topk, num_queries=worst,
+    check_output_path(out, "dir")
+    page = write_report(run_dirs, out, title=title, topk=top_k, num_queries=worst,
                         queries=_parse_queries(queries), worst_by=by, overlays=overlays)
     if json_out:
         from attnreid.cli._util import print_json
@@ -54,7 +56,7 @@ def explain(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint of an mhsanet or hacnn model."),
     out: Path = typer.Option(..., "--out", help="Folder for one PNG per image and an index.html."),
     scale: str = typer.Option("map", "--scale", help="'map': each head's map to its own range; 'shared': one range."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (pages, beta per image)."),
 ) -> None:
     """Draw the model's own attention over each image (MHSA-Net heads + beta; HA-CNN soft maps + regions)."""
@@ -63,8 +65,10 @@ def explain(
 
     if scale not in ("map", "shared"):
         raise AttnReidError(f"--scale must be 'map' or 'shared', got {scale!r}")
+    check_output_path(out, "dir")
+    dev = device_option(device)
     cfg = load_config(config)
-    result = explain_files(cfg, checkpoint, [str(p) for p in images], out, scale=scale, device=device)
+    result = explain_files(cfg, checkpoint, [str(p) for p in images], out, scale=scale, device=dev)
     if json_out:
         from attnreid.cli._util import print_json
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import threading
 import zipfile
 from pathlib import Path
@@ -74,6 +75,9 @@ def read_bytes(path: str) -> bytes:
         raise DataError(f"cannot read image {path}: {exc}") from None
 
 
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
 def read_image(path: str) -> Image.Image:
     """Decode an image (file or zip member) to an RGB :class:`PIL.Image.Image`.
 
@@ -85,8 +89,12 @@ def read_image(path: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        reason = str(exc).split("\n")[0] or type(exc).__name__
+    except UnidentifiedImageError:
+        raise DataError(f"image {path} cannot be decoded (not a known image format); "
+                        f"expected a JPEG/PNG image") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        # Pillow's messages may hold the repr of our in-memory buffer; the path says where instead.
+        reason = _OBJECT_REPR.sub("the file", str(exc).split("\n")[0]) or type(exc).__name__
         raise DataError(f"image {path} cannot be decoded ({reason}); expected a JPEG/PNG image") from None
 
 

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from attnreid.config import resolve_workers
 from attnreid.data.datasets.base import Item, ReIDDataset, relabel
 from attnreid.data.io import read_image
 from attnreid.data.sampler import PKSampler
@@ -125,7 +126,8 @@ def build_train_loader(data_cfg: Any, dataset: Union[ReIDDataset, Sequence[Item]
 
     ``dataset`` is a :class:`ReIDDataset` (its ``train`` list is used) or a list of items.
     Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch. Workers are
-    persistent when ``data_cfg.workers > 0``; augmentation is seeded from ``seed``.
+    persistent when there are any (``data.workers``: a number or ``auto``, see
+    :func:`attnreid.config.resolve_workers`); augmentation is seeded from ``seed``.
     """
     items = _items(dataset)
     transform = build_transforms(data_cfg.height, data_cfg.width, data_cfg.mean, data_cfg.std, train=True,
@@ -133,7 +135,7 @@ def build_train_loader(data_cfg: Any, dataset: Union[ReIDDataset, Sequence[Item]
     sampler = PKSampler([pid for _, pid, _ in items], data_cfg.batch_size, data_cfg.num_instances,
                         seed=seed, rank=rank, world_size=world_size,
                         epoch_mode=getattr(data_cfg, "epoch_mode", "images"))
-    workers = int(data_cfg.workers)
+    workers = resolve_workers(data_cfg.workers)
     return ReIDDataLoader(
         ImageDataset(items, transform, mark_bad=True),
         batch_sampler=sampler,
@@ -150,7 +152,7 @@ def build_train_loader(data_cfg: Any, dataset: Union[ReIDDataset, Sequence[Item]
 def build_test_loader(data_cfg: Any, items: Sequence[Item], batch_size: Optional[int] = None) -> ReIDDataLoader:
     """The images of ``items`` in order, with test transforms (resize + normalise)."""
     transform = build_transforms(data_cfg.height, data_cfg.width, data_cfg.mean, data_cfg.std, train=False)
-    workers = int(data_cfg.workers)
+    workers = resolve_workers(data_cfg.workers)
     return ReIDDataLoader(
         ImageDataset(items, transform, mark_bad=True),
         batch_size=int(batch_size or data_cfg.test_batch_size),
@@ -164,12 +166,14 @@ def build_test_loader(data_cfg: Any, items: Sequence[Item], batch_size: Optional
     )
 
 
-def check_images(dataset: ReIDDataset, skip_bad_images: bool = False, threads: int = 4) -> ReIDDataset:
+def check_images(dataset: ReIDDataset, skip_bad_images: bool = False, threads: int = 4,
+                 progress: bool = False) -> ReIDDataset:
     """Decode every image of every split; raise on the first bad one (in list order) or drop them.
 
     With ``skip_bad_images`` a copy of ``dataset`` without the bad images is returned and
-    they are added to its ``bad_images``.
+    they are added to its ``bad_images``. ``progress`` shows a progress display on stderr.
     """
+    from attnreid.progress import ProgressReporter
 
     def probe(item: Item) -> Optional[str]:
         try:
@@ -180,10 +184,15 @@ def check_images(dataset: ReIDDataset, skip_bad_images: bool = False, threads: i
 
     result = copy.copy(dataset)
     result.bad_images = list(dataset.bad_images)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    total = sum(len(getattr(dataset, split)) for split in ("train", "query", "gallery"))
+    with ThreadPoolExecutor(max_workers=threads) as pool, \
+            ProgressReporter(f"checking {dataset.name} images", total=total, enabled=progress) as bar:
         for split in ("train", "query", "gallery"):
             items = getattr(dataset, split)
-            errors = list(pool.map(probe, items))
+            errors = []
+            for err in pool.map(probe, items):
+                errors.append(err)
+                bar.advance()
             for item, err in zip(items, errors):
                 if err is not None:
                     if not skip_bad_images:

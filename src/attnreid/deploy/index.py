@@ -33,6 +33,7 @@ import torch
 
 from attnreid.errors import AttnReidError, CheckpointError, DataError
 from attnreid.evaluation.distance import distance_block
+from attnreid.progress import ProgressReporter
 
 INDEX_VERSION = 1
 DEFAULT_CAMERA_REGEX = r"_c(\d+)"  # Market-1501 / DukeMTMC names: 0001_c1s1_001051_00.jpg
@@ -435,7 +436,8 @@ def build_index(extractor, images_dir: str | Path, out: str | Path, camera_regex
         added += len(buf_p)
         buf_f, buf_p = [], []
 
-    bar = _progress(progress, len(todo), f"indexing {Path(images_dir).name}")
+    bar = ProgressReporter(f"indexing {Path(images_dir).name}", total=len(todo), enabled=progress)
+    finished = False
     try:
         for start in range(0, len(todo), extractor.batch_size):
             chunk = todo[start:start + extractor.batch_size]
@@ -451,31 +453,17 @@ def build_index(extractor, images_dir: str | Path, out: str | Path, camera_regex
                 buf_p.extend(paths)
             if len(buf_p) >= shard_size:
                 flush()
-            if bar is not None:
-                bar[0].advance(bar[1], len(chunk))
+            bar.advance(len(chunk))
         flush()
+        finished = True
     finally:
-        if bar is not None:
-            bar[0].stop()
+        bar.close(ok=finished)
         _write_json(out / "skipped.json", skipped)
         meta["num_vectors"] = len(done) + added
         meta["precision"] = extractor.precision.describe()  # as settled by this (latest) build
         _write_json(out / "meta.json", meta)
     return {"index": str(out), "images": len(images), "added": added, "already_indexed": len(images) - len(todo),
             "skipped": skipped, "num_vectors": meta["num_vectors"], "seconds": round(time.perf_counter() - t0, 3)}
-
-
-def _progress(enabled: bool, total: int, label: str):
-    if not enabled or total == 0:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=Console(stderr=True))
-    task = bar.add_task(label, total=total)
-    bar.start()
-    return bar, task
 
 
 # -- queries -----------------------------------------------------------------------------

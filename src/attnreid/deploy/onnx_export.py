@@ -9,7 +9,10 @@ HA-CNN ``soft_attention_<l>`` (B x h_l x w_l) and ``regions_<l>`` (B x T x 4) pe
 
 The exporter is torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``), which
 handles HA-CNN's ``affine_grid``/``grid_sample`` at opset 18; the TorchScript exporter
-is the fallback (it needs opset >= 20 for ``affine_grid``). Then :func:`check_onnx` runs
+is the fallback (it needs opset >= 20 for ``affine_grid``). The dynamo exporter writes
+opset 18 or newer whatever it is asked (below 18 it keeps 18), so an older opset is
+exported with the TorchScript exporter (opsets 7 to 20); every file's opset is read back
+and one that differs from the requested opset is never kept. Then :func:`check_onnx` runs
 the file in onnxruntime on a random batch whose size differs from the export batch (so a
 batch size frozen into the graph is caught) and compares every output with PyTorch.
 """
@@ -19,6 +22,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -31,6 +37,10 @@ from torch import nn
 from attnreid.errors import AttnReidError
 
 DEFAULT_OPSET = 18
+MIN_OPSET = 7  # torch.onnx's oldest (TorchScript exporter)
+MAX_OPSET = 23  # torch.onnx's newest (dynamo exporter)
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter writes nothing older
+TORCHSCRIPT_MAX_OPSET = 20
 GRID_SAMPLE_OPSET = 16  # GridSample entered the ONNX standard in opset 16
 EXPORT_BATCH = 2
 CHECK_BATCH = 3
@@ -93,16 +103,28 @@ def _without_classifiers(model: nn.Module):
 
 @contextlib.contextmanager
 def _quiet_exporter():
-    """The exporters report progress and warnings (stdout, stderr, the ``torch.onnx`` logger); keep them off the console."""
+    """The exporters report progress and warnings (stdout, stderr, the ``torch.onnx`` logger,
+    and, from C++, the TorchScript graph of a failed export on file descriptor 1); keep them
+    off the console."""
     logger = logging.getLogger("torch.onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
     log = io.StringIO()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in (1, 2)]
+    sink = tempfile.TemporaryFile()
     try:
+        for fd in (1, 2):
+            os.dup2(sink.fileno(), fd)
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+        sink.close()
         logger.setLevel(level)
 
 
@@ -123,6 +145,34 @@ def _export_torchscript(wrapper: nn.Module, example: torch.Tensor, out: Path, op
     axes = {n: {0: "batch"} for n in ["images", *names]}
     torch.onnx.export(wrapper, (example,), str(out), dynamo=False, opset_version=opset, input_names=["images"],
                       output_names=names, dynamic_axes=axes, do_constant_folding=True)
+
+
+def check_opset(opset: Optional[int]) -> int:
+    """The opset to export (``None``: :data:`DEFAULT_OPSET`); outside what torch.onnx writes is one line."""
+    if opset is None:
+        return DEFAULT_OPSET
+    if not MIN_OPSET <= int(opset) <= MAX_OPSET:
+        raise AttnReidError(f"--opset {opset} is not supported: torch's ONNX exporters write opsets "
+                            f"{MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
+    return int(opset)
+
+
+def file_opset(path: str | Path) -> int:
+    """The default-domain (``ai.onnx``) opset an ONNX file declares."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return next(int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _exporters(opset: int):
+    """The exporters that can write ``opset``, preferred first."""
+    out = []
+    if opset >= DYNAMO_MIN_OPSET:
+        out.append(("dynamo", _export_dynamo))
+    if opset <= TORCHSCRIPT_MAX_OPSET:
+        out.append(("torchscript", _export_torchscript))
+    return out
 
 
 def check_onnx(path: str | Path, model: nn.Module, input_size: Sequence[int], attention: bool = False,
@@ -174,7 +224,7 @@ def export_onnx(model: nn.Module, out: str | Path, input_size: Sequence[int], op
     """
     out = Path(out)
     model = model.eval()
-    opset = DEFAULT_OPSET if opset is None else int(opset)
+    opset = check_opset(opset)
     name = getattr(model, "model_name", type(model).__name__)
     if name == "hacnn" and opset < GRID_SAMPLE_OPSET:
         raise AttnReidError(f"--opset {opset} is too old for HA-CNN: its hard attention uses grid_sample, "
@@ -188,16 +238,22 @@ def export_onnx(model: nn.Module, out: str | Path, input_size: Sequence[int], op
     t0 = time.perf_counter()
     errors = []
     exporter = None
-    for label, fn in (("dynamo", _export_dynamo), ("torchscript", _export_torchscript)):
+    for label, fn in _exporters(opset):
         try:
             with _quiet_exporter(), _without_classifiers(model):
                 fn(wrapper, example, out, opset, names)
-            exporter = label
-            break
         except Exception as exc:  # any exporter failure: try the other one, then report both
             errors.append(f"{label}: {_first_line(exc)}")
+            continue
+        written = file_opset(out)
+        if written != opset:
+            errors.append(f"{label}: wrote opset {written}")
+            continue
+        exporter = label
+        break
     if exporter is None:
-        raise AttnReidError(f"ONNX export of '{name}' failed ({'; '.join(errors)})")
+        out.unlink(missing_ok=True)
+        raise AttnReidError(f"ONNX export of '{name}' at opset {opset} failed ({'; '.join(errors)})")
     if metadata:
         _write_metadata(out, metadata)
     report: Dict[str, Any] = {"onnx": str(out), "model": name, "exporter": exporter, "opset": opset,

@@ -33,13 +33,21 @@ ATTENTION_STATS_IMAGES = 128
 
 def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[str | Path] = None,
                    device: str | torch.device = "cpu", rerank: Optional[bool] = None,
-                   extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                   extra: Optional[Dict[str, Any]] = None, progress: bool = False) -> Dict[str, Any]:
     """Features of query and gallery, then ``protocols.evaluate``; returns the metrics dict.
 
     ``rerank`` overrides ``cfg.eval.rerank``. ``extra`` entries are added to eval.json
-    (e.g. the checkpoint path and epoch).
+    (e.g. the checkpoint path and epoch). ``progress`` shows extraction and re-ranking
+    progress on stderr (:mod:`attnreid.progress`).
+
+    With ``data.skip_bad_images`` the unreadable images are left out of the evaluation:
+    ``num_query`` / ``num_gallery`` count the images evaluated (``num_query`` =
+    ``num_valid_queries`` + ``num_skipped_queries``, the latter being queries without a
+    true match in the gallery) and ``num_unreadable_query`` / ``num_unreadable_gallery``
+    count the images skipped because they could not be read.
     """
     from attnreid.evaluation.protocols import evaluate
+    from attnreid.progress import ProgressReporter
 
     if not dataset.query or not dataset.gallery:
         raise DataError(f"dataset '{dataset.name}' has an empty query or gallery set; nothing to evaluate")
@@ -47,15 +55,24 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
     rerank = ev.rerank if rerank is None else rerank
     channels_last = bool(cfg.train.channels_last)
     t0 = time.perf_counter()
-    # the query set settles auto's precision (checked against float32), the gallery reuses it
-    qf, q_pids, q_camids, amp = extract_with_precision(model, dataset.query, cfg.data, device=device, flip=ev.flip,
-                                                       channels_last=channels_last, amp=ev.amp)
-    gf, g_pids, g_camids = extract_features(model, dataset.gallery, cfg.data, device=device, flip=ev.flip,
-                                            channels_last=channels_last, amp=amp)
+    # The query set settles auto's precision (checked against float32); the gallery reuses it.
+    sides = {}
+    amp = ev.amp
+    for side in ("query", "gallery"):
+        items = getattr(dataset, side)
+        f, pids, camids, index, amp = extract_with_precision(
+            model, items, cfg.data, device=device, flip=ev.flip, channels_last=channels_last, amp=amp,
+            progress=f"{dataset.name} {side} features" if progress else None)
+        if len(f) == 0:
+            raise DataError(f"dataset '{dataset.name}': no {side} image could be read; nothing to evaluate")
+        sides[side] = (f, pids, camids, [items[i] for i in index.tolist()], len(items) - len(index))
+    (qf, q_pids, q_camids, q_items, q_bad), (gf, g_pids, g_camids, g_items, g_bad) = sides["query"], sides["gallery"]
     t_extract = time.perf_counter() - t0
-    metrics = evaluate(qf, gf, q_pids, g_pids, q_camids, g_camids, protocol=dataset.protocol,
-                       metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value,
-                       per_query=True)
+    label = f"{dataset.name}: re-ranking {len(q_items)} x {len(g_items)}" if rerank else f"{dataset.name}: ranking"
+    with ProgressReporter(label, total=None, enabled=progress):
+        metrics = evaluate(qf, gf, q_pids, g_pids, q_camids, g_camids, protocol=dataset.protocol,
+                           metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value,
+                           per_query=True)
     with_intervals(metrics, ev.bootstrap, ev.ci_level)
     per_query = metrics.pop("per_query")
     metrics = {k: _plain(v) for k, v in metrics.items()}
@@ -67,21 +84,86 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
         "feature_dim": int(qf.shape[1]),
         "metric": ev.metric,
         "rerank": bool(rerank),
-        "num_query": len(dataset.query),
-        "num_gallery": len(dataset.gallery),
+        "num_query": len(q_items),
+        "num_gallery": len(g_items),
+        "num_unreadable_query": q_bad,
+        "num_unreadable_gallery": g_bad,
         "extract_seconds": round(t_extract, 3),
         "precision": amp.describe(),
     })
-    stats = attention_diagnostics(model, dataset.query, cfg.data, getattr(cfg.loss, "acm_gamma", None), device)
+    stats = attention_diagnostics(model, q_items, cfg.data, getattr(cfg.loss, "acm_gamma", None), device)
     if stats is not None:
         metrics["attention_stats"] = stats
     if extra:
         metrics.update(extra)
     if out_dir is not None:
-        write_eval_files(Path(out_dir), metrics, dataset, qf, gf, q_pids, g_pids, q_camids, g_camids,
+        write_eval_files(Path(out_dir), metrics, q_items, g_items, qf, gf, q_pids, g_pids, q_camids, g_camids,
                          metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value,
                          per_query=per_query)
     return metrics
+
+
+# Per-dataset numbers kept in the combined table of a multi-dataset evaluation.
+SUMMARY_KEYS = ("dataset", "protocol", "rank1", "rank3", "rank5", "rank10", "mAP", "mINP", "num_query",
+                "num_gallery", "num_valid_queries", "num_unreadable_query", "num_unreadable_gallery", "rerank")
+
+
+def evaluation_datasets(cfg: Any) -> list:
+    """The test sets of a run: ``eval.datasets`` (each under the evaluation root), else the one set
+    of ``eval.dataset`` / ``data.dataset``."""
+    import dataclasses
+
+    from attnreid.data.datasets import build_dataset_from_config
+    from attnreid.engine.build import build_eval_dataset, eval_data_config
+
+    names = list(getattr(cfg.eval, "datasets", None) or [])
+    if not names:
+        return [build_eval_dataset(cfg)]
+    base = eval_data_config(cfg)
+    return [build_dataset_from_config(dataclasses.replace(base, dataset=name)) for name in names]
+
+
+def evaluate_datasets(model: nn.Module, cfg: Any, datasets: Optional[list] = None,
+                      out_dir: Optional[str | Path] = None, device: str | torch.device = "cpu",
+                      rerank: Optional[bool] = None, extra: Optional[Dict[str, Any]] = None,
+                      progress: bool = False) -> Dict[str, Any]:
+    """Evaluate on several test sets in one run (torchreid's ``targets``, fast-reid's ``DATASETS.TESTS``).
+
+    ``datasets`` defaults to :func:`evaluation_datasets` (``eval.datasets``). The first set
+    is the primary one: its metrics are the returned dict (what picks ``best.pth``), and
+    its ``eval.json`` / ``eval_ranks.npz`` go to ``out_dir`` as for a single set. Every
+    set's files also go to ``out_dir/datasets/<name>/``. With two or more sets the
+    returned dict (and the top eval.json) holds ``datasets``: one summary row per set,
+    in order (:data:`SUMMARY_KEYS`).
+    """
+    sets = evaluation_datasets(cfg) if datasets is None else list(datasets)
+    if not sets:
+        raise DataError("no evaluation data set given")
+    names = [d.name for d in sets]
+    if len(set(names)) != len(names):
+        raise DataError(f"eval.datasets names a data set twice: {', '.join(names)}")
+    results = []
+    for d in sets:
+        sub = None if out_dir is None else (Path(out_dir) if len(sets) == 1 else Path(out_dir) / "datasets" / d.name)
+        results.append(evaluate_model(model, d, cfg, out_dir=sub, device=device, rerank=rerank, extra=extra,
+                                      progress=progress))
+    primary = dict(results[0])
+    if len(sets) > 1:
+        primary["datasets"] = [{k: m[k] for k in SUMMARY_KEYS if k in m} for m in results]
+        if out_dir is not None:
+            # The primary set's files at the top, as for a single set, with the table in eval.json.
+            _copy_eval_files(Path(out_dir) / "datasets" / sets[0].name, Path(out_dir), primary)
+    return primary
+
+
+def _copy_eval_files(src: Path, dst: Path, metrics: Dict[str, Any]) -> None:
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    tmp = dst / f".eval_ranks.{os.getpid()}.tmp.npz"
+    shutil.copyfile(src / "eval_ranks.npz", tmp)
+    os.replace(tmp, dst / "eval_ranks.npz")
+    _write_json_atomic(dst / "eval.json", metrics)
 
 
 def attention_diagnostics(model: nn.Module, items, data_cfg: Any, gamma: Optional[float] = None,
@@ -133,8 +215,12 @@ def _plain(v: Any) -> Any:
 
 
 def ranked_lists(qf: torch.Tensor, gf: torch.Tensor, metric: str, rerank: bool, k1: int, k2: int,
-                 lambda_value: float, k: int = TOPK):
-    """Top-k gallery indices and distances per query (Q x k), ascending distance."""
+                 lambda_value: float, k: int = TOPK, match: Optional[tuple] = None):
+    """Top-k gallery indices and distances per query (Q x k), ascending distance.
+
+    With ``match = (q_pids, g_pids, q_camids, g_camids, protocol)`` a third array is
+    returned: :func:`first_match_ranks` over the whole gallery.
+    """
     from attnreid.evaluation.distance import compute_distance
 
     if rerank:
@@ -145,30 +231,64 @@ def ranked_lists(qf: torch.Tensor, gf: torch.Tensor, metric: str, rerank: bool, 
         dist = torch.as_tensor(compute_distance(qf, gf, metric=metric))
     k = min(k, dist.shape[1])
     values, index = torch.topk(dist.float(), k, dim=1, largest=False, sorted=True)
-    return index.numpy().astype(np.int64), values.numpy().astype(np.float32)
+    out = (index.numpy().astype(np.int64), values.numpy().astype(np.float32))
+    return out + (first_match_ranks(dist, *match),) if match is not None else out
 
 
-def write_eval_files(out_dir: Path, metrics: Dict[str, Any], dataset: Any, qf, gf, q_pids, g_pids,
+def first_match_ranks(dist: torch.Tensor, q_pids, g_pids, q_camids, g_camids, protocol: str,
+                      chunk: int = 1024) -> np.ndarray:
+    """1-based rank of each query's first true match in its whole ranked gallery; 0 when it has none.
+
+    Same rules as the evaluation: under every protocol but ``partial``, gallery images of
+    the query's identity and camera are junk (neither counted nor ranked). The report
+    breaks ties between equally bad queries with it (the top-k lists alone cannot tell
+    a first match at rank 51 from one at rank 5000).
+    """
+    qp, gp = torch.as_tensor(np.asarray(q_pids)), torch.as_tensor(np.asarray(g_pids))
+    qc, gc = torch.as_tensor(np.asarray(q_camids)), torch.as_tensor(np.asarray(g_camids))
+    ranks = np.zeros(dist.shape[0], dtype=np.int64)
+    for start in range(0, dist.shape[0], chunk):
+        d = dist[start:start + chunk].float()
+        same = qp[start:start + chunk, None] == gp[None, :]
+        valid = torch.ones_like(same) if protocol == "partial" else ~(same & (qc[start:start + chunk, None] == gc[None, :]))
+        true = same & valid
+        best = torch.where(true, d, torch.full_like(d, float("inf"))).min(dim=1).values
+        before = ((d < best[:, None]) & valid).sum(dim=1) + 1
+        ranks[start:start + chunk] = torch.where(true.any(dim=1), before, torch.zeros_like(before)).numpy()
+    return ranks
+
+
+def write_eval_files(out_dir: Path, metrics: Dict[str, Any], query_items, gallery_items, qf, gf, q_pids, g_pids,
                      q_camids, g_camids, metric: str, rerank: bool, k1: int, k2: int,
                      lambda_value: float, per_query: Optional[Dict[str, np.ndarray]] = None) -> None:
     """``eval.json``, ``eval_ranks.npz`` (and, given ``per_query``, ``eval_per_query.npz``) in
-    ``out_dir``, each written atomically."""
+    ``out_dir``, each written atomically.
+
+    ``query_items`` / ``gallery_items`` are the ``(path, pid, camid)`` of the rows of
+    ``qf`` / ``gf`` (the images evaluated, without any skipped unreadable ones).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    topk_index, topk_dist = ranked_lists(qf, gf, metric, rerank, k1, k2, lambda_value)
+    topk_index, topk_dist, first_rank = ranked_lists(
+        qf, gf, metric, rerank, k1, k2, lambda_value,
+        match=(q_pids, g_pids, q_camids, g_camids, metrics.get("protocol", "market")))
     tmp = out_dir / f".eval_ranks.{os.getpid()}.tmp.npz"
-    np.savez(tmp, query_paths=np.array([p for p, _, _ in dataset.query]),
-             gallery_paths=np.array([p for p, _, _ in dataset.gallery]),
+    np.savez(tmp, query_paths=np.array([p for p, _, _ in query_items]),
+             gallery_paths=np.array([p for p, _, _ in gallery_items]),
              query_pids=np.asarray(q_pids), gallery_pids=np.asarray(g_pids),
              query_camids=np.asarray(q_camids), gallery_camids=np.asarray(g_camids),
-             topk_index=topk_index, topk_dist=topk_dist)
+             topk_index=topk_index, topk_dist=topk_dist, first_match_rank=first_rank)
     os.replace(tmp, out_dir / "eval_ranks.npz")
     if per_query is not None:
         tmp = out_dir / f".eval_per_query.{os.getpid()}.tmp.npz"
-        np.savez(tmp, **per_query_record([p for p, _, _ in dataset.query], q_pids, q_camids,
-                                         [p for p, _, _ in dataset.gallery], g_pids, g_camids, per_query,
+        np.savez(tmp, **per_query_record([p for p, _, _ in query_items], q_pids, q_camids,
+                                         [p for p, _, _ in gallery_items], g_pids, g_camids, per_query,
                                          protocol=metrics.get("protocol", ""), dataset=metrics.get("dataset", "")))
         os.replace(tmp, out_dir / "eval_per_query.npz")
-    tmp_json = out_dir / f".eval.{os.getpid()}.tmp.json"
-    tmp_json.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp_json, out_dir / "eval.json")
+    _write_json_atomic(out_dir / "eval.json", metrics)
+
+
+def _write_json_atomic(path: Path, obj: Dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.json")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 

@@ -20,7 +20,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 def extract_features(model: nn.Module, items: Sequence[Tuple[str, int, int]], data_cfg: Any,
                      batch_size: Optional[int] = None, device: str | torch.device = "cpu",
                      flip: bool = False, channels_last: bool = False,
-                     amp: str | Precision = "auto") -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
+                     amp: str | Precision = "auto", progress: Optional[str] = None,
+                     return_index: bool = False):
     """Run the model in eval mode over ``items`` (``(path, pid, camid)``).
 
     Returns ``(features N x D float32 on the CPU, pids, camids)`` in the order of
@@ -28,17 +29,27 @@ def extract_features(model: nn.Module, items: Sequence[Tuple[str, int, int]], da
     evaluation option neither paper uses; off by default). ``amp`` is the precision
     (``eval.amp``: auto | off | bf16 | fp16, or a resolved
     :class:`~attnreid.precision.Precision`); see :mod:`attnreid.engine.inference`.
+    ``progress``: a label for a progress display on stderr
+    (:class:`attnreid.progress.ProgressReporter`); None shows none. With
+    ``data.skip_bad_images`` unreadable images are left out, so N may be smaller than
+    ``len(items)``; ``return_index=True`` adds a fourth value, the index into ``items``
+    of each row.
     """
-    feats, pids, camids, _ = extract_with_precision(model, items, data_cfg, batch_size, device, flip, channels_last,
-                                                    amp)
-    return feats, pids, camids
+    feats, pids, camids, index, _ = extract_with_precision(model, items, data_cfg, batch_size, device, flip,
+                                                           channels_last, amp, progress)
+    return (feats, pids, camids, index) if return_index else (feats, pids, camids)
 
 
 def extract_with_precision(model: nn.Module, items: Sequence[Tuple[str, int, int]], data_cfg: Any,
                            batch_size: Optional[int] = None, device: str | torch.device = "cpu",
-                           flip: bool = False, channels_last: bool = False, amp: str | Precision = "auto"):
-    """:func:`extract_features` plus the precision it settled on (``auto`` checked on the first batch)."""
+                           flip: bool = False, channels_last: bool = False, amp: str | Precision = "auto",
+                           progress: Optional[str] = None):
+    """:func:`extract_features` with the row index, plus the precision it settled on.
+
+    Returns ``(features, pids, camids, index, precision)``; ``auto`` is checked on the first batch.
+    """
     from attnreid.data.loader import build_test_loader
+    from attnreid.progress import ProgressReporter
 
     if batch_size is not None:
         data_cfg = dataclasses.replace(data_cfg, test_batch_size=batch_size)
@@ -50,6 +61,10 @@ def extract_with_precision(model: nn.Module, items: Sequence[Tuple[str, int, int
     feats: List[torch.Tensor] = []
     pids: List[np.ndarray] = []
     camids: List[np.ndarray] = []
+    index: List[np.ndarray] = []
+    rows = 0
+    bar = ProgressReporter(progress or "", total=len(loader.dataset), enabled=progress is not None)
+    finished = False
 
     def features(images: torch.Tensor) -> torch.Tensor:
         f = model(images).float()
@@ -74,12 +89,18 @@ def extract_with_precision(model: nn.Module, items: Sequence[Tuple[str, int, int
                 feats.append(f.cpu())
                 pids.append(np.asarray(pid).reshape(-1))
                 camids.append(np.asarray(camid).reshape(-1))
+                index.append(np.asarray(batch[3]).reshape(-1))
+                rows += len(index[-1])
+                bar.advance(rows + len(loader.bad_images) - bar.done)  # skipped images count as processed
+        finished = True
     finally:
+        bar.close(ok=finished)
         model.train(was_training)
+    empty = np.zeros(0, np.int64)
     if not feats:
-        empty = torch.zeros(0, getattr(model, "feature_dim", 0))
-        return empty, np.zeros(0, np.int64), np.zeros(0, np.int64), precision
-    return torch.cat(feats), np.concatenate(pids).astype(np.int64), np.concatenate(camids).astype(np.int64), precision
+        return torch.zeros(0, getattr(model, "feature_dim", 0)), empty, empty, empty, precision
+    return (torch.cat(feats), np.concatenate(pids).astype(np.int64), np.concatenate(camids).astype(np.int64),
+            np.concatenate(index).astype(np.int64), precision)
 
 
 def folder_items(folder: str | Path) -> List[Tuple[str, int, int]]:

@@ -54,27 +54,54 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+# Records that state how many epochs were complete when they were written (the trainer's
+# "run" and "resume" at the start, "diagnostics" after each epoch, "eval"/"val" after an evaluation).
+_EPOCH_MARKERS = ("eval", "val", "interrupted", "resume", "run", "diagnostics", "epoch")
+
+
 def training_series(records: Sequence[Mapping]) -> Dict[str, Dict[str, List[float]]]:
-    """Per-epoch series from log records.
+    """Per-epoch series from log records, complete epochs only.
 
     Returns ``{"loss": {term: [..]}, "loss_epochs": [..], "eval": {"rank1": [..],
-    "mAP": [..]}, "eval_epochs": [..]}``. Train records are averaged over each epoch
-    (the log holds one record every ``log_every`` steps); a term missing in some
-    records of an epoch is averaged over the records that have it.
+    "mAP": [..]}, "eval_epochs": [..], "epochs_trained": n}``. Train records are averaged
+    over each epoch (the log holds one record every ``log_every`` steps); a term missing
+    in some records of an epoch is averaged over the records that have it.
+
+    An epoch that did not complete is left out. Such an epoch is recognised two ways:
+    a later record of :data:`_EPOCH_MARKERS` says fewer epochs were complete (a run
+    stopped by Ctrl-C or its time budget mid-epoch, whose epoch is redone on resume); or
+    it is the last epoch of the log and has fewer steps than the epochs before it (a run
+    still training, or killed).
     """
     sums: Dict[int, Dict[str, List[float]]] = defaultdict(lambda: defaultdict(list))
+    last_step: Dict[int, int] = {}
     evals: Dict[int, dict] = {}
+    confirmed = 0
     for r in records:
         epoch = r.get("epoch")
         if not _finite(epoch):
             continue
-        if r.get("type") == "train":
+        kind = r.get("type")
+        if kind == "train":
             for k, v in r.items():
                 if k not in _NOT_LOSS_TERMS and _finite(v):
                     sums[int(epoch)][k].append(float(v))
-        elif r.get("type") == "eval":
+            if _finite(r.get("step")):
+                last_step[int(epoch)] = max(last_step.get(int(epoch), 0), int(r["step"]))
+        if kind == "eval":
             evals[int(epoch)] = r  # a re-evaluated epoch: the last record wins
+        if kind in _EPOCH_MARKERS:
+            done = int(epoch)
+            for e in [e for e in sums if e > done]:  # begun, never finished: redone or abandoned
+                del sums[e]
+                last_step.pop(e, None)
+            confirmed = max(confirmed, done)
     epochs = sorted(sums)
+    if epochs and epochs[-1] > confirmed:
+        spans = _epoch_steps(epochs, last_step)
+        earlier = [n for n in spans[:-1] if n is not None]
+        if spans[-1] is not None and earlier and spans[-1] < max(earlier):
+            epochs = epochs[:-1]
     terms = sorted({k for e in epochs for k in sums[e]}, key=lambda k: (k != "loss", k))
     loss = {t: [(sum(sums[e][t]) / len(sums[e][t])) if sums[e][t] else math.nan for e in epochs] for t in terms}
     eval_epochs = sorted(evals)
@@ -82,7 +109,17 @@ def training_series(records: Sequence[Mapping]) -> Dict[str, Dict[str, List[floa
         key: [float(evals[e][key]) if _finite(evals[e].get(key)) else math.nan for e in eval_epochs]
         for key in ("rank1", "mAP")
     }
-    return {"loss": loss, "loss_epochs": epochs, "eval": ev, "eval_epochs": eval_epochs}
+    trained = max([confirmed, *(epochs[-1:] or [0])])
+    return {"loss": loss, "loss_epochs": epochs, "eval": ev, "eval_epochs": eval_epochs, "epochs_trained": trained}
+
+
+def _epoch_steps(epochs: List[int], last_step: Dict[int, int]) -> List[Optional[int]]:
+    """Steps run in each epoch (global step at its end minus at the previous one's), None if unknown."""
+    out: List[Optional[int]] = []
+    for i, e in enumerate(epochs):
+        before = last_step.get(e - 1) if i and epochs[i - 1] == e - 1 else (0 if e == 1 else None)
+        out.append(last_step[e] - before if e in last_step and before is not None else None)
+    return out
 
 
 def plot_cmc(curves: Mapping[str, Sequence[float]], out_path: str | Path, max_rank: int = 20,
@@ -140,7 +177,8 @@ def plot_training(records: Sequence[Mapping], out_path: str | Path, title: Optio
     if s["loss"] and positive:
         ax_l.set_yscale("log")
     for ax in (ax_l, ax_r):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # min_n_ticks=1: with one or two epochs MaxNLocator would otherwise fall back to 0.5 steps.
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax_l.set_xlabel("epoch")
     ax_l.set_ylabel("loss")
     ax_l.set_title("training loss (mean per epoch)")

@@ -102,17 +102,31 @@ def query_scores(ranks: Dict[str, np.ndarray], protocol: str = "market") -> Dict
 
 def select_queries(ranks: Dict[str, np.ndarray], num: int = 5, by: str = "ap",
                    protocol: str = "market") -> List[int]:
-    """Indices of the ``num`` worst queries: lowest ``ap`` (ties: later first hit) or
-    latest ``first_hit`` (ties: lower AP). Queries without a true match are not chosen."""
+    """Indices of the ``num`` worst queries, of different identities where there are enough.
+
+    ``by="ap"``: lowest AP within the top-k; ``by="first_hit"``: latest first true match.
+    Ties are broken by the rank of the first true match in the whole gallery
+    (``first_match_rank`` of eval_ranks.npz, when the file has it; later is worse), then
+    by the other score. One query per identity is taken first, so that three equally bad
+    queries of one person do not fill the section; more of an identity only when there
+    are not ``num`` identities. Queries without a true match are not chosen.
+    """
     if by not in ("ap", "first_hit"):
         raise DataError(f"worst queries are chosen by 'ap' or 'first_hit', not {by!r}")
     s = query_scores(ranks, protocol)
     valid = np.flatnonzero(~np.isnan(s["ap_at_k"]))
-    if by == "ap":
-        order = np.lexsort((-s["first_hit"][valid], s["ap_at_k"][valid]))
-    else:
-        order = np.lexsort((s["ap_at_k"][valid], -s["first_hit"][valid]))
-    return [int(i) for i in valid[order][:num]]
+    full = ranks.get("first_match_rank")
+    deep = np.asarray(full)[valid] if full is not None and len(full) == len(s["ap_at_k"]) else np.zeros(len(valid))
+    ap, hit = s["ap_at_k"][valid], s["first_hit"][valid]
+    # np.lexsort: the last key is the primary one.
+    order = np.lexsort((-hit, -deep, ap)) if by == "ap" else np.lexsort((ap, -deep, -hit))
+    ranked = [int(i) for i in valid[order]]
+    pids = ranks["query_pids"]
+    seen, first, rest = set(), [], []
+    for q in ranked:
+        (rest if pids[q] in seen else first).append(q)
+        seen.add(pids[q])
+    return (first + rest)[:num]
 
 
 def _font(size: int = 11) -> ImageFont.ImageFont:

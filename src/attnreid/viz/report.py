@@ -101,17 +101,13 @@ def read_run(path: str | Path, label: Optional[str] = None) -> RunInfo:
     run.log = read_log(path / "log.jsonl")
     if (path / "eval_ranks.npz").is_file():
         run.ranks_path = path / "eval_ranks.npz"
-    for name in ("best.pth", "last.pth"):
-        if (path / "checkpoints" / name).is_file():
-            run.checkpoint = path / "checkpoints" / name
-            break
-    # `attnreid eval --out DIR` writes only eval files; eval.json names the checkpoint it used.
+    # The overlays should come from the weights the ranked lists came from: the checkpoint
+    # eval.json names (`attnreid eval --out DIR`), else the final weights (last.pth: a run's
+    # closing evaluation is of those), else best.pth.
     evaluated = (run.eval or {}).get("checkpoint")
-    if run.checkpoint is None and isinstance(evaluated, str):
-        for cand in (Path(evaluated), path / evaluated):
-            if cand.is_file():
-                run.checkpoint = cand
-                break
+    candidates = [Path(evaluated), path / evaluated] if isinstance(evaluated, str) else []
+    candidates += [path / "checkpoints" / "last.pth", path / "checkpoints" / "best.pth"]
+    run.checkpoint = next((c for c in candidates if c.is_file()), None)
     return run
 
 
@@ -234,13 +230,26 @@ def _config_summary(run: RunInfo) -> str:
             items.append(("heads K / fusion", f"{_get(c, 'model.mhsanet.num_heads')} / {_get(c, 'model.mhsanet.fusion')}"))
         if run.model == "hacnn":
             items.append(("attention", _get(c, "model.hacnn.attention")))
-        items.append(("epochs (config)", _get(c, "train.epochs")))
+        items.append(("epochs trained", _epochs_trained(run, _get(c, "train.epochs"))))
     if run.eval:
         items += [("evaluated at epoch", run.eval.get("epoch")), ("mINP", _pct(run.eval.get("mINP")) if "mINP" in run.eval else None),
                   ("valid queries", run.eval.get("num_valid_queries")), ("metric", run.eval.get("metric"))]
     items.append(("checkpoint", run.checkpoint.name if run.checkpoint else "none"))
     body = "".join(f"<dt>{e(str(k))}</dt><dd>{e(str(v))}</dd>" for k, v in items if v not in (None, ""))
     return f'<dl class="cfg">{body}</dl>'
+
+
+def _epochs_trained(run: RunInfo, configured: Any) -> Optional[str]:
+    """``12 of 400``: the complete epochs the log (or the evaluation) shows, and the configured count."""
+    from attnreid.viz.plots import training_series
+
+    trained = training_series(run.log)["epochs_trained"] if run.log else 0
+    evaluated = (run.eval or {}).get("epoch")
+    if isinstance(evaluated, int) and not isinstance(evaluated, bool):
+        trained = max(trained, evaluated)
+    if not trained:
+        return None
+    return f"{trained} of {configured}" if isinstance(configured, int) and configured != trained else str(trained)
 
 
 def _ranked_section(run: RunInfo, ranks: dict, picked: List[int], slug: str, out_dir: Path, topk: int,

@@ -1,0 +1,167 @@
+"""`attnreid eval`, `extract` and `demo`: thin shells over :mod:`attnreid.engine`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from attnreid.cli._app import app
+from attnreid.cli._util import check_output_path, print_json
+from attnreid.cli.train import _metrics_line
+from attnreid.errors import AttnReidError
+
+SPLITS = ("query", "gallery", "train")
+
+
+@app.command("eval")
+def eval_cmd(
+    config: Path = typer.Argument(..., help="YAML config of the model and the evaluation set."),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="KEY=VALUE overrides, e.g. eval.datasets=[market1501,dukemtmcreid]."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A .pth written by attnreid train."),
+    rerank: Optional[bool] = typer.Option(
+        None, "--rerank/--no-rerank", show_default=False,
+        help="k-reciprocal re-ranking (k1, k2, lambda from eval.*). Default: eval.rerank."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Folder for eval.json, eval_ranks.npz and the report."),
+) -> None:
+    """Evaluate a checkpoint with each test set's protocol.
+
+    Prints R1/R5/R10/mAP (R1/R3 for partial sets). With eval.datasets, every set is
+    evaluated and shown in one table.
+    """
+    from attnreid.config import load_config
+    from attnreid.engine.build import load_model, resolve_device
+    from attnreid.engine.checkpoint import load_checkpoint
+    from attnreid.engine.evaluator import evaluate_datasets, evaluation_datasets
+    from attnreid.viz.report import write_report
+
+    if out is not None:
+        check_output_path(out, "dir")
+    cfg = load_config(config, list(overrides or []))
+    device = resolve_device(cfg.train.device)
+    model, cfg = load_model(checkpoint, cfg, device=device)
+    datasets = evaluation_datasets(cfg)
+    epoch = load_checkpoint(checkpoint).get("epoch")
+    metrics = evaluate_datasets(model, cfg, datasets, out_dir=out, device=device, rerank=rerank,
+                                extra={"checkpoint": str(checkpoint), "epoch": epoch}, progress=True)
+    report = None
+    if out is not None:
+        if not as_json:
+            print(f"wrote {out / 'eval.json'} and {out / 'eval_ranks.npz'}")
+        report = write_report([out], out / "report")
+    if as_json:
+        if report is not None:
+            metrics["report"] = str(report)
+        print_json(metrics)
+        return
+    rr = " + re-ranking" if metrics["rerank"] else ""
+    head = f"{metrics['model']} ({metrics['test_feature']} feature, {metrics['feature_dim']}-d)"
+    if "datasets" in metrics:
+        print(f"{head}{rr} on {len(metrics['datasets'])} test sets:")
+        print(datasets_table(metrics["datasets"]))
+    else:
+        print(f"{head} on {metrics['dataset']}{rr}: {_metrics_line(metrics)}  [{_counts(metrics)}]")
+    if report is not None:
+        print(f"report: {report}")
+
+
+def _counts(m: dict) -> str:
+    text = f"{m['num_query']} queries, {m['num_gallery']} gallery"
+    bad = m.get("num_unreadable_query", 0) + m.get("num_unreadable_gallery", 0)
+    return text + (f"; {bad} unreadable image(s) skipped" if bad else "")
+
+
+def datasets_table(rows: List[dict]) -> str:
+    """The plain-text table of a multi-dataset evaluation: one row per test set, scores in %."""
+    cols = [("R1", "rank1"), ("R3", "rank3"), ("R5", "rank5"), ("R10", "rank10"), ("mAP", "mAP")]
+    width = max(len("dataset"), *(len(r["dataset"]) for r in rows))
+
+    def pct(v) -> str:
+        return f"{100 * v:>6.1f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{'-':>6}"
+
+    lines = [f"{'dataset':<{width}}  {'protocol':<14} " + " ".join(f"{c:>6}" for c, _ in cols)
+             + f" {'queries':>8} {'gallery':>8}"]
+    for r in rows:
+        lines.append(f"{r['dataset']:<{width}}  {r['protocol']:<14} " + " ".join(pct(r.get(k)) for _, k in cols)
+                     + f" {r['num_query']:>8} {r['num_gallery']:>8}")
+    return "\n".join(lines)
+
+
+@app.command("extract")
+def extract_cmd(
+    config: Path = typer.Argument(..., help="YAML config of the model (and data set for --split)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE overrides."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A .pth written by attnreid train."),
+    split: Optional[List[str]] = typer.Option(
+        None, "--split", help="query, gallery or train; repeat for several."),
+    folder: Optional[Path] = typer.Option(None, "--folder", help="Extract every image under this folder."),
+    out: Path = typer.Option(..., "--out", help="Output .npz."),
+) -> None:
+    """Save features to an .npz that 'attnreid metrics' reads.
+
+    --split query --split gallery gives query_/gallery_features, _pids and _camids, a
+    file 'attnreid metrics' evaluates directly. --folder gives features and paths.
+    """
+    import numpy as np
+
+    from attnreid.config import load_config
+    from attnreid.engine.build import build_eval_dataset, load_model, resolve_device
+    from attnreid.engine.extract import extract_features, folder_items
+
+    splits = list(split or [])
+    if bool(splits) == (folder is not None):
+        raise AttnReidError("give either --split (query, gallery, train) or --folder, not both or neither")
+    for s in splits:
+        if s not in SPLITS:
+            raise AttnReidError(f"--split is {s!r}; expected one of: {', '.join(SPLITS)}")
+    check_output_path(out, "file", suffix=".npz")
+    cfg = load_config(config, list(overrides or []))
+    device = resolve_device(cfg.train.device)
+    model, cfg = load_model(checkpoint, cfg, device=device)
+    arrays = {}
+    if folder is not None:
+        items = folder_items(folder)
+        feats, _, _, index = extract_features(model, items, cfg.data, device=device, flip=cfg.eval.flip,
+                                              amp=cfg.eval.amp, progress=f"{folder.name} features",
+                                              return_index=True)
+        arrays = {"features": feats.numpy(), "paths": np.array([items[i][0] for i in index.tolist()])}
+    else:
+        if "train" in splits:
+            from attnreid.data.datasets import build_dataset_from_config
+
+            train_set = build_dataset_from_config(cfg.data)
+        eval_set = build_eval_dataset(cfg) if any(s != "train" for s in splits) else None
+        for s in splits:
+            items = train_set.train if s == "train" else getattr(eval_set, s)
+            feats, pids, camids, index = extract_features(model, items, cfg.data, device=device, flip=cfg.eval.flip,
+                                                          amp=cfg.eval.amp, progress=f"{s} features",
+                                                          return_index=True)
+            arrays.update({f"{s}_features": feats.numpy(), f"{s}_pids": pids, f"{s}_camids": camids,
+                           f"{s}_paths": np.array([items[i][0] for i in index.tolist()])})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **arrays)
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items() if k.endswith("features"))
+    print(f"wrote {out}: {shapes}")
+
+
+@app.command("demo")
+def demo_cmd(
+    minutes: float = typer.Option(6.0, "--minutes", help="Time budget per seed (data, training, evaluation)."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the data set, runs and report."),
+    models: str = typer.Option("baseline,mhsanet,hacnn", "--models", help="Comma-separated models to train."),
+    seeds: int = typer.Option(1, "--seeds", help="Train N times (train.seed 0..N-1, --minutes each): mean ± sd."),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch threads (0: torch's default; 1 on a busy machine)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+) -> None:
+    """Train Baseline, MHSA-Net and HA-CNN on a synthetic occluded set on the CPU; paired comparison."""
+    from attnreid.apps.demo import run_demo
+
+    check_output_path(out, "dir")
+    result = run_demo(minutes=minutes, out_dir=out, models=[m.strip() for m in models.split(",") if m.strip()],
+                      quiet=as_json, seeds=seeds, threads=threads)
+    if as_json:
+        print_json(result)
