@@ -65,7 +65,7 @@ class DataConfig:
 
 @dataclass
 class BackboneConfig:
-    name: str = "resnet50"  # resnet18 | resnet34 | resnet50 | mobilenetv3_small
+    name: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet50_ibn_a | mobilenetv3_small
     last_stride: int = 1  # MHSA-Net Sec. IV: no down-sampling at the start of stage 4
     pretrained: bool = False
     weights: Optional[str] = None  # local torchvision checkpoint; None + pretrained -> hub cache
@@ -177,7 +177,7 @@ class Config:
 # Allowed values, checked after loading. Keys are dotted paths.
 CHOICES = {
     "model.name": ("baseline", "mhsanet", "hacnn"),
-    "model.backbone.name": ("resnet18", "resnet34", "resnet50", "mobilenetv3_small"),
+    "model.backbone.name": ("resnet18", "resnet34", "resnet50", "resnet50_ibn_a", "mobilenetv3_small"),
     "model.mhsanet.attention_norm": ("spatial", "heads"),
     "model.mhsanet.fusion": ("saffm", "concat", "sum"),
     "model.hacnn.attention": ("none", "spatial", "channel", "soft", "hard", "all"),
