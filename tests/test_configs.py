@@ -69,3 +69,5 @@ def test_partial_rows_train_on_market_and_evaluate_on_the_partial_set():
         for suffix in ("", "_dagger", "_star", "_baseline"):
             cfg = load_config(CONFIGS / "mhsanet" / f"{ds}{suffix}.yaml")
             assert cfg.data.dataset == "market1501" and cfg.eval.dataset == ds
+    cfg = load_config(CONFIGS / "mhsanet" / "occluded_reid.yaml")
+    assert cfg.data.dataset == "market1501" and cfg.eval.dataset == "occluded_reid"
