@@ -157,6 +157,9 @@ class EvalConfig:
     k2: int = 6
     lambda_value: float = 0.3
     flip: bool = False  # average features of the image and its mirror
+    # Market-1501 multi-query (HA Table 2, MQ): each query's feature is the mean over the
+    # gt_bbox images of its pid and camera; needs the gt_bbox folder.
+    multi_query: bool = False
     max_rank: int = 50
     # Evaluation set when it differs from the training set (Partial-REID / Partial-iLIDS:
     # trained on Market-1501, MHSA-Net Table III). "" = data.dataset / data.root.

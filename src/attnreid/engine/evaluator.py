@@ -30,13 +30,19 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
     """Features of query and gallery, then ``protocols.evaluate``; returns the metrics dict.
 
     ``rerank`` overrides ``cfg.eval.rerank``. ``extra`` entries are added to eval.json
-    (e.g. the checkpoint path and epoch).
+    (e.g. the checkpoint path and epoch). ``cfg.eval.multi_query`` replaces each query's
+    feature by the mean over the dataset's ``gt_bbox`` images of its pid and camera
+    (Market-1501 multi-query, HA Table 2), ranked lists included.
     """
-    from attnreid.evaluation.protocols import evaluate
+    from attnreid.evaluation.protocols import evaluate, multi_query_features
 
     if not dataset.query or not dataset.gallery:
         raise DataError(f"dataset '{dataset.name}' has an empty query or gallery set; nothing to evaluate")
     ev = cfg.eval
+    multi_query = bool(getattr(ev, "multi_query", False))
+    if multi_query and not dataset.extras.get("gt_bbox"):
+        raise DataError(f"eval.multi_query needs Market-1501's gt_bbox folder, which dataset '{dataset.name}' "
+                        f"does not have under {dataset.root}")
     rerank = ev.rerank if rerank is None else rerank
     channels_last = bool(cfg.train.channels_last)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
@@ -45,6 +51,10 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
                                             channels_last=channels_last, autocast_dtype=amp)
     gf, g_pids, g_camids = extract_features(model, dataset.gallery, cfg.data, device=device, flip=ev.flip,
                                             channels_last=channels_last, autocast_dtype=amp)
+    if multi_query:
+        bf, b_pids, b_camids = extract_features(model, dataset.extras["gt_bbox"], cfg.data, device=device,
+                                                flip=ev.flip, channels_last=channels_last, autocast_dtype=amp)
+        qf = multi_query_features(qf, q_pids, q_camids, bf, b_pids, b_camids)
     t_extract = time.perf_counter() - t0
     metrics = evaluate(qf, gf, q_pids, g_pids, q_camids, g_camids, protocol=dataset.protocol,
                        metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value)
@@ -57,6 +67,7 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
         "feature_dim": int(qf.shape[1]),
         "metric": ev.metric,
         "rerank": bool(rerank),
+        "multi_query": multi_query,
         "num_query": len(dataset.query),
         "num_gallery": len(dataset.gallery),
         "extract_seconds": round(t_extract, 3),

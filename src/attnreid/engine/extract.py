@@ -12,7 +12,7 @@ from torch import nn
 
 from attnreid.errors import DataError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def extract_features(model: nn.Module, items: Sequence[Tuple[str, int, int]], data_cfg: Any,
