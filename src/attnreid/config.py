@@ -16,6 +16,7 @@ evaluation take the sub-config objects (duck-typed) or plain arguments.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -84,7 +85,12 @@ class MHSANetConfig:
 @dataclass
 class HACNNConfig:
     attention: str = "all"  # none | spatial | channel | soft | hard | all (HA Tables 5-6)
-    cross_attention: bool = True  # HA Eq. 6-7 interaction
+    # HA Eq. 6-7 interaction: on | off (Table 6 "w/o CAIL") | detach (Eq. 7's gradient
+    # term removed, forward unchanged); YAML true/false read as on/off.
+    cross_attention: str = "on"
+    # Hard-attention region size: stripes (s_w = 1, s_h = 1/T) | native (the paper's crop
+    # sizes measured on each level's input: s_h = 0.3, s_w = 0.875). models/hacnn.py.
+    region_scale: str = "stripes"
     num_regions: int = 4  # T
     widths: List[int] = field(default_factory=lambda: [128, 256, 384])
     embed_dim: int = 512
@@ -184,6 +190,8 @@ CHOICES = {
     "model.mhsanet.attention_norm": ("spatial", "heads"),
     "model.mhsanet.fusion": ("saffm", "concat", "sum"),
     "model.hacnn.attention": ("none", "spatial", "channel", "soft", "hard", "all"),
+    "model.hacnn.cross_attention": ("on", "off", "detach"),
+    "model.hacnn.region_scale": ("stripes", "native"),
     "model.test_feature": ("default", "concat", "star", "head", "global", "joint", "local"),
     "loss.ihtl": ("hinge", "soft"),
     "optim.name": ("adam", "sgd"),
@@ -385,9 +393,26 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
     return from_dict(_deep_merge(data, over), source=str(path) if path else "the overrides")
 
 
+# Keys that were booleans before they became choices: True/False still mean these
+# (YAML 1.1 also reads on/off as booleans), so old configs and checkpoints load.
+BOOL_CHOICES = {"model.hacnn.cross_attention": ("on", "off")}
+
+
+def _migrate_bools(data: dict) -> dict:
+    for key, (true, false) in BOOL_CHOICES.items():
+        *path, leaf = key.split(".")
+        node = data
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), bool):
+            node[leaf] = true if node[leaf] else false
+    return data
+
+
 def from_dict(data: dict, source: str = "a config dict") -> Config:
     """Build a validated Config from a (possibly partial) nested dict."""
     _check_keys(data, "", source)
+    data = _migrate_bools(copy.deepcopy(data))
     try:
         schema = OmegaConf.structured(Config)
         merged = OmegaConf.merge(schema, OmegaConf.create(data))
