@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -84,3 +85,26 @@ def test_market_multi_query_config():
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "hacnn" / "market1501_mq.yaml")
     assert cfg.eval.multi_query and cfg.data.dataset == "market1501" and cfg.model.name == "hacnn"
     assert not cfg.eval.rerank
+
+
+def test_eval_rerank_input_reaches_the_re_ranking(tmp_path):
+    root = _market(tmp_path)
+    ds = build_dataset("market1501", root)
+    model = MeanColour()
+    cfg = load_config(None, ["data.dataset=market1501", f"data.root={root}", "data.height=32", "data.width=16",
+                             "data.workers=0", "eval.rerank=true", "eval.rerank_input=torchreid", "eval.k1=2",
+                             "eval.k2=1"])
+    got = evaluate_model(model, ds, cfg, out_dir=tmp_path / "run")
+    qf, qp, qc = extract_features(model, ds.query, cfg.data)
+    gf, gp, gc = extract_features(model, ds.gallery, cfg.data)
+    expected = evaluate(qf, gf, qp, gp, qc, gc, rerank=True, k1=2, k2=1, rerank_input="torchreid")
+    assert got["rerank_input"] == "torchreid" and got["mAP"] == pytest.approx(expected["mAP"])
+    # the ranked lists written for the report carry torchreid's re-ranked distances, not Zhong's
+    from attnreid.evaluation.rerank import re_ranking
+
+    written = np.load(tmp_path / "run" / "eval_ranks.npz")["topk_dist"]
+    torchreid = np.sort(re_ranking(qf, gf, k1=2, k2=1, rerank_input="torchreid"), axis=1)
+    zhong = np.sort(re_ranking(qf, gf, k1=2, k2=1), axis=1)
+    assert np.allclose(written, torchreid, atol=1e-6) and not np.allclose(written, zhong, atol=1e-4)
+    with pytest.raises(Exception, match="eval.rerank_input"):
+        load_config(None, ["eval.rerank_input=fourth_power"])

@@ -186,6 +186,10 @@ class EvalConfig:
     k1: int = 20
     k2: int = 6
     lambda_value: float = 0.3
+    # What the k-reciprocal reference is fed: zhong (Euclidean distances, which it squares:
+    # Zhong et al.'s formulation) | torchreid (squared distances, squared again, as torchreid's
+    # engine does; reproduces torchreid-reported numbers). evaluation/rerank.py.
+    rerank_input: str = "zhong"
     flip: bool = False  # average features of the image and its mirror
     # Market-1501 multi-query (HA Table 2, MQ): each query's feature is the mean over the
     # gt_bbox images of its pid and camera; needs the gt_bbox folder.
@@ -225,6 +229,7 @@ CHOICES = {
     "train.amp": ("auto", "off", "bf16", "fp16"),
     "data.epoch_mode": ("images", "identities"),
     "eval.metric": ("euclidean_sq", "cosine"),
+    "eval.rerank_input": ("zhong", "torchreid"),
     "data.cuhk03_split": ("new",),
     "model.backbone.last_stride": (1, 2),
 }

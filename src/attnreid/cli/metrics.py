@@ -76,6 +76,8 @@ def metrics(
     k1: int = typer.Option(20, "--k1", help="Re-ranking k1."),
     k2: int = typer.Option(6, "--k2", help="Re-ranking k2 (query expansion)."),
     lambda_value: float = typer.Option(0.3, "--lambda", help="Re-ranking weight of the original distance."),
+    rerank_input: str = typer.Option("zhong", "--rerank-input",
+                                     help="zhong (Zhong et al., the paper's) or torchreid (squares squared distances, as torchreid's engine)."),
     metric: str = typer.Option("euclidean_sq", "--metric", help="Distance of the features: euclidean_sq or cosine."),
     protocol: str = typer.Option("market", "--protocol", help="market, cuhk03_classic or partial (no camera filtering)."),
     max_rank: int = typer.Option(50, "--max-rank", help="Length of the CMC curve."),
@@ -91,6 +93,10 @@ def metrics(
         raise AttnReidError(f"unknown --protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
     if metric not in METRICS:
         raise AttnReidError(f"unknown --metric {metric!r}; expected one of {', '.join(METRICS)}")
+    from attnreid.evaluation.rerank import RERANK_INPUTS
+
+    if rerank_input not in RERANK_INPUTS:
+        raise AttnReidError(f"unknown --rerank-input {rerank_input!r}; expected one of {', '.join(RERANK_INPUTS)}")
     arrays = load_metrics_npz(file, need_features=rerank, need_cameras=protocol != "partial")
     if rerank or "distmat" not in arrays:
         qf = as_feature_tensor(arrays["query_features"], f"{file}: 'query_features'")
@@ -102,7 +108,8 @@ def metrics(
         if rerank:
             from attnreid.evaluation.rerank import re_ranking
 
-            distmat = re_ranking(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric)
+            distmat = re_ranking(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric,
+                                 rerank_input=rerank_input)
         else:
             distmat = compute_distance(qf, gf, metric)
     else:

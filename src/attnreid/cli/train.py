@@ -60,6 +60,8 @@ def eval_cmd(
     overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE overrides."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="A .pth written by attnreid train."),
     rerank: bool = typer.Option(False, "--rerank", help="k-reciprocal re-ranking (k1, k2, lambda from eval.*)."),
+    rerank_input: Optional[str] = typer.Option(None, "--rerank-input",
+                                               help="eval.rerank_input: zhong (the paper's) or torchreid (torchreid's numbers)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write eval.json, eval_ranks.npz (and the report) here."),
 ) -> None:
@@ -69,7 +71,8 @@ def eval_cmd(
     from attnreid.engine.checkpoint import load_checkpoint
     from attnreid.engine.evaluator import evaluate_model, write_report_if_available
 
-    cfg = load_config(config, list(overrides or []))
+    extra_overrides = [f"eval.rerank_input={rerank_input}"] if rerank_input is not None else []
+    cfg = load_config(config, list(overrides or []) + extra_overrides)
     device = resolve_device(cfg.train.device)
     model, cfg = load_model(checkpoint, cfg, device=device)
     dataset = build_eval_dataset(cfg)

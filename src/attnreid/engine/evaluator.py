@@ -57,7 +57,8 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
         qf = multi_query_features(qf, q_pids, q_camids, bf, b_pids, b_camids)
     t_extract = time.perf_counter() - t0
     metrics = evaluate(qf, gf, q_pids, g_pids, q_camids, g_camids, protocol=dataset.protocol,
-                       metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value)
+                       metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value,
+                       rerank_input=ev.rerank_input)
     metrics = {k: _plain(v) for k, v in metrics.items()}
     metrics.update({
         "dataset": dataset.name,
@@ -67,6 +68,7 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
         "feature_dim": int(qf.shape[1]),
         "metric": ev.metric,
         "rerank": bool(rerank),
+        **({"rerank_input": ev.rerank_input} if rerank else {}),
         "multi_query": multi_query,
         "num_query": len(dataset.query),
         "num_gallery": len(dataset.gallery),
@@ -76,7 +78,8 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
         metrics.update(extra)
     if out_dir is not None:
         write_eval_files(Path(out_dir), metrics, dataset, qf, gf, q_pids, g_pids, q_camids, g_camids,
-                         metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value)
+                         metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value,
+                         rerank_input=ev.rerank_input)
     return metrics
 
 
@@ -94,14 +97,15 @@ def _plain(v: Any) -> Any:
 
 
 def ranked_lists(qf: torch.Tensor, gf: torch.Tensor, metric: str, rerank: bool, k1: int, k2: int,
-                 lambda_value: float, k: int = TOPK):
+                 lambda_value: float, k: int = TOPK, rerank_input: str = "zhong"):
     """Top-k gallery indices and distances per query (Q x k), ascending distance."""
     from attnreid.evaluation.distance import compute_distance
 
     if rerank:
         from attnreid.evaluation.rerank import re_ranking
 
-        dist = torch.as_tensor(re_ranking(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value))
+        dist = torch.as_tensor(re_ranking(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric,
+                                          rerank_input=rerank_input))
     else:
         dist = torch.as_tensor(compute_distance(qf, gf, metric=metric))
     k = min(k, dist.shape[1])
@@ -111,10 +115,10 @@ def ranked_lists(qf: torch.Tensor, gf: torch.Tensor, metric: str, rerank: bool, 
 
 def write_eval_files(out_dir: Path, metrics: Dict[str, Any], dataset: Any, qf, gf, q_pids, g_pids,
                      q_camids, g_camids, metric: str, rerank: bool, k1: int, k2: int,
-                     lambda_value: float) -> None:
+                     lambda_value: float, rerank_input: str = "zhong") -> None:
     """``eval.json`` and ``eval_ranks.npz`` in ``out_dir``, each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    topk_index, topk_dist = ranked_lists(qf, gf, metric, rerank, k1, k2, lambda_value)
+    topk_index, topk_dist = ranked_lists(qf, gf, metric, rerank, k1, k2, lambda_value, rerank_input=rerank_input)
     tmp = out_dir / f".eval_ranks.{os.getpid()}.tmp.npz"
     np.savez(tmp, query_paths=np.array([p for p, _, _ in dataset.query]),
              gallery_paths=np.array([p for p, _, _ in dataset.gallery]),
