@@ -50,7 +50,7 @@ def test_config_loads(path):
     assert cfg.loss.global_ce == ("_dagger" not in stem)
     star = "_star" in stem
     assert (cfg.model.test_feature == "star") == star
-    k = re.search(r"_k(\d)$", stem)
+    k = re.search(r"_k(\d)(?:_|$)", stem)
     assert cfg.model.mhsanet.num_heads == (int(k.group(1)) if k else 8)
     if "table8" in name or stem.endswith("_mhsam"):
         assert (cfg.loss.lambda_fdrt, cfg.loss.lambda_ihtl, cfg.loss.lambda_acm) == (0, 0, 0)
@@ -72,3 +72,66 @@ def test_partial_rows_train_on_market_and_evaluate_on_the_partial_set():
             assert cfg.data.dataset == "market1501" and cfg.eval.dataset == ds
     cfg = load_config(CONFIGS / "mhsanet" / "occluded_reid.yaml")
     assert cfg.data.dataset == "market1501" and cfg.eval.dataset == "occluded_reid"
+
+
+# Tables and figures with trainable rows: MHSA-Net I-XI and Figs. 7-8, HA-CNN Tables 2-7
+# (HA Table 1 lists protocols, HA Table 8 model sizes: `attnreid model-info`).
+TRAINABLE = {"I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "Fig. 7", "Fig. 8",
+             "HA 2", "HA 3", "HA 4", "HA 5", "HA 6", "HA 7"}
+
+
+def _index_rows():
+    """(file, [table labels]) of each row of configs/README.md's index."""
+    rows = []
+    for line in (CONFIGS / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or not cells[0].startswith("`"):
+            continue
+        tables = cells[1]
+        prefix = "HA " if tables.startswith("HA ") else ""
+        labels = [prefix + t.strip().removeprefix("HA ").strip() for t in tables.split(",")]
+        rows.append((cells[0].strip("`"), labels))
+    return rows
+
+
+def test_every_table_and_figure_with_trainable_rows_is_in_the_index():
+    rows = _index_rows()
+    labels = {label for _, ls in rows for label in ls}
+    assert TRAINABLE <= labels, sorted(TRAINABLE - labels)
+    assert all((CONFIGS / f).is_file() for f, _ in rows), [f for f, _ in rows if not (CONFIGS / f).is_file()]
+    per_table = {t: sum(t in ls for _, ls in rows) for t in TRAINABLE}
+    # row counts of the sweeps, from the papers' tables (reference rows included)
+    assert per_table["VII"] == 11 + 1 and per_table["X"] == 6 + 1 and per_table["XI"] == 10 + 2
+    assert per_table["Fig. 7"] == per_table["Fig. 8"] == 2 * 9
+
+
+def test_appendix_sweeps_follow_their_names():
+    """Tables VII, X, XI and Figs. 7-8: the weights the file name gives, every other term off."""
+    seen = 0
+    for path in sorted(CONFIGS.glob("mhsanet/table7/*.yaml")):
+        cfg, stem = load_config(path), path.stem
+        lam3, gamma = (float(stem.split("_lambda3_")[1]), 1e-3) if "_lambda3_" in stem else (1e-3, float(stem.split("_gamma_")[1]))
+        assert (cfg.loss.lambda_fdrt, cfg.loss.lambda_ihtl) == (0, 0) and cfg.model.mhsanet.num_heads == 8, path
+        assert cfg.loss.lambda_acm == pytest.approx(lam3) and cfg.loss.acm_gamma == pytest.approx(gamma), path
+        assert cfg.data.dataset == "cuhk03_detected"
+        seen += 1
+    for path in sorted(CONFIGS.glob("mhsanet/table10/*.yaml")):
+        cfg = load_config(path)
+        assert cfg.loss.lambda_fdrt == pytest.approx(float(path.stem.split("_lambda1_")[1])), path
+        assert (cfg.loss.lambda_ihtl, cfg.loss.lambda_acm, cfg.model.mhsanet.num_heads) == (0, 0, 8), path
+        assert cfg.data.dataset == "cuhk03_detected"
+        seen += 1
+    for path in sorted(CONFIGS.glob("mhsanet/table11/*.yaml")):
+        cfg = load_config(path)
+        k, lam2 = re.fullmatch(r"cuhk03_detected_k(\d)_lambda2_(.+)", path.stem).groups()
+        assert cfg.loss.lambda_ihtl == pytest.approx(float(lam2)) and cfg.model.mhsanet.num_heads == int(k), path
+        assert (cfg.loss.lambda_fdrt, cfg.loss.lambda_acm) == (0, 0) and cfg.data.dataset == "cuhk03_detected"
+        seen += 1
+    for fig, weights in (("fig7", (1e-4, 0, 0)), ("fig8", (0, 1.0, 0))):
+        for path in sorted(CONFIGS.glob(f"mhsanet/{fig}/*.yaml")):
+            cfg = load_config(path)
+            ds, k = re.fullmatch(r"(market1501|cuhk03_detected)_k(\d)", path.stem).groups()
+            assert (cfg.loss.lambda_fdrt, cfg.loss.lambda_ihtl, cfg.loss.lambda_acm) == pytest.approx(weights), path
+            assert cfg.data.dataset == ds and cfg.model.mhsanet.num_heads == int(k), path
+            seen += 1
+    assert seen == 11 + 6 + 10 + 36
