@@ -84,7 +84,7 @@ def test_model_info_runs_offline_on_every_shipped_config(monkeypatch):
     import socket
 
     from attnreid.cli.model import model_info
-    from attnreid.config import load_config, to_dict
+    from attnreid.config import load_config
     from attnreid.models import backbones
 
     def offline(*args, **kwargs):
@@ -99,7 +99,7 @@ def test_model_info_runs_offline_on_every_shipped_config(monkeypatch):
     seen = {}
     for path in configs:
         cfg = load_config(path)
-        key = (repr(to_dict(cfg)["model"]), cfg.data.height, cfg.data.width)
+        key = (repr(cfg.model), cfg.data.height, cfg.data.width)
         if key not in seen:
             seen[key] = model_info(cfg)
         info = seen[key]
