@@ -122,6 +122,12 @@ class ModelConfig:
     test_feature: str = "default"
     test_head: int = 0
     feature_norm: bool = False  # L2-normalise the test feature
+    # BNNeck (BoT, Luo et al. 2019), any model: BN (no shift) before each bias-free classifier;
+    # CE and the test feature after it, triplet/center losses on the feature before it.
+    bnneck: bool = False
+    # Global Feature Branch's 1x1 conv C->512 (MHSA-Net Sec. IV); false: q = GAP(Q) itself,
+    # C-d (BoT's baseline). Baseline only.
+    global_reduce: bool = True
 
 
 @dataclass
@@ -149,6 +155,12 @@ class LossConfig:
     lambda_acm: float = 1e-3  # lambda3, Eq. 13 (authors' code with acm_form linear: 1e-4)
     acm_form: str = "paper"  # paper (Eq. 12, min(alpha, gamma)^2) | linear (authors' code, alpha below gamma)
     acm_gamma: float = 1e-3  # gamma, Eq. 12: the threshold of both forms (authors' code: 0.01)
+    # The strong baseline's (BoT) terms on the global feature before the BNNeck, any model
+    # (baseline/mhsanet need model.bnneck): batch-hard triplet (triplet_distance/margin) and
+    # center loss, whose centres have their own SGD (losses/center.py).
+    global_triplet: float = 0.0
+    center_weight: float = 0.0  # BoT: 5e-4
+    center_lr: float = 0.5  # BoT's SGD learning rate for the centres
 
 
 @dataclass
@@ -287,8 +299,9 @@ UPPER_BOUNDS = {
 }
 for _k in ("loss.saffm_ce", "loss.saffm_triplet", "loss.rlm_ce", "loss.rlm_triplet",
            "loss.lambda_fdrt", "loss.lambda_ihtl", "loss.lambda_acm", "eval.lambda_value",
-           "data.synthetic.occluded_query_share"):
+           "data.synthetic.occluded_query_share", "loss.global_triplet", "loss.center_weight"):
     LOWER_BOUNDS[_k] = (0.0, True)
+LOWER_BOUNDS["loss.center_lr"] = (0.0, False)
 
 
 def _all_keys(cls=Config, prefix: str = "") -> List[str]:

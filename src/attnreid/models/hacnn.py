@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnreid.errors import ConfigError
+from attnreid.models.baseline import BNNeckClassifier, make_classifier, neck
 
 ATTENTION_MODES = ("none", "spatial", "channel", "soft", "hard", "all")
 TEST_FEATURES = ("joint", "global", "local")
@@ -354,6 +355,7 @@ class HACNN(nn.Module):
         test_feature: str = "joint",
         feature_norm: bool = False,
         region_scale: str = "stripes",
+        bnneck: bool = False,
     ):
         super().__init__()
         mode = cross_attention_mode(cross_attention)
@@ -392,10 +394,12 @@ class HACNN(nn.Module):
         self.fc_local = _embedding(num_regions * d3, embed_dim)
         # The project's convention (models/__init__.py): identity classifiers live in
         # ``classifiers`` so that complexity counts and checkpoint checks can skip them.
+        # bnneck (models/baseline.py): CE and the test feature after a BN, a triplet before it
         self.classifiers = nn.ModuleDict(
-            {"global": nn.Linear(embed_dim, num_classes), "local": nn.Linear(embed_dim, num_classes)}
+            {head: make_classifier(embed_dim, num_classes, bnneck) for head in ("global", "local")}
         )
         self.feature_dim = 2 * embed_dim if test_feature == "joint" else embed_dim
+        self.global_dim = embed_dim
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -411,8 +415,10 @@ class HACNN(nn.Module):
         for fc in (self.fc_global[0], self.fc_local[0]):
             nn.init.kaiming_normal_(fc.weight, mode="fan_out", nonlinearity="relu")
         for clf in self.classifiers.values():
-            nn.init.normal_(clf.weight, std=0.01)
-            nn.init.zeros_(clf.bias)
+            fc = clf.fc if isinstance(clf, BNNeckClassifier) else clf
+            nn.init.normal_(fc.weight, std=0.01)
+            if fc.bias is not None:
+                nn.init.zeros_(fc.bias)
 
     def _regions(self, theta: Optional[torch.Tensor], batch: int) -> torch.Tensor:
         return theta if theta is not None else self.stripes.expand(batch, -1, -1, -1)
@@ -452,6 +458,8 @@ class HACNN(nn.Module):
         return {"global": global_feat, "local": local_feat, "soft_attention": soft_maps, "regions": regions}
 
     def _test_feature(self, global_feat: torch.Tensor, local_feat: torch.Tensor) -> torch.Tensor:
+        global_feat = neck(self.classifiers["global"], global_feat)
+        local_feat = neck(self.classifiers["local"], local_feat)
         parts = {"global": [global_feat], "local": [local_feat], "joint": [global_feat, local_feat]}[self.test_feature]
         feature = torch.cat([F.normalize(p, dim=1) for p in parts], dim=1)
         return F.normalize(feature, dim=1) if self.feature_norm else feature
@@ -523,4 +531,5 @@ def build_hacnn(model_cfg: Any, num_classes: int) -> HACNN:
         test_feature=test_feature,
         feature_norm=bool(model_cfg.feature_norm),
         region_scale=getattr(hc, "region_scale", "stripes"),
+        bnneck=bool(getattr(model_cfg, "bnneck", False)),
     )
