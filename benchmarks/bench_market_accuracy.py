@@ -10,7 +10,7 @@ split; nothing is tuned on the test split. Then, from ``last.pth``:
 - the Market protocol on the full query/gallery, without and with re-ranking;
 - MHSA-Net* (p* alone) from the same MHSA-Net run;
 - head diversity of MHSA-Net on the query set: the mean pairwise overlap of the K
-  attention maps and the entropy of SAFFM's beta (``attnreid.engine.diagnostics``);
+  attention maps and the entropy of SAFFM's beta (``attnreid.evaluation.attention_stats``);
 - ``attnreid robustness`` (block, person and erasing occluders at the top, bottom and side,
   0-50 % of the image) for the Baseline and MHSA-Net on one query per test identity
   (``--robust-queries``) against the full gallery.
@@ -61,7 +61,7 @@ def pick(metrics: dict) -> dict:
 def head_diversity(model, dataset, cfg, device, limit: int = 1024) -> dict:
     """Mean head overlap and beta entropy of MHSA-Net over the first ``limit`` queries (eval mode)."""
     from attnreid.data.loader import build_test_loader
-    from attnreid.engine.diagnostics import beta_entropy, head_overlap
+    from attnreid.evaluation.attention_stats import beta_entropy, head_overlap
 
     loader = build_test_loader(cfg.data, dataset.query[:limit])
     overlaps, entropies, betas, n = [], [], [], 0
@@ -113,6 +113,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "scratch" / "market_accuracy")
     ap.add_argument("--robust-queries", type=int, default=750)
     ap.add_argument("--no-robustness", action="store_true")
+    ap.add_argument("--robustness-only", action="store_true",
+                    help="no training: the occlusion curves of the baseline and mhsanet runs already in --out")
     ap.add_argument("--smoke", action="store_true", help="2 epochs on 40 ids, small test set: checks the script")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -125,10 +127,19 @@ def main() -> None:
     result["machine"] = machine_record()
 
     def save() -> None:
+        # Several processes (one per model) may share the file: merge into what is there now.
+        on_disk = json.loads(args.results.read_text()) if args.results.is_file() and not args.smoke else {}
+        models_now = {**on_disk.get("models", {}), **result["models"]}
+        merged = {**on_disk, **result, "models": models_now}
         args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(result, indent=2) + "\n")
+        tmp = args.results.with_suffix(".tmp")
+        tmp.write_text(json.dumps(merged, indent=2) + "\n")
+        tmp.replace(args.results)
 
     full = None
+    if args.robustness_only:
+        models = []
+        full = build_dataset_from_config(load_config(CONFIGS["baseline"], [f"data.root={args.root}"]).data)
     for name in models:
         overrides = [f"data.root={args.root}", f"train.threads={args.threads}", "train.device=cpu"]
         if args.epochs:
@@ -141,7 +152,8 @@ def main() -> None:
             if args.smoke:
                 keep = set(sorted({p for _, p, _ in full.query})[:30])
                 full.query = [it for it in full.query if it[1] in keep][:60]
-                full.gallery = [it for it in full.gallery if it[1] in keep or it[1] <= 0][:600]
+                full.gallery = ([it for it in full.gallery if it[1] in keep]
+                                + [it for it in full.gallery if it[1] not in keep][:300])
         run = args.out / name
         print(f"== {name}: {CONFIGS[name].relative_to(ROOT)}  -> {run}", flush=True)
         t0 = time.perf_counter()
@@ -153,7 +165,7 @@ def main() -> None:
         entry = {"config": str(CONFIGS[name].relative_to(ROOT)), "steps": summary["step"], "epochs": summary["epoch"],
                  "train_wall_seconds": round(train_s, 1), "img_per_s": summary.get("img_per_s"),
                  "data_wait": summary.get("data_wait"), "precision": summary.get("precision"),
-                 "status": summary.get("status"), "val_best": summary.get("best_mAP"),
+                 "status": summary.get("status"), "val_best_mAP": summary.get("best_val_mAP"),
                  "backbone": run_cfg.model.backbone.name, "input": [run_cfg.data.height, run_cfg.data.width],
                  "batch": run_cfg.data.batch_size, "val_ids": run_cfg.data.val_ids,
                  "load_average_end": machine_record()["load_average"]}
@@ -173,13 +185,14 @@ def main() -> None:
         result["models"][name] = entry
         print(json.dumps({name: entry}, indent=1), flush=True)
         save()
-    if not args.no_robustness and {"baseline", "mhsanet"} <= set(models):
+    if args.robustness_only or (not args.no_robustness and {"baseline", "mhsanet"} <= set(models)):
         cfg = load_config(CONFIGS["mhsanet"], [f"data.root={args.root}", f"train.threads={args.threads}"])
         ckpts = [str(args.out / m / "checkpoints" / "last.pth") for m in ("baseline", "mhsanet")]
         t2 = time.perf_counter()
         result["robustness"] = robustness(cfg, ckpts, full, resolve_device("cpu"), args.robust_queries,
                                           log=lambda s: print(s, flush=True))
         result["robustness"]["seconds"] = round(time.perf_counter() - t2, 1)
+        result["robustness"]["machine"] = machine_record()
         save()
     print(f"wrote {args.results}")
 

@@ -13,7 +13,7 @@ def test_cpu_recipes_share_the_step_budget_and_validation_split():
     cfgs = {m: load_config(CPU / f"market1501_{m}.yaml") for m in ("baseline", "mhsanet", "hacnn")}
     budget = {(c.data.batch_size, c.data.num_instances, c.data.epoch_mode, c.train.epochs, c.data.val_ids)
               for c in cfgs.values()}
-    assert budget == {(32, 4, "identities", 34, 50)}
+    assert budget == {(32, 4, "identities", 24, 50)}
     for name, c in cfgs.items():
         assert c.model.name == name and c.data.dataset == "market1501"
         assert c.train.amp == "auto" and not c.model.backbone.pretrained

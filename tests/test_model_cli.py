@@ -106,3 +106,17 @@ def test_model_info_runs_offline_on_every_shipped_config(monkeypatch):
         assert info["params"] > info["params_no_classifier"] > 0 and info["macs"] > 0, path
         assert info["input_size"] == [cfg.data.height, cfg.data.width] and info["feature_dim"] > 0, path
     assert load_config(root / "base.yaml").model.backbone.pretrained  # the test covers a config that asks for weights
+
+
+def test_model_info_losses(tmp_path):
+    code, out, err = run_cli(["model-info", _config(tmp_path), "--losses", "--json", "--batch-size", "8", "--num-classes", "10"])
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out)["losses"]}
+    assert set(rows) == {"ce_global", "ce_saffm", "tri_saffm", "ce_rlm", "tri_rlm", "fdrt", "ihtl", "acm"}
+    assert max(r["ratio_to_ce"] for n, r in rows.items() if n.startswith("ce_")) == 1.0
+    assert rows["fdrt"]["weight"] == 1e-4 and rows["tri_rlm"]["grad_norm"] > 0
+    code, out, err = run_cli(["model-info", _config(tmp_path), "--losses", "--batch-size", "8", "loss.lambda_acm=0"])
+    assert code == 0, err
+    assert "x largest CE" in out and "tri_saffm" in out and "acm" not in out.split("x largest CE")[1]
+    code, _, err = run_cli(["model-info", _config(tmp_path), "--losses", "--batch-size", "6"])
+    assert_one_line_error(code, err, "--batch-size", "data.num_instances")
