@@ -97,7 +97,8 @@ def test_pretrained_downloads_torchvision_checkpoint_with_hash_check(monkeypatch
     assert calls[0][0] == "https://download.pytorch.org/models/resnet18-f37072fd.pth"
     assert calls[0][1]["check_hash"] is True
     assert torch.equal(net.state_dict()["layer1.0.conv1.weight"], reference["layer1.0.conv1.weight"])
-    assert set(PRETRAINED_URLS) == {"resnet18", "resnet34", "resnet50", "mobilenetv3_small"}
+    assert set(PRETRAINED_URLS) == {"resnet18", "resnet34", "resnet50", "resnet50_ibn_a", "mobilenetv3_small"}
+    assert PRETRAINED_URLS["resnet50_ibn_a"].endswith("/IBN-Net/releases/download/v1.0/resnet50_ibn_a-d9d0bb7b.pth")
     assert PRETRAINED_URLS["resnet50"].endswith("/resnet50-0676ba61.pth")
 
 
@@ -117,3 +118,91 @@ def test_too_small_or_malformed_input_is_one_line():
         net(torch.zeros(1, 3, 24, 64))
     with pytest.raises(AttnReidError, match="B x 3 x H x W"):
         net(torch.zeros(1, 1, 64, 64))
+
+
+def _ibn_release_layout():
+    """Key -> shape of IBN-Net's resnet50_ibn_a checkpoint, written out from its ibnnet/resnet_ibn.py."""
+    def bn(prefix, c):
+        return {f"{prefix}.weight": (c,), f"{prefix}.bias": (c,), f"{prefix}.running_mean": (c,),
+                f"{prefix}.running_var": (c,), f"{prefix}.num_batches_tracked": ()}
+
+    shapes = {"conv1.weight": (64, 3, 7, 7), **bn("bn1", 64)}
+    inplanes = 64
+    for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), start=1):
+        for i in range(blocks):
+            p = f"layer{stage}.{i}"
+            shapes[f"{p}.conv1.weight"] = (planes, inplanes, 1, 1)
+            if stage < 4:  # ibn_cfg = ('a', 'a', 'a', None): IN on planes // 2 channels, BN on the rest
+                shapes[f"{p}.bn1.IN.weight"] = shapes[f"{p}.bn1.IN.bias"] = (planes // 2,)
+                shapes.update(bn(f"{p}.bn1.BN", planes - planes // 2))
+            else:
+                shapes.update(bn(f"{p}.bn1", planes))
+            shapes[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
+            shapes.update(bn(f"{p}.bn2", planes))
+            shapes[f"{p}.conv3.weight"] = (planes * 4, planes, 1, 1)
+            shapes.update(bn(f"{p}.bn3", planes * 4))
+            if i == 0:
+                shapes[f"{p}.downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
+                shapes.update(bn(f"{p}.downsample.1", planes * 4))
+            inplanes = planes * 4
+    shapes["fc.weight"], shapes["fc.bias"] = (1000, 2048), (1000,)
+    return shapes
+
+
+def test_resnet50_ibn_a_loads_a_checkpoint_in_the_ibn_net_release_layout(tmp_path):
+    shapes = _ibn_release_layout()
+    # one distinct value per tensor, stored as a broadcast scalar: the file stays a few hundred KB
+    state = {k: torch.full((), float(i + 1)).expand(s) if s else torch.tensor(i + 1)
+             for i, (k, s) in enumerate(shapes.items())}
+    path = tmp_path / "resnet50_ibn_a-test.pth"
+    torch.save(state, path)
+    assert path.stat().st_size < 2_000_000
+    net = build_backbone(_bcfg("resnet50_ibn_a"))
+    missing, unexpected = load_pretrained_weights(net, str(path))
+    assert missing == [] and unexpected == ["fc.bias", "fc.weight"]  # the classifier is not built
+    own = net.state_dict()
+    for i, key in enumerate(shapes):
+        if not key.startswith("fc."):
+            assert torch.all(own[key] == i + 1), key
+    # IN's and BN's affine pairs on the two halves replace one BN's: ResNet-50's parameter count
+    assert sum(p.numel() for p in net.parameters()) == 23_508_032
+
+
+def test_ibn_layer_is_instance_norm_on_the_first_half_and_batch_norm_on_the_rest():
+    torch.manual_seed(0)
+    layer = backbones.IBN(6).train()
+    x = torch.randn(4, 6, 5, 3) * 3 + 1
+    out = layer(x)
+    first, rest = x[:, :3], x[:, 3:]
+    inst = (first - first.mean((2, 3), keepdim=True)) / torch.sqrt(first.var((2, 3), unbiased=False, keepdim=True) + 1e-5)
+    batch = (rest - rest.mean((0, 2, 3), keepdim=True)) / torch.sqrt(rest.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+    tol = 1e-5 * float(x.abs().max())
+    assert torch.allclose(out[:, :3], inst, atol=tol) and torch.allclose(out[:, 3:], batch, atol=tol)
+
+
+@pytest.mark.parametrize("model_name", ["baseline", "mhsanet"])
+def test_resnet50_ibn_a_is_selectable_for_every_backbone_model(model_name):
+    from attnreid.config import load_config
+    from attnreid.models import build_model
+
+    cfg = load_config(None, [f"model.name={model_name}", "model.backbone.name=resnet50_ibn_a", "model.mhsanet.num_heads=2"]
+                      + (["model.test_feature=global"] if model_name == "baseline" else []))
+    model = build_model(cfg.model, 5).eval()
+    assert isinstance(model.backbone.layer3[5].bn1, backbones.IBN)
+    assert isinstance(model.backbone.layer4[0].bn1, torch.nn.BatchNorm2d)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 32))
+    assert out.shape == (2, model.feature_dim) and torch.isfinite(out).all()
+
+
+def test_ibn_a_imagenet_weights_come_from_the_ibn_net_release(monkeypatch):
+    calls = []
+
+    def fake_load(url, **kwargs):
+        calls.append((url, kwargs))
+        return {"conv1.weight": torch.ones(64, 3, 7, 7)}
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_load)
+    net = build_backbone(_bcfg("resnet50_ibn_a", pretrained=True))
+    assert calls == [(PRETRAINED_URLS["resnet50_ibn_a"], {"map_location": "cpu", "progress": False, "check_hash": False})]
+    assert torch.all(net.conv1.weight == 1)

@@ -15,7 +15,7 @@ from attnreid.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL = sorted(CONFIGS.rglob("*.yaml"))
-BASES = {"base.yaml", "hacnn/base.yaml"}  # schedules only; every row inherits from one
+BASES = {"base.yaml", "hacnn/base.yaml", "bot/base.yaml"}  # schedules only; every row inherits from one
 # Not paper-table rows, each pinned by its own test: reduced-size recipes for a CPU.
 PINNED_ELSEWHERE = {
     "cpu/market1501_baseline.yaml": "tests/test_cpu_recipes.py",
@@ -23,6 +23,7 @@ PINNED_ELSEWHERE = {
     "cpu/market1501_hacnn.yaml": "tests/test_cpu_recipes.py",
     "cpu/market1501_mhsanet_orth.yaml": "tests/test_cpu_recipes.py",
     "cpu/market1501_mhsanet_diverse.yaml": "tests/test_cpu_recipes.py",
+    "cpu/market1501_mhsanet_heads.yaml": "tests/test_cpu_recipes.py",
 }
 
 # --- MHSA-Net (SPEC.md 1, MHSA-Net Sec. VII) ---------------------------------------------------
@@ -72,7 +73,7 @@ TABLE8 = {"market1501": "market1501", "cuhk03_detected": "cuhk03_detected"}   # 
 TABLE6 = {"occluded_duke": "occluded_duke", "cuhk03_detected": "cuhk03_detected"}  # P_k alone, k = 1..8 of K = 8
 
 # --- HA-CNN (SPEC.md 2, HA Tables 2-7) --------------------------------------------------------
-HACNN = {"model": "hacnn", "attention": "all", "cross_attention": True, "test_feature": "joint"}
+HACNN = {"model": "hacnn", "attention": "all", "cross_attention": "on", "test_feature": "joint"}
 HA_ROWS = {
     "": {},
     "_none": {"attention": "none"},       # Table 5: no attention
@@ -80,7 +81,8 @@ HA_ROWS = {
     "_channel": {"attention": "channel"},  # SCA
     "_soft": {"attention": "soft"},        # SSA + SCA
     "_hard": {"attention": "hard"},        # HRA
-    "_no_cail": {"cross_attention": False},  # Table 6: w/o cross-attention interaction learning
+    "_no_cail": {"cross_attention": "off"},  # Table 6: w/o cross-attention interaction learning
+    "_no_cail_detach": {"cross_attention": "detach"},  # Table 6, second reading: hard attention kept, Eq. 7 cut
     "_global": {"test_feature": "global"},   # Table 7
     "_local": {"test_feature": "local"},
 }
@@ -113,12 +115,44 @@ def _expected():
         for suffix in suffixes:
             rows[f"hacnn/{prefix}{suffix}.yaml"] = {**HACNN, **HA_ROWS[suffix], "dataset": prefix,
                                                     "eval_dataset": prefix}
+    # Appendix sweeps on MHSAM (K = 8 unless named), SPEC.md 1 / MHSA-Net Tables VII, X, XI, Figs. 7-8.
+    cuhk = {"dataset": "cuhk03_detected", "eval_dataset": "cuhk03_detected"}
+    for tag, lam3 in (("1", 1.0), ("1e-1", 1e-1), ("1e-2", 1e-2), ("1e-3", 1e-3), ("1e-4", 1e-4), ("1e-5", 1e-5)):
+        rows[f"mhsanet/table7/cuhk03_detected_lambda3_{tag}.yaml"] = {**MHSANET, **cuhk, "lambdas": (0.0, 0.0, lam3),
+                                                                     "gamma": 1e-3}
+    for tag, gamma in (("1", 1.0), ("5e-1", 0.5), ("1e-1", 1e-1), ("1e-2", 1e-2), ("1e-4", 1e-4)):
+        rows[f"mhsanet/table7/cuhk03_detected_gamma_{tag}.yaml"] = {**MHSANET, **cuhk, "lambdas": (0.0, 0.0, 1e-3),
+                                                                   "gamma": gamma}
+    for e in range(1, 7):
+        rows[f"mhsanet/table10/cuhk03_detected_lambda1_1e-{e}.yaml"] = {**MHSANET, **cuhk,
+                                                                        "lambdas": (10.0 ** -e, 0.0, 0.0)}
+    for k in (7, 8):
+        for tag, lam2 in (("1e-2", 1e-2), ("1e-1", 1e-1), ("1", 1.0), ("1e1", 10.0), ("1e2", 100.0)):
+            rows[f"mhsanet/table11/cuhk03_detected_k{k}_lambda2_{tag}.yaml"] = {**MHSANET, **cuhk, "K": k,
+                                                                               "lambdas": (0.0, lam2, 0.0)}
+    for fig, lambdas in (("fig7", (1e-4, 0.0, 0.0)), ("fig8", (0.0, 1.0, 0.0))):  # MHSAM+FDRT, MHSAM+IHTL
+        for prefix in ("market1501", "cuhk03_detected"):
+            for k in range(1, 10):
+                rows[f"mhsanet/{fig}/{prefix}_k{k}.yaml"] = {**MHSANET, "K": k, "lambdas": lambdas,
+                                                            "dataset": prefix, "eval_dataset": prefix}
+    # Trained on Market-1501, tested on Occluded-REID (as the Partial-REID rows).
+    rows["mhsanet/occluded_reid.yaml"] = {**MHSANET, "dataset": "market1501", "eval_dataset": "occluded_reid"}
+    # HA-CNN readings the paper leaves open, and the multi-query column of HA Table 2.
+    rows["hacnn/market1501_native.yaml"] = {**HACNN, "dataset": "market1501", "eval_dataset": "market1501",
+                                            "region_scale": "native"}
+    rows["hacnn/market1501_mq.yaml"] = {**HACNN, "dataset": "market1501", "eval_dataset": "market1501",
+                                        "multi_query": True}
+    # BoT (Luo et al.): ResNet-50 baseline with BNNeck, its test feature after the BN.
+    for ds in ("market1501", "dukemtmcreid"):
+        rows[f"bot/{ds}.yaml"] = {"model": "baseline", "test_feature": "global", "dataset": ds, "eval_dataset": ds,
+                                  "rerank": False, "global_ce": True, "bnneck": True}
     return rows
 
 
 EXPECTED = _expected()
 SHIPPED = {p.relative_to(CONFIGS).as_posix() for p in ALL} - BASES - set(PINNED_ELSEWHERE)
-PAPER = [p for p in ALL if p.relative_to(CONFIGS).as_posix() not in PINNED_ELSEWHERE]
+# The papers' schedules; bot/ has BoT's own (tests/test_bot.py), cpu/ its reduced one.
+PAPER = [p for p in ALL if p.relative_to(CONFIGS).as_posix() not in PINNED_ELSEWHERE and p.parent.name != "bot"]
 
 
 def test_every_shipped_config_is_pinned():
@@ -146,6 +180,9 @@ def _row_values(cfg, expected: dict) -> dict:
     }
     if m.name == "hacnn":
         got.update(attention=m.hacnn.attention, cross_attention=m.hacnn.cross_attention)
+        for key, value in (("region_scale", m.hacnn.region_scale), ("multi_query", cfg.eval.multi_query)):
+            if key in expected:
+                got[key] = value
         return got
     got["rerank"] = cfg.eval.rerank
     got["global_ce"] = cfg.loss.global_ce
@@ -155,6 +192,10 @@ def _row_values(cfg, expected: dict) -> dict:
                    attention_orth=cfg.loss.lambda_attention_orth, logit_cap=m.mhsanet.attention_logit_cap)
         if "test_head" in expected:
             got["test_head"] = m.test_head
+        if "gamma" in expected:
+            got["gamma"] = cfg.loss.acm_gamma
+    if "bnneck" in expected:
+        got["bnneck"] = m.bnneck
     return got
 
 
@@ -163,7 +204,7 @@ def test_config_means_its_table_row(name):
     expected = dict(EXPECTED[name])
     if expected["model"] == "baseline":  # the Baseline has no MHSAB: K, lambdas, fusion and RLM mean nothing
         for key in ("K", "lambdas", "fusion", "rlm", "attention_orth", "logit_cap"):
-            expected.pop(key)
+            expected.pop(key, None)
     got = _row_values(load_config(CONFIGS / name), expected)
     assert got == expected, name
 

@@ -141,8 +141,31 @@ def test_zip_of_duke_inside_root(tmp_path: Path):
     assert ds.stats()["train"] == {"images": 3, "ids": 2, "cams": 3}
 
 
+@pytest.mark.parametrize("prefix", ["Occluded_REID", "ICME2018_Occluded-Person-Reidentification_datasets/Occluded_REID"])
+def test_occluded_reid(tmp_path: Path, prefix: str):
+    make_tree(tmp_path, {
+        # a _c2 in a name is not a camera: the set has none
+        f"{prefix}/occluded_body_images/001": ["001_01.tif", "001_c2.tif"],
+        f"{prefix}/occluded_body_images/002": ["002_01.jpg"],
+        f"{prefix}/whole_body_images/001": ["001_01.tif"],
+        f"{prefix}/whole_body_images/002": ["002_01.tif", "002_02.tif"],
+    })
+    tif = tmp_path / prefix / "whole_body_images" / "002" / "002_02.tif"
+    Image.new("RGB", (8, 16), (1, 2, 3)).save(tif, format="TIFF")  # the release's format
+    ds = build_dataset("occluded_reid", tmp_path)
+    assert ds.protocol == "market" and ds.train == []
+    assert sorted((p, c) for _, p, c in ds.query) == [(1, 0), (1, 0), (2, 0)]  # query = occluded, camera 0
+    assert sorted((p, c) for _, p, c in ds.gallery) == [(1, 1), (2, 1), (2, 1)]  # gallery = whole body, camera 1
+    assert all("whole_body_images" in path for path, _, _ in ds.gallery)
+    # the Market protocol's same-(pid, camera) removal never drops a query's whole-body match
+    assert not {(p, c) for _, p, c in ds.query} & {(p, c) for _, p, c in ds.gallery}
+    from attnreid.data.io import read_image
+
+    assert read_image(str(tif)).size == (8, 16)
+
+
 @pytest.mark.parametrize("name", ["cuhk03_labeled", "occluded_duke", "p_dukemtmc", "partial_reid", "partial_ilids",
-                                  "msmt17"])
+                                  "occluded_reid", "msmt17"])
 def test_missing_dataset_is_one_line_error(tmp_path: Path, name: str):
     code, _, err = run_cli(["data", "stats", name, "--root", tmp_path])
     assert_one_line_error(code, err, str(tmp_path), "expected")

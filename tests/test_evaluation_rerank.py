@@ -24,11 +24,21 @@ def euclidean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(sq, 0.0))
 
 
+def squared_euclidean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """What torchreid's engine hands its re_ranking: compute_distance_matrix(..., "euclidean") is squared."""
+    return euclidean(a, b) ** 2
+
+
 def re_ranking_dense(
-    qf: np.ndarray, gf: np.ndarray, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, stable: bool = True
+    qf: np.ndarray, gf: np.ndarray, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, stable: bool = True,
+    distance=euclidean,
 ):
-    """The reference algorithm on features; ``stable=False`` is numpy's default argsort, as in the original."""
-    q_g_dist, q_q_dist, g_g_dist = euclidean(qf, gf), euclidean(qf, qf), euclidean(gf, gf)
+    """The reference algorithm on features; ``stable=False`` is numpy's default argsort, as in the original.
+
+    ``distance`` makes the three matrices the original function is given (Euclidean for Zhong et
+    al.'s use; ``squared_euclidean`` for torchreid's engine).
+    """
+    q_g_dist, q_q_dist, g_g_dist = distance(qf, gf), distance(qf, qf), distance(gf, gf)
     original_dist = np.concatenate(
         [np.concatenate([q_q_dist, q_g_dist], axis=1), np.concatenate([q_g_dist.T, g_g_dist], axis=1)], axis=0
     )
@@ -234,3 +244,38 @@ def test_query_expansion_wider_than_the_reciprocal_neighbourhood():
     np.testing.assert_allclose(re_ranking(qf, gf, k1=1, k2=3, lambda_value=0.0), [[0.0, 0.0]], atol=1e-6)
     qf, gf = clustered_features(6, num_q=10, num_g=30)
     np.testing.assert_allclose(re_ranking(qf, gf, k1=3, k2=9), re_ranking_dense(qf, gf, k1=3, k2=9), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_torchreid_input_equals_the_reference_fed_squared_distances(seed):
+    qf, gf = clustered_features(seed)
+    ours = re_ranking(qf, gf, rerank_input="torchreid")
+    ref = re_ranking_dense(qf, gf, distance=squared_euclidean)
+    assert np.abs(ours - ref).max() < 1e-4
+    zhong = re_ranking(qf, gf)
+    assert np.abs(zhong - ref).max() > 1e-2  # the two inputs give different distances
+
+
+def test_torchreid_input_through_evaluate_and_the_metrics_cli(tmp_path):
+    import json
+
+    from helpers import assert_one_line_error, run_cli
+
+    qf, gf, qp, gp = clustered_features(5, with_pids=True)
+    qc, gc = np.zeros(len(qp), int), np.ones(len(gp), int)
+    ref = re_ranking_dense(qf, gf, distance=squared_euclidean)
+    from attnreid.evaluation.rank import evaluate_rank
+
+    expected = evaluate_rank(ref, qp, gp, qc, gc)
+    got = evaluate(qf, gf, qp, gp, qc, gc, rerank=True, rerank_input="torchreid")
+    assert got["mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
+    path = tmp_path / "feats.npz"
+    np.savez(path, query_features=qf, gallery_features=gf, query_pids=qp, gallery_pids=gp,
+             query_camids=qc, gallery_camids=gc)
+    code, out, err = run_cli(["metrics", path, "--rerank", "--rerank-input", "torchreid", "--json"])
+    assert code == 0, err
+    assert json.loads(out)["mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
+    code, _, err = run_cli(["metrics", path, "--rerank", "--rerank-input", "squared", "--json"])
+    assert_one_line_error(code, err, "--rerank-input", "torchreid")
+    with pytest.raises(AttnReidError, match="re-ranking input"):
+        re_ranking(qf, gf, rerank_input="torchreid4")

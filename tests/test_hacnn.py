@@ -31,11 +31,11 @@ SMALL = dict(widths=[32, 64, 96], embed_dim=64)
 
 
 def make_cfg(attention="all", cross_attention=True, num_regions=4, widths=(128, 256, 384), embed_dim=512,
-             test_feature="default", feature_norm=False):
+             test_feature="default", feature_norm=False, region_scale="stripes"):
     return SimpleNamespace(
         name="hacnn",
         hacnn=SimpleNamespace(attention=attention, cross_attention=cross_attention, num_regions=num_regions,
-                              widths=list(widths), embed_dim=embed_dim),
+                              widths=list(widths), embed_dim=embed_dim, region_scale=region_scale),
         test_feature=test_feature,
         feature_norm=feature_norm,
     )
@@ -331,3 +331,66 @@ def test_size_at_160x64_is_pinned_and_close_to_the_paper(paper_model):
     assert macs == HACNN_MACS
     assert abs(2 * macs - 1.09e9) / 1.09e9 < 0.005
     assert count_params(build_hacnn(make_cfg(), 10), exclude_classifiers=True) == params
+
+
+# ---------------------------------------------------------------- readings the paper leaves open
+
+
+def test_region_transforms_take_the_native_scale():
+    t = torch.tensor([[[0.1, -0.2], [0.0, 0.5]]])
+    theta = region_transforms(t, 2, hacnn.region_scale_factors("native", 2))
+    assert torch.equal(theta[0, 1], torch.tensor([[0.875, 0.0, 0.0], [0.0, 0.3, 0.5]]))
+    assert hacnn.region_scale_factors("stripes", 4) == (1.0, 0.25)
+    # the native scale is each level's crop size over its input size at 160x64
+    for (h, w), (in_h, in_w) in zip(hacnn.REGION_SIZES, [(80, 32), (40, 16), (20, 8)]):
+        assert (w / in_w, h / in_h) == pytest.approx(hacnn.NATIVE_SCALE)
+
+
+@pytest.mark.parametrize("attention", ["all", "soft"])  # learnt regions, and the fixed ones without hard attention
+def test_native_regions_have_the_papers_size_on_the_image(attention):
+    x = torch.randn(1, 3, 160, 64)
+    for scale, (bw, bh) in (("stripes", (64, 40)), ("native", (0.875 * 64, 0.3 * 160))):
+        model = small_model(attention=attention, region_scale=scale).eval()
+        boxes = model.forward_attention(x)["regions"]
+        assert len(boxes) == 3
+        for b in boxes:
+            assert torch.allclose(b[..., 2] - b[..., 0], torch.full((1, 4), float(bw)))
+            assert torch.allclose(b[..., 3] - b[..., 1], torch.full((1, 4), float(bh)))
+            centres = (b[0, :, 1] + b[0, :, 3]) / 2
+            assert torch.allclose(centres, torch.tensor([20.0, 60.0, 100.0, 140.0]), atol=1e-4)  # stripe centres
+
+
+def test_cross_attention_detach_keeps_the_forward_and_removes_eq7s_gradient():
+    on = small_model(cross_attention="on").train()
+    detach = small_model(cross_attention="detach").train()
+    with torch.no_grad():
+        for m in on.ha:
+            m.hard.fc.weight.normal_(std=0.1)
+    detach.load_state_dict(on.state_dict())  # same parameters: hard attention at levels 2-3 in both
+    x, y = torch.randn(4, 3, 80, 32), torch.tensor([0, 0, 1, 1])
+    out_on, out_detach = on(x), detach(x)
+    tol = 1e-5 * float(out_on["logits"]["local"].detach().abs().max())
+    assert torch.allclose(out_on["logits"]["local"], out_detach["logits"]["local"], atol=tol)
+    F.cross_entropy(out_detach["logits"]["local"], y).backward()
+    for name, p in {"level-2 Inception-A": detach.inceptions[1][0].branch1[0].weight,
+                    "level-2 soft-attention fusion": detach.ha[1].fuse[0].weight,
+                    "level-3 Inception-A": detach.inceptions[2][0].branch1[0].weight}.items():
+        assert p.grad is None or not bool(p.grad.abs().sum() > 0), name
+    for level in (1, 2):  # the regions of levels 2-3 are still learnt from the local loss
+        assert detach.ha[level].hard.fc.weight.grad.abs().sum() > 0
+    assert detach.inceptions[0][0].branch1[0].weight.grad.abs().sum() > 0  # level-1 regions, as in "off"
+    assert detach.eval().forward_attention(x)["region_levels"] == [1, 2, 3]
+
+
+def test_cross_attention_accepts_the_old_booleans_and_rejects_others():
+    from attnreid.config import from_dict, load_config
+    from attnreid.errors import ConfigError
+
+    assert hacnn.cross_attention_mode(True) == "on" and hacnn.cross_attention_mode(False) == "off"
+    assert load_config(None, ["model.hacnn.cross_attention=false"]).model.hacnn.cross_attention == "off"
+    assert from_dict({"model": {"hacnn": {"cross_attention": True}}}).model.hacnn.cross_attention == "on"
+    assert load_config(None, ["model.hacnn.cross_attention=detach"]).model.hacnn.cross_attention == "detach"
+    with pytest.raises(ConfigError, match="model.hacnn.cross_attention"):
+        load_config(None, ["model.hacnn.cross_attention=sometimes"])
+    with pytest.raises(ConfigError, match="model.hacnn.region_scale"):
+        load_config(None, ["model.hacnn.region_scale=huge"])

@@ -1,6 +1,7 @@
 """`attnreid model-info` and the parameter/MAC counters behind it."""
 
 import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -66,8 +67,45 @@ def test_model_info_bad_input_is_one_line(tmp_path):
     assert_one_line_error(code, err, "model.mhsanet.num_heads")
     code, _, err = run_cli(["model-info", cfg, "data.height=16", "data.width=16", "model.backbone.last_stride=2"])
     assert_one_line_error(code, err, "too small", "mobilenetv3_small")
-    code, _, err = run_cli(["model-info", cfg, f"model.backbone.weights={tmp_path / 'missing.pth'}"])
-    assert_one_line_error(code, err, "missing.pth")
+
+def test_model_info_never_reads_weights(tmp_path):
+    # inspecting a model needs no weights: a weights path that does not exist is not opened
+    code, out, err = run_cli(["model-info", _config(tmp_path), "--json", f"model.backbone.weights={tmp_path / 'missing.pth'}"])
+    assert code == 0, err
+    assert json.loads(out)["params"] > 0
+
+
+def test_model_info_runs_offline_on_every_shipped_config(monkeypatch):
+    """Each config under configs/ (base.yaml asks for ImageNet weights) gives its numbers with the network cut.
+
+    model_info depends only on ``cfg.model`` and the input size, so configs that agree on
+    both (rows differing in loss weights or evaluation) are measured once.
+    """
+    import socket
+
+    from attnreid.cli.model import model_info
+    from attnreid.config import load_config
+    from attnreid.models import backbones
+
+    def offline(*args, **kwargs):
+        raise AssertionError("model-info tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", offline)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(backbones, "download_pretrained_weights", offline)
+    root = Path(__file__).resolve().parents[1] / "configs"
+    configs = sorted(root.rglob("*.yaml"))
+    assert len(configs) > 100
+    seen = {}
+    for path in configs:
+        cfg = load_config(path)
+        key = (repr(cfg.model), cfg.data.height, cfg.data.width)
+        if key not in seen:
+            seen[key] = model_info(cfg)
+        info = seen[key]
+        assert info["params"] > info["params_no_classifier"] > 0 and info["macs"] > 0, path
+        assert info["input_size"] == [cfg.data.height, cfg.data.width] and info["feature_dim"] > 0, path
+    assert load_config(root / "base.yaml").model.backbone.pretrained  # the test covers a config that asks for weights
 
 
 def test_model_info_losses(tmp_path):

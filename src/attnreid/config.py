@@ -16,6 +16,7 @@ evaluation take the sub-config objects (duck-typed) or plain arguments.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -80,7 +81,7 @@ class DataConfig:
 
 @dataclass
 class BackboneConfig:
-    name: str = "resnet50"  # resnet18 | resnet34 | resnet50 | mobilenetv3_small
+    name: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet50_ibn_a | mobilenetv3_small
     last_stride: int = 1  # MHSA-Net Sec. IV: no down-sampling at the start of stage 4
     pretrained: bool = False
     weights: Optional[str] = None  # local torchvision checkpoint; None + pretrained -> hub cache
@@ -105,7 +106,12 @@ class MHSANetConfig:
 @dataclass
 class HACNNConfig:
     attention: str = "all"  # none | spatial | channel | soft | hard | all (HA Tables 5-6)
-    cross_attention: bool = True  # HA Eq. 6-7 interaction
+    # HA Eq. 6-7 interaction: on | off (Table 6 "w/o CAIL") | detach (Eq. 7's gradient
+    # term removed, forward unchanged); YAML true/false read as on/off.
+    cross_attention: str = "on"
+    # Hard-attention region size: stripes (s_w = 1, s_h = 1/T) | native (the paper's crop
+    # sizes measured on each level's input: s_h = 0.3, s_w = 0.875). models/hacnn.py.
+    region_scale: str = "stripes"
     num_regions: int = 4  # T
     widths: List[int] = field(default_factory=lambda: [128, 256, 384])
     embed_dim: int = 512
@@ -123,6 +129,12 @@ class ModelConfig:
     test_feature: str = "default"
     test_head: int = 0
     feature_norm: bool = False  # L2-normalise the test feature
+    # BNNeck (BoT, Luo et al. 2019), any model: BN (no shift) before each bias-free classifier;
+    # CE and the test feature after it, triplet/center losses on the feature before it.
+    bnneck: bool = False
+    # Global Feature Branch's 1x1 conv C->512 (MHSA-Net Sec. IV); false: q = GAP(Q) itself,
+    # C-d (BoT's baseline). Baseline only.
+    global_reduce: bool = True
 
 
 @dataclass
@@ -153,6 +165,12 @@ class LossConfig:
     # Not in MHSA-Net: ||A A^T - I||_F^2 on the attention maps (Lin et al. 2017, its [56]),
     # an option against heads that collapse onto one map; 0 = off (the paper's loss).
     lambda_attention_orth: float = 0.0
+    # The strong baseline's (BoT) terms on the global feature before the BNNeck, any model
+    # (baseline/mhsanet need model.bnneck): batch-hard triplet (triplet_distance/margin) and
+    # center loss, whose centres have their own SGD (losses/center.py).
+    global_triplet: float = 0.0
+    center_weight: float = 0.0  # BoT: 5e-4
+    center_lr: float = 0.5  # BoT's SGD learning rate for the centres
 
 
 @dataclass
@@ -191,10 +209,17 @@ class EvalConfig:
     k1: int = 20
     k2: int = 6
     lambda_value: float = 0.3
+    # What the k-reciprocal reference is fed: zhong (Euclidean distances, which it squares:
+    # Zhong et al.'s formulation) | torchreid (squared distances, squared again, as torchreid's
+    # engine does; reproduces torchreid-reported numbers). evaluation/rerank.py.
+    rerank_input: str = "zhong"
     flip: bool = False  # average features of the image and its mirror
     # Inference precision of evaluation, extract, index build, FeatureExtractor: auto | off | bf16 | fp16.
     # auto = bf16 autocast where the CPU/GPU runs bf16 natively (attnreid.engine.inference says why).
     amp: str = "auto"
+    # Market-1501 multi-query (HA Table 2, MQ): each query's feature is the mean over the
+    # gt_bbox images of its pid and camera; needs the gt_bbox folder.
+    multi_query: bool = False
     max_rank: int = 50
     # Evaluation set when it differs from the training set (Partial-REID / Partial-iLIDS:
     # trained on Market-1501, MHSA-Net Table III). "" = data.dataset / data.root.
@@ -222,10 +247,12 @@ class Config:
 # Allowed values, checked after loading. Keys are dotted paths.
 CHOICES = {
     "model.name": ("baseline", "mhsanet", "hacnn"),
-    "model.backbone.name": ("resnet18", "resnet34", "resnet50", "mobilenetv3_small"),
+    "model.backbone.name": ("resnet18", "resnet34", "resnet50", "resnet50_ibn_a", "mobilenetv3_small"),
     "model.mhsanet.attention_norm": ("spatial", "heads"),
     "model.mhsanet.fusion": ("saffm", "concat", "sum"),
     "model.hacnn.attention": ("none", "spatial", "channel", "soft", "hard", "all"),
+    "model.hacnn.cross_attention": ("on", "off", "detach"),
+    "model.hacnn.region_scale": ("stripes", "native"),
     "model.test_feature": ("default", "concat", "star", "head", "global", "joint", "local"),
     "loss.triplet_distance": ("euclidean", "squared"),
     "loss.ihtl_distance": ("euclidean", "squared"),
@@ -236,6 +263,7 @@ CHOICES = {
     "data.epoch_mode": ("images", "identities"),
     "eval.metric": ("euclidean_sq", "cosine"),
     "eval.amp": ("auto", "off", "bf16", "fp16"),
+    "eval.rerank_input": ("zhong", "torchreid"),
     "data.cuhk03_split": ("new",),
     "model.backbone.last_stride": (1, 2),
 }
@@ -297,8 +325,9 @@ UPPER_BOUNDS = {
 }
 for _k in ("loss.saffm_ce", "loss.saffm_triplet", "loss.rlm_ce", "loss.rlm_triplet",
            "loss.lambda_fdrt", "loss.lambda_ihtl", "loss.lambda_acm", "loss.lambda_attention_orth", "eval.lambda_value",
-           "data.synthetic.occluded_query_share"):
+           "data.synthetic.occluded_query_share", "loss.global_triplet", "loss.center_weight"):
     LOWER_BOUNDS[_k] = (0.0, True)
+LOWER_BOUNDS["loss.center_lr"] = (0.0, False)
 
 
 def _all_keys(cls=Config, prefix: str = "") -> List[str]:
@@ -557,9 +586,26 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
     return from_dict(_deep_merge(data, over), source=str(path) if path else "the overrides")
 
 
+# Keys that were booleans before they became choices: True/False still mean these
+# (YAML 1.1 also reads on/off as booleans), so old configs and checkpoints load.
+BOOL_CHOICES = {"model.hacnn.cross_attention": ("on", "off")}
+
+
+def _migrate_bools(data: dict) -> dict:
+    for key, (true, false) in BOOL_CHOICES.items():
+        *path, leaf = key.split(".")
+        node = data
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), bool):
+            node[leaf] = true if node[leaf] else false
+    return data
+
+
 def from_dict(data: dict, source: str = "a config dict") -> Config:
     """Build a validated Config from a (possibly partial) nested dict."""
     _check_keys(data, "", source)
+    data = _migrate_bools(copy.deepcopy(data))
     try:
         schema = OmegaConf.structured(Config)
         merged = OmegaConf.merge(schema, OmegaConf.create(data))

@@ -15,7 +15,7 @@ app.add_typer(data_app, name="data")
 @data_app.command("stats")
 def stats(
     name: str = typer.Argument(..., help="Dataset: market1501, dukemtmcreid, cuhk03_labeled, cuhk03_detected, "
-                               "occluded_duke, p_dukemtmc, partial_reid, partial_ilids, msmt17, synthetic."),
+                               "occluded_duke, p_dukemtmc, partial_reid, partial_ilids, occluded_reid, msmt17, synthetic."),
     root: Path = typer.Option(..., "--root", help="Data root (folder or .zip), as for torchreid."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {split: {images, ids, cams}}."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images",

@@ -24,6 +24,9 @@ def eval_cmd(
     rerank: Optional[bool] = typer.Option(
         None, "--rerank/--no-rerank", show_default=False,
         help="k-reciprocal re-ranking (k1, k2, lambda from eval.*). Default: eval.rerank."),
+    rerank_input: Optional[str] = typer.Option(
+        None, "--rerank-input",
+        help="eval.rerank_input: zhong (the paper's) or torchreid (torchreid's numbers)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Folder for eval.json, eval_ranks.npz and the report."),
@@ -41,7 +44,8 @@ def eval_cmd(
 
     if out is not None:
         check_output_path(out, "dir")
-    cfg = load_config(config, list(overrides or []))
+    extra_overrides = [f"eval.rerank_input={rerank_input}"] if rerank_input is not None else []
+    cfg = load_config(config, list(overrides or []) + extra_overrides)
     device = resolve_device(cfg.train.device)
     model, cfg = load_model(checkpoint, cfg, device=device)
     datasets = evaluation_datasets(cfg)

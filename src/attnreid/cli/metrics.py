@@ -18,6 +18,8 @@ def metrics(
     k1: int = typer.Option(20, "--k1", help="Re-ranking k1."),
     k2: int = typer.Option(6, "--k2", help="Re-ranking k2 (query expansion)."),
     lambda_value: float = typer.Option(0.3, "--lambda", help="Re-ranking weight of the original distance."),
+    rerank_input: str = typer.Option("zhong", "--rerank-input",
+                                     help="zhong (Zhong et al., the paper's) or torchreid (squares squared distances, as torchreid's engine)."),
     metric: str = typer.Option("euclidean_sq", "--metric", help="Distance of the features: euclidean_sq or cosine."),
     protocol: str = typer.Option("market", "--protocol", help="market, cuhk03_classic or partial (no camera filtering)."),
     max_rank: int = typer.Option(50, "--max-rank", help="Length of the CMC curve."),
@@ -33,7 +35,8 @@ def metrics(
     from attnreid.evaluation.npz import evaluate_npz
     from attnreid.evaluation.stats import level_text, metric_text, with_intervals
 
-    res = evaluate_npz(file, protocol, metric, rerank, k1, k2, lambda_value, max_rank, per_query=True)
+    res = evaluate_npz(file, protocol, metric, rerank, k1, k2, lambda_value, max_rank, per_query=True,
+                       rerank_input=rerank_input)
     res.pop("arrays")
     with_intervals(res, resamples, level, seed)
     res.pop("per_query")

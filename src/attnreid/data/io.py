@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from attnreid.errors import DataError
 
 ZIP_SEP = "::"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")  # .tif: Occluded-REID's release
 
 _zip_handles: Dict[Tuple[int, str], zipfile.ZipFile] = {}
 _zip_lock = threading.Lock()

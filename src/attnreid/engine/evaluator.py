@@ -38,7 +38,9 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
 
     ``rerank`` overrides ``cfg.eval.rerank``. ``extra`` entries are added to eval.json
     (e.g. the checkpoint path and epoch). ``progress`` shows extraction and re-ranking
-    progress on stderr (:mod:`attnreid.progress`).
+    progress on stderr (:mod:`attnreid.progress`). ``cfg.eval.multi_query`` replaces each
+    query's feature by the mean over the dataset's ``gt_bbox`` images of its pid and camera
+    (Market-1501 multi-query, HA Table 2), ranked lists included.
 
     With ``data.skip_bad_images`` the unreadable images are left out of the evaluation:
     ``num_query`` / ``num_gallery`` count the images evaluated (``num_query`` =
@@ -46,12 +48,16 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
     true match in the gallery) and ``num_unreadable_query`` / ``num_unreadable_gallery``
     count the images skipped because they could not be read.
     """
-    from attnreid.evaluation.protocols import evaluate
+    from attnreid.evaluation.protocols import evaluate, multi_query_features
     from attnreid.progress import ProgressReporter
 
     if not dataset.query or not dataset.gallery:
         raise DataError(f"dataset '{dataset.name}' has an empty query or gallery set; nothing to evaluate")
     ev = cfg.eval
+    multi_query = bool(getattr(ev, "multi_query", False))
+    if multi_query and not dataset.extras.get("gt_bbox"):
+        raise DataError(f"eval.multi_query needs Market-1501's gt_bbox folder, which dataset '{dataset.name}' "
+                        f"does not have under {dataset.root}")
     rerank = ev.rerank if rerank is None else rerank
     channels_last = bool(cfg.train.channels_last)
     t0 = time.perf_counter()
@@ -67,12 +73,16 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
             raise DataError(f"dataset '{dataset.name}': no {side} image could be read; nothing to evaluate")
         sides[side] = (f, pids, camids, [items[i] for i in index.tolist()], len(items) - len(index))
     (qf, q_pids, q_camids, q_items, q_bad), (gf, g_pids, g_camids, g_items, g_bad) = sides["query"], sides["gallery"]
+    if multi_query:
+        bf, b_pids, b_camids = extract_features(model, dataset.extras["gt_bbox"], cfg.data, device=device,
+                                                flip=ev.flip, channels_last=channels_last, amp=amp)
+        qf = multi_query_features(qf, q_pids, q_camids, bf, b_pids, b_camids)
     t_extract = time.perf_counter() - t0
     label = f"{dataset.name}: re-ranking {len(q_items)} x {len(g_items)}" if rerank else f"{dataset.name}: ranking"
     with ProgressReporter(label, total=None, enabled=progress):
         metrics = evaluate(qf, gf, q_pids, g_pids, q_camids, g_camids, protocol=dataset.protocol,
                            metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value,
-                           per_query=True)
+                           rerank_input=ev.rerank_input, per_query=True)
     with_intervals(metrics, ev.bootstrap, ev.ci_level)
     per_query = metrics.pop("per_query")
     metrics = {k: _plain(v) for k, v in metrics.items()}
@@ -84,6 +94,8 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
         "feature_dim": int(qf.shape[1]),
         "metric": ev.metric,
         "rerank": bool(rerank),
+        **({"rerank_input": ev.rerank_input} if rerank else {}),
+        "multi_query": multi_query,
         "num_query": len(q_items),
         "num_gallery": len(g_items),
         "num_unreadable_query": q_bad,
@@ -99,7 +111,7 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
     if out_dir is not None:
         write_eval_files(Path(out_dir), metrics, q_items, g_items, qf, gf, q_pids, g_pids, q_camids, g_camids,
                          metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value,
-                         per_query=per_query)
+                         per_query=per_query, rerank_input=ev.rerank_input)
     return metrics
 
 
@@ -215,7 +227,7 @@ def _plain(v: Any) -> Any:
 
 
 def ranked_lists(qf: torch.Tensor, gf: torch.Tensor, metric: str, rerank: bool, k1: int, k2: int,
-                 lambda_value: float, k: int = TOPK, match: Optional[tuple] = None):
+                 lambda_value: float, k: int = TOPK, match: Optional[tuple] = None, rerank_input: str = "zhong"):
     """Top-k gallery indices and distances per query (Q x k), ascending distance.
 
     With ``match = (q_pids, g_pids, q_camids, g_camids, protocol)`` a third array is
@@ -226,7 +238,8 @@ def ranked_lists(qf: torch.Tensor, gf: torch.Tensor, metric: str, rerank: bool, 
     if rerank:
         from attnreid.evaluation.rerank import re_ranking
 
-        dist = torch.as_tensor(re_ranking(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value))
+        dist = torch.as_tensor(re_ranking(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric,
+                                          rerank_input=rerank_input))
     else:
         dist = torch.as_tensor(compute_distance(qf, gf, metric=metric))
     k = min(k, dist.shape[1])
@@ -260,7 +273,8 @@ def first_match_ranks(dist: torch.Tensor, q_pids, g_pids, q_camids, g_camids, pr
 
 def write_eval_files(out_dir: Path, metrics: Dict[str, Any], query_items, gallery_items, qf, gf, q_pids, g_pids,
                      q_camids, g_camids, metric: str, rerank: bool, k1: int, k2: int,
-                     lambda_value: float, per_query: Optional[Dict[str, np.ndarray]] = None) -> None:
+                     lambda_value: float, per_query: Optional[Dict[str, np.ndarray]] = None,
+                     rerank_input: str = "zhong") -> None:
     """``eval.json``, ``eval_ranks.npz`` (and, given ``per_query``, ``eval_per_query.npz``) in
     ``out_dir``, each written atomically.
 
@@ -270,7 +284,7 @@ def write_eval_files(out_dir: Path, metrics: Dict[str, Any], query_items, galler
     out_dir.mkdir(parents=True, exist_ok=True)
     topk_index, topk_dist, first_rank = ranked_lists(
         qf, gf, metric, rerank, k1, k2, lambda_value,
-        match=(q_pids, g_pids, q_camids, g_camids, metrics.get("protocol", "market")))
+        match=(q_pids, g_pids, q_camids, g_camids, metrics.get("protocol", "market")), rerank_input=rerank_input)
     tmp = out_dir / f".eval_ranks.{os.getpid()}.tmp.npz"
     np.savez(tmp, query_paths=np.array([p for p, _, _ in query_items]),
              gallery_paths=np.array([p for p, _, _ in gallery_items]),

@@ -14,7 +14,7 @@ from attnreid.engine.inference import announce, inference_precision, needs_check
 from attnreid.errors import DataError
 from attnreid.precision import Precision
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def extract_features(model: nn.Module, items: Sequence[Tuple[str, int, int]], data_cfg: Any,

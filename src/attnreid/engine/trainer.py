@@ -393,7 +393,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
     num_classes = dataset.num_train_pids
 
     model = build_model(cfg.model, num_classes).to(device)
-    criterion = build_criterion(cfg.loss, cfg.model).to(device)
+    # the center loss's centres are sized by the identities and the model's global feature
+    sizes = {"num_classes": num_classes, "global_dim": model.global_dim} if cfg.loss.center_weight else {}
+    criterion = build_criterion(cfg.loss, cfg.model, **sizes).to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, [model, criterion])

@@ -78,15 +78,20 @@ def load_metrics_npz(path: Path, need_features: bool, need_cameras: bool = True)
 
 def evaluate_npz(file: Path, protocol: str = "market", metric: str = "euclidean_sq", rerank: bool = False,
                  k1: int = 20, k2: int = 6, lambda_value: float = 0.3, max_rank: int = 50,
-                 per_query: bool = False) -> Dict:
+                 per_query: bool = False, rerank_input: str = "zhong") -> Dict:
     """Metrics of a metrics npz (:func:`load_metrics_npz`), as :func:`attnreid.evaluation.rank.evaluate_rank`
-    returns them; ``per_query`` adds the per-query arrays. The loaded arrays are under ``"arrays"``."""
+    returns them; ``per_query`` adds the per-query arrays. The loaded arrays are under ``"arrays"``.
+    ``rerank_input`` is :func:`attnreid.evaluation.rerank.re_ranking`'s (zhong | torchreid)."""
     from attnreid.evaluation.distance import METRICS, as_feature_tensor, compute_distance
     from attnreid.evaluation.protocols import PROTOCOLS
     from attnreid.evaluation.rank import evaluate_cuhk03_single_shot, evaluate_rank
 
     if protocol not in PROTOCOLS:
         raise AttnReidError(f"unknown --protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    from attnreid.evaluation.rerank import RERANK_INPUTS
+
+    if rerank_input not in RERANK_INPUTS:
+        raise AttnReidError(f"unknown --rerank-input {rerank_input!r}; expected one of {', '.join(RERANK_INPUTS)}")
     if metric not in METRICS:
         raise AttnReidError(f"unknown --metric {metric!r}; expected one of {', '.join(METRICS)}")
     arrays = load_metrics_npz(file, need_features=rerank, need_cameras=protocol != "partial")
@@ -100,7 +105,8 @@ def evaluate_npz(file: Path, protocol: str = "market", metric: str = "euclidean_
         if rerank:
             from attnreid.evaluation.rerank import re_ranking
 
-            distmat = re_ranking(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric)
+            distmat = re_ranking(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric,
+                                 rerank_input=rerank_input)
         else:
             distmat = compute_distance(qf, gf, metric)
     else:

@@ -88,6 +88,7 @@ def evaluate(
     k2: int = 6,
     lambda_value: float = 0.3,
     max_rank: int = 50,
+    rerank_input: str = "zhong",
     multi_query: Optional[Tuple[ArrayLike, ArrayLike, ArrayLike]] = None,
     num_repeats: int = 10,
     seed: int = 0,
@@ -101,6 +102,7 @@ def evaluate(
     ``cmc``, ``rank1``, ``rank3``, ``rank5``, ``rank10``, ``num_valid_queries``,
     ``num_skipped_queries``) plus ``protocol``, ``metric`` and ``rerank``; ``per_query=True`` adds
     the per-query arrays (``"per_query"``, see :func:`attnreid.evaluation.rank.evaluate_rank`).
+    ``rerank_input`` (``zhong`` | ``torchreid``) is :func:`attnreid.evaluation.rerank.re_ranking`'s.
     """
     if protocol not in PROTOCOLS:
         raise AttnReidError(f"unknown evaluation protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
@@ -124,7 +126,7 @@ def evaluate(
     if rerank:
         from attnreid.evaluation.rerank import re_ranking
 
-        distmat = re_ranking(q, g, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric)
+        distmat = re_ranking(q, g, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric, rerank_input=rerank_input)
     elif protocol == "cuhk03_classic":
         distmat = compute_distance(q, g, metric)
     else:

@@ -21,6 +21,15 @@ given Euclidean distances, since it squares its input) or, with ``metric="cosine
 squared Euclidean distance of the L2-normalised features (``2 x`` the cosine distance; the row
 scaling makes the factor irrelevant).
 
+``rerank_input`` says what the reference function was given. ``"zhong"`` (default; Zhong et
+al.'s formulation, the paper's): Euclidean distances, which it squares, so D above is the
+squared Euclidean distance. ``"torchreid"``: torchreid's engine hands ``re_ranking`` the
+*squared* distances of its ``compute_distance_matrix`` and the function squares them again,
+so it works on the fourth power of the Euclidean distance; after the row scaling that is
+``R**2``: the Gaussian weights of step 3 become ``exp(-R**2)`` and the last term of step 6
+``lambda R**2``. The neighbour sets are the same (squaring keeps every order). Use it to
+reproduce numbers reported with torchreid's re-ranking.
+
 Memory: square blocks of the N x N distances (on and above the diagonal; each also serves its
 mirror) are computed, used for the row maxima and each row's k1+1 best candidates (``topk``), and
 dropped, except that the query rows' Q x G block is kept as the output buffer; a row's candidates
@@ -51,6 +60,7 @@ from attnreid.errors import AttnReidError
 from attnreid.evaluation.distance import METRICS, ArrayLike, as_feature_tensor
 
 _BUDGET = 1 << 24  # elements per temporary block (64 MB in float32)
+RERANK_INPUTS = ("zhong", "torchreid")
 _MERGE_EVERY = 8  # candidate neighbour sets kept per row strip before they are merged
 
 
@@ -252,9 +262,11 @@ def _sparse_phases(
     k_half: int,
     k_qe: int,
     lambda_value: float,
+    squared: bool = False,
 ) -> torch.Tensor:
     """Steps 2-6 of the module docstring from the neighbour table; ``out`` (the row-scaled Q x G
-    distances) is overwritten with the re-ranked distances and returned."""
+    distances, already squared when ``squared``) is overwritten with the re-ranked distances and
+    returned. ``squared``: the weights use ``R**2`` (``rerank_input="torchreid"``)."""
     n, dtype, dev = feats.shape[0], feats.dtype, feats.device
     num_g = n - num_q
     # k-reciprocal sets (Eq. 4) and their expansion (Eq. 6), in row chunks: the members of each
@@ -282,7 +294,9 @@ def _sparse_phases(
     rows, cols = keys // n, keys % n
     del keys
     sq = (feats * feats).sum(dim=1)
-    weight = torch.exp(-_pair_sq_dist(feats, sq, rows, cols) / row_max[rows])
+    scaled = _pair_sq_dist(feats, sq, rows, cols) / row_max[rows]
+    weight = torch.exp(-(scaled * scaled if squared else scaled))
+    del scaled
     total = torch.zeros(n, dtype=dtype, device=dev).index_add_(0, rows, weight)
     vals = weight / total[rows]
     crow = _to_csr(rows, n)
@@ -347,14 +361,18 @@ def re_ranking(
     lambda_value: float = 0.3,
     metric: str = "euclidean_sq",
     device: Optional[Union[str, torch.device]] = None,
+    rerank_input: str = "zhong",
 ) -> np.ndarray:
     """Re-ranked Q x G distance matrix (numpy, float32 for float32 features) of ``qf`` vs ``gf``.
 
     Runs on ``device`` (default: the features' device; pass ``"cuda"`` to use a GPU). See the
-    module docstring for the formulation and the memory bound.
+    module docstring for the formulation, ``rerank_input`` (``zhong`` | ``torchreid``) and the
+    memory bound.
     """
     if metric not in METRICS:
         raise AttnReidError(f"unknown distance metric {metric!r}; expected one of {', '.join(METRICS)}")
+    if rerank_input not in RERANK_INPUTS:
+        raise AttnReidError(f"unknown re-ranking input {rerank_input!r}; expected one of {', '.join(RERANK_INPUTS)}")
     if k1 < 1 or k2 < 1:
         raise AttnReidError(f"re-ranking needs k1 >= 1 and k2 >= 1, got k1={k1}, k2={k2}")
     if not 0.0 <= lambda_value <= 1.0:
@@ -379,7 +397,10 @@ def re_ranking(
     # expansion needs the k2 nearest, which can be more than the k1 + 1 the reciprocal sets use.
     top, row_max, out = _neighbours(feats, max(k, k_qe), num_q)
     out /= row_max[:num_q].unsqueeze(1)
+    squared = rerank_input == "torchreid"
+    if squared:
+        out.square_()
 
     with _one_cpu_thread(dev):
-        out = _sparse_phases(feats, top, row_max, out, num_q, k, k_half, k_qe, lambda_value)
+        out = _sparse_phases(feats, top, row_max, out, num_q, k, k_half, k_qe, lambda_value, squared)
     return out.cpu().numpy()

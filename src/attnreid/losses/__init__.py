@@ -19,7 +19,16 @@ term           what                               weight (config)        paper
 ``attn_orth``  ||A A^T - I||^2 on alpha           loss.lambda_attention  not in the paper
                                                   _orth (default 0)      ([56], option)
 ``ce_local``   CE on HA-CNN's local feature       1                      HA Sec. 3
+``tri_global`` batch-hard triplet on the global   loss.global_triplet    BoT
+               feature (before the BNNeck)
+``center``     center loss on the same feature    loss.center_weight     BoT
 =============  =================================  =====================  ========
+
+``tri_global`` and ``center`` (the strong baseline's, any model) act on
+``features["global"]``, which HA-CNN always returns and the baseline and MHSA-Net return
+with ``model.bnneck: true``. The center loss's centres live in the criterion
+(:mod:`attnreid.losses.center`: they need their own optimiser, see there), so
+``build_criterion`` then needs ``num_classes`` and ``global_dim`` (the model's).
 
 How each term is computed (SPEC.md 1; defaults first):
 
@@ -41,13 +50,14 @@ weights (e.g. Baseline+MHSAM: lambda_fdrt = lambda_ihtl = lambda_acm = 0). A new
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from attnreid.errors import ConfigError
+from attnreid.losses.center import CenterLoss, center_optimizer, center_parameters, step_centers
 from attnreid.losses.regularizers import (ACM_FORMS, FDRT_FORMS, attention_competition, attention_orthogonality,
                                          feature_diversity)
 from attnreid.losses.triplet import DISTANCES, batch_hard_triplet, improved_hard_triplet, parse_margin
@@ -83,11 +93,13 @@ class Criterion(nn.Module):
         return ", ".join(f"{name}*{weight:g}" for name, weight, _ in self.terms)
 
 
-def build_criterion(loss_cfg, model_cfg) -> Criterion:
+def build_criterion(loss_cfg, model_cfg, num_classes: Optional[int] = None,
+                    global_dim: Optional[int] = None) -> Criterion:
     """The total loss for ``model_cfg.name`` with the weights of ``loss_cfg`` (Eq. 11 + 13).
 
     Distances, margins and forms are read and checked here, once: a bad value is a
-    :class:`ConfigError` naming its ``loss.*`` key.
+    :class:`ConfigError` naming its ``loss.*`` key. ``num_classes`` and ``global_dim``
+    (``model.global_dim``) size the centres when ``loss.center_weight > 0``.
     """
     eps = loss_cfg.label_smoothing
     tri_distance = _check_choice(loss_cfg.triplet_distance, DISTANCES, "loss.triplet_distance")
@@ -124,7 +136,24 @@ def build_criterion(loss_cfg, model_cfg) -> Criterion:
         weighted.append(("ce_local", 1.0, ce("local")))
     elif model_cfg.name != "baseline":
         raise ConfigError(f"config key 'model.name' is {model_cfg.name!r}; no loss is defined for it")
-    return Criterion([t for t in weighted if t[1] != 0])
+    center_weight = getattr(loss_cfg, "center_weight", 0.0)
+    global_triplet = getattr(loss_cfg, "global_triplet", 0.0)
+    center = None
+    if (center_weight or global_triplet) and model_cfg.name != "hacnn" and not getattr(model_cfg, "bnneck", False):
+        key = "loss.center_weight" if center_weight else "loss.global_triplet"
+        raise ConfigError(f"config key '{key}' needs model.bnneck: true for {model_cfg.name} (the loss acts on "
+                          "the global feature before the BNNeck)")
+    if center_weight:
+        if num_classes is None or global_dim is None:
+            raise ConfigError("config key 'loss.center_weight' > 0 needs the centres' size: "
+                              "build_criterion(..., num_classes=..., global_dim=model.global_dim)")
+        center = CenterLoss(num_classes, global_dim)
+    weighted.append(("tri_global", global_triplet, tri("global")))
+    weighted.append(("center", center_weight, lambda out, y: center(out["features"]["global"], y)))
+    criterion = Criterion([t for t in weighted if t[1] != 0])
+    if center is not None:
+        criterion.center = center  # registered, so .to(device) and state_dict() carry the centres
+    return criterion
 
 
 def _check_choice(value: str, allowed, key: str) -> str:
@@ -134,4 +163,5 @@ def _check_choice(value: str, allowed, key: str) -> str:
 
 
 __all__ = ["Criterion", "build_criterion", "cross_entropy", "batch_hard_triplet", "improved_hard_triplet",
-           "feature_diversity", "attention_competition", "attention_orthogonality"]
+           "feature_diversity", "attention_competition", "attention_orthogonality", "CenterLoss", "center_optimizer",
+           "center_parameters", "step_centers"]

@@ -7,6 +7,14 @@ The ResNets here carry torchvision's exact parameter names (``conv1``, ``bn1``,
 (conv3, bn3), downsample.0/1``) so torchvision's ImageNet checkpoint files load
 unchanged; the classifier ``fc`` is not built (its keys are reported as skipped).
 
+``resnet50_ibn_a`` is ResNet-50-IBN-a (Pan et al., ECCV 2018), the backbone of the
+strong re-ID baselines: in every block of stages 1-3 the BatchNorm after the first 1x1
+conv becomes an :class:`IBN` layer (InstanceNorm on the first half of the channels,
+BatchNorm on the rest); stage 4 is plain. Its names follow the IBN-Net release
+(``XingangPan/IBN-Net``, ``ibnnet/resnet_ibn.py``: ``layer1.0.bn1.IN.weight``,
+``layer1.0.bn1.BN.running_mean``, ...), so the released ``resnet50_ibn_a-d9d0bb7b.pth``
+loads unchanged.
+
 ``mobilenetv3_small`` follows torchvision's ``mobilenet_v3_small`` (same ``features.N``
 names, 0.93 M parameters without the classifier) for quick CPU runs; ``last_stride=1``
 turns its last stride-2 block into a dilated stride-1 one, as torchvision's
@@ -36,7 +44,11 @@ PRETRAINED_URLS = {
     "resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
     "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
     "mobilenetv3_small": "https://download.pytorch.org/models/mobilenet_v3_small-047dcff4.pth",
+    "resnet50_ibn_a": "https://github.com/XingangPan/IBN-Net/releases/download/v1.0/resnet50_ibn_a-d9d0bb7b.pth",
 }
+# torchvision documents its file names' hex part as the SHA-256 prefix; the IBN-Net
+# release does not, so its file is fetched without that check.
+_HASH_IN_NAME = {"resnet18", "resnet34", "resnet50", "mobilenetv3_small"}
 
 
 def _check_input(x: torch.Tensor, name: str, stride: int) -> None:
@@ -85,15 +97,35 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
+class IBN(nn.Module):
+    """IBN-a normalisation: InstanceNorm (affine) on the first ``planes // 2`` channels, BatchNorm on the rest.
+
+    Instance normalisation removes per-image appearance (colour, contrast), which is why
+    re-ID across cameras benefits from it; the BN half keeps the content statistics.
+    Names ``IN`` and ``BN`` are the IBN-Net release's.
+    """
+
+    def __init__(self, planes: int):
+        super().__init__()
+        self.half = planes // 2
+        self.IN = nn.InstanceNorm2d(self.half, affine=True)
+        self.BN = nn.BatchNorm2d(planes - self.half)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, rest = torch.split(x, [self.half, x.shape[1] - self.half], dim=1)
+        return torch.cat((self.IN(first.contiguous()), self.BN(rest.contiguous())), dim=1)
+
+
 class Bottleneck(nn.Module):
-    """ResNet-50 block (torchvision's v1.5: the stride sits on the 3x3 conv)."""
+    """ResNet-50 block (torchvision's v1.5: the stride sits on the 3x3 conv); ``ibn``: bn1 is :class:`IBN`."""
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 ibn: bool = False):
         super().__init__()
         self.conv1 = _conv1x1(inplanes, planes)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = IBN(planes) if ibn else nn.BatchNorm2d(planes)
         self.conv2 = _conv3x3(planes, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = _conv1x1(planes, planes * 4)
@@ -113,48 +145,53 @@ _RESNET_LAYERS = {
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
     "resnet34": (BasicBlock, (3, 4, 6, 3)),
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet50_ibn_a": (Bottleneck, (3, 4, 6, 3)),
 }
+# Stages (1-4) whose blocks carry IBN layers: IBN-Net's ibn_cfg = ('a', 'a', 'a', None).
+_IBN_STAGES = {"resnet50_ibn_a": (True, True, True, False)}
 
 
 class ResNet(nn.Module):
     """ResNet trunk (no GAP, no fc) returning the stage-4 feature map B x C x H/s x W/s.
 
     ``last_stride`` is the stride of the first block of stage 4: 1 (MHSA-Net, s = 16)
-    or 2 (the ImageNet network, s = 32).
+    or 2 (the ImageNet network, s = 32). ``resnet50_ibn_a`` uses IBN layers in stages 1-3.
     """
 
     def __init__(self, name: str = "resnet50", last_stride: int = 1):
         super().__init__()
         block, layers = _RESNET_LAYERS[name]
+        ibn = _IBN_STAGES.get(name, (False,) * 4)
         self.name = name
         self.inplanes = 64
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=last_stride)
+        self.layer1 = self._make_layer(block, 64, layers[0], ibn=ibn[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2, ibn=ibn[1])
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2, ibn=ibn[2])
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=last_stride, ibn=ibn[3])
         self.out_channels = 512 * block.expansion
         self.output_stride = 16 * last_stride
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1, ibn: bool = False) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
                 _conv1x1(self.inplanes, planes * block.expansion, stride),
                 nn.BatchNorm2d(planes * block.expansion),
             )
-        layers = [block(self.inplanes, planes, stride, downsample)]
+        extra = {"ibn": True} if ibn else {}
+        layers = [block(self.inplanes, planes, stride, downsample, **extra)]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, **extra) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -331,13 +368,15 @@ def load_pretrained_weights(module: nn.Module, path: str) -> Tuple[List[str], Li
 
 
 def download_pretrained_weights(name: str) -> Dict[str, torch.Tensor]:
-    """torchvision's ImageNet weights of ``name``, downloaded once into torch's hub cache.
+    """ImageNet weights of ``name`` (torchvision's, or IBN-Net's release), downloaded once into torch's hub cache.
 
-    ``check_hash=True`` compares the file's SHA-256 with the hex digits in its name.
+    For torchvision's files ``check_hash=True`` compares the file's SHA-256 with the hex
+    digits in its name.
     """
     url = PRETRAINED_URLS[name]
     try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False,
+                                                  check_hash=name in _HASH_IN_NAME)
     except Exception as exc:  # offline, proxy, hash mismatch
         raise CheckpointError(
             f"could not fetch ImageNet weights for {name} from {url} ({type(exc).__name__}); "

@@ -30,17 +30,31 @@ Choices where the paper (and SPEC.md) leave room, each visible in one place belo
   "range between 0.5 and 1".
 * Hard attention (HA Eq. 5): an FC with bias from the level's channel GAP vector to
   2T values, tanh; theta_k = [[s_w, 0, t_x], [0, s_h, t_y]] in affine_grid's (x, y)
-  order, s_w = 1, s_h = 1/T. The bias is atanh of the stripe centres, so that the
-  regions start as exact horizontal stripes (torchreid writes the centres into the
-  bias before the tanh, which makes its initial stripes overlap). Regions are sampled
-  directly at the crop size (24x28, 12x14, 6x7) by one bilinear grid_sample.
+  order. The bias is atanh of the stripe centres, so that the regions start centred
+  on T horizontal stripes (torchreid writes the centres into the bias before the
+  tanh, which makes its initial stripes overlap). Regions are sampled directly at the
+  crop size (24x28, 12x14, 6x7) by one bilinear grid_sample.
+* Region scale (``region_scale``), fixed as the paper says but not to what value:
+  ``stripes`` (default) s_w = 1, s_h = 1/T: each region is a full-width 1/T stripe of
+  the level's input, resampled to the crop size. ``native``: the region is the crop
+  size itself measured on the level's input (24x28 of 80x32, 12x14 of 40x16, 6x7 of
+  20x8 at 160x64, i.e. s_h = 0.3 and s_w = 0.875 at every level), so nothing is
+  stretched. With T = 4 such a region is 1.2 stripes tall: started on the stripe
+  centres, neighbours overlap by 0.2 stripe and the outer two reach 0.1 stripe past
+  the edge (read as zeros).
 * Without hard attention (``attention`` none, spatial, channel, soft) the local streams
   crop fixed horizontal stripes (the initial regions), the JLML-style local branch the
   paper's ablation rows imply.
-* Without cross-attention interaction (HA Eq. 6-7) a stream only sees the level-1
-  crop of the shared stem; levels 2 and 3 take no crop, so their hard attention is
-  not built and the global branch gets no gradient from the local loss beyond the
-  level-1 regions.
+* Cross-attention interaction (``cross_attention``, HA Eq. 6-7, Table 6 "w/o CAIL"):
+  ``on`` as written. ``off``: a stream only sees the level-1 crop of the shared stem;
+  levels 2 and 3 take no crop, so their hard attention is not built and the global
+  branch gets no gradient from the local loss beyond the level-1 regions. ``detach``,
+  the other reading of "w/o CAIL": the forward pass is ``on``'s (hard regional
+  attention at levels 2-3, Eq. 6's addition), but Eq. 7's second term is removed: the
+  global maps cropped at levels 2-3 and the global vectors their hard attention reads
+  are detached, so the local loss trains no global-branch layer through them; the
+  hard attention's own FC is still trained by it through the sampling grid (else it
+  would never leave the stripes). YAML ``true``/``false`` mean ``on``/``off``.
 * FC 512 layers are Linear (no bias) + BN1d + ReLU; the classifiers are plain Linear
   layers in the ``classifiers`` ModuleDict (``global``, ``local``).
 """
@@ -54,12 +68,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnreid.errors import ConfigError
+from attnreid.models.baseline import BNNeckClassifier, make_classifier, neck
 
 ATTENTION_MODES = ("none", "spatial", "channel", "soft", "hard", "all")
 TEST_FEATURES = ("joint", "global", "local")
 CHANNEL_REDUCTION = 16  # r of HA Eq. 4
 STEM_CHANNELS = 32
 REGION_SIZES = ((24, 28), (12, 14), (6, 7))  # hard-attention crop (h, w) at levels 1..3
+REGION_SCALES = ("stripes", "native")
+# ``native``: the crop sizes above as fractions of each level's input at 160x64
+# (80x32, 40x16, 20x8): 24/80 = 12/40 = 6/20 = 0.3, 28/32 = 14/16 = 7/8 = 0.875.
+NATIVE_SCALE = (0.875, 0.3)  # (s_w, s_h)
+CROSS_ATTENTION_MODES = ("on", "off", "detach")
+
+
+def cross_attention_mode(value: Any) -> str:
+    """``model.hacnn.cross_attention`` as on | off | detach (``True``/``False`` are on/off)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value not in CROSS_ATTENTION_MODES:
+        raise ConfigError(f"config key 'model.hacnn.cross_attention' is {value!r}; expected one of: "
+                          + ", ".join(CROSS_ATTENTION_MODES) + " (or true/false)")
+    return value
+
+
+def region_scale_factors(region_scale: str, num_regions: int) -> Tuple[float, float]:
+    """(s_w, s_h) of HA Eq. 5 for ``region_scale``: stripes (1, 1/T) or native (0.875, 0.3)."""
+    if region_scale not in REGION_SCALES:
+        raise ConfigError(f"config key 'model.hacnn.region_scale' is {region_scale!r}; expected one of: "
+                          + ", ".join(REGION_SCALES))
+    return (1.0, 1.0 / num_regions) if region_scale == "stripes" else NATIVE_SCALE
 
 
 class ConvBNReLU(nn.Sequential):
@@ -138,17 +176,19 @@ def soft_attention_product(spatial: Optional[torch.Tensor], channel: Optional[to
     return factor.expand_as(like)
 
 
-def region_transforms(translations: torch.Tensor, num_regions: int) -> torch.Tensor:
-    """HA Eq. 5: theta_k = [[s_w, 0, t_x], [0, s_h, t_y]] with s_w = 1, s_h = 1/T.
+def region_transforms(translations: torch.Tensor, num_regions: int,
+                      scale: Optional[Tuple[float, float]] = None) -> torch.Tensor:
+    """HA Eq. 5: theta_k = [[s_w, 0, t_x], [0, s_h, t_y]], (s_w, s_h) = ``scale`` (default (1, 1/T)).
 
     ``translations``: B x T x 2 (t_x, t_y) in [-1, 1] (after the tanh), normalised
     feature-map coordinates. Returns B x T x 2 x 3 in ``F.affine_grid``'s convention
     (row 0 maps the output's x, row 1 its y, into the input's normalised coordinates).
     """
+    s_w, s_h = scale if scale is not None else (1.0, 1.0 / num_regions)
     b, t, _ = translations.shape
     theta = translations.new_zeros(b, t, 2, 3)
-    theta[..., 0, 0] = 1.0
-    theta[..., 1, 1] = 1.0 / num_regions
+    theta[..., 0, 0] = s_w
+    theta[..., 1, 1] = s_h
     theta[..., :, 2] = translations
     return theta
 
@@ -242,13 +282,15 @@ class ChannelAttention(nn.Module):
 class HardAttention(nn.Module):
     """HA Eq. 5 and Fig. 3d: FC (c -> 2T, with bias) on the channel GAP vector, tanh.
 
-    Returns the T region transforms B x T x 2 x 3. Zero weights and a bias of
-    atanh(stripe centres) make the initial regions T exact horizontal stripes.
+    Returns the T region transforms B x T x 2 x 3 of size ``scale`` (s_w, s_h). Zero
+    weights and a bias of atanh(stripe centres) centre the initial regions on T
+    horizontal stripes (exact stripes at the default scale).
     """
 
-    def __init__(self, channels: int, num_regions: int):
+    def __init__(self, channels: int, num_regions: int, scale: Optional[Tuple[float, float]] = None):
         super().__init__()
         self.num_regions = num_regions
+        self.scale = scale
         self.fc = nn.Linear(channels, 2 * num_regions)
         nn.init.zeros_(self.fc.weight)
         with torch.no_grad():
@@ -256,7 +298,7 @@ class HardAttention(nn.Module):
 
     def forward(self, squeezed: torch.Tensor) -> torch.Tensor:
         t = torch.tanh(self.fc(squeezed)).view(-1, self.num_regions, 2)
-        return region_transforms(t, self.num_regions)
+        return region_transforms(t, self.num_regions, self.scale)
 
 
 class HarmoniousAttention(nn.Module):
@@ -264,15 +306,18 @@ class HarmoniousAttention(nn.Module):
 
     Soft attention (Eq. 1): sigmoid(ReLU(BN(conv1x1(S x C)))), in [0.5, 1); the block
     output is X * A. Hard attention (Eq. 5): the T region transforms. Either part is
-    absent when the ablation switches it off.
+    absent when the ablation switches it off. ``detach_hard``: the hard attention reads
+    a detached copy of the channel vector (``cross_attention: detach``).
     """
 
-    def __init__(self, channels: int, num_regions: int, spatial: bool, channel: bool, hard: bool):
+    def __init__(self, channels: int, num_regions: int, spatial: bool, channel: bool, hard: bool,
+                 region_scale: Optional[Tuple[float, float]] = None, detach_hard: bool = False):
         super().__init__()
         self.spatial = SpatialAttention() if spatial else None
         self.channel = ChannelAttention(channels) if channel else None
         self.fuse = ConvBNReLU(channels, channels, 1) if (spatial or channel) else None
-        self.hard = HardAttention(channels, num_regions) if hard else None
+        self.hard = HardAttention(channels, num_regions, region_scale) if hard else None
+        self.detach_hard = detach_hard
 
     def soft_attention(self, x: torch.Tensor, squeezed: torch.Tensor) -> torch.Tensor:
         s = self.spatial(x) if self.spatial is not None else None
@@ -284,7 +329,7 @@ class HarmoniousAttention(nn.Module):
         """Returns (attended X, soft attention B x c x h x w or None, theta B x T x 2 x 3 or None)."""
         squeezed = channel_squeeze(x)
         attention = self.soft_attention(x, squeezed) if self.fuse is not None else None
-        theta = self.hard(squeezed) if self.hard is not None else None
+        theta = self.hard(squeezed.detach() if self.detach_hard else squeezed) if self.hard is not None else None
         return (x * attention if attention is not None else x), attention, theta
 
 
@@ -303,16 +348,23 @@ class HACNN(nn.Module):
         self,
         num_classes: int,
         attention: str = "all",
-        cross_attention: bool = True,
+        cross_attention: Any = "on",
         num_regions: int = 4,
         widths: Sequence[int] = (128, 256, 384),
         embed_dim: int = 512,
         test_feature: str = "joint",
         feature_norm: bool = False,
+        region_scale: str = "stripes",
+        bnneck: bool = False,
     ):
         super().__init__()
+        mode = cross_attention_mode(cross_attention)
+        scale = region_scale_factors(region_scale, num_regions)
         self.attention = attention
-        self.cross_attention = cross_attention
+        self.cross_attention = mode
+        self.region_scale = region_scale
+        # detach: Eq. 6 as in "on", Eq. 7's second term cut at the levels it sums over
+        self.detach_interaction = mode == "detach"
         self.num_regions = num_regions
         self.test_feature = test_feature
         self.feature_norm = feature_norm
@@ -328,23 +380,26 @@ class HACNN(nn.Module):
         )
         # Levels whose regions feed the local branch: all three with the interaction,
         # only level 1 (the shared stem) without it.
-        self.region_levels = (0, 1, 2) if cross_attention else (0,)
+        self.region_levels = (0, 1, 2) if mode != "off" else (0,)
         self.ha = nn.ModuleList(
-            HarmoniousAttention(d, num_regions, spatial, channel, self.learn_regions and level in self.region_levels)
+            HarmoniousAttention(d, num_regions, spatial, channel, self.learn_regions and level in self.region_levels,
+                                scale, detach_hard=self.detach_interaction and level > 0)
             for level, d in enumerate(widths)
         )
         self.local_inceptions = nn.ModuleList(InceptionB(cin, d) for cin, d in zip(in_widths, widths))
-        self.register_buffer("stripes", region_transforms(stripe_translations(num_regions)[None], num_regions)[0],
+        self.register_buffer("stripes", region_transforms(stripe_translations(num_regions)[None], num_regions, scale)[0],
                              persistent=False)
 
         self.fc_global = _embedding(d3, embed_dim)
         self.fc_local = _embedding(num_regions * d3, embed_dim)
         # The project's convention (models/__init__.py): identity classifiers live in
         # ``classifiers`` so that complexity counts and checkpoint checks can skip them.
+        # bnneck (models/baseline.py): CE and the test feature after a BN, a triplet before it
         self.classifiers = nn.ModuleDict(
-            {"global": nn.Linear(embed_dim, num_classes), "local": nn.Linear(embed_dim, num_classes)}
+            {head: make_classifier(embed_dim, num_classes, bnneck) for head in ("global", "local")}
         )
         self.feature_dim = 2 * embed_dim if test_feature == "joint" else embed_dim
+        self.global_dim = embed_dim
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -360,8 +415,10 @@ class HACNN(nn.Module):
         for fc in (self.fc_global[0], self.fc_local[0]):
             nn.init.kaiming_normal_(fc.weight, mode="fan_out", nonlinearity="relu")
         for clf in self.classifiers.values():
-            nn.init.normal_(clf.weight, std=0.01)
-            nn.init.zeros_(clf.bias)
+            fc = clf.fc if isinstance(clf, BNNeckClassifier) else clf
+            nn.init.normal_(fc.weight, std=0.01)
+            if fc.bias is not None:
+                nn.init.zeros_(fc.bias)
 
     def _regions(self, theta: Optional[torch.Tensor], batch: int) -> torch.Tensor:
         return theta if theta is not None else self.stripes.expand(batch, -1, -1, -1)
@@ -388,7 +445,8 @@ class HACNN(nn.Module):
             if level in self.region_levels:
                 theta = self._regions(theta, b)
                 regions.append(theta)
-                crop = sample_regions(level_input, theta, REGION_SIZES[level])
+                source = level_input.detach() if self.detach_interaction and level > 0 else level_input
+                crop = sample_regions(source, theta, REGION_SIZES[level])
                 local_in = crop if local is None else cross_attention_interaction(local, crop)
             else:
                 local_in = local
@@ -400,6 +458,8 @@ class HACNN(nn.Module):
         return {"global": global_feat, "local": local_feat, "soft_attention": soft_maps, "regions": regions}
 
     def _test_feature(self, global_feat: torch.Tensor, local_feat: torch.Tensor) -> torch.Tensor:
+        global_feat = neck(self.classifiers["global"], global_feat)
+        local_feat = neck(self.classifiers["local"], local_feat)
         parts = {"global": [global_feat], "local": [local_feat], "joint": [global_feat, local_feat]}[self.test_feature]
         feature = torch.cat([F.normalize(p, dim=1) for p in parts], dim=1)
         return F.normalize(feature, dim=1) if self.feature_norm else feature
@@ -464,10 +524,12 @@ def build_hacnn(model_cfg: Any, num_classes: int) -> HACNN:
     return HACNN(
         num_classes,
         attention=hc.attention,
-        cross_attention=bool(hc.cross_attention),
+        cross_attention=cross_attention_mode(hc.cross_attention),
         num_regions=hc.num_regions,
         widths=widths,
         embed_dim=hc.embed_dim,
         test_feature=test_feature,
         feature_norm=bool(model_cfg.feature_norm),
+        region_scale=getattr(hc, "region_scale", "stripes"),
+        bnneck=bool(getattr(model_cfg, "bnneck", False)),
     )

@@ -28,7 +28,7 @@ from torch import nn
 
 from attnreid.errors import ConfigError
 from attnreid.models.backbones import build_backbone
-from attnreid.models.baseline import GlobalFeatureBranch, make_classifier
+from attnreid.models.baseline import GlobalFeatureBranch, make_classifier, neck
 
 # Hidden widths of SAFFM per head (Eq. 6: w4 512K -> 128K, w5 128K -> 64K).
 SAFFM_HIDDEN = (128, 64)
@@ -206,6 +206,12 @@ class MHSANet(nn.Module):
         self.test_head = model_cfg.test_head
         self.feature_norm = bool(model_cfg.feature_norm)
         e = cfg.embed_dim
+        if not getattr(model_cfg, "global_reduce", True):
+            raise ConfigError("config key 'model.global_reduce' is false; mhsanet needs q* at the embedding width "
+                              "(the RLM adds it to P), only the baseline takes it")
+        # BNNeck (models/baseline.py): CE and the test feature after a BN, triplets before it
+        self.bnneck = bool(getattr(model_cfg, "bnneck", False))
+        self.global_dim = e
 
         self.backbone = build_backbone(model_cfg.backbone)
         self.global_branch = GlobalFeatureBranch(self.backbone.out_channels, e)
@@ -213,9 +219,10 @@ class MHSANet(nn.Module):
                                             cfg.attention_norm, cfg.attention_logit_cap)
         self.fusion = FUSIONS[cfg.fusion](cfg.num_heads, e)
         self.rlm = ResidualLearningModule(e, cfg.rlm_out_norm) if cfg.rlm else None
-        heads = {"global": make_classifier(e, num_classes), "saffm": make_classifier(self.fusion.out_dim, num_classes)}
+        heads = {"global": make_classifier(e, num_classes, self.bnneck),
+                 "saffm": make_classifier(self.fusion.out_dim, num_classes, self.bnneck)}
         if cfg.rlm:
-            heads["rlm"] = make_classifier(e, num_classes)
+            heads["rlm"] = make_classifier(e, num_classes, self.bnneck)
         self.classifiers = nn.ModuleDict(heads)
         self.feature_dim = {"concat": self.fusion.out_dim + e, "star": self.fusion.out_dim, "head": e, "global": e}[test_feature]
 
@@ -236,7 +243,7 @@ class MHSANet(nn.Module):
         p, alpha = self.mhsam(fmap)
         p_star, beta = self.fusion(p)
         if not self.training:
-            return self._test_feature(q_star, p, p_star)
+            return self._test_feature(neck(self.classifiers["global"], q_star), p, neck(self.classifiers["saffm"], p_star))
         out: Dict[str, object] = {
             "logits": {"global": self.classifiers["global"](q_star), "saffm": self.classifiers["saffm"](p_star)},
             "features": {"saffm": p_star},
@@ -247,6 +254,8 @@ class MHSANet(nn.Module):
         }
         if beta is not None:
             out["beta"] = beta
+        if self.bnneck:
+            out["features"]["global"] = q_star  # type: ignore[index]
         if self.rlm is not None:
             z = self.rlm(q_star, p)
             out["logits"]["rlm"] = self.classifiers["rlm"](z)  # type: ignore[index]
@@ -264,7 +273,8 @@ class MHSANet(nn.Module):
         p, alpha = self.mhsam(fmap)
         p_star, beta = self.fusion(p)
         out = {
-            "feature": self._test_feature(q_star, p, p_star),
+            "feature": self._test_feature(neck(self.classifiers["global"], q_star), p,
+                                          neck(self.classifiers["saffm"], p_star)),
             "attention": alpha.reshape(alpha.shape[0], alpha.shape[1], fmap.shape[-2], fmap.shape[-1]),
         }
         if beta is not None:

@@ -16,6 +16,7 @@ from attnreid.data.datasets.dukemtmcreid import DukeMTMCreID
 from attnreid.data.datasets.market1501 import Market1501
 from attnreid.data.datasets.msmt17 import MSMT17
 from attnreid.data.datasets.occluded_duke import OccludedDuke
+from attnreid.data.datasets.occluded_reid import OccludedREID
 from attnreid.data.datasets.p_dukemtmc import PDukeMTMC
 from attnreid.data.datasets.partial import PartialILIDS, PartialREID
 from attnreid.data.datasets.synthetic import SyntheticDataset, generate_synthetic
@@ -25,7 +26,7 @@ DATASETS: Dict[str, Type[ReIDDataset]] = {
     cls.name: cls
     for cls in (
         Market1501, DukeMTMCreID, CUHK03Labeled, CUHK03Detected, OccludedDuke, PDukeMTMC,
-        PartialREID, PartialILIDS, MSMT17, SyntheticDataset,
+        PartialREID, PartialILIDS, OccludedREID, MSMT17, SyntheticDataset,
     )
 }
 

@@ -25,27 +25,36 @@ _LEADING_PID = re.compile(r"^(\d+)_")
 EXAMPLE = "<pid>/0005_c2_f0046985.jpg"
 
 
-def parse_pdukemtmc_folder(tree: Tree, rel: str, bad: BadImages, default_cam: int) -> List[Item]:
+def parse_pdukemtmc_folder(tree: Tree, rel: str, bad: BadImages, default_cam: int, example: str = EXAMPLE,
+                           camera_from_name: bool = True) -> List[Item]:
+    """Images under ``<pid>/`` sub-folders (or named ``<pid>_...``) of ``rel``.
+
+    The camera comes from ``_c<N>`` in the name when ``camera_from_name`` and present,
+    else ``default_cam``.
+    """
+    def camera(path: str) -> int:
+        return _camera(path, default_cam) if camera_from_name else default_cam
+
     items: List[Item] = []
     subdirs = tree.subdirs(rel)
     direct = [n for n in tree.files(rel) if is_image_name(n)]
     if not subdirs and not direct:
-        raise DataError(f"split folder {tree.path(rel)} holds no images; expected <pid>/ folders of images like {EXAMPLE}")
+        raise DataError(f"split folder {tree.path(rel)} holds no images; expected <pid>/ folders of images like {example}")
     for sub in subdirs:
         if not sub.isdigit():
             bad.report(tree.path(join(rel, sub)), "cannot parse identity folder name (expected digits, like 0005)")
             continue
-        for path in list_images(tree, join(rel, sub), bad, EXAMPLE):
-            items.append((tree.path(path), int(sub), _camera(path, default_cam)))
+        for path in list_images(tree, join(rel, sub), bad, example):
+            items.append((tree.path(path), int(sub), camera(path)))
     if direct:
-        for path in list_images(tree, rel, bad, EXAMPLE):
+        for path in list_images(tree, rel, bad, example):
             m = _LEADING_PID.match(path.rsplit("/", 1)[-1])
             if m is None:
-                bad.report(tree.path(path), f"cannot parse file name (expected <pid>_..., like {EXAMPLE})")
+                bad.report(tree.path(path), f"cannot parse file name (expected <pid>_..., like {example})")
                 continue
-            items.append((tree.path(path), int(m.group(1)), _camera(path, default_cam)))
+            items.append((tree.path(path), int(m.group(1)), camera(path)))
     if not items:
-        raise DataError(f"split folder {tree.path(rel)} holds no usable images; expected files like {EXAMPLE}")
+        raise DataError(f"split folder {tree.path(rel)} holds no usable images; expected files like {example}")
     return items
 
 
