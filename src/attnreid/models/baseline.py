@@ -56,8 +56,10 @@ class BNNeckClassifier(nn.Module):
         return self.fc(self.bn(feature))
 
 
-def neck(classifier: nn.Module, feature: torch.Tensor) -> torch.Tensor:
-    """The after-BN feature f_i of a BNNeck head (the feature itself for a plain classifier)."""
+def neck(classifiers: nn.ModuleDict, head: str, feature: torch.Tensor) -> torch.Tensor:
+    """The after-BN feature f_i of a BNNeck head (the feature itself for a plain classifier,
+    or when the classifiers are detached, as the ONNX exporter does for plain ones)."""
+    classifier = classifiers[head] if head in classifiers else None
     return classifier.bn(feature) if isinstance(classifier, BNNeckClassifier) else feature
 
 
@@ -113,7 +115,7 @@ class Baseline(nn.Module):
     def forward(self, x: torch.Tensor):
         q_star = self.global_branch(self.backbone(x))
         if not self.training:
-            f = neck(self.classifiers["global"], q_star)
+            f = neck(self.classifiers, "global", q_star)
             return F.normalize(f, dim=1) if self.feature_norm else f
         out: Dict[str, object] = {
             "logits": {"global": self.classifiers["global"](q_star)},

@@ -458,8 +458,8 @@ class HACNN(nn.Module):
         return {"global": global_feat, "local": local_feat, "soft_attention": soft_maps, "regions": regions}
 
     def _test_feature(self, global_feat: torch.Tensor, local_feat: torch.Tensor) -> torch.Tensor:
-        global_feat = neck(self.classifiers["global"], global_feat)
-        local_feat = neck(self.classifiers["local"], local_feat)
+        global_feat = neck(self.classifiers, "global", global_feat)
+        local_feat = neck(self.classifiers, "local", local_feat)
         parts = {"global": [global_feat], "local": [local_feat], "joint": [global_feat, local_feat]}[self.test_feature]
         feature = torch.cat([F.normalize(p, dim=1) for p in parts], dim=1)
         return F.normalize(feature, dim=1) if self.feature_norm else feature

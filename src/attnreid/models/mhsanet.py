@@ -243,7 +243,7 @@ class MHSANet(nn.Module):
         p, alpha = self.mhsam(fmap)
         p_star, beta = self.fusion(p)
         if not self.training:
-            return self._test_feature(neck(self.classifiers["global"], q_star), p, neck(self.classifiers["saffm"], p_star))
+            return self._test_feature(neck(self.classifiers, "global", q_star), p, neck(self.classifiers, "saffm", p_star))
         out: Dict[str, object] = {
             "logits": {"global": self.classifiers["global"](q_star), "saffm": self.classifiers["saffm"](p_star)},
             "features": {"saffm": p_star},
@@ -273,8 +273,8 @@ class MHSANet(nn.Module):
         p, alpha = self.mhsam(fmap)
         p_star, beta = self.fusion(p)
         out = {
-            "feature": self._test_feature(neck(self.classifiers["global"], q_star), p,
-                                          neck(self.classifiers["saffm"], p_star)),
+            "feature": self._test_feature(neck(self.classifiers, "global", q_star), p,
+                                          neck(self.classifiers, "saffm", p_star)),
             "attention": alpha.reshape(alpha.shape[0], alpha.shape[1], fmap.shape[-2], fmap.shape[-1]),
         }
         if beta is not None:
