@@ -1,0 +1,157 @@
+"""Multi-process training under ``torchrun``: the process group, rank 0, gathers across ranks.
+
+One process per device; ``torchrun`` sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT``. :meth:`DistContext.from_env` joins the process group
+(NCCL on CUDA, Gloo on CPUs) when ``WORLD_SIZE > 1`` and is a no-op otherwise, so a
+single-process run never touches :mod:`torch.distributed`.
+
+:func:`all_gather_with_grad` is what ``loss.gather_triplets`` uses to mine batch-hard
+triplets over every rank's share of the step's batch (the authors mined within the whole
+batch of 128). Its backward sums, over ranks, the gradient each rank's loss sends to a
+slice and returns each rank its own slice's sum. With every rank computing the same loss
+L on the gathered batch, rank r's features thus receive ``W * dL/df_r``, and DDP's
+average over the W ranks leaves ``dL/dtheta``: the single-process gradient of L on the
+combined batch (tested in ``tests/test_ddp.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, List
+
+import torch
+
+from attnreid.errors import ConfigError
+
+
+@dataclass
+class DistContext:
+    """Rank and world size of this process; ``world_size == 1`` outside ``torchrun``."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that prints, logs, evaluates and writes files."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls) -> "DistContext":
+        """Join the process group torchrun describes in the environment (once per process)."""
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+        except ValueError:
+            raise ConfigError(f"environment variable WORLD_SIZE is {os.environ['WORLD_SIZE']!r}; expected an integer") from None
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing and not dist.is_initialized():
+            raise ConfigError(f"WORLD_SIZE is {world} but {', '.join(missing)} is not set: start multi-process "
+                              f"training with torchrun (docs/training.md)")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (e.g. an error rank 0 met while preparing the run folder)."""
+        if not self.enabled:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        """Leave the process group (torch warns at exit about one left open)."""
+        if self.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def world_size() -> int:
+    """The number of processes in the default group; 1 when none is initialised."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate every rank's tensor along dim 0; backward: sum-reduce, keep own slice."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        tensor = tensor.contiguous()
+        ctx.rank, ctx.n = dist.get_rank(), tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` (same shape on each) concatenated along dim 0, in rank order.
+
+    Differentiable: see the module docstring for how the gradient reaches each rank. With
+    one process it returns ``tensor`` itself.
+    """
+    if world_size() == 1:
+        return tensor
+    return _AllGatherWithGrad.apply(tensor)
+
+
+def all_gather_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Every rank's labels concatenated in rank order (no gradient: labels are integers).
+
+    Gathers the ranks' batch sizes first: the feature gather needs equal shapes, and a
+    batch that lost images (``data.skip_bad_images``) would otherwise fail inside Gloo or
+    NCCL with a message naming neither.
+    """
+    if world_size() == 1:
+        return labels
+    import torch.distributed as dist
+
+    labels = labels.contiguous()
+    rows = torch.tensor([labels.shape[0]], dtype=torch.long, device=labels.device)
+    every = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, rows)
+    counts = [int(r) for r in every]
+    if len(set(counts)) > 1:
+        raise ConfigError(f"loss.gather_triplets: the ranks hold batches of {counts} images this step; the "
+                          f"gather needs equal batches (with data.skip_bad_images, remove the bad images "
+                          f"or set loss.gather_triplets=false)")
+    parts: List[torch.Tensor] = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, labels)
+    return torch.cat(parts, dim=0)
+
+
+__all__ = ["DistContext", "all_gather_labels", "all_gather_with_grad", "world_size"]
