@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, List
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
+from torch import nn
 
 from attnreid.errors import ConfigError
 
@@ -32,6 +33,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this context joined the group, so :meth:`close` leaves it
 
     @property
     def is_main(self) -> bool:
@@ -58,11 +60,12 @@ class DistContext:
             raise ConfigError(f"WORLD_SIZE is {world} but {', '.join(missing)} is not set: start multi-process "
                               f"training with torchrun (docs/training.md)")
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()
+        if owns:
             dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
-        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local)
+        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, owns_group=owns)
 
     def barrier(self) -> None:
         if self.enabled:
@@ -80,13 +83,86 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather_object(self, obj: Any) -> Optional[List[Any]]:
+        """Every rank's ``obj`` in rank order on rank 0, None elsewhere (a collective: call on all ranks)."""
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+
+        box: Optional[List[Any]] = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, box, dst=0)
+        return box
+
+    def mean(self, values: Dict[str, float]) -> Dict[str, float]:
+        """Each value averaged over the ranks (for logging the loss of the whole step's batch)."""
+        if not self.enabled or not values:
+            return dict(values)
+        import torch.distributed as dist
+
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on one: decisions that end a loop (the
+        time budget) must be taken together, or the ranks that go on wait for the others."""
+        if not self.enabled:
+            return bool(flag)
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0])
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
     def close(self) -> None:
-        """Leave the process group (torch warns at exit about one left open)."""
-        if self.enabled:
+        """Leave the process group if this context joined it (torch warns at exit about one left open)."""
+        if self.enabled and self.owns_group:
             import torch.distributed as dist
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def error_prefix() -> Optional[str]:
+    """How the CLI introduces an error line in this process: ``error`` on rank 0 (and
+    outside torchrun), ``error (rank N)`` on another rank that has joined the process group,
+    None (stay silent) on another rank that has not: until then every rank runs the same
+    code on the same config and files, so rank 0 already says it."""
+    rank = os.environ.get("RANK", "0")
+    if rank in ("", "0") or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return "error"
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return f"error (rank {rank})"
+    return None
+
+
+def unused_classifiers(model: nn.Module, used_heads: Iterable[str]) -> List[str]:
+    """The model's classifier heads that no loss term reads (their weights get no gradient).
+
+    Every parameter of the three models lies upstream of some classifier in
+    ``model.classifiers`` (backbone, attention, fusion and RLM all feed one), and a
+    classifier only gets a gradient through its own cross-entropy. So parameters go
+    without gradient exactly when a classifier's CE weight is 0 (e.g. ``loss.saffm_ce=0``,
+    ``loss.global_ce=false``), which is known when the model and criterion are built;
+    ``tests/test_ddp.py`` checks this against a real backward pass.
+    """
+    heads = getattr(model, "classifiers", None) or {}
+    return sorted(set(heads) - set(used_heads))
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, find_unused: bool) -> nn.Module:
+    """DistributedDataParallel around ``model``; ``find_unused`` only when a head goes without gradient
+    (it costs a traversal of the autograd graph every step, and DDP warns when it finds nothing)."""
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused)
 
 
 def world_size() -> int:
@@ -154,4 +230,4 @@ def all_gather_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-__all__ = ["DistContext", "all_gather_labels", "all_gather_with_grad", "world_size"]
+__all__ = ["DistContext", "all_gather_labels", "all_gather_with_grad", "error_prefix", "unused_classifiers", "world_size", "wrap_ddp"]
