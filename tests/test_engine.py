@@ -125,9 +125,10 @@ def test_train_end_to_end_writes_the_run_folder(data_root, tmp_path):
     run = tmp_path / "run"
     result = train(tiny_cfg(data_root), run, quiet=True)
     assert result["status"] == "completed" and result["epoch"] == 2 and result["step"] == 4
-    for name in ("config.yaml", "log.jsonl", "checkpoints/last.pth", "checkpoints/best.pth", "eval.json",
-                 "eval_ranks.npz"):
+    for name in ("config.yaml", "log.jsonl", "checkpoints/last.pth", "eval.json", "eval_ranks.npz"):
         assert (run / name).is_file(), name
+    assert not (run / "checkpoints" / "best.pth").exists()  # no validation split: nothing to select on
+    assert result["best_val_mAP"] is None and result["best_epoch"] is None
     records = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
     train_recs = [r for r in records if r["type"] == "train"]
     assert [r["step"] for r in train_recs] == [1, 2, 3, 4]
@@ -149,7 +150,7 @@ class StopAtEpoch(Hook):
     def __init__(self, epoch):
         self.epoch = epoch
 
-    def on_epoch_start(self, state):
+    def before_epoch(self, state):
         if state.epoch == self.epoch:
             raise KeyboardInterrupt
 

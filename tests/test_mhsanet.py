@@ -77,11 +77,30 @@ def test_saffm_is_eq_6_7():
     assert torch.allclose(p_star, F.layer_norm(fused, (e,), m.norm.weight, m.norm.bias), atol=1e-5)
 
 
-def test_rlm_is_eq_9_summed_over_heads():
-    m = ResidualLearningModule(4)
+def test_rlm_is_eq_9_summed_over_heads_then_layer_normalised():
     q_star, p = torch.randn(2, 4), torch.randn(2, 3, 4)
-    expected = F.layer_norm(q_star[:, None, :].expand(2, 3, 4) + p, (4,)).sum(1)
-    assert torch.allclose(m(q_star, p), expected, atol=1e-5)
+    rows = q_star[:, None, :].expand(2, 3, 4) + p
+    mean = rows.mean(-1, keepdim=True)
+    z_rows = (rows - mean) / (rows.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()  # LayerNorm, fresh weights
+    literal = z_rows.sum(1)
+    assert torch.allclose(ResidualLearningModule(4, out_norm=False)(q_star, p), literal, atol=1e-5)
+    expected = (literal - literal.mean(-1, keepdim=True)) / (literal.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    m = ResidualLearningModule(4)
+    assert m.out_norm is not None and torch.allclose(m(q_star, p), expected, atol=1e-5)
+
+
+def test_rlm_out_norm_keeps_z_at_the_scale_of_p_star():
+    """Without the LayerNorm on z, ||z|| is about K x sqrt(E) at initialisation (SPEC.md 1, RLM)."""
+    norms = {}
+    for out_norm in (True, False):
+        model, _ = _model("model.mhsanet.num_heads=4", f"model.mhsanet.rlm_out_norm={str(out_norm).lower()}")
+        model.train()
+        out = model(_images())
+        norms[out_norm] = out["z"].norm(dim=1).mean().item()
+        assert ("out_norm.weight" in dict(model.rlm.named_parameters())) == out_norm
+    e = 512
+    assert norms[True] == pytest.approx(e**0.5, rel=0.01)
+    assert norms[False] > 3 * e**0.5
 
 
 # -------------------------------------------------------------------- whole model, variants

@@ -64,8 +64,9 @@ def test_eval_json_and_files(trained, tmp_path):
     assert {"rank1", "rank5", "rank10", "mAP"} <= set(m) and m["model"] == "baseline"
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["mAP"] == pytest.approx(m["mAP"])
     assert np.load(tmp_path / "ev" / "eval_ranks.npz")["topk_index"].ndim == 2
-    code, out, err = run_cli(["eval", config, "--checkpoint", run / "checkpoints" / "best.pth"])
+    code, out, err = run_cli(["eval", config, "--checkpoint", run / "checkpoints" / "last.pth"])
     assert code == 0 and "R1" in out and "R10" in out and "mAP" in out, err
+    assert not (run / "checkpoints" / "best.pth").exists()  # no data.val_ids: no model selection
 
 
 def test_eval_checkpoint_of_another_model(trained):

@@ -60,6 +60,17 @@ class DataConfig:
     workers: int = 2
     cuhk03_split: str = "new"  # only "new" (767/700) is supported by the CUHK03-NP layout
     skip_bad_images: bool = False  # skip (and list) unreadable images instead of failing
+    # What one epoch is (data/sampler.py): "images" = every training image once, in PK
+    # batches (HA-CNN's epochs, and what a generic toolkit means); "identities" = every
+    # training identity once, P per batch (the MHSA-Net authors' sampler: 751 / 32 = 23
+    # batches on Market). The schema default is "images" so that a config that says nothing
+    # keeps the plain meaning of an epoch; configs/base.yaml (every MHSA-Net row) sets
+    # "identities" so that its 50-epoch warm-up and 200/300 milestones mean what the paper means.
+    epoch_mode: str = "images"
+    # Hold out this many training identities (data/splits.py) as a validation query/gallery:
+    # periodic evaluation and best.pth use it; 0 = no validation, no best.pth.
+    val_ids: int = 0
+    max_ids: int = 0  # train on the first N training identities only (after val_ids); 0 = all
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -79,6 +90,9 @@ class MHSANetConfig:
     attention_norm: str = "spatial"  # spatial | heads (SPEC.md 1, MHSAM)
     fusion: str = "saffm"  # saffm | concat | sum (Table IX)
     rlm: bool = True  # Residual Learning Module (Eq. 9-10)
+    # LayerNorm on z after summing the K rows of Z (authors' code); false = Eq. 9 as written,
+    # where ||z|| grows with K (about 181 for K = 8).
+    rlm_out_norm: bool = True
 
 
 @dataclass
@@ -106,19 +120,29 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    """Loss weights and forms (MHSA-Net Eq. 3-13; SPEC.md 1). Defaults: see docs/models.md.
+
+    Margins are strings so that one key holds either ``soft`` (softplus) or a number
+    (the hinge margin): ``0.3`` in YAML or on the command line arrives as ``"0.3"``;
+    :func:`attnreid.losses.triplet.parse_margin` turns it into a float once.
+    """
+
     global_ce: bool = True  # CE on q* (L_GFB); false = MHSA-Net-dagger
     label_smoothing: float = 0.0
-    triplet_margin: float = 0.3  # batch-hard triplet on p* and z (paper gives none)
+    triplet_distance: str = "euclidean"  # euclidean | squared; batch-hard triplet on p* and z (paper: none)
+    triplet_margin: str = "soft"  # soft | a number >= 0 (paper gives none; authors' code: soft)
     saffm_ce: float = 1.0  # weights of the terms of L_SAFFM (Eq. 8)
     saffm_triplet: float = 1.0
     rlm_ce: float = 1.0  # weights of the terms of L_ReN (Eq. 10)
     rlm_triplet: float = 1.0
     lambda_fdrt: float = 1e-4  # lambda1, Eq. 11
+    fdrt_form: str = "paper"  # paper (Eq. 3, rows of P normalised) | gram (authors' code, raw Gram normalised)
     lambda_ihtl: float = 1.0  # lambda2, Eq. 11
-    ihtl_margin: float = 3.0  # m, Eq. 5
-    ihtl: str = "hinge"  # hinge | soft (softplus)
-    lambda_acm: float = 1e-3  # lambda3, Eq. 13
-    acm_gamma: float = 1e-3  # gamma, Eq. 12
+    ihtl_distance: str = "euclidean"  # euclidean | squared (Eq. 5 as written)
+    ihtl_margin: str = "soft"  # soft | a number >= 0 (m of Eq. 5; the paper: 3.0 on squared distance)
+    lambda_acm: float = 1e-3  # lambda3, Eq. 13 (authors' code with acm_form linear: 1e-4)
+    acm_form: str = "paper"  # paper (Eq. 12, min(alpha, gamma)^2) | linear (authors' code, alpha below gamma)
+    acm_gamma: float = 1e-3  # gamma, Eq. 12: the threshold of both forms (authors' code: 0.01)
 
 
 @dataclass
@@ -140,7 +164,7 @@ class TrainConfig:
     epochs: int = 400
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "off"  # off | bf16 | fp16 (GPU only)
+    amp: str = "auto"  # auto | off | bf16 | fp16; auto = bf16 where the CUDA device or CPU runs it natively (precision.py)
     channels_last: bool = False
     eval_every: int = 50  # epochs; 0 = only at the end
     log_every: int = 20  # steps
@@ -182,12 +206,24 @@ CHOICES = {
     "model.mhsanet.fusion": ("saffm", "concat", "sum"),
     "model.hacnn.attention": ("none", "spatial", "channel", "soft", "hard", "all"),
     "model.test_feature": ("default", "concat", "star", "head", "global", "joint", "local"),
-    "loss.ihtl": ("hinge", "soft"),
+    "loss.triplet_distance": ("euclidean", "squared"),
+    "loss.ihtl_distance": ("euclidean", "squared"),
+    "loss.fdrt_form": ("paper", "gram"),
+    "loss.acm_form": ("paper", "linear"),
     "optim.name": ("adam", "sgd"),
-    "train.amp": ("off", "bf16", "fp16"),
+    "train.amp": ("auto", "off", "bf16", "fp16"),
+    "data.epoch_mode": ("images", "identities"),
     "eval.metric": ("euclidean_sq", "cosine"),
     "data.cuhk03_split": ("new",),
     "model.backbone.last_stride": (1, 2),
+}
+
+# Keys holding "soft" or a number (see LossConfig).
+MARGIN_KEYS = ("loss.triplet_margin", "loss.ihtl_margin")
+
+# Keys that existed once, with what replaces them (a clearer line than "unknown key").
+REMOVED_KEYS = {
+    "loss.ihtl": "set loss.ihtl_margin instead: 'soft' for the old 'ihtl: soft', a number for 'hinge'",
 }
 
 # (key, lower bound, inclusive?) for numeric keys.
@@ -204,13 +240,13 @@ LOWER_BOUNDS = {
     "data.num_instances": (1, True),
     "data.test_batch_size": (1, True),
     "data.workers": (0, True),
+    "data.val_ids": (0, True),
+    "data.max_ids": (0, True),
     "data.random_erasing": (0.0, True),
     "data.synthetic.num_ids": (2, True),
     "data.synthetic.images_per_id": (2, True),
     "data.synthetic.num_cameras": (2, True),
     "loss.label_smoothing": (0.0, True),
-    "loss.triplet_margin": (0.0, True),
-    "loss.ihtl_margin": (0.0, True),
     "loss.acm_gamma": (0.0, False),
     "optim.lr": (0.0, False),
     "optim.weight_decay": (0.0, True),
@@ -303,6 +339,8 @@ def _check_keys(data: Any, prefix: str, source: str) -> None:
         return
     for k, v in data.items():
         key = f"{prefix}{k}"
+        if key in REMOVED_KEYS:
+            raise ConfigError(f"config key '{key}' in {source} was removed; {REMOVED_KEYS[key]}")
         if key not in valid and key not in sections:
             raise ConfigError(f"unknown config key '{key}' in {source}{_suggest(key)}")
         if key in sections:
@@ -354,6 +392,10 @@ def validate(cfg: Config) -> Config:
         value = _get(cfg, key)
         if value > high:
             raise ConfigError(f"config key '{key}' is {value}; it must be <= {high}")
+    from attnreid.losses.triplet import parse_margin  # here, not at the top: config must load without torch
+
+    for key in MARGIN_KEYS:
+        parse_margin(_get(cfg, key), key)
     if cfg.data.batch_size % cfg.data.num_instances:
         raise ConfigError(
             f"config key 'data.batch_size' ({cfg.data.batch_size}) must be a multiple of "

@@ -117,7 +117,8 @@ def build_train_loader(data_cfg: Any, dataset: Union[ReIDDataset, Sequence[Item]
     transform = build_transforms(data_cfg.height, data_cfg.width, data_cfg.mean, data_cfg.std, train=True,
                                  flip=data_cfg.flip, random_erasing=data_cfg.random_erasing)
     sampler = PKSampler([pid for _, pid, _ in items], data_cfg.batch_size, data_cfg.num_instances,
-                        seed=seed, rank=rank, world_size=world_size)
+                        seed=seed, rank=rank, world_size=world_size,
+                        epoch_mode=getattr(data_cfg, "epoch_mode", "images"))
     workers = int(data_cfg.workers)
     return ReIDDataLoader(
         ImageDataset(items, transform, mark_bad=True),

@@ -2,6 +2,14 @@
 
 Batch-hard triplet losses (and IHTL, Eq. 5) need every anchor to have positives in the
 batch, hence identity-balanced batches.
+
+Two meanings of an epoch (``data.epoch_mode``):
+
+- ``images``: every training image once (up to the K-group remainders), as torchreid's
+  RandomIdentitySampler does: about (number of images) / (P x K) batches.
+- ``identities``: every training identity once, with K images each, as the MHSA-Net
+  authors' sampler did; Market-1501 (751 identities, P = 32) gives 751 // 32 = 23 batches,
+  so the paper's 400 epochs are about 9.2k steps.
 """
 
 from __future__ import annotations
@@ -23,6 +31,11 @@ class PKSampler(Sampler[List[int]]):
     by repeatedly drawing P identities that still have a group, without replacement
     inside a batch, until fewer than P such identities remain.
 
+    With ``epoch_mode="identities"`` an epoch is instead one pass over the identities: they
+    are shuffled and cut into batches of P (the last ``num_ids % P`` are left for a later
+    epoch), and each contributes K of its images drawn without replacement (with
+    replacement when it has fewer than K).
+
     Deterministic for ``(seed, epoch)``; call :meth:`set_epoch` before each epoch. With
     ``world_size > 1`` every rank builds the same global list of batches and takes every
     ``world_size``-th one starting at ``rank``, truncated so that all ranks run the same
@@ -30,7 +43,7 @@ class PKSampler(Sampler[List[int]]):
     """
 
     def __init__(self, pids: Sequence[int], batch_size: int, num_instances: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, epoch_mode: str = "images"):
         if num_instances < 1 or batch_size < num_instances or batch_size % num_instances:
             raise DataError(
                 f"PK sampling needs data.batch_size ({batch_size}) to be a positive multiple of "
@@ -38,6 +51,9 @@ class PKSampler(Sampler[List[int]]):
             )
         if not 0 <= rank < world_size:
             raise DataError(f"PK sampler rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
+        if epoch_mode not in ("images", "identities"):
+            raise DataError(f"data.epoch_mode is {epoch_mode!r}; expected images or identities")
+        self.epoch_mode = epoch_mode
         self.batch_size = batch_size
         self.num_instances = num_instances
         self.num_pids_per_batch = batch_size // num_instances
@@ -62,6 +78,10 @@ class PKSampler(Sampler[List[int]]):
             return self._cache[1]
         rng = np.random.default_rng([self.seed, self.epoch])
         k = self.num_instances
+        if self.epoch_mode == "identities":
+            batches = self._identity_batches(rng)
+            self._cache = (self.epoch, batches)
+            return batches
         groups: Dict[int, List[np.ndarray]] = {}
         for pid, idx in self.index.items():
             chosen = rng.choice(idx, size=k, replace=True) if len(idx) < k else rng.permutation(idx)
@@ -76,6 +96,19 @@ class PKSampler(Sampler[List[int]]):
             batches.append(batch)
             available = [pid for pid in available if groups[pid]]
         self._cache = (self.epoch, batches)
+        return batches
+
+    def _identity_batches(self, rng: np.random.Generator) -> List[List[int]]:
+        k, p = self.num_instances, self.num_pids_per_batch
+        pids = list(self.index)
+        order = rng.permutation(len(pids))
+        batches: List[List[int]] = []
+        for start in range(0, len(order) - p + 1, p):
+            batch: List[int] = []
+            for j in order[start:start + p]:
+                idx = self.index[pids[j]]
+                batch.extend(int(i) for i in rng.choice(idx, size=k, replace=len(idx) < k))
+            batches.append(batch)
         return batches
 
     def __iter__(self) -> Iterator[List[int]]:

@@ -1,7 +1,7 @@
 """A few-lines feature-extraction API: ``FeatureExtractor(checkpoint)(images) -> N x D``.
 
 >>> from attnreid import FeatureExtractor
->>> extractor = FeatureExtractor("runs/market/checkpoints/best.pth")
+>>> extractor = FeatureExtractor("runs/market/checkpoints/last.pth")
 >>> feats = extractor(["a.jpg", "b.jpg"])          # torch.Tensor 2 x feature_dim
 
 Inputs may be mixed in one call:

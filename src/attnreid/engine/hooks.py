@@ -18,13 +18,54 @@ RUN_DIRS = ("checkpoints", "tensorboard", "report")
 
 
 class Hook:
-    """Called by the trainer; override what you need. Used by tests and extensions."""
+    """Called by the trainer at five points; override what you need.
 
-    def on_epoch_start(self, state: "Any") -> None:  # noqa: D401
+    ``state`` is the trainer's :class:`~attnreid.engine.trainer.TrainState` (epoch, step,
+    lr, the last step's loss, terms and model outputs, the epoch's mean loss, the run
+    folder and logger).
+    """
+
+    def before_train(self, state: Any) -> None:
         pass
 
-    def on_step_end(self, state: "Any") -> None:
+    def before_epoch(self, state: Any) -> None:
         pass
+
+    def after_step(self, state: Any) -> None:
+        pass
+
+    def after_epoch(self, state: Any) -> None:
+        pass
+
+    def after_train(self, state: Any) -> None:
+        pass
+
+
+class DiagnosticsHook(Hook):
+    """MHSA-Net's per-epoch diagnostics (engine/diagnostics.py) as one ``diagnostics`` line of log.jsonl."""
+
+    def __init__(self, logger: "RunLogger", acm_gamma: float):
+        from attnreid.engine.diagnostics import DiagnosticsMeter
+
+        self.logger, self.acm_gamma = logger, acm_gamma
+        self.meter = DiagnosticsMeter()
+        self.last: Dict[str, Any] = {}
+
+    def before_epoch(self, state: Any) -> None:
+        self.meter.reset()
+
+    def after_step(self, state: Any) -> None:
+        from attnreid.engine.diagnostics import batch_diagnostics
+
+        outputs = state.outputs
+        if isinstance(outputs, dict) and "alpha" in outputs:
+            self.meter.add(batch_diagnostics(outputs, self.acm_gamma), int(outputs["alpha"].shape[0]))
+
+    def after_epoch(self, state: Any) -> None:
+        means = self.meter.means()
+        if means:
+            self.last = {"epoch": state.epoch + 1, **means}
+            self.logger.write({"type": "diagnostics", "epoch": state.epoch + 1, "step": state.step, **means})
 
 
 class RunLogger:

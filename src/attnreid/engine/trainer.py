@@ -2,10 +2,12 @@
 
 Recipe (config values, SPEC.md 1 and HA 4): PK batches (P identities x K images), the
 model's loss terms summed by the criterion, Adam (or SGD) with linear warm-up and step
-decay stepped per epoch. Around it: AMP (bf16/fp16 autocast, CUDA only) and
-channels_last, DistributedDataParallel under ``torchrun`` (the PK sampler splits
-identities by rank), gradient clipping, periodic evaluation, atomic ``last``/``best``
-checkpoints, ``resume`` with the optimiser, schedule and every RNG state, a wall-clock
+decay stepped per epoch. Around it: automatic precision (``train.amp: auto``: bf16
+autocast where the CUDA device or the CPU runs bf16 natively, see attnreid/precision.py;
+losses always in float32) and channels_last, DistributedDataParallel under ``torchrun`` (the PK sampler splits
+identities by rank), gradient clipping, periodic evaluation (on a validation split held
+out of the training identities when ``data.val_ids > 0``; never used to select on the test
+split), atomic ``last``/``best`` checkpoints, ``resume`` with the optimiser, schedule and every RNG state, a wall-clock
 budget, NaN/inf detection naming the loss term, and a Ctrl-C that saves before exiting.
 
 Run folder (docs/design.md): ``config.yaml``, ``log.jsonl``, ``checkpoints/{last,best}.pth``,
@@ -19,7 +21,6 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -29,12 +30,14 @@ import torch
 from torch import nn
 
 from attnreid.config import Config, save_config, to_dict
+from attnreid.data.splits import hold_out_validation, limit_identities
 from attnreid.engine.build import build_eval_dataset, load_weights, resolve_device
 from attnreid.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from attnreid.engine.evaluator import evaluate_model
-from attnreid.engine.hooks import RUN_DIRS, RUN_FILES, Hook, Progress, RunLogger
+from attnreid.engine.hooks import RUN_DIRS, RUN_FILES, DiagnosticsHook, Hook, Progress, RunLogger
 from attnreid.engine.optim import WarmupStepScheduler, build_optimizer
 from attnreid.errors import AttnReidError, CheckpointError, DataError
+from attnreid.precision import resolve_precision
 
 
 class NonFiniteLossError(AttnReidError):
@@ -50,6 +53,7 @@ class TrainState:
     lr: float = 0.0
     loss: float = float("nan")
     terms: Dict[str, float] = field(default_factory=dict)
+    outputs: Any = None  # the last step's model outputs (float32, still attached to the graph)
     run_dir: Optional[Path] = None
 
 
@@ -136,13 +140,31 @@ def _train_loader_sampler(loader):
     return None
 
 
+def to_float32(outputs: Any) -> Any:
+    """``outputs`` (tensors in nested dicts/lists) with every floating tensor as float32."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {k: to_float32(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(to_float32(v) for v in outputs)
+    return outputs
+
+
 def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                pids: torch.Tensor, autocast_ctx, scaler, grad_clip: float, params: Sequence[torch.Tensor],
                state: TrainState):
-    """One optimiser step; returns ``(total loss, terms)``. Raises on a NaN/inf loss before stepping."""
+    """One optimiser step; returns ``(total loss, terms)``. Raises on a NaN/inf loss before stepping.
+
+    Only the model's forward runs under ``autocast_ctx``; its outputs are cast to float32
+    and the criterion runs outside autocast, so every loss term is computed in float32
+    whatever the training precision. The outputs are left in ``state.outputs`` for hooks.
+    """
     with autocast_ctx():
         outputs = model(images)
-        total, terms = criterion(outputs, pids)
+    outputs = to_float32(outputs)
+    total, terms = criterion(outputs, pids)
+    state.outputs = outputs
     bad = first_non_finite(total, terms)
     if bad is not None:
         value = float(terms[bad]) if bad in terms else float(total.detach())
@@ -170,10 +192,17 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
           eval_dataset: Any = None) -> Dict[str, Any]:
     """Train ``cfg`` into the run folder ``out_dir``; return the final metrics.
 
-    The returned dict holds the last evaluation's metrics (``mAP``, ``rank1``, ...)
-    plus ``status`` (``completed`` | ``budget`` | ``interrupted``), ``epoch`` (epochs
-    completed), ``step``, ``best_mAP``, ``best_epoch``, ``img_per_s``, ``data_wait``
-    (share of step time spent waiting for data) and ``run_dir``.
+    The returned dict holds the metrics of the last weights on the test split (``mAP``,
+    ``rank1``, ...; the same as eval.json) plus ``status`` (``completed`` | ``budget`` |
+    ``interrupted``), ``epoch`` (epochs completed), ``step``, ``best_val_mAP`` and
+    ``best_epoch`` (validation split, ``data.val_ids > 0`` only, else None), ``precision``,
+    ``img_per_s``, ``data_wait`` (share of step time spent waiting for data) and ``run_dir``.
+
+    Model selection never looks at the test split: with ``data.val_ids: N > 0`` the
+    periodic evaluations (``train.eval_every``) run on the N held-out training identities
+    (data/splits.py) and ``best.pth`` keeps the weights with the best validation mAP; with
+    N = 0 the periodic evaluations run on the test split for the log only and there is no
+    ``best.pth``.
 
     ``train.max_minutes`` bounds the training loop's wall-clock time; when it runs out
     the run stops after the current step, then still checkpoints and evaluates. A
@@ -207,6 +236,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
         raise DataError(f"dataset '{cfg.data.dataset}' under {cfg.data.root} has no training identities to learn from")
     if eval_dataset is None:
         eval_dataset = build_eval_dataset(cfg) if (cfg.eval.dataset or cfg.eval.root) else dataset
+    dataset, val_dataset = hold_out_validation(dataset, cfg.data.val_ids)
+    dataset = limit_identities(dataset, cfg.data.max_ids)
     loader = build_train_loader(cfg.data, dataset, seed=tc.seed, rank=dist.rank, world_size=dist.world_size)
     sampler = _train_loader_sampler(loader)
     num_classes = dataset.num_train_pids
@@ -218,15 +249,12 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
     optimizer = build_optimizer(cfg.optim, [model, criterion])
     params = [p for g in optimizer.param_groups for p in g["params"]]
     scheduler = WarmupStepScheduler(optimizer, cfg.optim)
-    use_amp = tc.amp != "off" and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if tc.amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if use_amp and tc.amp == "fp16" else None
-
-    def autocast_ctx():
-        return torch.autocast(device_type="cuda", dtype=amp_dtype) if use_amp else nullcontext()
+    precision = resolve_precision(tc.amp, device)
+    # fp16's narrow range needs loss scaling; bf16 has float32's range and does not.
+    scaler = torch.amp.GradScaler("cuda") if precision.dtype == torch.float16 and device.type == "cuda" else None
 
     start_epoch, step = 0, 0
-    best = {"mAP": -1.0, "epoch": 0}
+    best: Dict[str, Any] = {"mAP": -1.0, "epoch": 0}
     last_metrics: Dict[str, Any] = {}
     if resume:
         ckpt_path = run_dir / "checkpoints" / "last.pth"
@@ -263,8 +291,15 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
     if resume:
         logger.write({"type": "resume", "epoch": start_epoch, "step": step})
         progress.line(f"resumed {run_dir} at epoch {start_epoch + 1}, step {step}")
-    if use_amp is False and tc.amp != "off":
-        progress.line(f"note: train.amp={tc.amp} needs CUDA; training in float32 on {device}")
+    progress.line(f"precision: {precision.describe()}")
+    logger.write({"type": "run", "epoch": start_epoch, "step": step, "precision": precision.name,
+                  "precision_reason": precision.reason, "device": str(device),
+                  "train_ids": dataset.num_train_pids, "train_images": len(dataset.train),
+                  "val_ids": cfg.data.val_ids, "steps_per_epoch": steps_per_epoch,
+                  "epoch_mode": cfg.data.epoch_mode})
+    hooks = list(hooks)
+    if cfg.model.name == "mhsanet":
+        hooks.append(DiagnosticsHook(logger, cfg.loss.acm_gamma))
 
     state = TrainState(epoch=start_epoch, step=step, run_dir=run_dir)
     budget_s = tc.max_minutes * 60.0
@@ -272,6 +307,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
     status = "completed"
     completed = start_epoch
     last_eval_epoch = int(last_metrics.get("epoch", 0)) if last_metrics else 0
+    last_val_epoch = int(best.get("last_val_epoch", 0))
     totals = {"images": 0, "step_s": 0.0, "data_s": 0.0}
 
     def checkpoint_state(epochs_done: int) -> Dict[str, Any]:
@@ -285,6 +321,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
         return s
 
     def run_eval(epochs_done: int) -> None:
+        """The test split with the current weights: eval.json, and the run's reported numbers."""
         nonlocal last_metrics, last_eval_epoch
         if dist.is_main:
             m = evaluate_model(_unwrap(net), eval_dataset, cfg, out_dir=run_dir, device=device,
@@ -294,7 +331,20 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
             logger.write({"type": "eval", **{k: v for k, v in m.items()}})
             progress.line(f"eval epoch {epochs_done}: rank1 {100 * m.get('rank1', float('nan')):.1f}%  "
                           f"mAP {100 * m.get('mAP', float('nan')):.1f}%  ({m['dataset']}, {m['protocol']})")
-            if m.get("mAP", -1.0) > best["mAP"]:
+        dist.barrier()
+
+    def run_val(epochs_done: int) -> None:
+        """The held-out validation split: the only place best.pth is chosen."""
+        nonlocal last_val_epoch
+        if dist.is_main:
+            m = evaluate_model(_unwrap(net), val_dataset, cfg, out_dir=None, device=device,
+                               extra={"epoch": epochs_done, "step": state.step})
+            last_val_epoch = epochs_done
+            best["last_val_epoch"] = epochs_done
+            logger.write({"type": "val", **m})
+            progress.line(f"validation epoch {epochs_done}: rank1 {100 * m['rank1']:.1f}%  mAP {100 * m['mAP']:.1f}%  "
+                          f"({len(val_dataset.query)} queries of {cfg.data.val_ids} held-out ids)")
+            if m["mAP"] > best["mAP"]:
                 best.update({"mAP": float(m["mAP"]), "epoch": epochs_done})
                 save_checkpoint(run_dir / "checkpoints" / "best.pth", checkpoint_state(epochs_done))
         dist.barrier()
@@ -303,7 +353,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
         for epoch in range(start_epoch, tc.epochs):
             state.epoch = epoch
             for h in hooks:
-                h.on_epoch_start(state)
+                h.before_epoch(state)
             state.lr = scheduler.set_epoch(epoch)
             if sampler is not None:
                 sampler.set_epoch(epoch)
@@ -325,7 +375,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
                 pids = torch.as_tensor(batch[1]).to(device, non_blocking=True)
                 if tc.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                total, terms = train_step(net, criterion, optimizer, images, pids, autocast_ctx, scaler,
+                total, terms = train_step(net, criterion, optimizer, images, pids, precision.autocast, scaler,
                                           cfg.optim.grad_clip, params, state)
                 state.step += 1
                 state.loss = float(total)
@@ -345,7 +395,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
                 if state.step % tc.log_every == 0:
                     _log_window(logger, window, state, totals)
                 for h in hooks:
-                    h.on_step_end(state)
+                    h.after_step(state)
                 if budget_s and time.perf_counter() - t_run > budget_s:
                     out_of_time = True
                     break
@@ -355,10 +405,12 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
                 status = "budget"  # stopped inside the epoch: it does not count, resume redoes it
                 break
             completed = epoch + 1
+            for h in hooks:
+                h.after_epoch(state)
             progress.line(f"epoch {completed}/{tc.epochs}  lr {state.lr:.2e}  loss {state.loss:.4f}  "
                           f"{totals['images'] / max(totals['step_s'], 1e-9):.1f} img/s")
             if tc.eval_every and completed % tc.eval_every == 0 and completed < tc.epochs:
-                run_eval(completed)
+                run_val(completed) if val_dataset is not None else run_eval(completed)
             if dist.is_main:
                 save_checkpoint(run_dir / "checkpoints" / "last.pth", checkpoint_state(completed))
             if out_of_time:
@@ -380,6 +432,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
     if status == "budget":
         progress.line(f"time budget of {tc.max_minutes:g} min reached after {completed} epochs "
                       f"({state.step} steps); evaluating")
+    if val_dataset is not None and last_val_epoch != completed:
+        run_val(completed)
     if last_eval_epoch != completed or not last_metrics:
         run_eval(completed)
     if dist.is_main:
@@ -389,7 +443,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
     result = dict(last_metrics)
     result.update({
         "status": status, "epoch": completed, "step": state.step, "run_dir": str(run_dir),
-        "best_mAP": best["mAP"], "best_epoch": best["epoch"],
+        "best_val_mAP": best["mAP"] if val_dataset is not None else None,
+        "best_epoch": best["epoch"] if val_dataset is not None else None,
+        "precision": precision.name,
         "train_seconds": round(time.perf_counter() - t_run, 2),
         "img_per_s": round(totals["images"] / max(totals["step_s"], 1e-9), 2),
         "data_wait": round(totals["data_s"] / max(totals["step_s"], 1e-9), 4),

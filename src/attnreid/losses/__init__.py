@@ -10,14 +10,26 @@ term           what                               weight (config)        paper
 =============  =================================  =====================  ========
 ``ce_global``  CE on q*                           1 if loss.global_ce    L_GFB
 ``ce_saffm``   CE on p*                           loss.saffm_ce          Eq. 8
-``tri_saffm``  batch-hard triplet on p*           loss.saffm_triplet     Eq. 8
+``tri_saffm``  batch-hard triplet on p*           loss.saffm_triplet     Eq. 4, 8
 ``ce_rlm``     CE on z (if model.mhsanet.rlm)     loss.rlm_ce            Eq. 10
-``tri_rlm``    batch-hard triplet on z            loss.rlm_triplet       Eq. 10
+``tri_rlm``    batch-hard triplet on z            loss.rlm_triplet       Eq. 4, 10
 ``fdrt``       FDRT on P                          loss.lambda_fdrt       Eq. 3, 11
 ``ihtl``       IHTL on P                          loss.lambda_ihtl       Eq. 5, 11
 ``acm``        ACM on alpha                       loss.lambda_acm        Eq. 12, 13
 ``ce_local``   CE on HA-CNN's local feature       1                      HA Sec. 3
 =============  =================================  =====================  ========
+
+How each term is computed (SPEC.md 1; defaults first):
+
+- triplets on p* and z: ``loss.triplet_distance`` euclidean | squared,
+  ``loss.triplet_margin`` soft | a number (the paper gives neither; default the
+  authors' code: Euclidean distance, soft margin);
+- IHTL: ``loss.ihtl_distance`` euclidean | squared, ``loss.ihtl_margin`` soft | a
+  number (default the authors' code; the paper writes squared with m = 3.0, see
+  ``configs/mhsanet/paper_literal.yaml``);
+- FDRT: ``loss.fdrt_form`` paper (Eq. 3) | gram (the authors' code);
+- ACM: ``loss.acm_form`` paper (Eq. 12) | linear (the authors' code), threshold
+  ``loss.acm_gamma``.
 
 A term whose weight is 0 is not computed, so each Table V ablation row is a set of
 weights (e.g. Baseline+MHSAM: lambda_fdrt = lambda_ihtl = lambda_acm = 0).
@@ -32,8 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnreid.errors import ConfigError
-from attnreid.losses.regularizers import attention_competition, feature_diversity
-from attnreid.losses.triplet import batch_hard_triplet, improved_hard_triplet
+from attnreid.losses.regularizers import ACM_FORMS, FDRT_FORMS, attention_competition, feature_diversity
+from attnreid.losses.triplet import DISTANCES, batch_hard_triplet, improved_hard_triplet, parse_margin
 
 Term = Tuple[str, float, Callable[[dict, torch.Tensor], torch.Tensor]]
 
@@ -67,14 +79,25 @@ class Criterion(nn.Module):
 
 
 def build_criterion(loss_cfg, model_cfg) -> Criterion:
-    """The total loss for ``model_cfg.name`` with the weights of ``loss_cfg`` (Eq. 11 + 13)."""
+    """The total loss for ``model_cfg.name`` with the weights of ``loss_cfg`` (Eq. 11 + 13).
+
+    Distances, margins and forms are read and checked here, once: a bad value is a
+    :class:`ConfigError` naming its ``loss.*`` key.
+    """
     eps = loss_cfg.label_smoothing
+    tri_distance = _check_choice(loss_cfg.triplet_distance, DISTANCES, "loss.triplet_distance")
+    tri_margin = parse_margin(loss_cfg.triplet_margin, "loss.triplet_margin")
+    ihtl_distance = _check_choice(loss_cfg.ihtl_distance, DISTANCES, "loss.ihtl_distance")
+    ihtl_margin = parse_margin(loss_cfg.ihtl_margin, "loss.ihtl_margin")
+    fdrt_form = _check_choice(loss_cfg.fdrt_form, FDRT_FORMS, "loss.fdrt_form")
+    acm_form = _check_choice(loss_cfg.acm_form, ACM_FORMS, "loss.acm_form")
+    gamma = loss_cfg.acm_gamma
 
     def ce(head: str):
         return lambda out, y: cross_entropy(out["logits"][head], y, eps)
 
     def tri(head: str):
-        return lambda out, y: batch_hard_triplet(out["features"][head], y, loss_cfg.triplet_margin)
+        return lambda out, y: batch_hard_triplet(out["features"][head], y, tri_margin, tri_distance)
 
     weighted: List[Term] = []
     if loss_cfg.global_ce:
@@ -86,17 +109,22 @@ def build_criterion(loss_cfg, model_cfg) -> Criterion:
         ]
         if model_cfg.mhsanet.rlm:
             weighted += [("ce_rlm", loss_cfg.rlm_ce, ce("rlm")), ("tri_rlm", loss_cfg.rlm_triplet, tri("rlm"))]
-        soft = loss_cfg.ihtl == "soft"
         weighted += [
-            ("fdrt", loss_cfg.lambda_fdrt, lambda out, y: feature_diversity(out["P"])),
-            ("ihtl", loss_cfg.lambda_ihtl, lambda out, y: improved_hard_triplet(out["P"], y, loss_cfg.ihtl_margin, soft)),
-            ("acm", loss_cfg.lambda_acm, lambda out, y: attention_competition(out["alpha"], loss_cfg.acm_gamma)),
+            ("fdrt", loss_cfg.lambda_fdrt, lambda out, y: feature_diversity(out["P"], fdrt_form)),
+            ("ihtl", loss_cfg.lambda_ihtl, lambda out, y: improved_hard_triplet(out["P"], y, ihtl_margin, ihtl_distance)),
+            ("acm", loss_cfg.lambda_acm, lambda out, y: attention_competition(out["alpha"], gamma, acm_form)),
         ]
     elif model_cfg.name == "hacnn":
         weighted.append(("ce_local", 1.0, ce("local")))
     elif model_cfg.name != "baseline":
         raise ConfigError(f"config key 'model.name' is {model_cfg.name!r}; no loss is defined for it")
     return Criterion([t for t in weighted if t[1] != 0])
+
+
+def _check_choice(value: str, allowed, key: str) -> str:
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}' is {value!r}; expected one of: {', '.join(allowed)}")
+    return value
 
 
 __all__ = ["Criterion", "build_criterion", "cross_entropy", "batch_hard_triplet", "improved_hard_triplet",

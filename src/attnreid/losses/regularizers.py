@@ -1,29 +1,66 @@
-"""Regularisers of MHSA-Net: FDRT (Eq. 3) on the embeddings, ACM (Eq. 12) on the attention."""
+"""Regularisers of MHSA-Net: FDRT (Eq. 3) on the embeddings, ACM (Eq. 12) on the attention.
+
+Each has the paper's form (the default) and the form of the authors' released code as
+an option (``loss.fdrt_form``, ``loss.acm_form``; SPEC.md 1). At the paper's weights
+both are close to inactive; docs/models.md gives the measured numbers.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+FDRT_FORMS = ("paper", "gram")
+ACM_FORMS = ("paper", "linear")
 
-def feature_diversity(p: torch.Tensor) -> torch.Tensor:
-    """FDRT, Eq. 3: L = ||G - I||_F / K^2 with G = P P^T, P's rows L2-normalised.
 
-    p: B x K x E -> G: B x K x K; the loss is averaged over the batch. Zero when the K
-    embeddings of every image are orthogonal (always zero for K = 1).
+def feature_diversity(p: torch.Tensor, form: str = "paper") -> torch.Tensor:
+    """FDRT: L = ||G - I||_F / K^2 per image, averaged over the batch. p: B x K x E.
+
+    ``form="paper"`` (Eq. 3): G = P^ P^^T with the rows of P L2-normalised first, so G
+    is the K x K matrix of cosine similarities (diagonal exactly 1); L is at most
+    (K - 1) / K < 1 for unit-norm rows, which lambda1 = 1e-4 scales to below 1e-4.
+
+    ``form="gram"`` (our reading of the authors' code, which normalises the raw Gram
+    matrix instead of the embeddings): G_raw = P P^T on the un-normalised P, then each
+    row of G_raw is divided by its L2 norm, G_i = G_raw,i / ||G_raw,i||. Its diagonal is
+    ||P_i||^2 / ||G_raw,i|| <= 1, equal to 1 only where row i is orthogonal to the
+    others, so the gradient also acts on the embeddings' relative lengths.
+
+    Both are zero exactly when the K embeddings of every image are pairwise orthogonal
+    (always zero for K = 1). Computed in float32 with autocast off: G - I is small.
     """
+    if form not in FDRT_FORMS:
+        raise ValueError(f"unknown FDRT form {form!r}; expected one of {FDRT_FORMS}")
     k = p.shape[1]
-    with torch.autocast(device_type=p.device.type, enabled=False):  # G - I is small: keep float32
-        pn = F.normalize(p.float(), dim=2)
-        gram = torch.bmm(pn, pn.transpose(1, 2))
+    with torch.autocast(device_type=p.device.type, enabled=False):
+        p = p.float()
+        if form == "paper":
+            pn = F.normalize(p, dim=2)
+            gram = torch.bmm(pn, pn.transpose(1, 2))
+        else:
+            gram = F.normalize(torch.bmm(p, p.transpose(1, 2)), dim=2)
         eye = torch.eye(k, dtype=gram.dtype, device=p.device)
         return torch.linalg.matrix_norm(gram - eye, ord="fro").mean() / (k * k)
 
 
-def attention_competition(alpha: torch.Tensor, gamma: float = 1e-3) -> torch.Tensor:
-    """ACM, Eq. 12: L_C = sum_{i,j} min(alpha_ij, gamma)^2, averaged over the batch.
+def attention_competition(alpha: torch.Tensor, gamma: float = 1e-3, form: str = "paper") -> torch.Tensor:
+    """ACM on alpha (B x K x J): a sum over all K x J entries, averaged over the batch.
 
-    alpha: B x K x J. Only weights below gamma contribute (and get pushed to zero);
-    weights at or above gamma add the constant gamma^2 and get no gradient.
+    ``form="paper"`` (Eq. 12): L_C = sum_{i,j} min(alpha_ij, gamma)^2. Entries below
+    gamma get gradient 2 alpha_ij (pushed to zero); entries at or above gamma add the
+    constant gamma^2 and get none. With the spatial softmax over J = 192 positions at
+    initialisation every alpha is near 1/192 > gamma = 1e-3, so the gradient starts at 0.
+
+    ``form="linear"`` (the authors' code): L_C = sum_{i,j} alpha_ij [alpha_ij < gamma],
+    the same threshold with a linear penalty: every entry below gamma gets gradient 1,
+    however small it already is. The authors used gamma = 0.01 with weight 1e-4
+    (``loss.acm_gamma: 0.01``, ``loss.lambda_acm: 1.0e-4``).
     """
-    return alpha.clamp(max=gamma).pow(2).flatten(1).sum(1).mean()
+    if form not in ACM_FORMS:
+        raise ValueError(f"unknown ACM form {form!r}; expected one of {ACM_FORMS}")
+    if form == "paper":
+        per_entry = alpha.clamp(max=gamma).pow(2)
+    else:
+        per_entry = alpha * (alpha < gamma).to(alpha.dtype)
+    return per_entry.flatten(1).sum(1).mean()

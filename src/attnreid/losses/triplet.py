@@ -1,17 +1,61 @@
 """Batch-hard triplet loss (Hermans et al. [1], Eq. 4) and the Improved Hard Triplet Loss (Eq. 5).
 
-Both use the squared Euclidean distance d(a, b) = ||a - b||^2 of the paper. Choices the
-papers leave open, written down here: an image is never its own positive (a positive
-pair is two different images of one identity), and an anchor that has no positive or no
-negative in the batch is left out of the mean (a PK batch never has such anchors).
+Distance and margin are configuration (SPEC.md 1, "Total" and "IHTL"):
+
+- ``distance="euclidean"`` (default): d(a, b) = ||a - b||, square-rooted, as the authors'
+  released code (``euclidean_dist``) and Hermans et al. use it.
+  ``distance="squared"``: d(a, b) = ||a - b||^2, the literal reading of Eq. 5. On
+  LayerNorm'd 512-d vectors (||p*|| ~ 22.6, ||z|| ~ 181 for K = 8 without
+  ``rlm_out_norm``) squared distances are in the hundreds to tens of thousands, so a
+  squared triplet dwarfs every CE term; that is why it is not the default.
+- ``margin="soft"`` (default): ``softplus(pos - neg)``, the soft margin of Hermans et al.
+  and the authors' code (``margin=None`` selects ``SoftMarginLoss``). A number m >= 0:
+  the hinge ``[m + pos - neg]_+``. :func:`parse_margin` turns a config value into one
+  of the two, once, at build time.
+
+Choices the papers leave open, written down here: an image is never its own positive (a
+positive pair is two different images of one identity), and an anchor that has no
+positive or no negative in the batch is left out of the mean (a PK batch never has such
+anchors).
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+from attnreid.errors import ConfigError
+
+DISTANCES = ("euclidean", "squared")
+Margin = Union[float, str]  # a number >= 0 (hinge) or "soft" (softplus)
+
+# sqrt is clamped below at this squared distance so that its gradient stays finite
+# where two vectors coincide (d/dx sqrt(x) is infinite at 0); 1e-12 -> 1e-6 in distance.
+SQRT_EPS = 1e-12
+
+
+def parse_margin(value, key: str) -> Margin:
+    """A config margin (``soft``, a number, or a numeric string) -> ``"soft"`` or a float >= 0.
+
+    ``key`` names the config key in the one-line :class:`ConfigError` for anything else.
+    """
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "soft":
+            return "soft"
+        try:
+            number = float(text)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' is {value!r}; expected 'soft' or a number >= 0") from None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise ConfigError(f"config key '{key}' is {value!r}; expected 'soft' or a number >= 0")
+    if not number >= 0 or number == float("inf"):
+        raise ConfigError(f"config key '{key}' is {value!r}; a numeric margin must be finite and >= 0")
+    return number
 
 
 def pairwise_squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -24,6 +68,20 @@ def pairwise_squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a, b = a.float(), b.float()
         d = a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1).unsqueeze(0) - 2.0 * a @ b.t()
     return d.clamp_min(0.0)
+
+
+def pairwise_distance(a: torch.Tensor, b: torch.Tensor, distance: str = "euclidean") -> torch.Tensor:
+    """N x D, M x D -> N x M: ``euclidean`` ||a_i - b_j|| or ``squared`` ||a_i - b_j||^2.
+
+    The Euclidean distance is sqrt(max(d^2, 1e-12)): its gradient is finite (zero) where
+    two vectors coincide, so masking such entries out cannot produce NaN (0 * inf).
+    """
+    sq = pairwise_squared_distance(a, b)
+    if distance == "squared":
+        return sq
+    if distance == "euclidean":
+        return sq.clamp_min(SQRT_EPS).sqrt()
+    raise ValueError(f"unknown distance {distance!r}; expected one of {DISTANCES}")
 
 
 def hardest_pairs(dist: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -40,40 +98,44 @@ def hardest_pairs(dist: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tenso
     return hardest_pos, hardest_neg, pos_mask.any(1) & neg_mask.any(1)
 
 
-def _reduce(pos: torch.Tensor, neg: torch.Tensor, valid: torch.Tensor, margin: float, soft: bool,
+def _reduce(pos: torch.Tensor, neg: torch.Tensor, valid: torch.Tensor, margin: Margin,
             anchor: torch.Tensor) -> torch.Tensor:
     if not bool(valid.any()):
         return anchor.sum() * 0.0
     pos, neg = pos[valid], neg[valid]
-    per_anchor = F.softplus(pos - neg) if soft else F.relu(margin + pos - neg)
+    per_anchor = F.softplus(pos - neg) if margin == "soft" else F.relu(float(margin) + pos - neg)
     return per_anchor.mean()
 
 
-def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, margin: float = 0.3) -> torch.Tensor:
-    """Eq. 4: mean over anchors of [m + max_p d(a, p) - min_n d(a, n)]_+.
+def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, margin: Margin = "soft",
+                       distance: str = "euclidean") -> torch.Tensor:
+    """Eq. 4: mean over anchors of ``l(max_p d(a, p) - min_n d(a, n))``.
 
-    features: B x D, labels: B. Used on p* (L_SAFFM, Eq. 8) and z (L_ReN, Eq. 10) with
-    margin 0.3 unless configured (``loss.triplet_margin``; the paper gives none).
+    ``l`` is softplus (``margin="soft"``) or ``[m + .]_+`` (a number m). features: B x D,
+    labels: B. Used on p* (L_SAFFM, Eq. 8) and z (L_ReN, Eq. 10); the paper gives
+    neither distance nor margin (``loss.triplet_distance``, ``loss.triplet_margin``).
     """
-    dist = pairwise_squared_distance(features, features)
+    dist = pairwise_distance(features, features, distance)
     pos, neg, valid = hardest_pairs(dist, labels)
-    return _reduce(pos, neg, valid, margin, False, features)
+    return _reduce(pos, neg, valid, margin, features)
 
 
-def improved_hard_triplet(p: torch.Tensor, labels: torch.Tensor, margin: float = 3.0, soft: bool = False) -> torch.Tensor:
+def improved_hard_triplet(p: torch.Tensor, labels: torch.Tensor, margin: Margin = "soft",
+                          distance: str = "euclidean") -> torch.Tensor:
     """IHTL, Eq. 5, on the K embeddings of each image.
 
-    p: B x K x E. Step I: the squared distance between every head of every image pair
+    p: B x K x E. Step I: the distance between every head of every image pair
     (B*K x B*K) is reduced per image pair (a K x K block) to its max for positive pairs
     and its min for negative pairs. Step II: batch-hard mining per anchor on those
-    image-pair distances; hinge ``[m + pos - neg]_+`` with m = 3.0, or with ``soft``
-    ``softplus(pos - neg)``. Mean over anchors.
+    image-pair distances, then softplus(pos - neg) (``margin="soft"``, default) or the
+    hinge [m + pos - neg]_+. Mean over anchors. The paper writes squared distance with
+    m = 3.0 (``loss.ihtl_distance: squared``, ``loss.ihtl_margin: 3.0``).
     """
     b, k, _ = p.shape
     flat = p.reshape(b * k, -1)
-    blocks = pairwise_squared_distance(flat, flat).view(b, k, b, k).permute(0, 2, 1, 3).reshape(b, b, k * k)
+    blocks = pairwise_distance(flat, flat, distance).view(b, k, b, k).permute(0, 2, 1, 3).reshape(b, b, k * k)
     same = labels.unsqueeze(0) == labels.unsqueeze(1)
     # Each image pair's distance: the block max where it may serve as a positive, the min otherwise.
     pair_dist = torch.where(same, blocks.max(dim=2).values, blocks.min(dim=2).values)
     pos, neg, valid = hardest_pairs(pair_dist, labels)
-    return _reduce(pos, neg, valid, margin, soft, p)
+    return _reduce(pos, neg, valid, margin, p)

@@ -11,7 +11,7 @@ MHSAM                        :class:`MultiHeadSelfAttention`               Eq. 1
 FRM (P-perp = P)             ``P`` itself, shaped by FDRT and IHTL         Eq. 3, 5
 SAFFM                        :class:`SelfAttentionFeatureFusion`           Eq. 6-7
 fusion alternatives          :class:`ConcatFusion`, :class:`SumFusion`     Table IX
-RLM                          :class:`ResidualLearningModule`               Eq. 9
+RLM (+ LayerNorm on z)       :class:`ResidualLearningModule`               Eq. 9
 whole network                :class:`MHSANet`                              Fig. 2
 ===========================  ===========================================  ==========
 
@@ -131,15 +131,23 @@ FUSIONS = {"saffm": SelfAttentionFeatureFusion, "concat": ConcatFusion, "sum": S
 class ResidualLearningModule(nn.Module):
     """RLM, Eq. 9: ``Z = LayerNorm(Q* + P)``, Q* = q* copied to K rows; z = sum_k Z_k.
 
+    ``out_norm=True`` (default, ``model.mhsanet.rlm_out_norm``; the authors' code):
+    z = LayerNorm(sum_k Z_k). Without it (Eq. 9 as written, "simply summed") z sums K
+    unit-variance rows that start out aligned (q* dominates every row), so ||z|| grows
+    as K x sqrt(E): 181 for K = 8, E = 512 at initialisation, against 22.6 for p*; the
+    triplet on z then outweighs every other loss term (SPEC.md 1, RLM).
+
     q*: B x E, P: B x K x E -> z: B x E (a training-only signal for L_ReN, Eq. 10).
     """
 
-    def __init__(self, embed_dim: int = 512):
+    def __init__(self, embed_dim: int = 512, out_norm: bool = True):
         super().__init__()
         self.norm = nn.LayerNorm(embed_dim)
+        self.out_norm = nn.LayerNorm(embed_dim) if out_norm else None
 
     def forward(self, q_star: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        return self.norm(q_star.unsqueeze(1) + p).sum(dim=1)
+        z = self.norm(q_star.unsqueeze(1) + p).sum(dim=1)
+        return self.out_norm(z) if self.out_norm is not None else z
 
 
 class MHSANet(nn.Module):
@@ -147,7 +155,8 @@ class MHSANet(nn.Module):
 
     Variants are configuration (``model_cfg``): ``mhsanet.num_heads`` (K >= 1),
     ``attention_norm``, ``fusion`` (saffm | concat | sum), ``rlm`` (false: the RLM and
-    its classifier are not built, no ``z``), ``test_feature`` and ``feature_norm``.
+    its classifier are not built, no ``z``), ``rlm_out_norm`` (LayerNorm on z),
+    ``test_feature`` and ``feature_norm``.
     MHSA-Net-dagger (no CE on q*) is a loss switch (``loss.global_ce: false``): the
     global classifier is still built, so dagger and plain checkpoints share one layout,
     but the criterion never calls it, so it gets no gradient.
@@ -194,7 +203,7 @@ class MHSANet(nn.Module):
         self.mhsam = MultiHeadSelfAttention(self.backbone.out_channels, cfg.num_heads, cfg.attention_dim, e,
                                             cfg.attention_norm)
         self.fusion = FUSIONS[cfg.fusion](cfg.num_heads, e)
-        self.rlm = ResidualLearningModule(e) if cfg.rlm else None
+        self.rlm = ResidualLearningModule(e, cfg.rlm_out_norm) if cfg.rlm else None
         heads = {"global": make_classifier(e, num_classes), "saffm": make_classifier(self.fusion.out_dim, num_classes)}
         if cfg.rlm:
             heads["rlm"] = make_classifier(e, num_classes)

@@ -1,0 +1,188 @@
+"""Proof on real data: Baseline, MHSA-Net (and MHSA-Net*) and HA-CNN trained from scratch on Market-1501.
+
+Each model trains from random initialisation on the full Market-1501 training split (the
+official zip in ``../shared/data``, read in place) with its CPU recipe,
+``configs/cpu/market1501_{baseline,mhsanet,hacnn}.yaml``: the same PK batch, the same
+identity-epochs and so the same number of optimiser steps for every model, bf16 autocast
+where the CPU has it. ``data.val_ids`` training identities are held out as a validation
+split; nothing is tuned on the test split. Then, from ``last.pth``:
+
+- the Market protocol on the full query/gallery, without and with re-ranking;
+- MHSA-Net* (p* alone) from the same MHSA-Net run;
+- head diversity of MHSA-Net on the query set: the mean pairwise overlap of the K
+  attention maps and the entropy of SAFFM's beta (``attnreid.engine.diagnostics``);
+- ``attnreid robustness`` (block, person and erasing occluders at the top, bottom and side,
+  0-50 % of the image) for the Baseline and MHSA-Net on one query per test identity
+  (``--robust-queries``) against the full gallery.
+
+    python benchmarks/bench_market_accuracy.py [--models baseline,mhsanet,hacnn] [--epochs 34]
+        [--threads 2] [--out scratch/market_accuracy] [--smoke]
+
+Runs go to ``--out`` (git-ignored); ``benchmarks/results/market_accuracy.json`` is rewritten
+after every model, so a long run commits its results as they come. ``--smoke`` trains two
+epochs on 40 identities with a small test set, to check the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import git_commit, machine_record  # noqa: E402
+
+from attnreid.config import load_config  # noqa: E402
+from attnreid.data.datasets import build_dataset_from_config  # noqa: E402
+from attnreid.engine.build import load_model, resolve_device  # noqa: E402
+from attnreid.engine.evaluator import evaluate_model  # noqa: E402
+from attnreid.engine.trainer import train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "market_accuracy.json"
+CONFIGS = {m: ROOT / "configs" / "cpu" / f"market1501_{m}.yaml" for m in ("baseline", "mhsanet", "hacnn")}
+METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
+
+
+def pick(metrics: dict) -> dict:
+    out = {k: round(float(metrics[k]), 5) for k in METRICS if k in metrics}
+    for k in ("rank1_ci", "mAP_ci"):
+        if k in metrics:
+            out[k] = [round(float(x), 5) for x in metrics[k]]
+    return out
+
+
+def head_diversity(model, dataset, cfg, device, limit: int = 1024) -> dict:
+    """Mean head overlap and beta entropy of MHSA-Net over the first ``limit`` queries (eval mode)."""
+    from attnreid.data.loader import build_test_loader
+    from attnreid.engine.diagnostics import beta_entropy, head_overlap
+
+    loader = build_test_loader(cfg.data, dataset.query[:limit])
+    overlaps, entropies, betas, n = [], [], [], 0
+    model.eval()
+    with torch.inference_mode():
+        for batch in loader:
+            out = model.forward_attention(batch[0].to(device))
+            alpha = out["attention"].flatten(2).float()
+            overlaps.append(float(head_overlap(alpha)) * len(alpha))
+            if "beta" in out:
+                entropies.append(float(beta_entropy(out["beta"].float())) * len(alpha))
+                betas.append(out["beta"].float().sum(0))
+            n += len(alpha)
+    k = alpha.shape[1]
+    res = {"images": n, "num_heads": int(k), "head_overlap": round(sum(overlaps) / n, 4)}
+    if entropies:
+        res["beta_entropy"] = round(sum(entropies) / n, 4)
+        res["beta_entropy_max"] = round(float(np.log(k)), 4)
+        res["beta_mean_per_head"] = [round(float(x), 4) for x in (torch.stack(betas).sum(0) / n)]
+    return res
+
+
+def robustness(cfg, checkpoints, dataset, device, num_queries: int, log) -> dict:
+    """Occlusion curves of the given checkpoints on one query per test identity, the full gallery."""
+    from attnreid.robustness.report import build_conditions, evaluate_robustness, load_models, summarize
+
+    rng = np.random.default_rng(0)
+    by_pid = {}
+    for item in dataset.query:
+        by_pid.setdefault(item[1], []).append(item)
+    pids = sorted(by_pid)
+    queries = [by_pid[p][rng.integers(len(by_pid[p]))] for p in pids][:num_queries]
+    ds = copy.copy(dataset)
+    ds.query, ds.train = queries, []
+    levels = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    conditions = build_conditions(levels, ("block", "person", "erasing"), ("top", "bottom", "side"))
+    models = load_models(checkpoints, cfg, str(device))
+    rows = evaluate_robustness(models, ds, cfg.eval, conditions, seed=0, device=str(device), log=log)
+    return {"num_query": len(queries), "num_gallery": len(ds.gallery), "levels_percent": [100 * x for x in levels],
+            "curves": {label: summarize(r) for label, r in rows.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--models", default="baseline,mhsanet,hacnn")
+    ap.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs (same for all)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "scratch" / "market_accuracy")
+    ap.add_argument("--robust-queries", type=int, default=750)
+    ap.add_argument("--no-robustness", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="2 epochs on 40 ids, small test set: checks the script")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    result = json.loads(args.results.read_text()) if args.results.is_file() and not args.smoke else {}
+    result.update({"benchmark": "bench_market_accuracy", "dataset": "Market-1501 (official zip, full splits)",
+                   "initialisation": "random (no ImageNet weights)", "commit": git_commit()})
+    result.setdefault("models", {})
+    result["machine"] = machine_record()
+
+    def save() -> None:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(result, indent=2) + "\n")
+
+    full = None
+    for name in models:
+        overrides = [f"data.root={args.root}", f"train.threads={args.threads}", "train.device=cpu"]
+        if args.epochs:
+            overrides.append(f"train.epochs={args.epochs}")
+        if args.smoke:
+            overrides += ["train.epochs=2", "data.max_ids=40", "data.val_ids=8", "train.eval_every=1"]
+        cfg = load_config(CONFIGS[name], overrides)
+        if full is None:
+            full = build_dataset_from_config(cfg.data)
+            if args.smoke:
+                keep = set(sorted({p for _, p, _ in full.query})[:30])
+                full.query = [it for it in full.query if it[1] in keep][:60]
+                full.gallery = [it for it in full.gallery if it[1] in keep or it[1] <= 0][:600]
+        run = args.out / name
+        print(f"== {name}: {CONFIGS[name].relative_to(ROOT)}  -> {run}", flush=True)
+        t0 = time.perf_counter()
+        summary = train(cfg, run, overwrite=True, eval_dataset=full)
+        train_s = time.perf_counter() - t0
+        device = resolve_device(cfg.train.device)
+        last = run / "checkpoints" / "last.pth"
+        model, run_cfg = load_model(last, None, device=str(device))
+        entry = {"config": str(CONFIGS[name].relative_to(ROOT)), "steps": summary["step"], "epochs": summary["epoch"],
+                 "train_wall_seconds": round(train_s, 1), "img_per_s": summary.get("img_per_s"),
+                 "data_wait": summary.get("data_wait"), "precision": summary.get("precision"),
+                 "status": summary.get("status"), "val_best": summary.get("best_mAP"),
+                 "backbone": run_cfg.model.backbone.name, "input": [run_cfg.data.height, run_cfg.data.width],
+                 "batch": run_cfg.data.batch_size, "val_ids": run_cfg.data.val_ids,
+                 "load_average_end": machine_record()["load_average"]}
+        t1 = time.perf_counter()
+        entry["test"] = pick(evaluate_model(model, full, run_cfg, device=device, rerank=False))
+        entry["test_rerank"] = pick(evaluate_model(model, full, run_cfg, device=device, rerank=True))
+        if name == "mhsanet":
+            star_cfg = copy.deepcopy(run_cfg)
+            star_cfg.model.test_feature = "star"
+            star, _ = load_model(last, star_cfg, device=str(device))
+            result["models"]["mhsanet_star"] = {
+                "from": "the mhsanet run's last.pth, test feature p*",
+                "test": pick(evaluate_model(star, full, star_cfg, device=device, rerank=False)),
+                "test_rerank": pick(evaluate_model(star, full, star_cfg, device=device, rerank=True))}
+            entry["diversity"] = head_diversity(model, full, run_cfg, device)
+        entry["eval_seconds"] = round(time.perf_counter() - t1, 1)
+        result["models"][name] = entry
+        print(json.dumps({name: entry}, indent=1), flush=True)
+        save()
+    if not args.no_robustness and {"baseline", "mhsanet"} <= set(models):
+        cfg = load_config(CONFIGS["mhsanet"], [f"data.root={args.root}", f"train.threads={args.threads}"])
+        ckpts = [str(args.out / m / "checkpoints" / "last.pth") for m in ("baseline", "mhsanet")]
+        t2 = time.perf_counter()
+        result["robustness"] = robustness(cfg, ckpts, full, resolve_device("cpu"), args.robust_queries,
+                                          log=lambda s: print(s, flush=True))
+        result["robustness"]["seconds"] = round(time.perf_counter() - t2, 1)
+        save()
+    print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""The CPU recipes (configs/cpu/) give every model the same optimiser steps on Market-1501."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from attnreid.config import load_config
+
+CPU = Path(__file__).resolve().parents[1] / "configs" / "cpu"
+
+
+def test_cpu_recipes_share_the_step_budget_and_validation_split():
+    cfgs = {m: load_config(CPU / f"market1501_{m}.yaml") for m in ("baseline", "mhsanet", "hacnn")}
+    budget = {(c.data.batch_size, c.data.num_instances, c.data.epoch_mode, c.train.epochs, c.data.val_ids)
+              for c in cfgs.values()}
+    assert budget == {(32, 4, "identities", 34, 50)}
+    for name, c in cfgs.items():
+        assert c.model.name == name and c.data.dataset == "market1501"
+        assert c.train.amp == "auto" and not c.model.backbone.pretrained
+    for name in ("baseline", "mhsanet"):
+        c = cfgs[name]
+        assert (c.model.backbone.name, c.model.backbone.last_stride, c.data.height, c.data.width) == ("resnet18", 1, 128, 64)
+    assert cfgs["mhsanet"].model.mhsanet.num_heads == 8
+    assert (cfgs["hacnn"].data.height, cfgs["hacnn"].data.width, cfgs["hacnn"].data.flip) == (160, 64, False)
