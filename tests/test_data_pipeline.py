@@ -51,12 +51,13 @@ def test_pk_deterministic_per_seed_and_epoch():
     assert list(PKSampler(PIDS, 8, 4, seed=4)) != first
 
 
-def test_pk_distributed_ranks_split_the_global_batches():
+@pytest.mark.parametrize("mode", ["images", "identities"])
+def test_pk_distributed_ranks_split_the_global_batches(mode):
     pids = [i // 6 for i in range(60)]  # 10 ids x 6 images
-    full = list(PKSampler(pids, 8, 2, seed=0))
-    ranks = [list(PKSampler(pids, 8, 2, seed=0, rank=r, world_size=2)) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == len(full) // 2
-    assert ranks[0] == full[0::2][: len(full) // 2] and ranks[1] == full[1::2][: len(full) // 2]
+    full = list(PKSampler(pids, 16, 2, seed=0, epoch_mode=mode))  # one process with the global batch
+    ranks = [list(PKSampler(pids, 8, 2, seed=0, rank=r, world_size=2, epoch_mode=mode)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(full) > 0
+    assert [a + b for a, b in zip(*ranks)] == full
 
 
 def test_pk_errors():

@@ -36,12 +36,13 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> bool:
 # ---------------------------------------------------------------- sampler
 
 
-def test_pk_sampler_ranks_get_disjoint_identities_every_step():
+@pytest.mark.parametrize("mode", ["images", "identities"])
+def test_pk_sampler_ranks_get_disjoint_identities_every_step(mode):
     from attnreid.data.sampler import PKSampler
 
     pids = [i // 6 for i in range(72)]  # 12 ids x 6 images
     for epoch in range(3):
-        ranks = [PKSampler(pids, 8, 2, seed=0, rank=r, world_size=WORLD) for r in range(WORLD)]
+        ranks = [PKSampler(pids, 8, 2, seed=0, rank=r, world_size=WORLD, epoch_mode=mode) for r in range(WORLD)]
         for s in ranks:
             s.set_epoch(epoch)
         steps = list(zip(*[list(s) for s in ranks]))
