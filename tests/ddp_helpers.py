@@ -131,7 +131,7 @@ def worker(rank: int, port: int, root: str, out: str, step_cases: List[List[str]
     from attnreid.config import load_config
     from attnreid.data.datasets import build_dataset
     from attnreid.data.loader import build_train_loader
-    from attnreid.engine.distributed import all_gather_labels, all_gather_with_grad
+    from attnreid.distributed import all_gather_labels, all_gather_with_grad
     from attnreid.engine.optim import build_optimizer
     from attnreid.engine.trainer import train
     from attnreid.losses import build_criterion

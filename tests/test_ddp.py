@@ -71,7 +71,7 @@ UNUSED_CASES = {
 def test_unused_classifiers_predicts_which_parameters_get_no_gradient(name, synthetic_root):
     """What the trainer decides at build time (find_unused_parameters) against a real backward pass."""
     from attnreid.config import load_config
-    from attnreid.engine.distributed import unused_classifiers
+    from attnreid.distributed import unused_classifiers
     from attnreid.losses import build_criterion
     from attnreid.models import build_model
 
