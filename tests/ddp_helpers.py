@@ -33,7 +33,7 @@ def tiny_overrides(root: Path, *extra: str) -> List[str]:
     return ["data.dataset=market1501", f"data.root={root}", "data.height=32", "data.width=16",
             "data.batch_size=4", "data.num_instances=2", "data.test_batch_size=64", "data.workers=0",
             "model.name=baseline", "model.backbone.name=mobilenetv3_small", "model.backbone.pretrained=false",
-            "train.device=cpu", "train.threads=1", "train.amp=off", "train.eval_every=0", "train.log_every=1",
+            "train.device=cpu", "train.threads=1", 'train.amp="off"', "train.eval_every=0", "train.log_every=1",
             "optim.warmup_epochs=0", "optim.milestones=[]", *extra]
 
 

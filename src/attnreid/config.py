@@ -143,6 +143,9 @@ class LossConfig:
     lambda_acm: float = 1e-3  # lambda3, Eq. 13 (authors' code with acm_form linear: 1e-4)
     acm_form: str = "paper"  # paper (Eq. 12, min(alpha, gamma)^2) | linear (authors' code, alpha below gamma)
     acm_gamma: float = 1e-3  # gamma, Eq. 12: the threshold of both forms (authors' code: 0.01)
+    # DDP: mine triplets (p*, z, IHTL) over every rank's share of the step's batch, as the authors
+    # mined within their whole batch of 128; false = within each process's data.batch_size images.
+    gather_triplets: bool = True
 
 
 @dataclass
