@@ -92,6 +92,23 @@ def test_unused_classifiers_predicts_which_parameters_get_no_gradient(name, synt
     assert bool(predicted) == expected_unused
 
 
+# ---------------------------------------------------------------- who speaks
+
+
+def test_error_prefix_and_main_process_from_torchrun_environment(monkeypatch):
+    from attnreid.distributed import error_prefix, is_main_process
+
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert error_prefix() == "error" and is_main_process()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert error_prefix() == "error" and is_main_process()
+    monkeypatch.setenv("RANK", "1")
+    # Before joining the group every rank runs the same code on the same files: rank 0 says it.
+    assert error_prefix() is None and not is_main_process()
+
+
 # ---------------------------------------------------------------- two processes, one spawn
 
 SGD = ["optim.name=sgd", "optim.momentum=0", "optim.weight_decay=0", "optim.lr=0.5", "data.flip=false"]
@@ -147,6 +164,8 @@ def test_all_gather_with_grad_sums_the_ranks_gradients_into_each_slice(spawned):
         got = torch.load(spawned / f"gather{r}.pt", weights_only=True)
         assert torch.equal(got["gathered"], torch.cat(xs))
         assert torch.equal(got["grad"], WORLD * g[3 * r:3 * (r + 1)])
+        # Once joined, an error a rank meets is its own: every rank says it, tagged.
+        assert got["error_prefix"] == ("error" if r == 0 else f"error (rank {r})")
 
 
 @pytest.mark.parametrize("case", range(len(STEP_CASES)))

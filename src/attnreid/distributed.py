@@ -17,6 +17,7 @@ combined batch (tested in ``tests/test_ddp.py``).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -128,6 +129,14 @@ class DistContext:
                 dist.destroy_process_group()
 
 
+def is_main_process() -> bool:
+    """Rank 0 of the process group, or of torchrun's environment (``RANK``) once the group is left."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def error_prefix() -> Optional[str]:
     """How the CLI introduces an error line in this process: ``error`` on rank 0 (and
     outside torchrun), ``error (rank N)`` on another rank that has joined the process group,
@@ -136,8 +145,6 @@ def error_prefix() -> Optional[str]:
     rank = os.environ.get("RANK", "0")
     if rank in ("", "0") or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return "error"
-    import sys
-
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         return f"error (rank {rank})"
@@ -230,4 +237,4 @@ def all_gather_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-__all__ = ["DistContext", "all_gather_labels", "all_gather_with_grad", "error_prefix", "unused_classifiers", "world_size", "wrap_ddp"]
+__all__ = ["DistContext", "all_gather_labels", "all_gather_with_grad", "error_prefix", "is_main_process", "unused_classifiers", "world_size", "wrap_ddp"]

@@ -32,18 +32,22 @@ def train_cmd(
 ) -> None:
     """Train a model: writes config.yaml, log.jsonl, checkpoints/{last,best}.pth and eval.json."""
     from attnreid.config import load_config
+    from attnreid.distributed import is_main_process
     from attnreid.engine.trainer import train
 
     cfg = load_config(config, list(overrides or []))
     run_dir = out or default_run_dir(config)
     result = train(cfg, run_dir, resume=resume, overwrite=overwrite)
+    speak = is_main_process()  # under torchrun only rank 0 prints; every rank exits with the status
     if result["status"] == "interrupted":
-        print(f"interrupted: saved {result['checkpoint']} after {result['epoch']} epochs ({result['step']} steps); "
-              f"continue with: attnreid train {config} --out {run_dir} --resume", file=sys.stderr)
+        if speak:
+            print(f"interrupted: saved {result['checkpoint']} after {result['epoch']} epochs ({result['step']} steps); "
+                  f"continue with: attnreid train {config} --out {run_dir} --resume", file=sys.stderr)
         raise typer.Exit(130)
-    print(f"{result['status']}: {result['epoch']} epochs, {result['step']} steps in {result['train_seconds']:.0f} s "
-          f"({result['img_per_s']:.1f} img/s, {100 * result['data_wait']:.0f}% waiting for data); "
-          f"{_metrics_line(result)}; run folder {run_dir}")
+    if speak:
+        print(f"{result['status']}: {result['epoch']} epochs, {result['step']} steps in {result['train_seconds']:.0f} s "
+              f"({result['img_per_s']:.1f} img/s, {100 * result['data_wait']:.0f}% waiting for data); "
+              f"{_metrics_line(result)}; run folder {run_dir}")
 
 
 def _metrics_line(m: dict) -> str:
