@@ -97,6 +97,7 @@ def test_unused_classifiers_predicts_which_parameters_get_no_gradient(name, synt
 
 def test_error_prefix_and_main_process_from_torchrun_environment(monkeypatch):
     from attnreid.distributed import error_prefix, is_main_process
+    from attnreid.errors import AttnReidError
 
     for k in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
@@ -107,6 +108,11 @@ def test_error_prefix_and_main_process_from_torchrun_environment(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     # Before joining the group every rank runs the same code on the same files: rank 0 says it.
     assert error_prefix() is None and not is_main_process()
+    collective = AttnReidError("loss is nan")
+    collective.every_rank = True
+    assert error_prefix(collective) is None
+    monkeypatch.setenv("RANK", "0")
+    assert error_prefix(collective) == "error"
 
 
 # ---------------------------------------------------------------- two processes, one spawn
@@ -168,8 +174,17 @@ def test_all_gather_with_grad_sums_the_ranks_gradients_into_each_slice(spawned):
         assert got["error_prefix"] == ("error" if r == 0 else f"error (rank {r})")
 
 
+@pytest.fixture
+def one_thread():
+    """The references run on one thread, as the ranks do (and as a shared machine prefers)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("case", range(len(STEP_CASES)))
-def test_one_ddp_step_equals_one_process_on_the_combined_batch(spawned, synthetic_root, case):
+def test_one_ddp_step_equals_one_process_on_the_combined_batch(spawned, synthetic_root, case, one_thread):
     """Two ranks of 4 images each vs one process on their 8 images, plain SGD.
 
     Why this comparison is exact in principle: BatchNorm runs on its running statistics

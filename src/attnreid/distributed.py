@@ -137,14 +137,17 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
-def error_prefix() -> Optional[str]:
+def error_prefix(error: Optional[BaseException] = None) -> Optional[str]:
     """How the CLI introduces an error line in this process: ``error`` on rank 0 (and
     outside torchrun), ``error (rank N)`` on another rank that has joined the process group,
-    None (stay silent) on another rank that has not: until then every rank runs the same
-    code on the same config and files, so rank 0 already says it."""
+    None (stay silent) on another rank that has not, or for an ``error`` marked
+    ``every_rank`` (raised on all ranks at once): rank 0 already says it. Before the join
+    every rank runs the same code on the same config and files."""
     rank = os.environ.get("RANK", "0")
     if rank in ("", "0") or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return "error"
+    if getattr(error, "every_rank", False):
+        return None
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         return f"error (rank {rank})"

@@ -33,7 +33,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except AttnReidError as exc:
         from attnreid.distributed import error_prefix
 
-        prefix = error_prefix()  # under torchrun: rank 0 speaks for the errors every rank meets
+        prefix = error_prefix(exc)  # under torchrun: rank 0 speaks for the errors every rank meets
         if prefix is not None:
             print(f"{prefix}: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
