@@ -141,7 +141,8 @@ def main() -> None:
             if args.smoke:
                 keep = set(sorted({p for _, p, _ in full.query})[:30])
                 full.query = [it for it in full.query if it[1] in keep][:60]
-                full.gallery = [it for it in full.gallery if it[1] in keep or it[1] <= 0][:600]
+                full.gallery = ([it for it in full.gallery if it[1] in keep]
+                                + [it for it in full.gallery if it[1] not in keep][:300])
         run = args.out / name
         print(f"== {name}: {CONFIGS[name].relative_to(ROOT)}  -> {run}", flush=True)
         t0 = time.perf_counter()

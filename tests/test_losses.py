@@ -4,14 +4,17 @@ The criterion's terms are compared with references written here as plain loops
 (``_ref_*``), never with the functions the criterion itself calls.
 """
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from attnreid.config import load_config
+from attnreid.config import _read_yaml, load_config
 from attnreid.errors import ConfigError
 from attnreid.losses import build_criterion, cross_entropy
+from attnreid.losses.balance import MAX_GRAD_RATIO, loss_balance, worst_ratio
 from attnreid.losses.regularizers import attention_competition, feature_diversity
 from attnreid.losses.triplet import (
     batch_hard_triplet,
@@ -20,6 +23,7 @@ from attnreid.losses.triplet import (
     pairwise_squared_distance,
     parse_margin,
 )
+from attnreid.models import build_model
 
 
 def softplus(x: float) -> float:
@@ -380,3 +384,101 @@ def test_baseline_and_hacnn_criteria():
 def test_all_weights_zero_is_one_line_error():
     with pytest.raises(ConfigError, match="every loss weight is 0"):
         _criterion("model.name=baseline", "loss.global_ce=false")
+
+
+# --------------------------------------------------------------------------- loss balance
+
+TINY = ["model.backbone.name=resnet18", "model.backbone.pretrained=false", "data.height=64", "data.width=32"]
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# Shipped for comparison only: the literal reading is the defect the guard exists for.
+UNBALANCED_BY_DESIGN = {"mhsanet/paper_literal.yaml"}
+
+
+def _balance(cfg, seed=0, model=None):
+    if model is None:
+        torch.manual_seed(seed)
+        model = build_model(cfg.model, 4)
+    images = torch.randn(16, 3, cfg.data.height, cfg.data.width, generator=torch.Generator().manual_seed(seed))
+    labels = torch.arange(4).repeat_interleave(4)  # P x K = 4 x 4
+    return loss_balance(model, build_criterion(cfg.loss, cfg.model), images, labels)
+
+
+def _loss_setups():
+    """Shipped MHSA-Net configs grouped by model section, then by loss section: {model key: {loss key: [paths]}}.
+
+    A model is built once per distinct ``model.mhsanet`` and measured once per distinct
+    ``loss`` section. Grouped on the merged YAML (cheap) rather than the validated Config.
+    """
+    groups = {}
+    for path in sorted(CONFIGS.rglob("*.yaml")):
+        raw = _read_yaml(path)
+        name = path.relative_to(CONFIGS).as_posix()
+        if (raw.get("model") or {}).get("name", "mhsanet") != "mhsanet" or name in UNBALANCED_BY_DESIGN:
+            continue
+        model_key = json.dumps((raw.get("model") or {}).get("mhsanet") or {}, sort_keys=True)
+        loss_key = json.dumps(raw.get("loss") or {}, sort_keys=True)
+        groups.setdefault(model_key, {}).setdefault(loss_key, []).append(path)
+    return groups
+
+
+def test_loss_balance_rows_are_each_terms_weighted_gradient_at_the_backbone(one_thread):
+    cfg = load_config(overrides=TINY + ["model.mhsanet.num_heads=2"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 4)
+    criterion = build_criterion(cfg.loss, cfg.model)
+    x = torch.randn(16, 3, 64, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(4).repeat_interleave(4)
+    model.eval()
+    rows = loss_balance(model, criterion, x, y)
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    assert [r["name"] for r in rows] == ["ce_global", "ce_saffm", "tri_saffm", "ce_rlm", "tri_rlm", "fdrt", "ihtl", "acm"]
+    # Independently: the gradient of lambda1 x FDRT at the backbone output, by retain_grad.
+    model.train()
+    fmap = model.backbone(x)
+    fmap.retain_grad()
+    model.backbone.forward = lambda _x: fmap  # the same feature map, so the rest of the graph is rebuilt on it
+    out = model(x)
+    (cfg.loss.lambda_fdrt * feature_diversity(out["P"])).backward()
+    row = {r["name"]: r for r in rows}["fdrt"]
+    assert row["weight"] == cfg.loss.lambda_fdrt and row["grad_norm"] == pytest.approx(fmap.grad.norm().item(), rel=1e-4)
+    ce = max(r["grad_norm"] for r in rows if r["name"].startswith("ce_"))
+    assert row["ratio_to_ce"] == pytest.approx(row["grad_norm"] / ce)
+
+
+@pytest.fixture
+def one_thread():
+    """Many small kernels: extra threads only spin on a shared CPU (18 s -> 8 s at load 10 on 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_loss_balance_holds_at_initialisation_for_every_shipped_mhsanet_config(one_thread):
+    setups = _loss_setups()
+    assert sum(len(by_loss) for by_loss in setups.values()) >= 10  # the K, fusion, RLM, dagger and ablation rows
+    bad = []
+    for by_loss in setups.values():
+        model = None
+        for paths in by_loss.values():
+            cfg = load_config(paths[0], TINY)
+            if model is None:
+                torch.manual_seed(0)
+                model = build_model(cfg.model, 4)
+            rows = _balance(cfg, model=model)
+            if worst_ratio(rows) > MAX_GRAD_RATIO:
+                top = max(rows, key=lambda r: r["ratio_to_ce"] or 0.0)
+                bad.append(f"{paths[0].name} (+{len(paths) - 1} alike): {top['name']} {top['ratio_to_ce']:.3g}x")
+    assert not bad, f"gradient at the backbone above {MAX_GRAD_RATIO:g}x the largest CE term's: {bad}"
+
+
+@pytest.mark.parametrize("config, overrides", [
+    ("mhsanet/paper_literal.yaml", []),
+    # the old defaults: squared triplets with margin 0.3, z not normalised
+    ("mhsanet/market1501.yaml", ["loss.triplet_distance=squared", "loss.triplet_margin=0.3",
+                                  "model.mhsanet.rlm_out_norm=false"]),
+])
+def test_loss_balance_guard_detects_the_old_setting(config, overrides, one_thread):
+    rows = _balance(load_config(CONFIGS / config, TINY + overrides))
+    assert worst_ratio(rows) > 10 * MAX_GRAD_RATIO
+    assert max(rows, key=lambda r: r["ratio_to_ce"])["name"] == "tri_rlm"

@@ -68,3 +68,17 @@ def test_model_info_bad_input_is_one_line(tmp_path):
     assert_one_line_error(code, err, "too small", "mobilenetv3_small")
     code, _, err = run_cli(["model-info", cfg, f"model.backbone.weights={tmp_path / 'missing.pth'}"])
     assert_one_line_error(code, err, "missing.pth")
+
+
+def test_model_info_losses(tmp_path):
+    code, out, err = run_cli(["model-info", _config(tmp_path), "--losses", "--json", "--batch-size", "8", "--num-classes", "10"])
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out)["losses"]}
+    assert set(rows) == {"ce_global", "ce_saffm", "tri_saffm", "ce_rlm", "tri_rlm", "fdrt", "ihtl", "acm"}
+    assert max(r["ratio_to_ce"] for n, r in rows.items() if n.startswith("ce_")) == 1.0
+    assert rows["fdrt"]["weight"] == 1e-4 and rows["tri_rlm"]["grad_norm"] > 0
+    code, out, err = run_cli(["model-info", _config(tmp_path), "--losses", "--batch-size", "8", "loss.lambda_acm=0"])
+    assert code == 0, err
+    assert "x largest CE" in out and "tri_saffm" in out and "acm" not in out.split("x largest CE")[1]
+    code, _, err = run_cli(["model-info", _config(tmp_path), "--losses", "--batch-size", "6"])
+    assert_one_line_error(code, err, "--batch-size", "data.num_instances")

@@ -160,3 +160,33 @@ def test_report_shows_overlays_or_says_why_not(tmp_path):
     overlays = sorted((tmp_path / "rep" / "report_files").glob("run0_*attention_*.png"))
     assert len(overlays) == 2 and all(o.name in page for o in overlays)
     assert "Attention overlays not available" in page and "last.pth" in page
+
+
+def test_overlays_carry_each_images_head_diversity(tmp_path):
+    img = Image.fromarray(np.zeros((H, W, 3), np.uint8))
+    entries = A.explain_images(HeadStandIn(), [("x.png", img)], tmp_path, H, W, _transform)
+    # The two stand-in heads attend to different cells: no overlap; beta = (0.7, 0.3).
+    assert entries[0]["head_overlap"] == 0.0
+    assert entries[0]["beta_entropy"] == pytest.approx(-(0.7 * np.log(0.7) + 0.3 * np.log(0.3)), abs=1e-4)
+    assert entries[0]["beta_entropy_max"] == pytest.approx(np.log(2), abs=1e-4)
+    assert A.diversity_text(entries[0]) == "head overlap 0.00 · β entropy 0.61 of ln K = 0.69 nats"
+
+
+def test_report_attention_panel_shows_head_overlap_and_beta_entropy(tmp_path):
+    import shutil
+
+    from attnreid.viz.report import write_report
+    from test_viz import make_run
+
+    _, ckpt = _checkpoint(tmp_path, "mhsanet")
+    run = make_run(tmp_path, "mhsanet_run")
+    ev = json.loads((run / "eval.json").read_text())
+    ev["attention_stats"] = {"head_overlap": 0.8125, "beta_entropy": 0.25, "beta_entropy_max": 1.0986,
+                             "beta_mean": [0.9, 0.05, 0.05], "num_images": 4}
+    (run / "eval.json").write_text(json.dumps(ev))
+    (run / "checkpoints").mkdir()
+    shutil.copy(ckpt, run / "checkpoints" / "last.pth")
+    page = write_report([run], tmp_path / "rep", overlays=1).read_text()
+    assert "Head diversity over 4 query images" in page
+    assert "head overlap 0.81 · β entropy 0.25 of ln K = 1.10 nats" in page
+    assert page.count("head overlap") >= 2  # the summary and the overlay's own caption

@@ -170,7 +170,8 @@ class TrainConfig:
     amp: str = "auto"  # auto | off | bf16 | fp16; auto = bf16 where the CUDA device or CPU runs it natively (precision.py)
     channels_last: bool = False
     eval_every: int = 50  # epochs; 0 = only at the end
-    log_every: int = 20  # steps
+    log_every: int = 20  # steps between log.jsonl train records
+    print_every: int = 50  # steps between progress lines when stdout is not a terminal (also every 30 s)
     max_minutes: float = 0.0  # wall-clock budget; 0 = none (the demo uses it)
     max_steps_per_epoch: int = 0  # 0 = a full pass over the sampler
     threads: int = 0  # torch CPU threads; 0 = torch's default
@@ -259,6 +260,7 @@ LOWER_BOUNDS = {
     "train.epochs": (1, True),
     "train.eval_every": (0, True),
     "train.log_every": (1, True),
+    "train.print_every": (1, True),
     "train.max_minutes": (0.0, True),
     "train.max_steps_per_epoch": (0, True),
     "train.threads": (0, True),

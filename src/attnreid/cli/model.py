@@ -1,4 +1,5 @@
-"""`attnreid model-info`: size, cost and output shapes of the model a config builds."""
+"""`attnreid model-info`: size, cost and output shapes of the model a config builds; with
+``--losses``, each loss term's value and gradient at the backbone for one batch at initialisation."""
 
 from __future__ import annotations
 
@@ -41,6 +42,32 @@ def model_info(cfg, num_classes: int = 751) -> dict:
     return info
 
 
+def loss_info(cfg, num_classes: int = 751, batch_size: int = 32, seed: int = 0) -> list:
+    """:func:`attnreid.losses.balance.loss_balance` on one synthetic batch at initialisation.
+
+    The batch is ``batch_size`` standard-normal images at ``cfg.data`` size, P identities
+    x ``cfg.data.num_instances`` images (the PK layout the triplets need).
+    """
+    import torch
+
+    from attnreid.errors import ConfigError
+    from attnreid.losses import build_criterion
+    from attnreid.losses.balance import loss_balance
+    from attnreid.models import build_model
+
+    k = cfg.data.num_instances
+    if batch_size < 2 * k or batch_size % k:
+        raise ConfigError(f"--batch-size {batch_size} must be a multiple of data.num_instances ({k}) "
+                          "holding at least 2 identities")
+    if batch_size // k > num_classes:
+        raise ConfigError(f"--batch-size {batch_size} needs {batch_size // k} identities but --num-classes is {num_classes}")
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, num_classes)
+    images = torch.randn(batch_size, 3, cfg.data.height, cfg.data.width, generator=torch.Generator().manual_seed(seed))
+    labels = torch.arange(batch_size // k).repeat_interleave(k)
+    return loss_balance(model, build_criterion(cfg.loss, cfg.model), images, labels)
+
+
 def _millions(n: int) -> str:
     return f"{n / 1e6:.2f} M"
 
@@ -51,11 +78,19 @@ def model_info_cmd(
     overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE overrides, e.g. model.mhsanet.num_heads=6."),
     num_classes: int = typer.Option(751, "--num-classes", help="Identities the classifiers are sized for (Market-1501: 751)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    losses: bool = typer.Option(False, "--losses", help="Also each loss term's value and gradient norm at the backbone "
+                                "output for one synthetic batch at initialisation."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images in the --losses batch (P x data.num_instances)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --losses weights and images."),
 ) -> None:
     """Parameters (total and without classifiers), multiply-accumulates, test feature size, attention grid."""
     from attnreid.config import load_config
 
-    info = model_info(load_config(config, list(overrides or [])), num_classes)
+    cfg = load_config(config, list(overrides or []))
+    info = model_info(cfg, num_classes)
+    if losses:
+        info["losses"] = loss_info(cfg, num_classes, batch_size, seed)
+        info["losses_batch"] = batch_size
     if as_json:
         print_json(info)
         return
@@ -68,3 +103,16 @@ def model_info_cmd(
     print(f"test feature     {info['feature_dim']}-d")
     if "attention_grid" in info:
         print(f"attention grid   {info['attention_grid']}")
+    if losses:
+        _print_losses(info["losses"], batch_size)
+
+
+def _print_losses(rows: list, batch_size: int) -> None:
+    from attnreid.losses.balance import MAX_GRAD_RATIO
+
+    print(f"\nloss terms at initialisation ({batch_size} random images; gradient of weight x term at the backbone output)")
+    print(f"  {'term':<10} {'weight':>8} {'value':>11} {'grad norm':>11} {'x largest CE':>13}")
+    for r in rows:
+        ratio = "-" if r["ratio_to_ce"] is None else f"{r['ratio_to_ce']:.3g}"
+        flag = "  <- above the guard" if (r["ratio_to_ce"] or 0) > MAX_GRAD_RATIO else ""
+        print(f"  {r['name']:<10} {r['weight']:>8g} {r['value']:>11.4g} {r['grad_norm']:>11.3g} {ratio:>13}{flag}")

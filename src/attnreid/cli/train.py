@@ -24,30 +24,60 @@ def default_run_dir(config: Path) -> Path:
 
 @app.command("train")
 def train_cmd(
-    config: Path = typer.Argument(..., help="YAML config (e.g. configs/mhsanet/occluded_duke_star.yaml)."),
+    config: Optional[Path] = typer.Argument(
+        None, help="YAML config (e.g. configs/mhsanet/occluded_duke_star.yaml); optional with --resume."),
     overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE overrides, e.g. train.epochs=10."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<family>_<row>)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoints/last.pth."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoints/last.pth, "
+                                                          "with the run's own config.yaml (+ any KEY=VALUE)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out."),
 ) -> None:
-    """Train a model: writes config.yaml, log.jsonl, checkpoints/{last,best}.pth and eval.json."""
+    """Train a model: writes config.yaml, log.jsonl, checkpoints/last.pth (+ best.pth with data.val_ids) and eval.json."""
     from attnreid.config import load_config
     from attnreid.distributed import is_main_process
-    from attnreid.engine.trainer import train
+    from attnreid.engine.trainer import run_config, train
 
-    cfg = load_config(config, list(overrides or []))
+    args = list(overrides or [])
+    if config is not None and "=" in str(config) and not config.exists():
+        args.insert(0, str(config))  # `attnreid train --resume --out RUN train.epochs=600`: no config file
+        config = None
+    if config is None and not (resume and out is not None):
+        raise AttnReidError("attnreid train needs a CONFIG file, or --resume --out RUN to continue a run")
     run_dir = out or default_run_dir(config)
-    result = train(cfg, run_dir, resume=resume, overwrite=overwrite)
     speak = is_main_process()  # under torchrun only rank 0 prints; every rank exits with the status
+    try:
+        if resume:
+            cfg, ignored = run_config(run_dir, args, config)
+            if ignored and speak:
+                print(f"note: resuming with {run_dir / 'config.yaml'}; {config} sets {', '.join(ignored[:4])}"
+                      f"{' ...' if len(ignored) > 4 else ''} differently and is not applied "
+                      f"(pass KEY=VALUE to change a key)", file=sys.stderr)
+        else:
+            cfg = load_config(config, args)
+        result = train(cfg, run_dir, resume=resume, overwrite=overwrite)
+    except KeyboardInterrupt:  # while reading the data or building the model: nothing new to save
+        last = run_dir / "checkpoints" / "last.pth"
+        hint = f"continue with: {resume_command(run_dir)}" if last.is_file() else "nothing was saved"
+        if speak:
+            print(f"interrupted; {hint}", file=sys.stderr)
+        raise typer.Exit(130)
     if result["status"] == "interrupted":
         if speak:
             print(f"interrupted: saved {result['checkpoint']} after {result['epoch']} epochs ({result['step']} steps); "
-                  f"continue with: attnreid train {config} --out {run_dir} --resume", file=sys.stderr)
+                  f"continue with: {resume_command(run_dir)}", file=sys.stderr)
         raise typer.Exit(130)
     if speak:
         print(f"{result['status']}: {result['epoch']} epochs, {result['step']} steps in {result['train_seconds']:.0f} s "
               f"({result['img_per_s']:.1f} img/s, {100 * result['data_wait']:.0f}% waiting for data); "
-              f"{_metrics_line(result)}; run folder {run_dir}")
+              f"{_metrics_line(result)} (last weights, {result.get('dataset', 'test')} test split); "
+              f"run folder {run_dir}")
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in ``run_dir`` (its config.yaml keeps every override)."""
+    import shlex
+
+    return f"attnreid train --resume --out {shlex.quote(str(run_dir))}"
 
 
 def _metrics_line(m: dict) -> str:

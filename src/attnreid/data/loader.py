@@ -11,6 +11,7 @@ in the main process.
 from __future__ import annotations
 
 import copy
+import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -101,6 +102,19 @@ class ReIDDataLoader(DataLoader):
             yield batch
 
 
+def ignore_sigint(_worker_id: int) -> None:
+    """``worker_init_fn``: Ctrl-C is the main process's to handle (it stops the workers).
+
+    A terminal sends SIGINT to every process of the group. A worker that takes it exits
+    (quietly), and when the main process notices the dead worker before its own
+    KeyboardInterrupt arrives it raises ``RuntimeError: DataLoader worker ... exited
+    unexpectedly`` instead, which no Ctrl-C handler catches (issue 17: a traceback and exit
+    status 1 during the final evaluation). Workers that ignore SIGINT stay alive until the
+    main process shuts them down.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _items(dataset: Union[ReIDDataset, Sequence[Item]]) -> List[Item]:
     return list(dataset.train) if isinstance(dataset, ReIDDataset) else list(dataset)
 
@@ -128,6 +142,7 @@ def build_train_loader(data_cfg: Any, dataset: Union[ReIDDataset, Sequence[Item]
         pin_memory=torch.cuda.is_available(),
         collate_fn=collate_marking_bad,
         generator=torch.Generator().manual_seed(int(seed) * 1000 + rank),
+        worker_init_fn=ignore_sigint if workers > 0 else None,
         skip_bad_images=bool(getattr(data_cfg, "skip_bad_images", False)),
     )
 
@@ -144,6 +159,7 @@ def build_test_loader(data_cfg: Any, items: Sequence[Item], batch_size: Optional
         persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
         collate_fn=collate_marking_bad,
+        worker_init_fn=ignore_sigint if workers > 0 else None,
         skip_bad_images=bool(getattr(data_cfg, "skip_bad_images", False)),
     )
 

@@ -6,7 +6,7 @@ B x K x E) without gradients, averaged over an epoch's images by
 
 - ``alpha_below_gamma``: the share of attention weights below ACM's gamma (Eq. 12). ACM's
   gradient comes only from those weights, so 0 means ACM does nothing.
-- ``fdrt``: FDRT's value (Eq. 3), also when its weight is 0.
+- ``fdrt``: FDRT's value (Eq. 3, or the form ``loss.fdrt_form`` names), also when its weight is 0.
 - ``beta_mean``: SAFFM's mean beta per head (Eq. 6); one head near 1 means the fusion
   uses one head only.
 - ``head_overlap``: the mean over head pairs (a < b) and images of sum_j min(alpha_a,j,
@@ -15,50 +15,32 @@ B x K x E) without gradients, averaged over an epoch's images by
 - ``beta_entropy``: -sum_k beta_k log beta_k (nats) averaged over images: 0 for a one-hot
   beta, log K for a uniform one.
 
-These are the single place the trainer takes the metrics from, so that the shared
-definitions (``head_overlap``, ``beta_entropy``) can be swapped for the losses module's
-once it has them.
+The definitions live in :mod:`attnreid.evaluation.attention_stats` (one copy, shared
+with eval.json and the report); this module applies them to a training batch.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
+from attnreid.evaluation.attention_stats import alpha_below, beta_entropy, head_overlap
 from attnreid.losses.regularizers import feature_diversity
 
-
-def alpha_below(alpha: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Share of the entries of ``alpha`` strictly below ``gamma`` (0-dim)."""
-    return (alpha.float() < gamma).float().mean()
+__all__ = ["alpha_below", "beta_entropy", "head_overlap", "batch_diagnostics", "DiagnosticsMeter"]
 
 
-def head_overlap(alpha: torch.Tensor) -> Optional[torch.Tensor]:
-    """Mean over head pairs and images of sum_j min(alpha_a,j, alpha_b,j); None for K = 1."""
-    a = alpha.float()
-    k = a.shape[1]
-    if k < 2:
-        return None
-    i, j = torch.triu_indices(k, k, offset=1)
-    return torch.minimum(a[:, i], a[:, j]).sum(-1).mean()
-
-
-def beta_entropy(beta: torch.Tensor) -> torch.Tensor:
-    """-sum_k beta_k log beta_k (nats), averaged over images (0 log 0 = 0)."""
-    b = beta.float()
-    return -(torch.special.xlogy(b, b)).sum(1).mean()
-
-
-def batch_diagnostics(outputs: Dict[str, torch.Tensor], acm_gamma: float) -> Dict[str, object]:
-    """The diagnostics of one batch's training outputs (empty when they hold no ``alpha``)."""
+def batch_diagnostics(outputs: Dict[str, torch.Tensor], acm_gamma: float, fdrt_form: str = "paper") -> Dict[str, object]:
+    """The diagnostics of one batch's training outputs (empty when they hold no ``alpha``);
+    FDRT in the run's ``loss.fdrt_form``."""
     if not isinstance(outputs, dict) or "alpha" not in outputs:
         return {}
     with torch.no_grad():
         alpha = outputs["alpha"]
         out: Dict[str, object] = {"alpha_below_gamma": float(alpha_below(alpha, acm_gamma))}
         if "P" in outputs:
-            out["fdrt"] = float(feature_diversity(outputs["P"]))
+            out["fdrt"] = float(feature_diversity(outputs["P"], fdrt_form))
         overlap = head_overlap(alpha)
         if overlap is not None:
             out["head_overlap"] = float(overlap)

@@ -1,9 +1,10 @@
 """Evaluate a model on a dataset's query/gallery split with the dataset's protocol.
 
 Writes, when asked, the two files other tools read (docs/design.md): ``eval.json``
-(the metrics plus ``dataset``, ``protocol``, ``model``) and ``eval_ranks.npz`` (each
-query's top-k gallery indices and distances, with paths, ids and cameras) for the
-ranked-list pictures of the report.
+(the metrics plus ``dataset``, ``protocol``, ``model``, and for MHSA-Net
+``attention_stats``: head overlap, beta entropy, see :func:`attention_diagnostics`) and
+``eval_ranks.npz`` (each query's top-k gallery indices and distances, with paths, ids and
+cameras) for the ranked-list pictures of the report.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from attnreid.engine.extract import extract_features
 from attnreid.errors import DataError
 
 TOPK = 50
+# Query images the attention diagnostics look at (evenly spaced over the query list): a
+# second forward pass over all of Market's 3,368 queries would double the extraction cost.
+ATTENTION_STATS_IMAGES = 128
 
 
 def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[str | Path] = None,
@@ -61,12 +65,50 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
         "num_gallery": len(dataset.gallery),
         "extract_seconds": round(t_extract, 3),
     })
+    stats = attention_diagnostics(model, dataset.query, cfg.data, getattr(cfg.loss, "acm_gamma", None), device)
+    if stats is not None:
+        metrics["attention_stats"] = stats
     if extra:
         metrics.update(extra)
     if out_dir is not None:
         write_eval_files(Path(out_dir), metrics, dataset, qf, gf, q_pids, g_pids, q_camids, g_camids,
                          metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value)
     return metrics
+
+
+def attention_diagnostics(model: nn.Module, items, data_cfg: Any, gamma: Optional[float] = None,
+                          device: str | torch.device = "cpu",
+                          max_images: int = ATTENTION_STATS_IMAGES) -> Optional[Dict[str, Any]]:
+    """:func:`attnreid.evaluation.attention_stats.attention_stats` of MHSA-Net's alpha and beta.
+
+    Over at most ``max_images`` of ``items`` (evenly spaced), from ``forward_attention`` in
+    eval mode: ``head_overlap``, ``beta_entropy`` (nats) and ``beta_entropy_max`` (ln K),
+    ``beta_mean`` (per head), ``alpha_below_gamma`` (share of alpha under ACM's gamma),
+    ``num_images``. None for models without per-head attention maps (baseline, HA-CNN).
+    """
+    from attnreid.data.loader import build_test_loader
+    from attnreid.evaluation.attention_stats import attention_stats
+
+    if getattr(model, "model_name", None) != "mhsanet" or not items:
+        return None
+    step = max(1, -(-len(items) // max_images))
+    picked = list(items)[::step][:max_images]
+    device = torch.device(device)
+    alphas, betas = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in build_test_loader(data_cfg, picked):
+                out = model.forward_attention(batch[0].to(device))
+                alphas.append(out["attention"].float().cpu())
+                if "beta" in out:
+                    betas.append(out["beta"].float().cpu())
+    finally:
+        model.train(was_training)
+    if not alphas:
+        return None
+    return attention_stats(torch.cat(alphas), torch.cat(betas) if betas else None, gamma)
 
 
 def _plain(v: Any) -> Any:

@@ -1,7 +1,13 @@
-"""Run-folder bookkeeping around the training loop: log.jsonl, TensorBoard, progress display.
+"""Everything around the training loop, as hooks: checkpoints, evaluation, logging and progress,
+the time budget, the non-finite-loss guard and MHSA-Net's diagnostics.
 
-Kept apart from the loop (fast-reid's separation of loop and hooks) so the loop reads
-as the papers' recipe. Only the main process (rank 0) writes or prints.
+The shape is fast-reid's ``HookBase``: a :class:`Hook` has five methods the
+:class:`~attnreid.engine.trainer.Trainer` calls, in the order the hooks were registered,
+each with the trainer's :class:`~attnreid.engine.trainer.TrainState`; ``hook.trainer`` is
+the trainer (its model, optimiser, config, logger and progress display). A new behaviour
+(EMA weights, early stopping, another logger) is one new hook passed to ``train(...,
+hooks=[...])``; a hook ends the run by setting ``state.stop`` to a reason. Only the main
+process (rank 0) writes or prints.
 """
 
 from __future__ import annotations
@@ -13,41 +19,281 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from attnreid.errors import AttnReidError
+
 RUN_FILES = ("config.yaml", "log.jsonl", "eval.json", "eval_ranks.npz")
 RUN_DIRS = ("checkpoints", "tensorboard", "report")
+
+
+class NonFiniteLossError(AttnReidError):
+    """The loss became NaN or infinite; the message names the step and the loss term."""
 
 
 class Hook:
     """Called by the trainer at five points; override what you need.
 
-    ``state`` is the trainer's :class:`~attnreid.engine.trainer.TrainState` (epoch, step,
-    lr, the last step's loss, terms and model outputs, the epoch's mean loss, the run
-    folder and logger).
+    ``state`` is the trainer's TrainState: ``epoch`` (0-based, the one running),
+    ``epochs_done``, ``step`` (optimiser steps so far), ``lr``, the last step's ``loss``,
+    ``terms`` and ``outputs``, the epoch's running mean ``epoch_loss``, the last
+    evaluations (``metrics`` on the test split, ``val_metrics``), ``best`` and ``stop``.
     """
 
+    trainer: Any = None
+
     def before_train(self, state: Any) -> None:
-        pass
+        """Once, before the first epoch (also when resuming)."""
 
     def before_epoch(self, state: Any) -> None:
-        pass
+        """At the start of each epoch, after its lr is set."""
 
     def after_step(self, state: Any) -> None:
-        pass
+        """After each optimiser step."""
 
     def after_epoch(self, state: Any) -> None:
-        pass
+        """After each completed epoch (not after one a hook stopped half-way)."""
 
     def after_train(self, state: Any) -> None:
-        pass
+        """Once, when the epochs are done or a hook stopped the run (not on Ctrl-C or an error)."""
+
+
+class NonFiniteLossGuard(Hook):
+    """after_step: a NaN/inf loss ends the run with one line naming the epoch, the step and the loss term.
+
+    The failing step's weights are never checkpointed: the error leaves the run folder as
+    the last completed epoch wrote it.
+    """
+
+    def after_step(self, state: Any) -> None:
+        if math.isfinite(state.loss):
+            return
+        bad = next((k for k, v in state.terms.items() if not math.isfinite(v)), "total")
+        value = state.terms.get(bad, state.loss)
+        raise NonFiniteLossError(
+            f"loss is {value} at epoch {state.epoch + 1} step {state.step} (term '{bad}'); "
+            f"lower optim.lr, set optim.grad_clip, or check that term's weight")
+
+
+class CheckpointHook(Hook):
+    """Writes ``checkpoints/last.pth`` (weights, optimiser, schedule, RNG: what resume reads) after
+    every epoch and at the end; :meth:`save_last` is also what Ctrl-C calls.
+
+    A run stopped inside an epoch (Ctrl-C, the budget) keeps the current weights but the
+    schedule position of the last completed epoch: resume redoes the stopped epoch, and its
+    step counter then matches an uninterrupted run's.
+    """
+
+    def after_epoch(self, state: Any) -> None:
+        self.save_last()
+
+    def after_train(self, state: Any) -> None:
+        self.save_last()
+
+    def save_last(self) -> Optional[Path]:
+        state = self.trainer.state
+        mid_epoch = state.epoch >= state.epochs_done
+        return self.trainer.save("last.pth", full=True, step=state.epoch_start_step if mid_epoch else state.step)
+
+
+class EvalHook(Hook):
+    """Evaluation; the only place that chooses ``best.pth``, and never on the test split.
+
+    With a validation split (``data.val_ids > 0``): every ``train.eval_every`` epochs and at
+    the end on the validation split, keeping ``best.pth`` (weights, config and metrics) at the
+    best validation mAP. Without one: every ``train.eval_every`` epochs on the test split, for
+    the log only. Always at the end: the last weights on the test split, which writes
+    eval.json and gives the run's reported numbers.
+    """
+
+    def __init__(self, test_set: Any, val_set: Any = None, every: int = 0):
+        self.test_set, self.val_set, self.every = test_set, val_set, every
+
+    def after_epoch(self, state: Any) -> None:
+        done = state.epochs_done
+        if self.every and done % self.every == 0 and done < self.trainer.cfg.train.epochs:
+            self.validate(state) if self.val_set is not None else self.test(state)
+
+    def after_train(self, state: Any) -> None:
+        if self.val_set is not None and state.best.get("last_val_epoch") != state.epochs_done:
+            self.validate(state)
+        if state.metrics.get("epoch") != state.epochs_done or not state.metrics:
+            self.test(state)
+
+    def _evaluate(self, dataset: Any, out_dir: Optional[Path]) -> Dict[str, Any]:
+        from attnreid.engine.evaluator import evaluate_model
+
+        t = self.trainer
+        return evaluate_model(t.model, dataset, t.cfg, out_dir=out_dir, device=t.device,
+                              extra={"epoch": t.state.epochs_done, "step": t.state.step})
+
+    def test(self, state: Any) -> None:
+        t = self.trainer
+        if t.dist.is_main:
+            m = self._evaluate(self.test_set, state.run_dir)
+            state.metrics = m
+            t.logger.write({"type": "eval", **m})
+            t.progress.line(f"eval epoch {state.epochs_done}: rank1 {100 * m.get('rank1', float('nan')):.1f}%  "
+                            f"mAP {100 * m.get('mAP', float('nan')):.1f}%  ({m['dataset']}, {m['protocol']})")
+        t.dist.barrier()
+
+    def validate(self, state: Any) -> None:
+        t = self.trainer
+        if t.dist.is_main:
+            m = self._evaluate(self.val_set, None)
+            state.val_metrics = m
+            state.best["last_val_epoch"] = state.epochs_done
+            t.logger.write({"type": "val", **m})
+            t.progress.line(f"validation epoch {state.epochs_done}: rank1 {100 * m['rank1']:.1f}%  "
+                            f"mAP {100 * m['mAP']:.1f}%  ({len(self.val_set.query)} queries of "
+                            f"{t.cfg.data.val_ids} held-out ids)")
+            if m["mAP"] > state.best["mAP"]:
+                state.best.update({"mAP": float(m["mAP"]), "epoch": state.epochs_done})
+                t.save("best.pth", full=False, metrics={"val": m})
+        t.dist.barrier()
+
+
+class BudgetHook(Hook):
+    """``train.max_minutes``: stops the run after the step that spends the budget.
+
+    The budget counts the training loop from its first step, periodic evaluations
+    included; the set-up before it (reading the data set, building the model) and the
+    final evaluation after it are not counted. It says so when the run starts, and says
+    how long that final evaluation took when the run ends.
+    """
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60.0
+        self.t0 = 0.0
+
+    def before_train(self, state: Any) -> None:
+        self.t0 = time.perf_counter()
+        self.trainer.progress.line(
+            f"time budget: {self.seconds / 60:g} min for training and periodic evaluations "
+            f"(set-up and the final evaluation come on top)")
+
+    def after_step(self, state: Any) -> None:
+        if time.perf_counter() - self.t0 > self.seconds:
+            state.stop = "budget"
+
+    def after_train(self, state: Any) -> None:
+        over = time.perf_counter() - self.t0 - self.seconds
+        if state.stop == "budget":
+            self.trainer.progress.line(f"time budget of {self.seconds / 60:g} min reached; the final evaluation "
+                                       f"and checkpoint took {max(over, 0.0):.0f} s beyond it")
+
+
+class LoggingHook(Hook):
+    """log.jsonl and the console.
+
+    - ``before_train``: the ``precision:`` line and a ``run`` record (precision, device,
+      data sizes, steps per epoch);
+    - ``after_step``: a ``train`` record every ``train.log_every`` steps (means over those
+      steps); in a terminal, the progress bar; otherwise (piped, CI) a plain line at the
+      run's first step, then every ``train.print_every`` steps or 30 s, whichever comes
+      first, with img/s and an ETA (torchreid's ``print_freq``);
+    - ``after_epoch``: the epoch line, with the epoch's mean loss;
+    - ``after_train``: the record of a half-done epoch's last steps.
+    """
+
+    PLAIN_EVERY_S = 30.0
+
+    def __init__(self, run_info: Dict[str, Any]):
+        self.run_info = run_info
+        self.window = self._empty()
+        self.total = {"images": 0, "step_s": 0.0, "data_s": 0.0}
+        self.last_plain = 0.0
+        self.steps_this_run = 0
+
+    @staticmethod
+    def _empty() -> Dict[str, Any]:
+        return {"n": 0, "images": 0, "step_s": 0.0, "data_s": 0.0, "loss": 0.0, "terms": {}}
+
+    def img_per_s(self) -> float:
+        return self.total["images"] / max(self.total["step_s"], 1e-9)
+
+    def data_wait(self) -> float:
+        return self.total["data_s"] / max(self.total["step_s"], 1e-9)
+
+    def before_train(self, state: Any) -> None:
+        t = self.trainer
+        t.progress.line(f"precision: {t.precision.describe()}")
+        t.logger.write({"type": "run", "epoch": state.epochs_done, "step": state.step,
+                        "precision": t.precision.name, "precision_reason": t.precision.reason,
+                        "device": str(t.device), "steps_per_epoch": t.steps_per_epoch, **self.run_info})
+        self.last_plain = time.perf_counter()
+
+    def before_epoch(self, state: Any) -> None:
+        self.trainer.progress.start_epoch(state.epoch, state.lr)
+
+    def after_step(self, state: Any) -> None:
+        w = self.window
+        w["n"] += 1
+        w["images"] += state.images
+        w["step_s"] += state.step_time
+        w["data_s"] += state.data_time
+        w["loss"] += state.loss
+        for k, v in state.terms.items():
+            w["terms"][k] = w["terms"].get(k, 0.0) + v
+        self.total["images"] += state.images
+        self.total["step_s"] += state.step_time
+        self.total["data_s"] += state.data_time
+        self.steps_this_run += 1
+        progress = self.trainer.progress
+        progress.update(f"loss {state.loss:.3f}  {state.images / max(state.step_time, 1e-9):.1f} img/s")
+        if state.step % self.trainer.cfg.train.log_every == 0:
+            self._write_window(state)
+        now = time.perf_counter()
+        if progress.plain and (self.steps_this_run == 1 or state.step % self.trainer.cfg.train.print_every == 0
+                               or now - self.last_plain >= self.PLAIN_EVERY_S):
+            self.last_plain = now
+            progress.line(self._plain_line(state))
+
+    def _plain_line(self, state: Any) -> str:
+        t = self.trainer
+        spe = t.steps_per_epoch
+        left = (t.cfg.train.epochs - state.epoch - 1) * spe + max(spe - state.epoch_steps, 0) if spe else 0
+        s_per_step = self.total["step_s"] / max(self.steps_this_run, 1)
+        of = f"/{spe}" if spe else ""
+        eta = f"  eta {_clock(left * s_per_step)}" if spe else ""
+        return (f"epoch {state.epoch + 1}/{t.cfg.train.epochs}  step {state.epoch_steps}{of}  "
+                f"loss {state.loss:.4f} (epoch mean {state.epoch_loss:.4f})  lr {state.lr:.2e}  "
+                f"{self.img_per_s():.1f} img/s{eta}")
+
+    def after_epoch(self, state: Any) -> None:
+        self._write_window(state)
+        self.trainer.progress.line(
+            f"epoch {state.epochs_done}/{self.trainer.cfg.train.epochs}  lr {state.lr:.2e}  "
+            f"loss {state.epoch_loss:.4f} (mean of {state.epoch_steps} steps)  {self.img_per_s():.1f} img/s")
+
+    def after_train(self, state: Any) -> None:
+        self._write_window(state)
+
+    def _write_window(self, state: Any) -> None:
+        """One ``train`` record, the means over the steps since the last one."""
+        w = self.window
+        n = w["n"]
+        if not n:
+            return
+        record = {"type": "train", "epoch": state.epoch + 1, "step": state.step, "lr": state.lr,
+                  "loss": w["loss"] / n}
+        record.update({k: v / n for k, v in w["terms"].items()})
+        record["img_per_s"] = w["images"] / max(w["step_s"], 1e-9)
+        record["data_wait"] = w["data_s"] / max(w["step_s"], 1e-9)
+        self.trainer.logger.write(record)
+        self.window = self._empty()
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 class DiagnosticsHook(Hook):
-    """MHSA-Net's per-epoch diagnostics (engine/diagnostics.py) as one ``diagnostics`` line of log.jsonl."""
+    """MHSA-Net's per-epoch diagnostics (engine/diagnostics.py) as one ``diagnostics`` record of log.jsonl."""
 
-    def __init__(self, logger: "RunLogger", acm_gamma: float):
+    def __init__(self, acm_gamma: float, fdrt_form: str = "paper"):
         from attnreid.engine.diagnostics import DiagnosticsMeter
 
-        self.logger, self.acm_gamma = logger, acm_gamma
+        self.acm_gamma, self.fdrt_form = acm_gamma, fdrt_form
         self.meter = DiagnosticsMeter()
         self.last: Dict[str, Any] = {}
 
@@ -59,13 +305,14 @@ class DiagnosticsHook(Hook):
 
         outputs = state.outputs
         if isinstance(outputs, dict) and "alpha" in outputs:
-            self.meter.add(batch_diagnostics(outputs, self.acm_gamma), int(outputs["alpha"].shape[0]))
+            self.meter.add(batch_diagnostics(outputs, self.acm_gamma, self.fdrt_form), int(outputs["alpha"].shape[0]))
 
     def after_epoch(self, state: Any) -> None:
         means = self.meter.means()
         if means:
-            self.last = {"epoch": state.epoch + 1, **means}
-            self.logger.write({"type": "diagnostics", "epoch": state.epoch + 1, "step": state.step, **means})
+            self.last = {"epoch": state.epochs_done, **means}
+            self.trainer.logger.write({"type": "diagnostics", "epoch": state.epochs_done, "step": state.step,
+                                       **means})
 
 
 class RunLogger:
@@ -114,7 +361,7 @@ def _jsonable(v: Any) -> Any:
 
 
 class Progress:
-    """A rich progress bar on a terminal; one plain line per epoch otherwise (logs, CI, tests)."""
+    """A rich progress bar on a terminal; plain lines otherwise (logs, CI, tests): ``plain`` is True then."""
 
     def __init__(self, enabled: bool, total_epochs: int, steps_per_epoch: int, stream=None):
         self.enabled = enabled
@@ -123,7 +370,6 @@ class Progress:
         self.steps_per_epoch = steps_per_epoch
         self.bar = None
         self.task = None
-        self.t_start = time.perf_counter()
         if enabled and getattr(self.stream, "isatty", lambda: False)():
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
@@ -133,11 +379,15 @@ class Progress:
                                     console=Console(file=self.stream), transient=False)
             self.bar.start()
 
+    @property
+    def plain(self) -> bool:
+        return self.enabled and self.bar is None
+
     def start_epoch(self, epoch: int, lr: float) -> None:
         if self.bar is not None:
             if self.task is not None:
                 self.bar.remove_task(self.task)
-            self.task = self.bar.add_task("train", total=self.steps_per_epoch,
+            self.task = self.bar.add_task("train", total=self.steps_per_epoch or None,
                                           epoch=f"{epoch + 1}/{self.total_epochs}", info=f"lr {lr:.2e}")
 
     def update(self, info: str) -> None:

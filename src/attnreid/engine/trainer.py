@@ -1,22 +1,28 @@
-"""The training loop of both papers, with the machinery a long run needs.
+"""The training loop of both papers, and the machinery a long run needs around it, as hooks.
 
-Recipe (config values, SPEC.md 1 and HA 4): PK batches (P identities x K images), the
-model's loss terms summed by the criterion, Adam (or SGD) with linear warm-up and step
-decay stepped per epoch. Around it: automatic precision (``train.amp: auto``: bf16
-autocast where the CUDA device or the CPU runs bf16 natively, see attnreid/precision.py;
-losses always in float32) and channels_last, DistributedDataParallel under ``torchrun`` (the PK sampler splits
-identities by rank), gradient clipping, periodic evaluation (on a validation split held
-out of the training identities when ``data.val_ids > 0``; never used to select on the test
-split), atomic ``last``/``best`` checkpoints, ``resume`` with the optimiser, schedule and every RNG state, a wall-clock
-budget, NaN/inf detection naming the loss term, and a Ctrl-C that saves before exiting.
+Recipe (config values, SPEC.md 1 and HA 4): PK batches (P identities x K images; an epoch
+is a pass over the images or over the identities, ``data.epoch_mode``), the model's loss
+terms summed by the criterion, Adam (or SGD) with linear warm-up and step decay stepped
+per epoch. :class:`Trainer` is that loop and nothing else: epochs of steps, each step the
+forward (under the precision's autocast: ``train.amp: auto`` is bf16 where the CUDA device
+or the CPU runs bf16 natively, see attnreid/precision.py), the loss in float32, backward
+and the optimiser. Everything around it is a hook (engine/hooks.py, fast-reid's
+HookBase/TrainerBase shape): checkpoints (:class:`CheckpointHook`), evaluation and model
+selection on a validation split held out of the training identities (:class:`EvalHook`),
+log.jsonl and the console (:class:`LoggingHook`), the wall-clock budget
+(:class:`BudgetHook`), the NaN/inf guard (:class:`NonFiniteLossGuard`) and MHSA-Net's
+diagnostics (:class:`DiagnosticsHook`). :func:`train` builds it all from a config and
+adds DistributedDataParallel under ``torchrun`` (the PK sampler splits identities by
+rank), ``resume`` with the optimiser, schedule and every RNG state, and a Ctrl-C that
+saves ``last.pth`` before returning.
 
-Run folder (docs/design.md): ``config.yaml``, ``log.jsonl``, ``checkpoints/{last,best}.pth``,
-``eval.json``, ``eval_ranks.npz`` (and ``tensorboard/`` when TensorBoard is installed).
+Run folder (docs/design.md): ``config.yaml``, ``log.jsonl``, ``checkpoints/last.pth`` (and
+``best.pth`` with a validation split), ``eval.json``, ``eval_ranks.npz`` (and
+``tensorboard/`` when TensorBoard is installed).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import shutil
@@ -29,31 +35,41 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnreid.config import Config, save_config, to_dict
+from attnreid.config import Config, load_config, save_config, to_dict
 from attnreid.data.splits import hold_out_validation, limit_identities
 from attnreid.engine.build import build_eval_dataset, load_weights, resolve_device
 from attnreid.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from attnreid.engine.evaluator import evaluate_model
-from attnreid.engine.hooks import RUN_DIRS, RUN_FILES, DiagnosticsHook, Hook, Progress, RunLogger
+from attnreid.engine.hooks import (RUN_DIRS, RUN_FILES, BudgetHook, CheckpointHook, DiagnosticsHook, EvalHook, Hook,
+                                   LoggingHook, NonFiniteLossError, NonFiniteLossGuard, Progress, RunLogger)
 from attnreid.engine.optim import WarmupStepScheduler, build_optimizer
 from attnreid.errors import AttnReidError, CheckpointError, DataError
-from attnreid.precision import resolve_precision
+from attnreid.precision import Precision, resolve_precision
 
-
-class NonFiniteLossError(AttnReidError):
-    """The loss became NaN or infinite; the message names the step and the loss term."""
+__all__ = ["Hook", "NonFiniteLossError", "TrainState", "Trainer", "prepare_run_dir", "run_config", "train",
+           "train_step"]
 
 
 @dataclass
 class TrainState:
-    """What hooks see: the position in the schedule and the last step's losses."""
+    """What the loop and its hooks share; the part of it a checkpoint keeps is restored on resume."""
 
     epoch: int = 0  # 0-based epoch being run
+    epochs_done: int = 0  # completed epochs
     step: int = 0  # optimiser steps done so far (global)
+    epoch_start_step: int = 0  # ``step`` when the running epoch began
+    epoch_steps: int = 0  # steps done in the running epoch
+    epoch_loss: float = float("nan")  # mean loss of the running epoch's steps so far
     lr: float = 0.0
-    loss: float = float("nan")
+    loss: float = float("nan")  # the last step's
     terms: Dict[str, float] = field(default_factory=dict)
-    outputs: Any = None  # the last step's model outputs (float32, still attached to the graph)
+    outputs: Any = None  # the last step's model outputs (float32, detached)
+    images: int = 0  # images in the last step, all ranks together
+    step_time: float = 0.0  # seconds of the last step, data wait included
+    data_time: float = 0.0  # seconds the last step waited for its batch
+    metrics: Dict[str, Any] = field(default_factory=dict)  # the last test-split evaluation
+    val_metrics: Dict[str, Any] = field(default_factory=dict)  # the last validation evaluation
+    best: Dict[str, Any] = field(default_factory=lambda: {"mAP": -1.0, "epoch": 0})  # on validation
+    stop: Optional[str] = None  # set by a hook to end the run ("budget", "early_stop", ...)
     run_dir: Optional[Path] = None
 
 
@@ -117,16 +133,6 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def first_non_finite(total: torch.Tensor, terms: Dict[str, Any]) -> Optional[str]:
-    """Name of the first NaN/inf loss term ("total" when only the sum is), else None."""
-    if bool(torch.isfinite(total.detach()).all()):
-        return None
-    for name, value in terms.items():
-        if not math.isfinite(float(value)):
-            return name
-    return "total"
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -140,21 +146,26 @@ def _train_loader_sampler(loader):
     return None
 
 
+def _map_tensors(x: Any, fn) -> Any:
+    """``fn`` applied to every tensor in nested dicts, lists and tuples."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: _map_tensors(v, fn) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_map_tensors(v, fn) for v in x)
+    return x
+
+
 def to_float32(outputs: Any) -> Any:
     """``outputs`` (tensors in nested dicts/lists) with every floating tensor as float32."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs.float() if outputs.is_floating_point() else outputs
-    if isinstance(outputs, dict):
-        return {k: to_float32(v) for k, v in outputs.items()}
-    if isinstance(outputs, (list, tuple)):
-        return type(outputs)(to_float32(v) for v in outputs)
-    return outputs
+    return _map_tensors(outputs, lambda t: t.float() if t.is_floating_point() else t)
 
 
 def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                pids: torch.Tensor, autocast_ctx, scaler, grad_clip: float, params: Sequence[torch.Tensor],
                state: TrainState):
-    """One optimiser step; returns ``(total loss, terms)``. Raises on a NaN/inf loss before stepping.
+    """One optimiser step; returns ``(total loss, terms)`` (the NaN/inf check is a hook).
 
     Only the model's forward runs under ``autocast_ctx``; its outputs are cast to float32
     and the criterion runs outside autocast, so every loss term is computed in float32
@@ -164,13 +175,6 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
         outputs = model(images)
     outputs = to_float32(outputs)
     total, terms = criterion(outputs, pids)
-    state.outputs = outputs
-    bad = first_non_finite(total, terms)
-    if bad is not None:
-        value = float(terms[bad]) if bad in terms else float(total.detach())
-        raise NonFiniteLossError(
-            f"loss is {value} at epoch {state.epoch + 1} step {state.step + 1} (term '{bad}'); "
-            f"lower optim.lr, set optim.grad_clip, or check that term's weight")
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(total).backward()
@@ -184,7 +188,151 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
+    state.outputs = _map_tensors(outputs, torch.Tensor.detach)
     return total.detach(), terms
+
+
+class Trainer:
+    """Runs the epochs of optimiser steps and calls its hooks; nothing else.
+
+    ``net`` is what the steps call (the model, or its DDP wrapper); ``model`` the plain
+    module that is evaluated and saved. Hooks run in the order given; each gets
+    ``hook.trainer = self``. A hook setting ``state.stop`` ends the run: inside an epoch
+    after the current step (that epoch does not count and a resume redoes it), in
+    ``after_epoch`` after that epoch.
+    """
+
+    def __init__(self, cfg: Config, net: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: WarmupStepScheduler, loader: Any, device: torch.device, precision: Precision,
+                 state: TrainState, hooks: Sequence[Hook], logger: RunLogger, progress: Progress,
+                 dist: Optional["DistContext"] = None, scaler: Any = None, steps_per_epoch: int = 0,
+                 num_classes: int = 0):
+        self.cfg, self.net, self.model = cfg, net, _unwrap(net)
+        self.criterion, self.optimizer, self.scheduler, self.scaler = criterion, optimizer, scheduler, scaler
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.loader, self.sampler = loader, _train_loader_sampler(loader)
+        self.device, self.precision, self.dist = device, precision, dist or DistContext()
+        self.state, self.logger, self.progress = state, logger, progress
+        self.steps_per_epoch, self.num_classes = steps_per_epoch, num_classes
+        self.hooks: List[Hook] = []
+        for h in hooks:
+            h.trainer = self
+            self.hooks.append(h)
+
+    def call(self, event: str) -> None:
+        for h in self.hooks:
+            getattr(h, event)(self.state)
+
+    def train(self) -> str:
+        """From ``state.epochs_done`` to ``train.epochs``; returns ``completed`` or the stop reason."""
+        s = self.state
+        self.call("before_train")
+        for epoch in range(s.epochs_done, self.cfg.train.epochs):
+            s.epoch, s.epoch_start_step = epoch, s.step
+            s.lr = self.scheduler.set_epoch(epoch)
+            if self.sampler is not None:
+                self.sampler.set_epoch(epoch)
+            self.call("before_epoch")
+            if not self.run_epoch():
+                break
+            s.epochs_done = epoch + 1
+            self.call("after_epoch")
+            if s.stop:
+                break
+        self.call("after_train")
+        return s.stop or "completed"
+
+    def run_epoch(self) -> bool:
+        """One epoch's steps; False when a hook stopped the run before the epoch's end."""
+        s = self.state
+        self.net.train()
+        self.criterion.train()
+        s.epoch_steps, s.epoch_loss, loss_sum = 0, float("nan"), 0.0
+        batches = iter(self.loader)
+        while not self.steps_per_epoch or s.epoch_steps < self.steps_per_epoch:
+            t0 = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return True
+            s.data_time = time.perf_counter() - t0
+            self.step(batch)
+            s.step_time = time.perf_counter() - t0
+            loss_sum += s.loss
+            s.epoch_loss = loss_sum / s.epoch_steps
+            self.call("after_step")
+            if s.stop:
+                return bool(self.steps_per_epoch) and s.epoch_steps >= self.steps_per_epoch
+        return True
+
+    def step(self, batch: Any) -> None:
+        """One optimiser step on ``batch`` (images, pids, ...); updates the state's counters and losses."""
+        s, tc = self.state, self.cfg.train
+        images = batch[0].to(self.device, non_blocking=True)
+        pids = torch.as_tensor(batch[1]).to(self.device, non_blocking=True)
+        if tc.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        total, terms = train_step(self.net, self.criterion, self.optimizer, images, pids, self.precision.autocast,
+                                  self.scaler, self.cfg.optim.grad_clip, self.params, s)
+        s.step += 1
+        s.epoch_steps += 1
+        s.loss = float(total)
+        s.terms = {k: float(v) for k, v in terms.items()}
+        s.images = images.shape[0] * self.dist.world_size
+
+    def checkpoint(self, full: bool, metrics: Optional[Dict[str, Any]] = None,
+                   step: Optional[int] = None) -> Dict[str, Any]:
+        """Weights, config, class count, position and metrics; ``full`` adds what resume needs
+        (optimiser, schedule, RNG and scaler states), which only last.pth keeps."""
+        s = self.state
+        m = dict(s.metrics if metrics is None else metrics)
+        m["best"] = dict(s.best)
+        out: Dict[str, Any] = {"model": self.model.state_dict(), "config": to_dict(self.cfg),
+                               "num_classes": self.num_classes, "epoch": s.epochs_done,
+                               "step": s.step if step is None else step, "metrics": m}
+        if full:
+            out.update({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "rng": capture_rng_state()})
+            if self.scaler is not None:
+                out["scaler"] = self.scaler.state_dict()
+        return out
+
+    def save(self, name: str, full: bool, **kwargs: Any) -> Optional[Path]:
+        """``checkpoints/<name>`` from the main process (atomic); see :meth:`checkpoint`."""
+        if not self.dist.is_main or self.state.run_dir is None:
+            return None
+        return save_checkpoint(self.state.run_dir / "checkpoints" / name, self.checkpoint(full, **kwargs))
+
+
+def run_config(run_dir: str | Path, overrides: Sequence[str] = (),
+               config: Optional[str | Path] = None) -> tuple:
+    """The config a resumed run continues with: ``RUN/config.yaml`` plus ``overrides``.
+
+    The run's own config.yaml holds every override the run was started with (data.root,
+    ...), so a resume never loses one. Returns ``(cfg, ignored)``: when a ``config`` file
+    is given too, ``ignored`` lists the keys it sets differently (they are not applied:
+    pass them as KEY=VALUE overrides to change them, e.g. ``train.epochs=600`` to extend).
+    """
+    last, saved = Path(run_dir) / "checkpoints" / "last.pth", Path(run_dir) / "config.yaml"
+    for needed in (last, saved):
+        if not needed.is_file():
+            raise CheckpointError(f"nothing to resume in {run_dir}: {needed} not found")
+    cfg = load_config(saved, list(overrides))
+    ignored: List[str] = []
+    if config is not None:
+        ignored = _differences(to_dict(cfg), to_dict(load_config(config, list(overrides))))
+    return cfg, ignored
+
+
+def _differences(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> List[str]:
+    out: List[str] = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
 
 
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: bool = False,
@@ -194,9 +342,10 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
 
     The returned dict holds the metrics of the last weights on the test split (``mAP``,
     ``rank1``, ...; the same as eval.json) plus ``status`` (``completed`` | ``budget`` |
-    ``interrupted``), ``epoch`` (epochs completed), ``step``, ``best_val_mAP`` and
-    ``best_epoch`` (validation split, ``data.val_ids > 0`` only, else None), ``precision``,
-    ``img_per_s``, ``data_wait`` (share of step time spent waiting for data) and ``run_dir``.
+    ``interrupted`` | a hook's stop reason), ``epoch`` (epochs completed), ``step``,
+    ``best_val_mAP`` and ``best_epoch`` (validation split, ``data.val_ids > 0`` only, else
+    None), ``precision``, ``train_seconds``, ``img_per_s``, ``data_wait`` (share of step
+    time spent waiting for data) and ``run_dir``.
 
     Model selection never looks at the test split: with ``data.val_ids: N > 0`` the
     periodic evaluations (``train.eval_every``) run on the N held-out training identities
@@ -204,10 +353,12 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
     N = 0 the periodic evaluations run on the test split for the log only and there is no
     ``best.pth``.
 
-    ``train.max_minutes`` bounds the training loop's wall-clock time; when it runs out
-    the run stops after the current step, then still checkpoints and evaluates. A
-    KeyboardInterrupt saves ``last.pth`` (the epoch in progress is redone on resume) and
-    returns with ``status: interrupted``.
+    ``train.max_minutes`` bounds the training loop (periodic evaluations included); when
+    it runs out the run stops after the current step, then still checkpoints and
+    evaluates. A KeyboardInterrupt anywhere in the loop or the final evaluation saves
+    ``last.pth`` (the epoch in progress is redone on resume) and returns with ``status:
+    interrupted``. ``hooks`` run after the evaluation hook and before the checkpoint hook
+    (so an early-stopping hook sees ``state.val_metrics`` and its stop is checkpointed).
 
     ``dataset`` / ``eval_dataset`` (ReIDDataset-like objects) replace the sets the config
     names, e.g. a subset of a benchmark for a smoke test.
@@ -239,7 +390,6 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
     dataset, val_dataset = hold_out_validation(dataset, cfg.data.val_ids)
     dataset = limit_identities(dataset, cfg.data.max_ids)
     loader = build_train_loader(cfg.data, dataset, seed=tc.seed, rank=dist.rank, world_size=dist.world_size)
-    sampler = _train_loader_sampler(loader)
     num_classes = dataset.num_train_pids
 
     model = build_model(cfg.model, num_classes).to(device)
@@ -247,36 +397,19 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, [model, criterion])
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     scheduler = WarmupStepScheduler(optimizer, cfg.optim)
     precision = resolve_precision(tc.amp, device)
     # fp16's narrow range needs loss scaling; bf16 has float32's range and does not.
     scaler = torch.amp.GradScaler("cuda") if precision.dtype == torch.float16 and device.type == "cuda" else None
 
-    start_epoch, step = 0, 0
-    best: Dict[str, Any] = {"mAP": -1.0, "epoch": 0}
-    last_metrics: Dict[str, Any] = {}
+    state = TrainState(run_dir=run_dir)
     if resume:
-        ckpt_path = run_dir / "checkpoints" / "last.pth"
-        ckpt = load_checkpoint(ckpt_path)
-        saved_name = (ckpt.get("config") or {}).get("model", {}).get("name")
-        if saved_name and saved_name != cfg.model.name:
-            raise CheckpointError(f"checkpoint {ckpt_path} holds a '{saved_name}' model but the config asks for '{cfg.model.name}'")
-        load_weights(model, ckpt["model"], str(ckpt_path))
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"checkpoint {ckpt_path}: optimizer state does not fit ({exc})") from None
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
-        last_metrics = dict(ckpt.get("metrics") or {})
-        best = dict(last_metrics.pop("best", best))
-        restore_rng_state(ckpt["rng"])
+        _restore(run_dir / "checkpoints" / "last.pth", cfg, model, optimizer, scheduler, scaler, state)
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
 
+    # The one place the stepped network is built: DDP here, and a compiled model or step
+    # (train.compile) would wrap `net` here too; evaluation and checkpoints use `model`.
     net: nn.Module = model
     if dist.world_size > 1:
         net = nn.parallel.DistributedDataParallel(
@@ -289,182 +422,68 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
         steps_per_epoch = min(steps_per_epoch, tc.max_steps_per_epoch) if steps_per_epoch else tc.max_steps_per_epoch
     progress = Progress(enabled=dist.is_main and not quiet, total_epochs=tc.epochs, steps_per_epoch=steps_per_epoch)
     if resume:
-        logger.write({"type": "resume", "epoch": start_epoch, "step": step})
-        progress.line(f"resumed {run_dir} at epoch {start_epoch + 1}, step {step}")
-    progress.line(f"precision: {precision.describe()}")
-    logger.write({"type": "run", "epoch": start_epoch, "step": step, "precision": precision.name,
-                  "precision_reason": precision.reason, "device": str(device),
-                  "train_ids": dataset.num_train_pids, "train_images": len(dataset.train),
-                  "val_ids": cfg.data.val_ids, "steps_per_epoch": steps_per_epoch,
-                  "epoch_mode": cfg.data.epoch_mode})
-    hooks = list(hooks)
+        logger.write({"type": "resume", "epoch": state.epochs_done, "step": state.step})
+        progress.line(f"resumed {run_dir} at epoch {state.epochs_done + 1}, step {state.step}")
+
+    logging = LoggingHook({"train_ids": num_classes, "train_images": len(dataset.train),
+                           "val_ids": cfg.data.val_ids, "epoch_mode": cfg.data.epoch_mode})
+    checkpoints = CheckpointHook()
+    loop_hooks: List[Hook] = [NonFiniteLossGuard(), logging]
     if cfg.model.name == "mhsanet":
-        hooks.append(DiagnosticsHook(logger, cfg.loss.acm_gamma))
-
-    state = TrainState(epoch=start_epoch, step=step, run_dir=run_dir)
-    budget_s = tc.max_minutes * 60.0
+        loop_hooks.append(DiagnosticsHook(cfg.loss.acm_gamma, cfg.loss.fdrt_form))
+    loop_hooks.append(EvalHook(eval_dataset, val_dataset, tc.eval_every))
+    if tc.max_minutes:
+        loop_hooks.append(BudgetHook(tc.max_minutes))
+    loop_hooks += [*hooks, checkpoints]
+    trainer = Trainer(cfg, net, criterion, optimizer, scheduler, loader, device, precision, state, loop_hooks,
+                      logger, progress, dist=dist, scaler=scaler, steps_per_epoch=steps_per_epoch,
+                      num_classes=num_classes)
     t_run = time.perf_counter()
-    status = "completed"
-    completed = start_epoch
-    last_eval_epoch = int(last_metrics.get("epoch", 0)) if last_metrics else 0
-    last_val_epoch = int(best.get("last_val_epoch", 0))
-    totals = {"images": 0, "step_s": 0.0, "data_s": 0.0}
-
-    def checkpoint_state(epochs_done: int) -> Dict[str, Any]:
-        metrics = dict(last_metrics)
-        metrics["best"] = dict(best)
-        s = {"model": _unwrap(net).state_dict(), "config": to_dict(cfg), "num_classes": num_classes,
-             "epoch": epochs_done, "step": state.step, "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng": capture_rng_state(), "metrics": metrics}
-        if scaler is not None:
-            s["scaler"] = scaler.state_dict()
-        return s
-
-    def run_eval(epochs_done: int) -> None:
-        """The test split with the current weights: eval.json, and the run's reported numbers."""
-        nonlocal last_metrics, last_eval_epoch
-        if dist.is_main:
-            m = evaluate_model(_unwrap(net), eval_dataset, cfg, out_dir=run_dir, device=device,
-                               extra={"epoch": epochs_done, "step": state.step})
-            last_metrics = m
-            last_eval_epoch = epochs_done
-            logger.write({"type": "eval", **{k: v for k, v in m.items()}})
-            progress.line(f"eval epoch {epochs_done}: rank1 {100 * m.get('rank1', float('nan')):.1f}%  "
-                          f"mAP {100 * m.get('mAP', float('nan')):.1f}%  ({m['dataset']}, {m['protocol']})")
-        dist.barrier()
-
-    def run_val(epochs_done: int) -> None:
-        """The held-out validation split: the only place best.pth is chosen."""
-        nonlocal last_val_epoch
-        if dist.is_main:
-            m = evaluate_model(_unwrap(net), val_dataset, cfg, out_dir=None, device=device,
-                               extra={"epoch": epochs_done, "step": state.step})
-            last_val_epoch = epochs_done
-            best["last_val_epoch"] = epochs_done
-            logger.write({"type": "val", **m})
-            progress.line(f"validation epoch {epochs_done}: rank1 {100 * m['rank1']:.1f}%  mAP {100 * m['mAP']:.1f}%  "
-                          f"({len(val_dataset.query)} queries of {cfg.data.val_ids} held-out ids)")
-            if m["mAP"] > best["mAP"]:
-                best.update({"mAP": float(m["mAP"]), "epoch": epochs_done})
-                save_checkpoint(run_dir / "checkpoints" / "best.pth", checkpoint_state(epochs_done))
-        dist.barrier()
-
     try:
-        for epoch in range(start_epoch, tc.epochs):
-            state.epoch = epoch
-            for h in hooks:
-                h.before_epoch(state)
-            state.lr = scheduler.set_epoch(epoch)
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            net.train()
-            criterion.train()
-            progress.start_epoch(epoch, state.lr)
-            window = {"n": 0, "images": 0, "step_s": 0.0, "data_s": 0.0, "loss": 0.0, "terms": {}}
-            out_of_time = False
-            batches = iter(loader)
-            t_prev = time.perf_counter()
-            i = 0
-            for i in range(steps_per_epoch or 1_000_000_000):
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    break
-                t_data = time.perf_counter()
-                images = batch[0].to(device, non_blocking=True)
-                pids = torch.as_tensor(batch[1]).to(device, non_blocking=True)
-                if tc.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                total, terms = train_step(net, criterion, optimizer, images, pids, precision.autocast, scaler,
-                                          cfg.optim.grad_clip, params, state)
-                state.step += 1
-                state.loss = float(total)
-                state.terms = {k: float(v) for k, v in terms.items()}
-                t_end = time.perf_counter()
-                n_img = images.shape[0] * dist.world_size
-                window["n"] += 1
-                window["images"] += n_img
-                window["step_s"] += t_end - t_prev
-                window["data_s"] += t_data - t_prev
-                window["loss"] += state.loss
-                for k, v in state.terms.items():
-                    window["terms"][k] = window["terms"].get(k, 0.0) + v
-                t_prev = t_end
-                ips = window["images"] / max(window["step_s"], 1e-9)
-                progress.update(f"loss {state.loss:.3f}  {ips:.1f} img/s")
-                if state.step % tc.log_every == 0:
-                    _log_window(logger, window, state, totals)
-                for h in hooks:
-                    h.after_step(state)
-                if budget_s and time.perf_counter() - t_run > budget_s:
-                    out_of_time = True
-                    break
-            if window["n"]:
-                _log_window(logger, window, state, totals)
-            if out_of_time and not (steps_per_epoch and i + 1 >= steps_per_epoch):
-                status = "budget"  # stopped inside the epoch: it does not count, resume redoes it
-                break
-            completed = epoch + 1
-            for h in hooks:
-                h.after_epoch(state)
-            progress.line(f"epoch {completed}/{tc.epochs}  lr {state.lr:.2e}  loss {state.loss:.4f}  "
-                          f"{totals['images'] / max(totals['step_s'], 1e-9):.1f} img/s")
-            if tc.eval_every and completed % tc.eval_every == 0 and completed < tc.epochs:
-                run_val(completed) if val_dataset is not None else run_eval(completed)
-            if dist.is_main:
-                save_checkpoint(run_dir / "checkpoints" / "last.pth", checkpoint_state(completed))
-            if out_of_time:
-                status = "budget"
-                break
+        status = trainer.train()
     except KeyboardInterrupt:
-        if dist.is_main:
-            save_checkpoint(run_dir / "checkpoints" / "last.pth", checkpoint_state(completed))
-        progress.close()
-        logger.write({"type": "interrupted", "epoch": completed, "step": state.step})
-        logger.close()
-        return {"status": "interrupted", "epoch": completed, "step": state.step, "run_dir": str(run_dir),
-                "checkpoint": str(run_dir / "checkpoints" / "last.pth")}
-    except BaseException:
+        path = checkpoints.save_last()
+        saved = load_checkpoint(path) if path is not None else {"epoch": state.epochs_done, "step": state.step}
+        logger.write({"type": "interrupted", "epoch": saved["epoch"], "step": saved["step"]})
+        return {"status": "interrupted", "epoch": int(saved["epoch"]), "step": int(saved["step"]),
+                "run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoints" / "last.pth")}
+    finally:
         progress.close()
         logger.close()
-        raise
-
-    if status == "budget":
-        progress.line(f"time budget of {tc.max_minutes:g} min reached after {completed} epochs "
-                      f"({state.step} steps); evaluating")
-    if val_dataset is not None and last_val_epoch != completed:
-        run_val(completed)
-    if last_eval_epoch != completed or not last_metrics:
-        run_eval(completed)
-    if dist.is_main:
-        save_checkpoint(run_dir / "checkpoints" / "last.pth", checkpoint_state(completed))
-    progress.close()
-    logger.close()
-    result = dict(last_metrics)
+    result = dict(state.metrics)
     result.update({
-        "status": status, "epoch": completed, "step": state.step, "run_dir": str(run_dir),
-        "best_val_mAP": best["mAP"] if val_dataset is not None else None,
-        "best_epoch": best["epoch"] if val_dataset is not None else None,
+        "status": status, "epoch": state.epochs_done, "step": state.step, "run_dir": str(run_dir),
+        "best_val_mAP": state.best["mAP"] if val_dataset is not None else None,
+        "best_epoch": state.best["epoch"] if val_dataset is not None else None,
         "precision": precision.name,
         "train_seconds": round(time.perf_counter() - t_run, 2),
-        "img_per_s": round(totals["images"] / max(totals["step_s"], 1e-9), 2),
-        "data_wait": round(totals["data_s"] / max(totals["step_s"], 1e-9), 4),
+        "img_per_s": round(logging.img_per_s(), 2),
+        "data_wait": round(logging.data_wait(), 4),
     })
     return result
 
 
-def _log_window(logger: RunLogger, window: Dict[str, Any], state: TrainState, totals: Dict[str, float]) -> None:
-    """One ``train`` line of log.jsonl averaged over the steps since the last one; resets the window."""
-    n = window["n"]
-    if not n:
-        return
-    totals["images"] += window["images"]
-    totals["step_s"] += window["step_s"]
-    totals["data_s"] += window["data_s"]
-    record = {"type": "train", "epoch": state.epoch + 1, "step": state.step, "lr": state.lr,
-              "loss": window["loss"] / n}
-    record.update({k: v / n for k, v in window["terms"].items()})
-    record["img_per_s"] = window["images"] / max(window["step_s"], 1e-9)
-    record["data_wait"] = window["data_s"] / max(window["step_s"], 1e-9)
-    logger.write(record)
-    window.update({"n": 0, "images": 0, "step_s": 0.0, "data_s": 0.0, "loss": 0.0, "terms": {}})
+def _restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: WarmupStepScheduler, scaler: Any, state: TrainState) -> None:
+    """Load ``last.pth`` into the model, optimiser, schedule, scaler, RNGs and ``state``."""
+    ckpt = load_checkpoint(path)
+    saved_name = (ckpt.get("config") or {}).get("model", {}).get("name")
+    if saved_name and saved_name != cfg.model.name:
+        raise CheckpointError(f"checkpoint {path} holds a '{saved_name}' model but the config asks for '{cfg.model.name}'")
+    load_weights(model, ckpt["model"], str(path))
+    missing = [k for k in ("optimizer", "scheduler", "rng") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} holds no {missing[0]} state, so it cannot be resumed")
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({exc})") from None
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+    state.epochs_done = state.epoch = int(ckpt["epoch"])
+    state.step = state.epoch_start_step = int(ckpt["step"])
+    metrics = dict(ckpt.get("metrics") or {})
+    state.best = dict(metrics.pop("best", state.best))
+    state.metrics = metrics
+    restore_rng_state(ckpt["rng"])

@@ -40,7 +40,9 @@ computes the same value of those terms and DDP's gradient average gives the one-
 gradient. With one process the gather is the identity.
 
 A term whose weight is 0 is not computed, so each Table V ablation row is a set of
-weights (e.g. Baseline+MHSAM: lambda_fdrt = lambda_ihtl = lambda_acm = 0).
+weights (e.g. Baseline+MHSAM: lambda_fdrt = lambda_ihtl = lambda_acm = 0). A new term
+(e.g. a center loss) is one more ``(name, weight, fn)`` entry in :func:`build_criterion`.
+:mod:`attnreid.losses.balance` measures each term's gradient at the backbone.
 """
 
 from __future__ import annotations
@@ -80,14 +82,14 @@ class Criterion(nn.Module):
         gets no gradient (DDP then needs ``find_unused_parameters``)."""
         return self._classifier_heads
 
+    def term_values(self, outputs: dict, labels: torch.Tensor) -> Dict[str, Tuple[float, torch.Tensor]]:
+        """Each term's (weight, unweighted value), values still attached to the graph."""
+        return {name: (weight, fn(outputs, labels)) for name, weight, fn in self.terms}
+
     def forward(self, outputs: dict, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        total = None
-        values: Dict[str, torch.Tensor] = {}
-        for name, weight, fn in self.terms:
-            value = fn(outputs, labels)
-            values[name] = value.detach()
-            total = weight * value if total is None else total + weight * value
-        return total, values  # type: ignore[return-value]
+        values = self.term_values(outputs, labels)
+        total = sum(weight * value for weight, value in values.values())
+        return total, {name: value.detach() for name, (_, value) in values.items()}  # type: ignore[return-value]
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}*{weight:g}" for name, weight, _ in self.terms)

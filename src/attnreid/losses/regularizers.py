@@ -19,7 +19,8 @@ def feature_diversity(p: torch.Tensor, form: str = "paper") -> torch.Tensor:
 
     ``form="paper"`` (Eq. 3): G = P^ P^^T with the rows of P L2-normalised first, so G
     is the K x K matrix of cosine similarities (diagonal exactly 1); L is at most
-    (K - 1) / K < 1 for unit-norm rows, which lambda1 = 1e-4 scales to below 1e-4.
+    sqrt(K(K - 1)) / K^2 < 1/K (0.117 for K = 8, all K rows parallel, as they nearly are
+    at initialisation), so lambda1 = 1e-4 makes it at most 1.2e-5.
 
     ``form="gram"`` (our reading of the authors' code, which normalises the raw Gram
     matrix instead of the embeddings): G_raw = P P^T on the un-normalised P, then each

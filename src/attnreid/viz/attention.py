@@ -185,13 +185,43 @@ def explain_images(model: torch.nn.Module, images: Sequence[Tuple[str, Image.Ima
             else:
                 raise AttnReidError(f"model '{name}' returned no attention maps (keys: {', '.join(maps)})")
             index = start + b
-            png = render_panels(panels, out_dir / f"{prefix}attention_{index:03d}.png",
-                                title=f"{name}: {Path(str(path).split('::')[-1]).name}")
-            entry: Dict[str, Any] = {"image": str(path), "png": str(png)}
+            diversity = head_diversity(maps["attention"][b], beta) if "attention" in maps else {}
+            title = f"{name}: {Path(str(path).split('::')[-1]).name}"
+            if diversity:
+                title += f"  ({diversity_text(diversity)})"
+            png = render_panels(panels, out_dir / f"{prefix}attention_{index:03d}.png", title=title)
+            entry: Dict[str, Any] = {"image": str(path), "png": str(png), **diversity}
             if "attention" in maps and maps.get("beta") is not None:
                 entry["beta"] = [round(float(x), 4) for x in maps["beta"][b]]
             results.append(entry)
     return results
+
+
+def head_diversity(attention: np.ndarray, beta: Optional[np.ndarray]) -> Dict[str, float]:
+    """One image's ``head_overlap`` (K >= 2) and ``beta_entropy`` / ``beta_entropy_max`` (nats).
+
+    attention: K x h x w, beta: K or None; see :mod:`attnreid.evaluation.attention_stats`.
+    """
+    from attnreid.evaluation.attention_stats import beta_entropy, beta_entropy_max, head_overlap
+
+    out: Dict[str, float] = {}
+    overlap = head_overlap(torch.as_tensor(attention)[None])
+    if overlap is not None:
+        out["head_overlap"] = round(overlap, 4)
+    if beta is not None:
+        out["beta_entropy"] = round(beta_entropy(torch.as_tensor(beta)[None]), 4)
+        out["beta_entropy_max"] = round(beta_entropy_max(len(beta)), 4)
+    return out
+
+
+def diversity_text(stats: Dict[str, Any]) -> str:
+    """``head overlap 0.82 · β entropy 0.41 of ln K = 1.39 nats`` from whichever keys are present."""
+    parts = []
+    if "head_overlap" in stats:
+        parts.append(f"head overlap {stats['head_overlap']:.2f}")
+    if "beta_entropy" in stats:
+        parts.append(f"β entropy {stats['beta_entropy']:.2f} of ln K = {stats['beta_entropy_max']:.2f} nats")
+    return " · ".join(parts)
 
 
 def write_index(entries: Sequence[Dict[str, Any]], out_dir: str | Path, model_name: str) -> Path:

@@ -236,7 +236,7 @@ def _attention_section(run: RunInfo, image_paths: List[str], slug: str, out_dir:
     """Overlays of the given queries from the run's checkpoint; any problem is a note on
     the page (a report must not fail because a checkpoint moved or a model has none)."""
     from attnreid.errors import AttnReidError
-    from attnreid.viz.attention import LEGENDS, explain_files
+    from attnreid.viz.attention import LEGENDS, diversity_text, explain_files
 
     e = html.escape
     parts = ["<h3>Attention of these queries</h3>"]
@@ -251,8 +251,15 @@ def _attention_section(run: RunInfo, image_paths: List[str], slug: str, out_dir:
         return parts + [f'<p class="note">Attention overlays not available: {e(str(exc))}</p>']
     parts.append(f'<p class="meta">{e(LEGENDS.get(result["model"], ""))} '
                  f'(from {e(run.checkpoint.name)})</p>')
+    stats = (run.eval or {}).get("attention_stats")
+    if isinstance(stats, dict) and diversity_text(stats):
+        parts.append(f'<p class="meta">Head diversity over {int(stats.get("num_images", 0))} query images '
+                     f'(eval.json): {e(diversity_text(stats))}. Head overlap is the mean over head pairs of '
+                     'Σ_j min(α_a,j, α_b,j): 1 = identical maps, 0 = disjoint. β entropy 0 = SAFFM uses one '
+                     'head, ln K = all heads equally.</p>')
     for entry in result["images"]:
-        parts.append(_img(Path(entry["png"]), out_dir, f"attention of {entry['image']}", entry["image"]))
+        caption = entry["image"] + (f" ({diversity_text(entry)})" if diversity_text(entry) else "")
+        parts.append(_img(Path(entry["png"]), out_dir, f"attention of {entry['image']}", caption))
     return parts
 
 
