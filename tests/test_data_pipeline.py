@@ -137,6 +137,14 @@ def test_train_loader_workers0(synthetic_root: Path):
     assert all(ds.train[i][1] == p for i, p in zip(index.tolist(), pids.tolist()))
 
 
+def test_test_loader_leaves_the_global_rng_alone(synthetic_root: Path):
+    """Evaluating must not shift the training's augmentation stream that checkpoints save."""
+    ds = build_dataset("market1501", synthetic_root)
+    before = torch.get_rng_state()
+    assert sum(len(b[1]) for b in build_test_loader(data_cfg(), ds.query)) == len(ds.query)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_test_loader_with_a_worker_reads_zip_paths(synthetic_root: Path, tmp_path: Path):
     archive = tmp_path / "market1501.zip"
     with zipfile.ZipFile(archive, "w") as zf:

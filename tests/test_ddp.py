@@ -55,10 +55,7 @@ def test_pk_sampler_ranks_get_disjoint_identities_every_step(mode):
 # ---------------------------------------------------------------- find_unused_parameters
 
 UNUSED_CASES = {
-    "baseline": ["model.name=baseline"],
     "mhsanet": [],
-    "mhsanet, no triplet or regularizer": ["loss.saffm_triplet=0", "loss.rlm_triplet=0", "loss.lambda_ihtl=0",
-                                           "loss.lambda_fdrt=0", "loss.lambda_acm=0"],
     "mhsanet without RLM": ["model.mhsanet.rlm=false", "loss.rlm_ce=0", "loss.rlm_triplet=0"],
     "mhsanet, saffm_ce=0": ["loss.saffm_ce=0"],
     "mhsanet, global_ce=false (dagger)": ["loss.global_ce=false"],
@@ -67,8 +64,17 @@ UNUSED_CASES = {
 }
 
 
+@pytest.fixture
+def one_thread():
+    """The single-process computations run on one thread, as the ranks do (and as a shared machine prefers)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("name", list(UNUSED_CASES))
-def test_unused_classifiers_predicts_which_parameters_get_no_gradient(name, synthetic_root):
+def test_unused_classifiers_predicts_which_parameters_get_no_gradient(name, synthetic_root, one_thread):
     """What the trainer decides at build time (find_unused_parameters) against a real backward pass."""
     from attnreid.config import load_config
     from attnreid.distributed import unused_classifiers
@@ -127,16 +133,18 @@ STEP_CASES = [
     ([*SGD, *TINY_MHSANET, "loss.gather_triplets=false"], False),  # mined within each rank's share
 ]
 # Two epochs of two steps; flips draw from each rank's RNG, so resuming must restore every rank's.
-RUN_OVERRIDES = ["train.max_steps_per_epoch=2", "data.flip=true"]
+RUN_OVERRIDES = ["train.max_steps_per_epoch=2", "data.flip=true", "data.epoch_mode=images"]
 
 
 @pytest.fixture(scope="module")
 def spawned(synthetic_root, tmp_path_factory):
     """One 2-rank process group: one DDP step per STEP_CASES entry, then run B = 1 epoch and
-    ``resume`` to 2 epochs (see :func:`ddp_helpers.worker`)."""
+    ``resume`` to 2 epochs, then run C, an MHSA-Net whose 'saffm' classifier has no loss
+    (see :func:`ddp_helpers.worker`)."""
     base = tmp_path_factory.mktemp("ddp_spawned")
     runs = [{"out_dir": str(base / "B"), "overrides": [*RUN_OVERRIDES, "train.epochs=1"]},
-            {"out_dir": str(base / "B"), "overrides": [*RUN_OVERRIDES, "train.epochs=2"], "resume": True}]
+            {"out_dir": str(base / "B"), "overrides": [*RUN_OVERRIDES, "train.epochs=2"], "resume": True},
+            {"out_dir": str(base / "C"), "overrides": [*RUN_OVERRIDES, *TINY_MHSANET, "loss.saffm_ce=0", "train.epochs=1"]}]
     mp.spawn(worker, args=(free_port(), str(synthetic_root), str(base), [c for c, _ in STEP_CASES], runs),
              nprocs=WORLD, join=True)
     return base
@@ -172,15 +180,6 @@ def test_all_gather_with_grad_sums_the_ranks_gradients_into_each_slice(spawned):
         assert torch.equal(got["grad"], WORLD * g[3 * r:3 * (r + 1)])
         # Once joined, an error a rank meets is its own: every rank says it, tagged.
         assert got["error_prefix"] == ("error" if r == 0 else f"error (rank {r})")
-
-
-@pytest.fixture
-def one_thread():
-    """The references run on one thread, as the ranks do (and as a shared machine prefers)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("case", range(len(STEP_CASES)))
@@ -231,6 +230,15 @@ def test_one_ddp_step_equals_one_process_on_the_combined_batch(spawned, syntheti
         assert not all(_close(alone["grads"][n], g) for n, g in combined["grads"].items())
 
 
+def test_ddp_finds_unused_parameters_only_when_a_classifier_has_no_loss(spawned, torchrun_run):
+    """Run C (loss.saffm_ce=0) needs find_unused_parameters: without it DDP stops at the second
+    step ("Expected to have finished reduction in the prior iteration"). Run A (every head has
+    its loss) must not ask for it: DDP would warn that it found nothing unused."""
+    results = [json.loads((spawned / f"results{r}.json").read_text()) for r in range(WORLD)]
+    assert [(r[2]["status"], r[2]["step"]) for r in results] == [("completed", 2)] * WORLD
+    assert "find_unused_parameters" not in torchrun_run[0]
+
+
 def _writes(audit: Path, rank: int) -> str:
     return (audit / f"writes{rank}.txt").read_text()
 
@@ -252,7 +260,7 @@ def test_ddp_resume_matches_an_uninterrupted_run(spawned, torchrun_run):
     from attnreid.engine.checkpoint import load_checkpoint
 
     results = [json.loads((spawned / f"results{r}.json").read_text()) for r in range(WORLD)]
-    assert [r["epoch"] for r in results[0]] == [1, 2] and results[0][1]["step"] == 4
+    assert [r["epoch"] for r in results[0][:2]] == [1, 2] and results[0][1]["step"] == 4
     a = load_checkpoint(torchrun_run[1] / "checkpoints" / "last.pth")
     b = load_checkpoint(spawned / "B" / "checkpoints" / "last.pth")
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 4)
