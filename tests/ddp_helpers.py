@@ -116,14 +116,15 @@ def worker(rank: int, port: int, root: str, out: str, step_cases: List[List[str]
     """Everything the 2-rank tests need from one process group (one spawn: starting processes
     is the slow part).
 
-    0. :func:`all_gather_with_grad` on a small tensor and :func:`error_prefix` (``out/gatherN.pt``).
+    0. :func:`all_gather_with_grad` on a small tensor and :func:`error_prefix` before any
+       training (``out/gatherN.pt``).
     1. Per entry of ``step_cases`` (a list of overrides), one DDP step on this rank's first
        PK batch; saves the batch, every rank's labels, the gradients and the weights to
        ``out/stepI_rankN.pt``.
     2. :func:`attnreid.engine.trainer.train` once per entry of ``runs`` (``out_dir``,
        ``overrides``, ``resume``), recording what this rank printed (``printedN.txt``), what
-       it wrote under the run folders (``writesN.txt``) and the returned dicts
-       (``resultsN.json``).
+       it wrote under the run folders (``writesN.txt``), the returned dicts
+       (``resultsN.json``) and :func:`error_prefix` once training ran (``error_prefixN.txt``).
     """
     import torch
     from torch import nn
@@ -170,5 +171,6 @@ def worker(rank: int, port: int, root: str, out: str, step_cases: List[List[str]
             cfg = load_config(BASE_CONFIG, tiny_overrides(Path(root), *r["overrides"]))
             results.append(train(cfg, r["out_dir"], resume=r.get("resume", False)))
     Path(out, f"printed{rank}.txt").write_text(printed.getvalue())
+    Path(out, f"error_prefix{rank}.txt").write_text(str(error_prefix()))
     Path(out, f"results{rank}.json").write_text(json.dumps(results, default=str))
     torch.distributed.destroy_process_group()

@@ -102,6 +102,7 @@ def test_unused_classifiers_predicts_which_parameters_get_no_gradient(name, synt
 
 
 def test_error_prefix_and_main_process_from_torchrun_environment(monkeypatch):
+    from attnreid import distributed
     from attnreid.distributed import error_prefix, is_main_process
     from attnreid.errors import AttnReidError
 
@@ -112,8 +113,11 @@ def test_error_prefix_and_main_process_from_torchrun_environment(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     assert error_prefix() == "error" and is_main_process()
     monkeypatch.setenv("RANK", "1")
-    # Before joining the group every rank runs the same code on the same files: rank 0 says it.
+    # Before training starts every rank runs the same code on the same files: rank 0 says it.
+    monkeypatch.setattr(distributed, "_LOOP_STARTED", False)
     assert error_prefix() is None and not is_main_process()
+    monkeypatch.setattr(distributed, "_LOOP_STARTED", True)
+    assert error_prefix() == "error (rank 1)"
     collective = AttnReidError("loss is nan")
     collective.every_rank = True
     assert error_prefix(collective) is None
@@ -178,8 +182,10 @@ def test_all_gather_with_grad_sums_the_ranks_gradients_into_each_slice(spawned):
         got = torch.load(spawned / f"gather{r}.pt", weights_only=True)
         assert torch.equal(got["gathered"], torch.cat(xs))
         assert torch.equal(got["grad"], WORLD * g[3 * r:3 * (r + 1)])
-        # Once joined, an error a rank meets is its own: every rank says it, tagged.
-        assert got["error_prefix"] == ("error" if r == 0 else f"error (rank {r})")
+        # Before training starts every rank meets the same errors: rank 0 alone says them ...
+        assert got["error_prefix"] == ("error" if r == 0 else None)
+        # ... once it has trained, an error a rank meets can be its own: it says it, tagged.
+        assert (spawned / f"error_prefix{r}.txt").read_text() == ("error" if r == 0 else f"error (rank {r})")
 
 
 @pytest.mark.parametrize("case", range(len(STEP_CASES)))

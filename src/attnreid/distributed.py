@@ -137,21 +137,30 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
+_LOOP_STARTED = False  # set by the trainer in this process; see error_prefix
+
+
+def mark_loop_started() -> None:
+    """The training loop begins: from here on a rank's errors can be its own (its batches)."""
+    global _LOOP_STARTED
+    _LOOP_STARTED = True
+
+
 def error_prefix(error: Optional[BaseException] = None) -> Optional[str]:
-    """How the CLI introduces an error line in this process: ``error`` on rank 0 (and
-    outside torchrun), ``error (rank N)`` on another rank that has joined the process group,
-    None (stay silent) on another rank that has not, or for an ``error`` marked
-    ``every_rank`` (raised on all ranks at once): rank 0 already says it. Before the join
-    every rank runs the same code on the same config and files."""
+    """How the CLI introduces an error line in this process, or None to stay silent.
+
+    ``error`` on rank 0 and outside torchrun. On another rank: silent until the training
+    loop starts (until then every rank runs the same code on the same config and files,
+    so rank 0 says it), and for an ``error`` marked ``every_rank`` (raised on all ranks at
+    once, e.g. a NaN in the ranks' mean loss); ``error (rank N)`` otherwise, e.g. a bad
+    image in that rank's share of a batch.
+    """
     rank = os.environ.get("RANK", "0")
     if rank in ("", "0") or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return "error"
-    if getattr(error, "every_rank", False):
+    if not _LOOP_STARTED or getattr(error, "every_rank", False):
         return None
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return f"error (rank {rank})"
-    return None
+    return f"error (rank {rank})"
 
 
 def unused_classifiers(model: nn.Module, used_heads: Iterable[str]) -> List[str]:
@@ -240,4 +249,4 @@ def all_gather_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-__all__ = ["DistContext", "all_gather_labels", "all_gather_with_grad", "error_prefix", "is_main_process", "unused_classifiers", "world_size", "wrap_ddp"]
+__all__ = ["DistContext", "all_gather_labels", "all_gather_with_grad", "error_prefix", "is_main_process", "mark_loop_started", "unused_classifiers", "world_size", "wrap_ddp"]

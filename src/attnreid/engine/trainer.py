@@ -36,7 +36,7 @@ from torch import nn
 
 from attnreid.config import Config, load_config, save_config, to_dict
 from attnreid.data.splits import hold_out_validation, limit_identities
-from attnreid.distributed import DistContext, unused_classifiers, wrap_ddp
+from attnreid.distributed import DistContext, mark_loop_started, unused_classifiers, wrap_ddp
 from attnreid.engine.build import build_eval_dataset, load_weights, resolve_device
 from attnreid.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from attnreid.engine.hooks import (RUN_DIRS, RUN_FILES, BudgetHook, CheckpointHook, DiagnosticsHook, EvalHook, Hook,
@@ -418,6 +418,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
                       logger, progress, dist=dist, scaler=scaler, steps_per_epoch=steps_per_epoch,
                       num_classes=num_classes)
     t_run = time.perf_counter()
+    mark_loop_started()
     try:
         status = trainer.train()
     except KeyboardInterrupt:
