@@ -23,7 +23,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ddp_helpers import BASE_CONFIG, GATHER_WEIGHTS, REPO, WORLD, free_port, freeze_batchnorm, one_step, tiny_overrides, worker
+from ddp_helpers import (BASE_CONFIG, GATHER_WEIGHTS, REPO, WORLD, free_port, freeze_batchnorm, one_step,
+                         tiny_overrides, worker)
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
 
@@ -148,7 +149,8 @@ def spawned(synthetic_root, tmp_path_factory):
     base = tmp_path_factory.mktemp("ddp_spawned")
     runs = [{"out_dir": str(base / "B"), "overrides": [*RUN_OVERRIDES, "train.epochs=1"]},
             {"out_dir": str(base / "B"), "overrides": [*RUN_OVERRIDES, "train.epochs=2"], "resume": True},
-            {"out_dir": str(base / "C"), "overrides": [*RUN_OVERRIDES, *TINY_MHSANET, "loss.saffm_ce=0", "train.epochs=1"]}]
+            {"out_dir": str(base / "C"),
+             "overrides": [*RUN_OVERRIDES, *TINY_MHSANET, "loss.saffm_ce=0", "train.epochs=1"]}]
     mp.spawn(worker, args=(free_port(), str(synthetic_root), str(base), [c for c, _ in STEP_CASES], runs),
              nprocs=WORLD, join=True)
     return base

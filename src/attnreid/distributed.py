@@ -51,7 +51,8 @@ class DistContext:
         try:
             world = int(os.environ.get("WORLD_SIZE", "1"))
         except ValueError:
-            raise ConfigError(f"environment variable WORLD_SIZE is {os.environ['WORLD_SIZE']!r}; expected an integer") from None
+            raise ConfigError(f"environment variable WORLD_SIZE is {os.environ['WORLD_SIZE']!r}; "
+                              f"expected an integer") from None
         if world <= 1:
             return cls()
         import torch.distributed as dist
@@ -249,4 +250,5 @@ def all_gather_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-__all__ = ["DistContext", "all_gather_labels", "all_gather_with_grad", "error_prefix", "is_main_process", "mark_loop_started", "unused_classifiers", "world_size", "wrap_ddp"]
+__all__ = ["DistContext", "all_gather_labels", "all_gather_with_grad", "error_prefix", "is_main_process",
+           "mark_loop_started", "unused_classifiers", "world_size", "wrap_ddp"]

@@ -45,8 +45,8 @@ from attnreid.engine.optim import WarmupStepScheduler, build_optimizer
 from attnreid.errors import AttnReidError, CheckpointError, DataError
 from attnreid.precision import Precision, resolve_precision
 
-__all__ = ["DistContext", "Hook", "NonFiniteLossError", "TrainState", "Trainer", "prepare_run_dir", "run_config", "train",
-           "train_step"]
+__all__ = ["DistContext", "Hook", "NonFiniteLossError", "TrainState", "Trainer", "prepare_run_dir", "run_config",
+           "train", "train_step"]
 
 
 @dataclass
@@ -478,4 +478,5 @@ def _restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.O
     elif dist.is_main:
         restore_rng_state(ckpt["rng"])
     else:
-        seed_everything(int(np.random.SeedSequence([cfg.train.seed, dist.rank, state.epochs_done]).generate_state(1)[0]))
+        seed = np.random.SeedSequence([cfg.train.seed, dist.rank, state.epochs_done]).generate_state(1)[0]
+        seed_everything(int(seed))
