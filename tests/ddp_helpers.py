@@ -116,8 +116,8 @@ def worker(rank: int, port: int, root: str, out: str, step_cases: List[List[str]
     """Everything the 2-rank tests need from one process group (one spawn: starting processes
     is the slow part).
 
-    0. :func:`all_gather_with_grad` on a small tensor and :func:`error_prefix` before any
-       training (``out/gatherN.pt``).
+    0. :func:`all_gather_with_grad` on a small tensor, :func:`all_gather_labels` on unequal
+       shares and :func:`error_prefix` before any training (``out/gatherN.pt``).
     1. Per entry of ``step_cases`` (a list of overrides), one DDP step on this rank's first
        PK batch; saves the batch, every rank's labels, the gradients and the weights to
        ``out/stepI_rankN.pt``.
@@ -135,6 +135,7 @@ def worker(rank: int, port: int, root: str, out: str, step_cases: List[List[str]
     from attnreid.distributed import all_gather_labels, all_gather_with_grad, error_prefix
     from attnreid.engine.optim import build_optimizer
     from attnreid.engine.trainer import train
+    from attnreid.errors import ConfigError
     from attnreid.losses import build_criterion
     from attnreid.models import build_model
 
@@ -143,7 +144,12 @@ def worker(rank: int, port: int, root: str, out: str, step_cases: List[List[str]
     x = torch.arange(6, dtype=torch.float32).view(3, 2).add(10 * rank).requires_grad_()
     gathered = all_gather_with_grad(x)
     (gathered * torch.tensor(GATHER_WEIGHTS)).sum().backward()
-    torch.save({"gathered": gathered.detach(), "grad": x.grad, "error_prefix": error_prefix()},
+    try:
+        all_gather_labels(torch.arange(3 - rank))  # unequal shares: every rank must refuse, in one line
+        unequal = "no error"
+    except ConfigError as exc:
+        unequal = f"{str(exc)} every_rank={getattr(exc, 'every_rank', False)}"
+    torch.save({"gathered": gathered.detach(), "grad": x.grad, "error_prefix": error_prefix(), "unequal": unequal},
                os.path.join(out, f"gather{rank}.pt"))
 
     for case, overrides in enumerate(step_cases):

@@ -184,6 +184,7 @@ def test_all_gather_with_grad_sums_the_ranks_gradients_into_each_slice(spawned):
         got = torch.load(spawned / f"gather{r}.pt", weights_only=True)
         assert torch.equal(got["gathered"], torch.cat(xs))
         assert torch.equal(got["grad"], WORLD * g[3 * r:3 * (r + 1)])
+        assert "ranks hold batches of [3, 2] images" in got["unequal"] and "every_rank=True" in got["unequal"]
         # Before training starts every rank meets the same errors: rank 0 alone says them ...
         assert got["error_prefix"] == ("error" if r == 0 else None)
         # ... once it has trained, an error a rank meets can be its own: it says it, tagged.

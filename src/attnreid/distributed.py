@@ -75,16 +75,6 @@ class DistContext:
 
             dist.barrier()
 
-    def broadcast_object(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank (e.g. an error rank 0 met while preparing the run folder)."""
-        if not self.enabled:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def gather_object(self, obj: Any) -> Optional[List[Any]]:
         """Every rank's ``obj`` in rank order on rank 0, None elsewhere (a collective: call on all ranks)."""
         if not self.enabled:
@@ -242,9 +232,11 @@ def all_gather_labels(labels: torch.Tensor) -> torch.Tensor:
     dist.all_gather(every, rows)
     counts = [int(r) for r in every]
     if len(set(counts)) > 1:
-        raise ConfigError(f"loss.gather_triplets: the ranks hold batches of {counts} images this step; the "
-                          f"gather needs equal batches (with data.skip_bad_images, remove the bad images "
-                          f"or set loss.gather_triplets=false)")
+        error = ConfigError(f"loss.gather_triplets: the ranks hold batches of {counts} images this step; the "
+                            f"gather needs equal batches (with data.skip_bad_images, remove the bad images "
+                            f"or set loss.gather_triplets=false)")
+        error.every_rank = True  # every rank sees the same counts and stops here
+        raise error
     parts: List[torch.Tensor] = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, labels)
     return torch.cat(parts, dim=0)
