@@ -51,12 +51,13 @@ def test_pk_deterministic_per_seed_and_epoch():
     assert list(PKSampler(PIDS, 8, 4, seed=4)) != first
 
 
-def test_pk_distributed_ranks_split_the_global_batches():
+@pytest.mark.parametrize("mode", ["images", "identities"])
+def test_pk_distributed_ranks_split_the_global_batches(mode):
     pids = [i // 6 for i in range(60)]  # 10 ids x 6 images
-    full = list(PKSampler(pids, 8, 2, seed=0))
-    ranks = [list(PKSampler(pids, 8, 2, seed=0, rank=r, world_size=2)) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == len(full) // 2
-    assert ranks[0] == full[0::2][: len(full) // 2] and ranks[1] == full[1::2][: len(full) // 2]
+    full = list(PKSampler(pids, 16, 2, seed=0, epoch_mode=mode))  # one process with the global batch
+    ranks = [list(PKSampler(pids, 8, 2, seed=0, rank=r, world_size=2, epoch_mode=mode)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(full) > 0
+    assert [a + b for a, b in zip(*ranks)] == full
 
 
 def test_pk_errors():
@@ -166,6 +167,14 @@ def test_train_loader_workers0(synthetic_root: Path):
     assert images.shape == (8, 3, 32, 16) and images.dtype == torch.float32
     assert sorted(Counter(pids.tolist()).values()) == [4, 4]
     assert all(ds.train[i][1] == p for i, p in zip(index.tolist(), pids.tolist()))
+
+
+def test_test_loader_leaves_the_global_rng_alone(synthetic_root: Path):
+    """Evaluating must not shift the training's augmentation stream that checkpoints save."""
+    ds = build_dataset("market1501", synthetic_root)
+    before = torch.get_rng_state()
+    assert sum(len(b[1]) for b in build_test_loader(data_cfg(), ds.query)) == len(ds.query)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_test_loader_with_a_worker_reads_zip_paths(synthetic_root: Path, tmp_path: Path):

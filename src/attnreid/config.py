@@ -171,6 +171,9 @@ class LossConfig:
     global_triplet: float = 0.0
     center_weight: float = 0.0  # BoT: 5e-4
     center_lr: float = 0.5  # BoT's SGD learning rate for the centres
+    # DDP: mine triplets (p*, z, IHTL) over every rank's share of the step's batch, as the authors
+    # mined within their whole batch of 128; false = within each process's data.batch_size images.
+    gather_triplets: bool = True
 
 
 @dataclass

@@ -98,7 +98,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         app(args=argv, prog_name="attnreid")
     except AttnReidError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from attnreid.distributed import error_prefix
+
+        prefix = error_prefix(exc)  # under torchrun: rank 0 speaks for the errors every rank meets
+        if prefix is not None:
+            print(f"{prefix}: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
 
 

@@ -32,6 +32,7 @@ def train_cmd(
 ) -> None:
     """Train a model: writes config.yaml, log.jsonl, checkpoints/last.pth (+ best.pth with data.val_ids) and eval.json."""
     from attnreid.config import load_config
+    from attnreid.distributed import is_main_process
     from attnreid.engine.trainer import run_config, train
 
     args = list(overrides or [])
@@ -41,10 +42,11 @@ def train_cmd(
     if config is None and not (resume and out is not None):
         raise AttnReidError("attnreid train needs a CONFIG file, or --resume --out RUN to continue a run")
     run_dir = out or default_run_dir(config)
+    speak = is_main_process()  # under torchrun only rank 0 prints; every rank exits with the status
     try:
         if resume:
             cfg, ignored = run_config(run_dir, args, config)
-            if ignored:
+            if ignored and speak:
                 print(f"note: resuming with {run_dir / 'config.yaml'}; {config} sets {', '.join(ignored[:4])}"
                       f"{' ...' if len(ignored) > 4 else ''} differently and is not applied "
                       f"(pass KEY=VALUE to change a key)", file=sys.stderr)
@@ -54,15 +56,19 @@ def train_cmd(
     except KeyboardInterrupt:  # while reading the data or building the model: nothing new to save
         last = run_dir / "checkpoints" / "last.pth"
         hint = f"continue with: {resume_command(run_dir)}" if last.is_file() else "nothing was saved"
-        print(f"interrupted; {hint}", file=sys.stderr)
+        if speak:
+            print(f"interrupted; {hint}", file=sys.stderr)
         raise typer.Exit(130)
     if result["status"] == "interrupted":
-        print(f"interrupted: saved {result['checkpoint']} after {result['epoch']} epochs ({result['step']} steps); "
-              f"continue with: {resume_command(run_dir)}", file=sys.stderr)
+        if speak:
+            print(f"interrupted: saved {result['checkpoint']} after {result['epoch']} epochs ({result['step']} steps); "
+                  f"continue with: {resume_command(run_dir)}", file=sys.stderr)
         raise typer.Exit(130)
-    print(f"{result['status']}: {result['epoch']} epochs, {result['step']} steps in {result['train_seconds']:.0f} s "
-          f"({result['img_per_s']:.1f} img/s, {100 * result['data_wait']:.0f}% waiting for data); "
-          f"{_metrics_line(result)} (last weights, {result.get('dataset', 'test')} test split); run folder {run_dir}")
+    if speak:
+        print(f"{result['status']}: {result['epoch']} epochs, {result['step']} steps in {result['train_seconds']:.0f} s "
+              f"({result['img_per_s']:.1f} img/s, {100 * result['data_wait']:.0f}% waiting for data); "
+              f"{_metrics_line(result)} (last weights, {result.get('dataset', 'test')} test split); "
+              f"run folder {run_dir}")
 
 
 def resume_command(run_dir: Path) -> str:

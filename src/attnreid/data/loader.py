@@ -162,6 +162,10 @@ def build_test_loader(data_cfg: Any, items: Sequence[Item], batch_size: Optional
         pin_memory=torch.cuda.is_available(),
         collate_fn=collate_marking_bad,
         worker_init_fn=ignore_sigint if workers > 0 else None,
+        # Its own generator: iterating a loader draws a base seed, which would otherwise come
+        # from the global RNG and shift the training's augmentation stream by every
+        # evaluation (a run evaluated before its checkpoint would not resume like one that was not).
+        generator=torch.Generator(),
         skip_bad_images=bool(getattr(data_cfg, "skip_bad_images", False)),
     )
 

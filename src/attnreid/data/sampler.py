@@ -37,9 +37,12 @@ class PKSampler(Sampler[List[int]]):
     replacement when it has fewer than K).
 
     Deterministic for ``(seed, epoch)``; call :meth:`set_epoch` before each epoch. With
-    ``world_size > 1`` every rank builds the same global list of batches and takes every
-    ``world_size``-th one starting at ``rank``, truncated so that all ranks run the same
-    number of steps. Use it as ``DataLoader(..., batch_sampler=PKSampler(...))``.
+    ``world_size > 1`` (DDP; ``batch_size`` is per process) every rank builds the same
+    global batches of ``P x world_size`` identities, drawn together as above, and takes
+    the ``rank``-th run of P of them: the ranks of a step never share an identity, all
+    run the same number of steps, and their batches put together are the batches of one
+    process with ``batch_size x world_size``. Use it as
+    ``DataLoader(..., batch_sampler=PKSampler(...))``.
     """
 
     def __init__(self, pids: Sequence[int], batch_size: int, num_instances: int, seed: int = 0,
@@ -58,15 +61,17 @@ class PKSampler(Sampler[List[int]]):
         self.num_instances = num_instances
         self.num_pids_per_batch = batch_size // num_instances
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.global_pids_per_batch = self.num_pids_per_batch * world_size
         self.epoch = 0
         index: Dict[int, List[int]] = {}
         for i, pid in enumerate(pids):
             index.setdefault(int(pid), []).append(i)
         self.index = {pid: np.asarray(idx) for pid, idx in sorted(index.items())}
-        if len(self.index) < self.num_pids_per_batch:
+        if len(self.index) < self.global_pids_per_batch:
+            procs = f" x {world_size} processes" if world_size > 1 else ""
             raise DataError(
-                f"PK sampling needs at least P = data.batch_size / data.num_instances = {self.num_pids_per_batch} "
-                f"identities, the training set has {len(self.index)}; lower data.batch_size"
+                f"PK sampling needs at least P = data.batch_size / data.num_instances = {self.num_pids_per_batch}"
+                f"{procs} identities, the training set has {len(self.index)}; lower data.batch_size"
             )
         self._cache: Optional[tuple] = None
 
@@ -88,8 +93,8 @@ class PKSampler(Sampler[List[int]]):
             groups[pid] = [chosen[i:i + k] for i in range(0, len(chosen) - k + 1, k)]
         available = [pid for pid in self.index if groups[pid]]
         batches: List[List[int]] = []
-        while len(available) >= self.num_pids_per_batch:
-            picked = rng.choice(len(available), size=self.num_pids_per_batch, replace=False)
+        while len(available) >= self.global_pids_per_batch:
+            picked = rng.choice(len(available), size=self.global_pids_per_batch, replace=False)
             batch: List[int] = []
             for j in picked:
                 batch.extend(int(i) for i in groups[available[j]].pop())
@@ -99,7 +104,7 @@ class PKSampler(Sampler[List[int]]):
         return batches
 
     def _identity_batches(self, rng: np.random.Generator) -> List[List[int]]:
-        k, p = self.num_instances, self.num_pids_per_batch
+        k, p = self.num_instances, self.global_pids_per_batch
         pids = list(self.index)
         order = rng.permutation(len(pids))
         batches: List[List[int]] = []
@@ -115,9 +120,9 @@ class PKSampler(Sampler[List[int]]):
         yield from self._local_batches()
 
     def _local_batches(self) -> List[List[int]]:
-        batches = self._global_batches()
-        per_rank = len(batches) // self.world_size
-        return batches[self.rank::self.world_size][:per_rank]
+        # A global batch is P x world_size runs of K images, one run per identity.
+        start = self.rank * self.batch_size
+        return [b[start:start + self.batch_size] for b in self._global_batches()]
 
     def __len__(self) -> int:
         return len(self._local_batches())

@@ -68,9 +68,11 @@ class NonFiniteLossGuard(Hook):
             return
         bad = next((k for k, v in state.terms.items() if not math.isfinite(v)), "total")
         value = state.terms.get(bad, state.loss)
-        raise NonFiniteLossError(
+        error = NonFiniteLossError(
             f"loss is {value} at epoch {state.epoch + 1} step {state.step} (term '{bad}'); "
             f"lower optim.lr, set optim.grad_clip, or check that term's weight")
+        error.every_rank = True  # the loss is the ranks' mean: every rank stops here, rank 0 says so
+        raise error
 
 
 class CheckpointHook(Hook):
@@ -88,10 +90,11 @@ class CheckpointHook(Hook):
     def after_train(self, state: Any) -> None:
         self.save_last()
 
-    def save_last(self) -> Optional[Path]:
+    def save_last(self, gather_rng: bool = True) -> Optional[Path]:
         state = self.trainer.state
         mid_epoch = state.epoch >= state.epochs_done
-        return self.trainer.save("last.pth", full=True, step=state.epoch_start_step if mid_epoch else state.step)
+        return self.trainer.save("last.pth", full=True, gather_rng=gather_rng,
+                                 step=state.epoch_start_step if mid_epoch else state.step)
 
 
 class EvalHook(Hook):
@@ -171,7 +174,9 @@ class BudgetHook(Hook):
             f"(set-up and the final evaluation come on top)")
 
     def after_step(self, state: Any) -> None:
-        if time.perf_counter() - self.t0 > self.seconds:
+        # Under DDP the ranks stop together (one rank's clock decides), or the others would
+        # wait in the next step's gradient all-reduce.
+        if self.trainer.dist.any(time.perf_counter() - self.t0 > self.seconds):
             state.stop = "budget"
 
     def after_train(self, state: Any) -> None:
@@ -303,6 +308,8 @@ class DiagnosticsHook(Hook):
     def after_step(self, state: Any) -> None:
         from attnreid.engine.diagnostics import batch_diagnostics
 
+        if not self.trainer.dist.is_main:
+            return  # only rank 0 logs them
         outputs = state.outputs
         if isinstance(outputs, dict) and "alpha" in outputs:
             self.meter.add(batch_diagnostics(outputs, self.acm_gamma, self.fdrt_form), int(outputs["alpha"].shape[0]))

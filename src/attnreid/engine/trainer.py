@@ -23,7 +23,6 @@ Run folder (docs/design.md): ``config.yaml``, ``log.jsonl``, ``checkpoints/last.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import time
@@ -37,6 +36,7 @@ from torch import nn
 
 from attnreid.config import Config, load_config, save_config, to_dict
 from attnreid.data.splits import hold_out_validation, limit_identities
+from attnreid.distributed import DistContext, mark_loop_started, unused_classifiers, wrap_ddp
 from attnreid.engine.build import build_eval_dataset, load_weights, resolve_device
 from attnreid.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from attnreid.engine.hooks import (RUN_DIRS, RUN_FILES, BudgetHook, CheckpointHook, DiagnosticsHook, EvalHook, Hook,
@@ -45,8 +45,8 @@ from attnreid.engine.optim import WarmupStepScheduler, build_optimizer
 from attnreid.errors import AttnReidError, CheckpointError, DataError
 from attnreid.precision import Precision, resolve_precision
 
-__all__ = ["Hook", "NonFiniteLossError", "TrainState", "Trainer", "prepare_run_dir", "run_config", "train",
-           "train_step"]
+__all__ = ["DistContext", "Hook", "NonFiniteLossError", "TrainState", "Trainer", "prepare_run_dir", "run_config",
+           "train", "train_step"]
 
 
 @dataclass
@@ -71,39 +71,6 @@ class TrainState:
     best: Dict[str, Any] = field(default_factory=lambda: {"mAP": -1.0, "epoch": 0})  # on validation
     stop: Optional[str] = None  # set by a hook to end the run ("budget", "early_stop", ...)
     run_dir: Optional[Path] = None
-
-
-@dataclass
-class DistContext:
-    """Rank and world size; initialised from torchrun's environment when WORLD_SIZE > 1."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> "DistContext":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local)
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
 
 
 def seed_everything(seed: int) -> None:
@@ -276,14 +243,18 @@ class Trainer:
                                   self.scaler, self.cfg.optim.grad_clip, self.params, s)
         s.step += 1
         s.epoch_steps += 1
-        s.loss = float(total)
-        s.terms = {k: float(v) for k, v in terms.items()}
+        # The whole step's loss, averaged over the ranks: what log.jsonl shows, and a NaN on
+        # one rank stops every rank at the same step.
+        losses = self.dist.mean({"total": float(total), **{k: float(v) for k, v in terms.items()}})
+        s.loss = losses.pop("total")
+        s.terms = losses
         s.images = images.shape[0] * self.dist.world_size
 
     def checkpoint(self, full: bool, metrics: Optional[Dict[str, Any]] = None,
-                   step: Optional[int] = None) -> Dict[str, Any]:
+                   step: Optional[int] = None, rank_rngs: Optional[List[Any]] = None) -> Dict[str, Any]:
         """Weights, config, class count, position and metrics; ``full`` adds what resume needs
-        (optimiser, schedule, RNG and scaler states), which only last.pth keeps."""
+        (optimiser, schedule, RNG and scaler states), which only last.pth keeps. Under DDP,
+        ``rank_rngs`` holds every rank's RNG state (``rng`` is rank 0's)."""
         s = self.state
         m = dict(s.metrics if metrics is None else metrics)
         m["best"] = dict(s.best)
@@ -293,15 +264,24 @@ class Trainer:
         if full:
             out.update({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "rng": capture_rng_state()})
+            if rank_rngs is not None:
+                out["rng_ranks"] = rank_rngs
             if self.scaler is not None:
                 out["scaler"] = self.scaler.state_dict()
         return out
 
-    def save(self, name: str, full: bool, **kwargs: Any) -> Optional[Path]:
-        """``checkpoints/<name>`` from the main process (atomic); see :meth:`checkpoint`."""
+    def save(self, name: str, full: bool, gather_rng: bool = True, **kwargs: Any) -> Optional[Path]:
+        """``checkpoints/<name>`` from the main process (atomic); see :meth:`checkpoint`.
+
+        Under DDP a full checkpoint gathers every rank's RNG state first, so call it on
+        every rank; ``gather_rng=False`` (Ctrl-C, when the other ranks may be anywhere)
+        saves rank 0's alone and a resume restarts the other ranks' streams.
+        """
+        rank_rngs = self.dist.gather_object(capture_rng_state()) if full and gather_rng and self.dist.enabled else None
         if not self.dist.is_main or self.state.run_dir is None:
             return None
-        return save_checkpoint(self.state.run_dir / "checkpoints" / name, self.checkpoint(full, **kwargs))
+        return save_checkpoint(self.state.run_dir / "checkpoints" / name,
+                               self.checkpoint(full, rank_rngs=rank_rngs, **kwargs))
 
 
 def run_config(run_dir: str | Path, overrides: Sequence[str] = (),
@@ -406,17 +386,16 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
 
     state = TrainState(run_dir=run_dir)
     if resume:
-        _restore(run_dir / "checkpoints" / "last.pth", cfg, model, optimizer, scheduler, scaler, state)
+        _restore(run_dir / "checkpoints" / "last.pth", cfg, model, optimizer, scheduler, scaler, state, dist)
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
 
     # The one place the stepped network is built: DDP here, and a compiled model or step
     # (train.compile) would wrap `net` here too; evaluation and checkpoints use `model`.
     net: nn.Module = model
-    if dist.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True)  # heads whose loss weight is 0 get no gradient
+    if dist.enabled:
+        # find_unused_parameters costs a graph traversal a step: only when a classifier's CE weight is 0.
+        net = wrap_ddp(model, device, find_unused=bool(unused_classifiers(model, criterion.classifier_heads())))
 
     logger = RunLogger(run_dir, enabled=dist.is_main)
     steps_per_epoch = len(loader) if hasattr(loader, "__len__") else 0
@@ -441,10 +420,11 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
                       logger, progress, dist=dist, scaler=scaler, steps_per_epoch=steps_per_epoch,
                       num_classes=num_classes)
     t_run = time.perf_counter()
+    mark_loop_started()
     try:
         status = trainer.train()
     except KeyboardInterrupt:
-        path = checkpoints.save_last()
+        path = checkpoints.save_last(gather_rng=False)
         saved = load_checkpoint(path) if path is not None else {"epoch": state.epochs_done, "step": state.step}
         logger.write({"type": "interrupted", "epoch": saved["epoch"], "step": saved["step"]})
         return {"status": "interrupted", "epoch": int(saved["epoch"]), "step": int(saved["step"]),
@@ -452,6 +432,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
     finally:
         progress.close()
         logger.close()
+        dist.close()
     result = dict(state.metrics)
     result.update({
         "status": status, "epoch": state.epochs_done, "step": state.step, "run_dir": str(run_dir),
@@ -466,8 +447,13 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
 
 
 def _restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: WarmupStepScheduler, scaler: Any, state: TrainState) -> None:
-    """Load ``last.pth`` into the model, optimiser, schedule, scaler, RNGs and ``state``."""
+             scheduler: WarmupStepScheduler, scaler: Any, state: TrainState, dist: DistContext) -> None:
+    """Load ``last.pth`` into the model, optimiser, schedule, scaler, RNGs and ``state``.
+
+    Every rank reads the file. Each gets back its own RNG state when the checkpoint holds
+    one per rank of this world size; otherwise (another number of processes, or saved on
+    Ctrl-C) rank 0 takes ``rng`` and the others restart from ``(train.seed, rank, epoch)``.
+    """
     ckpt = load_checkpoint(path)
     saved_name = (ckpt.get("config") or {}).get("model", {}).get("name")
     if saved_name and saved_name != cfg.model.name:
@@ -488,4 +474,11 @@ def _restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.O
     metrics = dict(ckpt.get("metrics") or {})
     state.best = dict(metrics.pop("best", state.best))
     state.metrics = metrics
-    restore_rng_state(ckpt["rng"])
+    per_rank = ckpt.get("rng_ranks")
+    if isinstance(per_rank, list) and len(per_rank) == dist.world_size:
+        restore_rng_state(per_rank[dist.rank])
+    elif dist.is_main:
+        restore_rng_state(ckpt["rng"])
+    else:
+        seed = np.random.SeedSequence([cfg.train.seed, dist.rank, state.epochs_done]).generate_state(1)[0]
+        seed_everything(int(seed))

@@ -42,6 +42,14 @@ How each term is computed (SPEC.md 1; defaults first):
 - ACM: ``loss.acm_form`` paper (Eq. 12) | linear (the authors' code), threshold
   ``loss.acm_gamma``.
 
+Batch-hard mining across processes: under DDP each rank holds ``data.batch_size`` images
+of the step's batch. With ``loss.gather_triplets`` (default true) the mined terms
+(``tri_saffm``, ``tri_rlm``, ``ihtl``) first gather every rank's features, with gradient,
+and labels (:func:`attnreid.distributed.all_gather_with_grad`), so anchors are mined within
+the whole step's batch as the authors mined within their batch of 128; every rank then
+computes the same value of those terms and DDP's gradient average gives the one-process
+gradient. With one process the gather is the identity.
+
 A term whose weight is 0 is not computed, so each Table V ablation row is a set of
 weights (e.g. Baseline+MHSAM: lambda_fdrt = lambda_ihtl = lambda_acm = 0). A new term
 (e.g. a center loss) is one more ``(name, weight, fn)`` entry in :func:`build_criterion`.
@@ -50,12 +58,13 @@ weights (e.g. Baseline+MHSAM: lambda_fdrt = lambda_ihtl = lambda_acm = 0). A new
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnreid.distributed import all_gather_labels, all_gather_with_grad
 from attnreid.errors import ConfigError
 from attnreid.losses.center import CenterLoss, center_optimizer, center_parameters, step_centers
 from attnreid.losses.regularizers import (ACM_FORMS, FDRT_FORMS, attention_competition, attention_orthogonality,
@@ -73,12 +82,18 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: f
 class Criterion(nn.Module):
     """The weighted sum of the terms chosen at build time (each a name, weight and function)."""
 
-    def __init__(self, terms: List[Term]):
+    def __init__(self, terms: List[Term], classifier_heads: Sequence[str] = ()):
         super().__init__()
         if not terms:
             raise ConfigError("every loss weight is 0: the model would not train (check the loss.* weights)")
         self.terms = terms
         self.weights = {name: weight for name, weight, _ in terms}
+        self._classifier_heads = tuple(classifier_heads)
+
+    def classifier_heads(self) -> Tuple[str, ...]:
+        """The heads of ``outputs["logits"]`` some term reads; a model classifier not listed
+        gets no gradient (DDP then needs ``find_unused_parameters``)."""
+        return self._classifier_heads
 
     def term_values(self, outputs: dict, labels: torch.Tensor) -> Dict[str, Tuple[float, torch.Tensor]]:
         """Each term's (weight, unweighted value), values still attached to the graph."""
@@ -110,11 +125,16 @@ def build_criterion(loss_cfg, model_cfg, num_classes: Optional[int] = None,
     acm_form = _check_choice(loss_cfg.acm_form, ACM_FORMS, "loss.acm_form")
     gamma = loss_cfg.acm_gamma
 
+    gather = bool(loss_cfg.gather_triplets)
+
+    def mining_batch(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return (all_gather_with_grad(x), all_gather_labels(y)) if gather else (x, y)
+
     def ce(head: str):
         return lambda out, y: cross_entropy(out["logits"][head], y, eps)
 
     def tri(head: str):
-        return lambda out, y: batch_hard_triplet(out["features"][head], y, tri_margin, tri_distance)
+        return lambda out, y: batch_hard_triplet(*mining_batch(out["features"][head], y), tri_margin, tri_distance)
 
     weighted: List[Term] = []
     if loss_cfg.global_ce:
@@ -128,7 +148,8 @@ def build_criterion(loss_cfg, model_cfg, num_classes: Optional[int] = None,
             weighted += [("ce_rlm", loss_cfg.rlm_ce, ce("rlm")), ("tri_rlm", loss_cfg.rlm_triplet, tri("rlm"))]
         weighted += [
             ("fdrt", loss_cfg.lambda_fdrt, lambda out, y: feature_diversity(out["P"], fdrt_form)),
-            ("ihtl", loss_cfg.lambda_ihtl, lambda out, y: improved_hard_triplet(out["P"], y, ihtl_margin, ihtl_distance)),
+            ("ihtl", loss_cfg.lambda_ihtl,
+             lambda out, y: improved_hard_triplet(*mining_batch(out["P"], y), ihtl_margin, ihtl_distance)),
             ("acm", loss_cfg.lambda_acm, lambda out, y: attention_competition(out["alpha"], gamma, acm_form)),
             ("attn_orth", loss_cfg.lambda_attention_orth, lambda out, y: attention_orthogonality(out["alpha"])),
         ]
@@ -150,7 +171,8 @@ def build_criterion(loss_cfg, model_cfg, num_classes: Optional[int] = None,
         center = CenterLoss(num_classes, global_dim)
     weighted.append(("tri_global", global_triplet, tri("global")))
     weighted.append(("center", center_weight, lambda out, y: center(out["features"]["global"], y)))
-    criterion = Criterion([t for t in weighted if t[1] != 0])
+    kept = [t for t in weighted if t[1] != 0]  # each CE term is named ce_<the logits head it reads>
+    criterion = Criterion(kept, classifier_heads=[name[len("ce_"):] for name, _, _ in kept if name.startswith("ce_")])
     if center is not None:
         criterion.center = center  # registered, so .to(device) and state_dict() carry the centres
     return criterion
