@@ -551,3 +551,15 @@ def test_trainer_records_mark_complete_epochs():
            {"type": "eval", "epoch": 2, "step": 29, "mAP": 0.1, "rank1": 0.2}]
     s = training_series(log)
     assert s["loss_epochs"] == [1, 2] and s["epochs_trained"] == 2 and s["loss"]["loss"] == [3.0, 2.0]
+
+
+def test_training_evaluates_every_set_of_eval_datasets_at_the_end(small, tmp_path):
+    """eval.datasets at the end of a training run: one table in eval.json, each set's files."""
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["train", small["cfg"], "--out", out, "train.epochs=1", "train.max_steps_per_epoch=1",
+                                 "eval.datasets=[market1501, dukemtmcreid]"])
+    assert code == 0, err
+    top = json.loads((out / "eval.json").read_text())
+    assert top["dataset"] == "market1501" and [d["dataset"] for d in top["datasets"]] == ["market1501", "dukemtmcreid"]
+    assert (out / "datasets" / "dukemtmcreid" / "eval.json").is_file()
+    assert "also dukemtmcreid" in stdout

@@ -530,7 +530,7 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 # YAML 1.1 reads an unquoted off / on (``train.amp=off``) as a boolean, which a string
 # field then holds as "False" / "True"; for keys whose choices are the words, they mean the words.
-_YAML_BOOL_WORDS = {"False": "off", "True": "on"}
+_YAML_BOOL_WORDS = {"False": "off", "True": "on", "false": "off", "true": "on"}  # YAML files give False/True, overrides raw text
 
 
 def validate(cfg: Config) -> Config:

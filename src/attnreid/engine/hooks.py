@@ -128,14 +128,27 @@ class EvalHook(Hook):
         return evaluate_model(t.model, dataset, t.cfg, out_dir=out_dir, device=t.device,
                               extra={"epoch": t.state.epochs_done, "step": t.state.step})
 
+    def _evaluate_test(self, out_dir: Optional[Path]) -> Dict[str, Any]:
+        """The test split; with ``eval.datasets`` every set named there, in one table (first = primary)."""
+        from attnreid.engine.evaluator import evaluate_datasets
+
+        t = self.trainer
+        if not t.cfg.eval.datasets:
+            return self._evaluate(self.test_set, out_dir)
+        return evaluate_datasets(t.model, t.cfg, out_dir=out_dir, device=t.device,
+                                 extra={"epoch": t.state.epochs_done, "step": t.state.step})
+
     def test(self, state: Any) -> None:
         t = self.trainer
         if t.dist.is_main:
-            m = self._evaluate(self.test_set, state.run_dir)
+            m = self._evaluate_test(state.run_dir)
             state.metrics = m
             t.logger.write({"type": "eval", **m})
             t.progress.line(f"eval epoch {state.epochs_done}: rank1 {100 * m.get('rank1', float('nan')):.1f}%  "
                             f"mAP {100 * m.get('mAP', float('nan')):.1f}%  ({m['dataset']}, {m['protocol']})")
+            for row in m.get("datasets", [])[1:]:
+                t.progress.line(f"  also {row['dataset']}: rank1 {100 * row.get('rank1', float('nan')):.1f}%  "
+                                f"mAP {100 * row.get('mAP', float('nan')):.1f}%  ({row['protocol']})")
         t.dist.barrier()
 
     def validate(self, state: Any) -> None:
