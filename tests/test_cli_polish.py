@@ -23,7 +23,8 @@ import yaml
 from helpers import assert_one_line_error, run_cli
 from test_reliability import TINY, _market_folder, _save_tiny_checkpoint, _write_config
 
-from attnreid.config import load_config, parse_override_value, resolve_workers
+from attnreid.config import load_config, parse_override_value
+from attnreid.data.loader import resolve_workers
 from attnreid.errors import AttnReidError, ConfigError, DataError
 
 

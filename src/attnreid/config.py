@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import os
 import re
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -61,7 +60,7 @@ class DataConfig:
     batch_size: int = 128  # P x K
     num_instances: int = 4  # K images per identity in a PK batch
     test_batch_size: int = 128
-    # DataLoader worker processes: a number, or "auto" (resolve_workers: min(4, CPUs - 1), 0 on one CPU)
+    # DataLoader worker processes: a number, or "auto" (data.loader.resolve_workers: min(4, CPUs - 1), 0 on one CPU)
     workers: Union[int, str] = "auto"
     cuhk03_split: str = "new"  # only "new" (767/700) is supported by the CUHK03-NP layout
     skip_bad_images: bool = False  # skip (and list) unreadable images instead of failing
@@ -503,25 +502,6 @@ def _check_override_types(over: dict, items: List[str]) -> None:
         raise ConfigError(f"{where}: {msg}") from None
 
 
-def resolve_workers(value: Union[int, str], cpus: Optional[int] = None) -> int:
-    """``data.workers`` as a number of DataLoader processes.
-
-    ``auto`` = min(4, CPUs - 1): one CPU is left to the training process itself, four
-    workers keep a GPU fed at re-ID image sizes, and a one-CPU machine loads in the main
-    process (0). CPUs are those this process may run on (``sched_getaffinity``).
-    """
-    if value == "auto":
-        if cpus is None:
-            try:
-                cpus = len(os.sched_getaffinity(0))
-            except AttributeError:  # not on Linux
-                cpus = os.cpu_count() or 1
-        return max(0, min(4, cpus - 1))
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"config key 'data.workers' is {value!r}; expected 'auto' or a number >= 0")
-    return value
-
-
 def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
@@ -563,6 +543,8 @@ def validate(cfg: Config) -> Config:
             f"config key 'data.batch_size' ({cfg.data.batch_size}) must be a multiple of "
             f"'data.num_instances' ({cfg.data.num_instances}) for PK sampling"
         )
+    from attnreid.data.loader import resolve_workers  # the data layer owns it; config only checks
+
     resolve_workers(cfg.data.workers)
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise ConfigError("config keys 'data.mean' and 'data.std' need 3 values (RGB)")

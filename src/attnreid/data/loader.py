@@ -11,6 +11,7 @@ in the main process.
 from __future__ import annotations
 
 import copy
+import os
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -20,12 +21,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from attnreid.config import resolve_workers
 from attnreid.data.datasets.base import Item, ReIDDataset, relabel
 from attnreid.data.io import read_image
 from attnreid.data.sampler import PKSampler
 from attnreid.data.transforms import build_transforms
-from attnreid.errors import DataError
+from attnreid.errors import ConfigError, DataError
 
 
 class BadImage:
@@ -67,6 +67,26 @@ class _Checked:
 
     def __init__(self, batch: Any, bad: List[BadImage]):
         self.batch, self.bad = batch, bad
+
+
+def resolve_workers(value: Union[int, str], cpus: Optional[int] = None) -> int:
+    """``data.workers`` as a number of DataLoader processes.
+
+    ``auto`` = min(4, CPUs - 1): one CPU is left to the training process itself, four
+    workers keep a GPU fed at re-ID image sizes, and a one-CPU machine loads in the main
+    process (0). CPUs are those this process may run on (``sched_getaffinity``).
+    """
+    if value == "auto":
+        if cpus is None:
+            try:
+                cpus = len(os.sched_getaffinity(0))
+            except AttributeError:  # not on Linux
+                cpus = os.cpu_count() or 1
+        return max(0, min(4, cpus - 1))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"config key 'data.workers' is {value!r}; expected 'auto' or a number >= 0")
+    return value
+
 
 
 def collate_marking_bad(samples: List[Any]) -> Any:
@@ -127,7 +147,7 @@ def build_train_loader(data_cfg: Any, dataset: Union[ReIDDataset, Sequence[Item]
     ``dataset`` is a :class:`ReIDDataset` (its ``train`` list is used) or a list of items.
     Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch. Workers are
     persistent when there are any (``data.workers``: a number or ``auto``, see
-    :func:`attnreid.config.resolve_workers`); augmentation is seeded from ``seed``.
+    :func:`resolve_workers`); augmentation is seeded from ``seed``.
     """
     items = _items(dataset)
     transform = build_transforms(data_cfg.height, data_cfg.width, data_cfg.mean, data_cfg.std, train=True,
