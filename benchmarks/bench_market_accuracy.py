@@ -46,7 +46,8 @@ from attnreid.engine.trainer import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "market_accuracy.json"
-CONFIGS = {m: ROOT / "configs" / "cpu" / f"market1501_{m}.yaml" for m in ("baseline", "mhsanet", "hacnn", "mhsanet_orth", "mhsanet_diverse", "mhsanet_heads")}
+CONFIGS = {m: ROOT / "configs" / "cpu" / f"market1501_{m}.yaml" for m in ("baseline", "mhsanet", "hacnn", "mhsanet_orth", "mhsanet_diverse", "mhsanet_heads",
+                                                                                    "mhsanet_rows", "mhsanet_rows_cap")}
 METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 
 
@@ -61,22 +62,27 @@ def pick(metrics: dict) -> dict:
 def head_diversity(model, dataset, cfg, device, limit: int = 1024) -> dict:
     """Mean head overlap and beta entropy of MHSA-Net over the first ``limit`` queries (eval mode)."""
     from attnreid.data.loader import build_test_loader
-    from attnreid.evaluation.attention_stats import beta_entropy, head_overlap
+    from attnreid.evaluation.attention_stats import beta_entropy, centre_columns, centre_mass, head_heights, head_overlap
 
     loader = build_test_loader(cfg.data, dataset.query[:limit])
-    overlaps, entropies, betas, n = [], [], [], 0
+    overlaps, entropies, betas, centre, heights, n = [], [], [], [], [], 0
     model.eval()
     with torch.inference_mode():
         for batch in loader:
             out = model.forward_attention(batch[0].to(device))
-            alpha = out["attention"].flatten(2).float()
+            grid = out["attention"].float()
+            alpha = grid.flatten(2)
             overlaps.append(float(head_overlap(alpha)) * len(alpha))
+            centre.append(centre_mass(grid) * len(alpha))
+            heights.append(torch.tensor(head_heights(grid)) * len(alpha))
             if "beta" in out:
                 entropies.append(float(beta_entropy(out["beta"].float())) * len(alpha))
                 betas.append(out["beta"].float().sum(0))
             n += len(alpha)
     k = alpha.shape[1]
-    res = {"images": n, "num_heads": int(k), "head_overlap": round(sum(overlaps) / n, 4)}
+    res = {"images": n, "num_heads": int(k), "head_overlap": round(sum(overlaps) / n, 4),
+           "head_heights": [round(float(x), 3) for x in torch.stack(heights).sum(0) / n],
+           "centre_mass": round(sum(centre) / n, 4), "centre_mass_uniform": centre_columns(grid.shape[-1])}
     if entropies:
         res["beta_entropy"] = round(sum(entropies) / n, 4)
         res["beta_entropy_max"] = round(float(np.log(k)), 4)
