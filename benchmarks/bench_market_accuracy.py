@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--robustness-only", action="store_true",
                     help="no training: the occlusion curves of the baseline and mhsanet runs already in --out")
     ap.add_argument("--smoke", action="store_true", help="2 epochs on 40 ids, small test set: checks the script")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="train.seed for every model; the runs and their entries are then named MODEL_seedN")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--paired", default="mhsanet:baseline,mhsanet:hacnn,mhsanet_diverse:mhsanet,hacnn:baseline",
                     help="A:B pairs of runs in --out compared on rank-1 (paired bootstrap, sign test)")
@@ -181,6 +183,8 @@ def main() -> None:
         overrides = [f"data.root={args.root}", f"train.threads={args.threads}", "train.device=cpu"]
         if args.epochs:
             overrides.append(f"train.epochs={args.epochs}")
+        if args.seed is not None:
+            overrides.append(f"train.seed={args.seed}")
         if args.smoke:
             overrides += ["train.epochs=2", "data.max_ids=40", "data.val_ids=8", "train.eval_every=1"]
         cfg = load_config(CONFIGS[name], overrides)
@@ -191,7 +195,8 @@ def main() -> None:
                 full.query = [it for it in full.query if it[1] in keep][:60]
                 full.gallery = ([it for it in full.gallery if it[1] in keep]
                                 + [it for it in full.gallery if it[1] not in keep][:300])
-        run = args.out / name
+        key = name if args.seed is None else f"{name}_seed{args.seed}"
+        run = args.out / key
         print(f"== {name}: {CONFIGS[name].relative_to(ROOT)}  -> {run}", flush=True)
         t0 = time.perf_counter()
         summary = train(cfg, run, overwrite=True, eval_dataset=full)
@@ -213,14 +218,16 @@ def main() -> None:
             star_cfg = copy.deepcopy(run_cfg)
             star_cfg.model.test_feature = "star"
             star, _ = load_model(last, star_cfg, device=str(device))
-            result["models"][f"{name}_star"] = {
+            result["models"][f"{key}_star"] = {
                 "from": "the mhsanet run's last.pth, test feature p*",
                 "test": pick(evaluate_model(star, full, star_cfg, device=device, rerank=False)),
                 "test_rerank": pick(evaluate_model(star, full, star_cfg, device=device, rerank=True))}
             entry["diversity"] = head_diversity(model, full, run_cfg, device)
         entry["eval_seconds"] = round(time.perf_counter() - t1, 1)
-        result["models"][name] = entry
-        print(json.dumps({name: entry}, indent=1), flush=True)
+        entry["seed"] = run_cfg.train.seed
+        entry["commit"] = git_commit()
+        result["models"][key] = entry
+        print(json.dumps({key: entry}, indent=1), flush=True)
         save()
     pairs = [p.split(":") for p in args.paired.split(",") if p]
     done = [(a, b) for a, b in pairs if (args.out / a / "eval_ranks.npz").is_file() and (args.out / b / "eval_ranks.npz").is_file()]
