@@ -393,3 +393,16 @@ def test_head_prior_config_errors_name_the_key():
         _model("model.mhsanet.head_prior=columns")
     with pytest.raises(ConfigError, match="model.mhsanet.head_prior_width"):
         _model("model.mhsanet.head_prior_width=0")
+
+
+def test_column_term_of_the_head_prior_by_hand():
+    """head_prior_columns = s: every head's logits also get -(x - 0.5)^2 / (2 s^2), x = (col + .5) / w."""
+    from attnreid.models.mhsanet import MultiHeadSelfAttention
+
+    rows = MultiHeadSelfAttention(4, 2, 3, 3, head_prior="rows")
+    both = MultiHeadSelfAttention(4, 2, 3, 3, head_prior="rows", head_prior_columns=0.25)
+    x = torch.tensor([0.125, 0.375, 0.625, 0.875])
+    col = -((x - 0.5) ** 2) / (2 * 0.25 ** 2)  # -1.125, -0.125, -0.125, -1.125
+    torch.testing.assert_close(both.row_prior(3, 4), rows.row_prior(3, 4) + col.repeat(3)[None, :])
+    with pytest.raises(ConfigError, match="head_prior_columns"):
+        MultiHeadSelfAttention(4, 2, 3, 3, head_prior_columns=0.25)

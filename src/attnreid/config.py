@@ -100,6 +100,10 @@ class MHSANetConfig:
     # none (Eq. 1 as written) | rows (fixed) | rows_learned (centres and widths learned).
     head_prior: str = "none"
     head_prior_width: float = 1.0  # the prior's standard deviation, in stripes of 1 / K of the height
+    # > 0: the head prior also favours the middle columns, where a detector's crop puts the
+    # person: a Gaussian over the width centred on 0.5 with this standard deviation (share
+    # of the width), the same for every head; 0 = no column term.
+    head_prior_columns: float = 0.0
     fusion: str = "saffm"  # saffm | concat | sum (Table IX)
     rlm: bool = True  # Residual Learning Module (Eq. 9-10)
     # LayerNorm on z after summing the K rows of Z (authors' code); false = Eq. 9 as written,
@@ -289,6 +293,7 @@ LOWER_BOUNDS = {
     "model.mhsanet.num_heads": (1, True),
     "model.mhsanet.attention_logit_cap": (0.0, True),
     "model.mhsanet.head_prior_width": (0.0, False),
+    "model.mhsanet.head_prior_columns": (0.0, True),
     "model.mhsanet.attention_dim": (1, True),
     "model.mhsanet.embed_dim": (1, True),
     "model.hacnn.num_regions": (1, True),

@@ -69,12 +69,15 @@ class MultiHeadSelfAttention(nn.Module):
     the first epochs, and from there no symmetric loss can separate them
     (docs/models.md). ``rows`` keeps mu and sigma fixed (no parameters); ``rows_learned``
     learns offsets to them (``prior_shift`` to mu, ``prior_log_scale`` to log sigma: 2K
-    parameters, starting at 0).
+    parameters, starting at 0). ``head_prior_columns`` = s > 0 adds, for every head, a
+    Gaussian over the columns centred on the middle of the image, ``-(x - 0.5)^2 / (2
+    s^2)`` with x = (col + 0.5) / w: detector crops centre the person, and without it the
+    heads settle on the image's left and right edges (docs/models.md).
     """
 
     def __init__(self, in_channels: int, num_heads: int, attention_dim: int = 512, embed_dim: int = 512,
                  norm: str = "spatial", logit_cap: float = 0.0, head_prior: str = "none",
-                 head_prior_width: float = 1.0):
+                 head_prior_width: float = 1.0, head_prior_columns: float = 0.0):
         super().__init__()
         if norm not in ("spatial", "heads"):
             raise ConfigError(f"config key 'model.mhsanet.attention_norm' is {norm!r}; expected spatial or heads")
@@ -84,7 +87,11 @@ class MultiHeadSelfAttention(nn.Module):
             raise ConfigError(f"config key 'model.mhsanet.head_prior_width' is {head_prior_width}; it must be > 0")
         self.norm = norm
         self.logit_cap = float(logit_cap)
+        if head_prior_columns < 0 or (head_prior_columns > 0 and head_prior == "none"):
+            raise ConfigError(f"config key 'model.mhsanet.head_prior_columns' is {head_prior_columns}; it must be >= 0, "
+                              "and > 0 only with a model.mhsanet.head_prior")
         self.head_prior = head_prior
+        self.head_prior_columns = float(head_prior_columns)
         # The stripes are buffers (not saved: none/rows checkpoints share one layout); the
         # learned form adds offsets that start at 0, so weight decay pulls them back to the
         # stripes instead of pulling every head to the top of the image.
@@ -106,7 +113,11 @@ class MultiHeadSelfAttention(nn.Module):
             mu, log_sigma = mu + self.prior_shift.float(), log_sigma + self.prior_log_scale.float()
         y = (torch.arange(height, dtype=torch.float32, device=mu.device) + 0.5) / height
         rows = -((y[None, :] - mu[:, None]) ** 2) / (2 * log_sigma.exp()[:, None] ** 2)
-        return rows.repeat_interleave(width, dim=1)
+        prior = rows.repeat_interleave(width, dim=1)
+        if self.head_prior_columns > 0:
+            x = (torch.arange(width, dtype=torch.float32, device=mu.device) + 0.5) / width
+            prior = prior + (-((x - 0.5) ** 2) / (2 * self.head_prior_columns ** 2)).repeat(height)
+        return prior
 
     def attention(self, q: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Eq. 1: Q (B x J x C) -> alpha (B x K x J); ``grid`` = (h, w) with h w = J, needed by a head prior."""
@@ -262,7 +273,7 @@ class MHSANet(nn.Module):
         self.global_branch = GlobalFeatureBranch(self.backbone.out_channels, e)
         self.mhsam = MultiHeadSelfAttention(self.backbone.out_channels, cfg.num_heads, cfg.attention_dim, e,
                                             cfg.attention_norm, cfg.attention_logit_cap,
-                                            cfg.head_prior, cfg.head_prior_width)
+                                            cfg.head_prior, cfg.head_prior_width, cfg.head_prior_columns)
         self.fusion = FUSIONS[cfg.fusion](cfg.num_heads, e)
         self.rlm = ResidualLearningModule(e, cfg.rlm_out_norm) if cfg.rlm else None
         heads = {"global": make_classifier(e, num_classes, self.bnneck),
