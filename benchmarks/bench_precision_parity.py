@@ -1,6 +1,6 @@
 """bf16 vs float32 training and inference parity on a Market-1501 subset, on this CPU.
 
-Trains the ResNet-18 Baseline at 128x64 from random initialisation on the first
+Trains the ResNet-18 Baseline (or ``--model mhsanet``, K = 8) at 128x64 from random initialisation on the first
 ``--train-ids`` Market-1501 training identities, the same number of steps in each run,
 with ``train.amp=off`` and ``train.amp=bf16`` and two seeds each (the seed-to-seed spread
 is the run-to-run noise the precision difference is measured against). Every run is
@@ -53,7 +53,7 @@ def config(args, amp: str, seed: int):
     return load_config(None, [
         "data.dataset=market1501", f"data.root={args.root}", f"data.height={args.height}", f"data.width={args.width}",
         f"data.batch_size={args.batch}", "data.num_instances=4", f"data.workers={args.workers}",
-        "data.test_batch_size=64", "model.name=baseline", "model.backbone.name=resnet18",
+        "data.test_batch_size=64", f"model.name={args.model}", "model.backbone.name=resnet18",
         "model.backbone.pretrained=false", "optim.lr=1e-3", "optim.warmup_epochs=1", "optim.warmup_start_lr=1e-4",
         "optim.milestones=[1000]", f"train.epochs={args.steps // steps_per_epoch}",
         f"train.max_steps_per_epoch={steps_per_epoch}", "train.eval_every=0", "train.device=cpu",
@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--train-ids", type=int, default=150)
     ap.add_argument("--test-ids", type=int, default=30)
     ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--model", default="baseline", choices=("baseline", "mhsanet"),
+                    help="ResNet-18 Baseline, or MHSA-Net (K = 8) with its default losses")
     ap.add_argument("--amps", default="off,bf16")
     ap.add_argument("--height", type=int, default=128)
     ap.add_argument("--width", type=int, default=64)
@@ -106,7 +108,8 @@ def main() -> None:
     print(f"Market-1501 subset: {len(ds.train)} train images / {ds.num_train_pids} ids; "
           f"{len(ds.query)} queries, {len(ds.gallery)} gallery", flush=True)
     out = {
-        "benchmark": "bf16 vs fp32 training parity, Baseline ResNet-18 128x64, Market-1501 subset",
+        "benchmark": f"bf16 vs fp32 training parity, {args.model} ResNet-18 {args.height}x{args.width}, Market-1501 subset",
+        "model": args.model,
         "machine": machine,
         "dataset": {"train_ids": ds.num_train_pids, "train_images": len(ds.train), "test_ids": args.test_ids,
                     "num_query": len(ds.query), "num_gallery": len(ds.gallery)},
