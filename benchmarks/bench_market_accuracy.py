@@ -62,10 +62,11 @@ def pick(metrics: dict) -> dict:
 def head_diversity(model, dataset, cfg, device, limit: int = 1024) -> dict:
     """Mean head overlap and beta entropy of MHSA-Net over the first ``limit`` queries (eval mode)."""
     from attnreid.data.loader import build_test_loader
-    from attnreid.evaluation.attention_stats import beta_entropy, centre_columns, centre_mass, head_heights, head_overlap
+    from attnreid.evaluation.attention_stats import (beta_entropy, centre_columns, centre_mass, head_heights, head_overlap,
+                                                     map_consistency)
 
     loader = build_test_loader(cfg.data, dataset.query[:limit])
-    overlaps, entropies, betas, centre, heights, n = [], [], [], [], [], 0
+    overlaps, entropies, betas, centre, heights, maps, n = [], [], [], [], [], [], 0
     model.eval()
     with torch.inference_mode():
         for batch in loader:
@@ -75,6 +76,7 @@ def head_diversity(model, dataset, cfg, device, limit: int = 1024) -> dict:
             overlaps.append(float(head_overlap(alpha)) * len(alpha))
             centre.append(centre_mass(grid) * len(alpha))
             heights.append(torch.tensor(head_heights(grid)) * len(alpha))
+            maps.append(alpha)
             if "beta" in out:
                 entropies.append(float(beta_entropy(out["beta"].float())) * len(alpha))
                 betas.append(out["beta"].float().sum(0))
@@ -82,7 +84,8 @@ def head_diversity(model, dataset, cfg, device, limit: int = 1024) -> dict:
     k = alpha.shape[1]
     res = {"images": n, "num_heads": int(k), "head_overlap": round(sum(overlaps) / n, 4),
            "head_heights": [round(float(x), 3) for x in torch.stack(heights).sum(0) / n],
-           "centre_mass": round(sum(centre) / n, 4), "centre_mass_uniform": centre_columns(grid.shape[-1])}
+           "centre_mass": round(sum(centre) / n, 4), "centre_mass_uniform": centre_columns(grid.shape[-1]),
+           "map_consistency": round(map_consistency(torch.cat(maps)), 4)}
     if entropies:
         res["beta_entropy"] = round(sum(entropies) / n, 4)
         res["beta_entropy_max"] = round(float(np.log(k)), 4)
@@ -154,6 +157,8 @@ def main() -> None:
     ap.add_argument("--paired", default="mhsanet:baseline,mhsanet:hacnn,mhsanet_diverse:mhsanet,hacnn:baseline",
                     help="A:B pairs of runs in --out compared on rank-1 (paired bootstrap, sign test)")
     ap.add_argument("--paired-only", action="store_true", help="no training: only the paired comparisons")
+    ap.add_argument("--diversity-only", action="store_true",
+                    help="no training: recompute the head diversity of the --models runs already in --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -174,6 +179,15 @@ def main() -> None:
         tmp.replace(args.results)
 
     full = None
+    if args.diversity_only:
+        full = build_dataset_from_config(load_config(CONFIGS["mhsanet"], [f"data.root={args.root}"]).data)
+        for key in models:
+            model, run_cfg = load_model(args.out / key / "checkpoints" / "last.pth", None, device="cpu")
+            on_disk = json.loads(args.results.read_text())["models"][key]
+            result["models"][key] = {**on_disk, "diversity": head_diversity(model, full, run_cfg, torch.device("cpu"))}
+            print(key, result["models"][key]["diversity"], flush=True)
+        save()
+        return
     if args.paired_only:
         models = []
     if args.robustness_only:

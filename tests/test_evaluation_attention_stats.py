@@ -99,3 +99,13 @@ def test_head_heights_and_centre_mass_by_hand():
     assert centre_columns(3) == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="grid"):
         centre_mass(a.flatten(2))
+
+
+def test_map_consistency_by_hand():
+    """Two images, one head, three positions: maps (1, 0, 0) and (0, 1, 0); mean (.5, .5, 0) -> overlap .5 each."""
+    from attnreid.evaluation.attention_stats import map_consistency
+
+    a = torch.tensor([[[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]]])
+    assert map_consistency(a) == pytest.approx(0.5)
+    assert map_consistency(torch.cat([a[:1], a[:1]])) == pytest.approx(1.0)
+    assert map_consistency(a[:1]) is None

@@ -4,7 +4,8 @@ They tell whether the K heads look at different regions (:func:`head_overlap`), 
 SAFFM uses them all or one (:func:`beta_entropy`), how much of alpha ACM acts on
 (:func:`alpha_below`), and, on the grid, where the heads look: the height of each head's
 map (:func:`head_heights`) and the share of attention on the middle of the image, where a
-detector's crop puts the person (:func:`centre_mass`). Inputs are tensors (any device, any float dtype; computed in
+detector's crop puts the person (:func:`centre_mass`), and whether a head's map changes
+with the image at all (:func:`map_consistency`). Inputs are tensors (any device, any float dtype; computed in
 float32): ``alpha`` B x K x J (or B x K x h x w), ``beta`` B x K. Each function returns
 one Python float, a mean over the B images, so a caller that sees the images in batches
 weights each batch's value by its size. Used by ``engine/evaluator.py`` (eval.json), the
@@ -68,6 +69,20 @@ def beta_mean(beta: torch.Tensor) -> List[float]:
 def alpha_below(alpha: torch.Tensor, gamma: float) -> float:
     """Share of the attention entries strictly below gamma (those ACM, Eq. 12, acts on)."""
     return float((_maps(alpha) < gamma).float().mean())
+
+
+def map_consistency(alpha: torch.Tensor) -> Optional[float]:
+    """How much a head's map is the same for every image: 1 = image-independent (a fixed pooling).
+
+    The mean over heads and images of sum_j min(alpha_i,k,j, mean_i' alpha_i',k,j), the
+    overlap of each image's map with that head's mean map over the B images (maps
+    normalised to sum 1 as in :func:`head_overlap`). None for a single image.
+    """
+    maps = _maps(alpha)
+    if maps.shape[0] < 2:
+        return None
+    maps = maps / maps.sum(2, keepdim=True).clamp_min(1e-12)
+    return float(torch.minimum(maps, maps.mean(0, keepdim=True)).sum(2).mean())
 
 
 def _grid_maps(alpha: torch.Tensor) -> torch.Tensor:
