@@ -56,7 +56,10 @@ def test_alpha_below_and_summary():
     # below 0.2: the 4 zeros of image 0, the 0.1 of each of image 1's 3 heads (0.2 is not below)
     assert stats["alpha_below_gamma"] == pytest.approx(7 / 24)
     assert stats["num_images"] == 2
-    assert set(attention_stats(ALPHA[:, :1])) == {"num_images"}  # K = 1: no pairs, no beta
+    one = attention_stats(ALPHA[:, :1])  # K = 1: no pairs, no beta
+    assert set(one) == {"num_images", "map_consistency"}
+    # mean map (.3, .35, .15, .2): min with (.5, .5, 0, 0) = .65, with (.1, .2, .3, .4) = .65
+    assert one["map_consistency"] == pytest.approx(0.65)
 
 
 def test_eval_json_holds_the_attention_stats_of_mhsanet(synthetic_root, tmp_path):

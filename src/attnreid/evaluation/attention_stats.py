@@ -130,7 +130,7 @@ def attention_stats(alpha: torch.Tensor, beta: Optional[torch.Tensor] = None,
                     gamma: Optional[float] = None) -> Dict[str, object]:
     """The diagnostics above in one dict, with the keys eval.json uses.
 
-    ``head_overlap`` (K >= 2 only), ``head_heights``, ``centre_mass`` and
+    ``head_overlap`` (K >= 2 only), ``map_consistency`` (B >= 2 only), ``head_heights``, ``centre_mass`` and
     ``centre_mass_uniform`` (alpha on the grid, B x K x h x w, only), ``beta_entropy``,
     ``beta_entropy_max``, ``beta_mean`` (with beta), ``alpha_below_gamma`` (with gamma),
     ``num_images``.
@@ -139,6 +139,9 @@ def attention_stats(alpha: torch.Tensor, beta: Optional[torch.Tensor] = None,
     overlap = head_overlap(alpha)
     if overlap is not None:
         out["head_overlap"] = overlap
+    consistency = map_consistency(alpha)
+    if consistency is not None:
+        out["map_consistency"] = consistency
     if alpha.dim() == 4:
         out["head_heights"] = head_heights(alpha)
         out["centre_mass"] = centre_mass(alpha)
