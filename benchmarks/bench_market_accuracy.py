@@ -47,7 +47,7 @@ from attnreid.engine.trainer import train  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "market_accuracy.json"
 CONFIGS = {m: ROOT / "configs" / "cpu" / f"market1501_{m}.yaml" for m in ("baseline", "mhsanet", "hacnn", "mhsanet_orth", "mhsanet_diverse", "mhsanet_heads",
-                                                                                    "mhsanet_rows", "mhsanet_rows_cap", "mhsanet_rows_centre")}
+                                                                                    "mhsanet_rows", "mhsanet_rows_cap", "mhsanet_rows_centre", "bot")}
 METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 
 

@@ -99,8 +99,12 @@ def freeze_batchnorm(model) -> None:
             m.eval()
 
 
-def one_step(model, criterion, optimizer, images, pids) -> Dict[str, object]:
-    """Forward, loss, backward, SGD step; the gradients and the weights after the step."""
+def one_step(model, criterion, optimizer, images, pids, center_weight: float = 0.0) -> Dict[str, object]:
+    """Forward, loss, backward, SGD step (and the center loss's own SGD step when the criterion
+    has centres); the gradients and the weights (and centres) after the step."""
+    from attnreid.losses.center import center_optimizer, center_parameters, step_centers
+
+    center_opt = center_optimizer(criterion, 0.5)
     outputs = model(images)
     total, _ = criterion(outputs, pids)
     optimizer.zero_grad(set_to_none=True)
@@ -108,8 +112,22 @@ def one_step(model, criterion, optimizer, images, pids) -> Dict[str, object]:
     inner = getattr(model, "module", model)
     grads = {n: p.grad.detach().clone() for n, p in inner.named_parameters() if p.grad is not None}
     optimizer.step()
+    step_centers(criterion, center_opt, center_weight)
     return {"loss": float(total.detach()), "grads": grads,
-            "weights": {n: p.detach().clone() for n, p in inner.named_parameters()}}
+            "weights": {n: p.detach().clone() for n, p in inner.named_parameters()},
+            "centers": [c.detach().clone() for c in center_parameters(criterion)]}
+
+
+def build_step_criterion(cfg, model, num_classes: int, seed: int):
+    """The criterion of one step case; centres (center loss) drawn from ``seed``, so that each
+    rank starts from other centres until :func:`broadcast_parameters` makes them rank 0's."""
+    import torch
+
+    from attnreid.losses import build_criterion
+
+    torch.manual_seed(seed)
+    sizes = {"num_classes": num_classes, "global_dim": model.global_dim} if cfg.loss.center_weight else {}
+    return build_criterion(cfg.loss, cfg.model, **sizes)
 
 
 def worker(rank: int, port: int, root: str, out: str, step_cases: List[List[str]], runs: List[dict]) -> None:
@@ -132,11 +150,11 @@ def worker(rank: int, port: int, root: str, out: str, step_cases: List[List[str]
     from attnreid.config import load_config
     from attnreid.data.datasets import build_dataset
     from attnreid.data.loader import build_train_loader
-    from attnreid.distributed import all_gather_labels, all_gather_with_grad, error_prefix
+    from attnreid.distributed import all_gather_labels, all_gather_with_grad, broadcast_parameters, error_prefix
     from attnreid.engine.optim import build_optimizer
     from attnreid.engine.trainer import train
     from attnreid.errors import ConfigError
-    from attnreid.losses import build_criterion
+    from attnreid.losses.center import center_parameters
     from attnreid.models import build_model
 
     _join_group(rank, port)
@@ -162,11 +180,13 @@ def worker(rank: int, port: int, root: str, out: str, step_cases: List[List[str]
         torch.manual_seed(0)
         model = build_model(cfg.model, dataset.num_train_pids)
         freeze_batchnorm(model)
-        criterion = build_criterion(cfg.loss, cfg.model)
+        criterion = build_step_criterion(cfg, model, dataset.num_train_pids, seed=100 + rank)
+        broadcast_parameters(center_parameters(criterion))  # as train() does
         net = nn.parallel.DistributedDataParallel(model)
         optimizer = build_optimizer(cfg.optim, [model, criterion])
-        result = one_step(net, criterion, optimizer, images, pids)
-        torch.save({"images": images, "pids": pids, "every_pid": every_pid, **result},
+        result = one_step(net, criterion, optimizer, images, pids, cfg.loss.center_weight)
+        torch.save({"images": images, "pids": pids, "every_pid": every_pid, "num_classes": dataset.num_train_pids,
+                    **result},
                    os.path.join(out, f"step{case}_rank{rank}.pt"))
 
     install_write_audit([r["out_dir"] for r in runs], os.path.join(out, f"writes{rank}.txt"))

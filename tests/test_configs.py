@@ -27,6 +27,7 @@ PINNED_ELSEWHERE = {
     "cpu/market1501_mhsanet_rows.yaml": "tests/test_cpu_recipes.py",
     "cpu/market1501_mhsanet_rows_cap.yaml": "tests/test_cpu_recipes.py",
     "cpu/market1501_mhsanet_rows_centre.yaml": "tests/test_cpu_recipes.py",
+    "cpu/market1501_bot.yaml": "tests/test_cpu_recipes.py",
 }
 
 # --- MHSA-Net (SPEC.md 1, MHSA-Net Sec. VII) ---------------------------------------------------

@@ -11,14 +11,14 @@ CPU = Path(__file__).resolve().parents[1] / "configs" / "cpu"
 
 def test_cpu_recipes_share_the_step_budget_and_validation_split():
     cfgs = {m: load_config(CPU / f"market1501_{m}.yaml") for m in ("baseline", "mhsanet", "hacnn", "mhsanet_orth", "mhsanet_diverse", "mhsanet_heads",
-                                                                         "mhsanet_rows", "mhsanet_rows_cap", "mhsanet_rows_centre")}
+                                                                         "mhsanet_rows", "mhsanet_rows_cap", "mhsanet_rows_centre", "bot")}
     budget = {(c.data.batch_size, c.data.num_instances, c.data.epoch_mode, c.train.epochs, c.data.val_ids)
               for c in cfgs.values()}
     assert budget == {(32, 4, "identities", 24, 50)}
     for name, c in cfgs.items():
-        assert c.model.name == name.split("_")[0] and c.data.dataset == "market1501"
+        assert c.model.name == {"bot": "baseline"}.get(name, name.split("_")[0]) and c.data.dataset == "market1501"
         assert c.train.amp == "auto" and not c.model.backbone.pretrained
-    for name in ("baseline", "mhsanet"):
+    for name in ("baseline", "mhsanet", "bot"):
         c = cfgs[name]
         assert (c.model.backbone.name, c.model.backbone.last_stride, c.data.height, c.data.width) == ("resnet18", 1, 128, 64)
     assert cfgs["mhsanet"].model.mhsanet.num_heads == 8
@@ -31,3 +31,18 @@ def test_cpu_recipes_share_the_step_budget_and_validation_split():
     assert (cfgs["mhsanet_rows_cap"].model.mhsanet.head_prior, cfgs["mhsanet_rows_cap"].model.mhsanet.attention_logit_cap) == ("rows", 2.0)
     assert cfgs["mhsanet_rows_cap"].model.mhsanet.head_prior_columns == 0.0
     assert (cfgs["mhsanet_rows_centre"].model.mhsanet.head_prior_columns, cfgs["mhsanet_rows_centre"].model.mhsanet.attention_logit_cap) == (0.2, 2.0)
+
+
+def test_cpu_bot_recipe_is_bots_tricks_at_the_baselines_budget():
+    bot, base = load_config(CPU / "market1501_bot.yaml"), load_config(CPU / "market1501_baseline.yaml")
+    assert (bot.data.test_batch_size, bot.data.workers, bot.train.eval_every, bot.train.channels_last) == (
+        base.data.test_batch_size, base.data.workers, base.train.eval_every, base.train.channels_last)
+    # BoT's tricks (configs/bot/): BNNeck, GAP feature, center loss with its SGD, LS, REA, triplet 0.3, Adam 3.5e-4
+    assert bot.model.bnneck and not bot.model.global_reduce and bot.model.feature_norm
+    assert (bot.loss.center_weight, bot.loss.center_lr, bot.loss.global_triplet, bot.loss.triplet_margin) == (
+        5e-4, 0.5, 1.0, "0.3")
+    assert bot.loss.label_smoothing == 0.1 and bot.data.random_erasing == 0.5 and bot.data.flip
+    assert (bot.optim.name, bot.optim.lr, bot.optim.weight_decay, bot.optim.warmup_start_lr) == ("adam", 3.5e-4, 5e-4, 3.5e-6)
+    # BoT's 120-epoch schedule (warm-up 10, x0.1 at 40 and 70) scaled to 24 epochs
+    assert (bot.optim.warmup_epochs, bot.optim.milestones, bot.optim.gamma) == (2, [8, 14], 0.1)
+    assert not bot.eval.rerank

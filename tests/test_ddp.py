@@ -23,8 +23,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ddp_helpers import (BASE_CONFIG, GATHER_WEIGHTS, REPO, WORLD, free_port, freeze_batchnorm, one_step,
-                         tiny_overrides, worker)
+from ddp_helpers import (BASE_CONFIG, GATHER_WEIGHTS, REPO, WORLD, build_step_criterion, free_port,
+                         freeze_batchnorm, one_step, tiny_overrides, worker)
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
 
@@ -136,6 +136,8 @@ STEP_CASES = [
     ([*SGD], True),  # baseline: cross-entropy only
     ([*SGD, *TINY_MHSANET, "loss.gather_triplets=true"], True),  # every MHSA-Net term, mined over both ranks
     ([*SGD, *TINY_MHSANET, "loss.gather_triplets=false"], False),  # mined within each rank's share
+    # BoT's center loss: the centres are outside DDP, broadcast from rank 0 and their gradients averaged
+    ([*SGD, "model.bnneck=true", "loss.center_weight=0.5"], True),
 ]
 # Two epochs of two steps; flips draw from each rank's RNG, so resuming must restore every rank's.
 RUN_OVERRIDES = ["train.max_steps_per_epoch=2", "data.flip=true", "data.epoch_mode=images"]
@@ -202,11 +204,13 @@ def test_one_ddp_step_equals_one_process_on_the_combined_batch(spawned, syntheti
     wrong scale). Cross-entropy is a mean over images, so the ranks' mean gradient is the
     combined batch's. Batch-hard mining (triplet on p* and z, IHTL) is not per image: with
     ``loss.gather_triplets=true`` each rank mines over the gathered batch and the step is
-    again the combined batch's; with ``false`` it is not, and the test must see that.
+    again the combined batch's; with ``false`` it is not, and the test must see that. The
+    center loss's centres live outside DDP: each rank draws other ones, so they must be
+    broadcast from rank 0 and their gradients averaged for the centres to step as one
+    process's on the combined batch.
     """
     from attnreid.config import load_config
     from attnreid.engine.optim import build_optimizer
-    from attnreid.losses import build_criterion
     from attnreid.models import build_model
 
     overrides, equal = STEP_CASES[case]
@@ -217,20 +221,23 @@ def test_one_ddp_step_equals_one_process_on_the_combined_batch(spawned, syntheti
     assert not set(every[:4]) & set(every[4:])
 
     cfg = load_config(BASE_CONFIG, tiny_overrides(synthetic_root, *overrides))
-    num_classes = ranks[0]["weights"]["classifiers.global.weight"].shape[0]
+    num_classes = int(ranks[0]["num_classes"])
 
     def reference(images, pids):
         torch.manual_seed(0)
         model = build_model(cfg.model, num_classes)
         freeze_batchnorm(model)
-        criterion = build_criterion(cfg.loss, cfg.model)
-        return one_step(model, criterion, build_optimizer(cfg.optim, [model, criterion]), images, pids)
+        criterion = build_step_criterion(cfg, model, num_classes, seed=100)  # rank 0's centres
+        return one_step(model, criterion, build_optimizer(cfg.optim, [model, criterion]), images, pids,
+                        cfg.loss.center_weight)
 
     combined = reference(torch.cat([r["images"] for r in ranks]), torch.cat([r["pids"] for r in ranks]))
     for rank, r in enumerate(ranks):
         assert set(r["grads"]) == set(combined["grads"])
         differ = [n for n, g in combined["grads"].items() if not _close(r["grads"][n], g)]
         differ += [n for n, w in combined["weights"].items() if not _close(r["weights"][n], w)]
+        assert len(r["centers"]) == len(combined["centers"]) == ("loss.center_weight=0.5" in overrides)
+        differ += [f"centers{i}" for i, c in enumerate(combined["centers"]) if not _close(r["centers"][i], c)]
         assert (not differ) == equal, (rank, differ[:5])
     if case == 0:
         assert abs(combined["loss"] - (ranks[0]["loss"] + ranks[1]["loss"]) / 2) <= 1e-5 * abs(combined["loss"])

@@ -1,6 +1,8 @@
 """`attnreid model-info` and the parameter/MAC counters behind it."""
 
+import copy
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -75,28 +77,48 @@ def test_model_info_never_reads_weights(tmp_path):
     assert json.loads(out)["params"] > 0
 
 
+def _tiny_for_losses(cfg):
+    """``cfg`` with what the loss terms do not depend on made small: MobileNetV3-small at 64x32,
+    narrow attention/embedding (HA-CNN: narrow widths, its 160x64 input); kind, heads, RLM,
+    BNNeck and every ``loss.*`` stay."""
+    tiny = copy.deepcopy(cfg)
+    if cfg.model.name == "hacnn":
+        tiny.model.hacnn.widths, tiny.model.hacnn.embed_dim = [16, 32, 48], 32
+    else:
+        tiny.data.height, tiny.data.width, tiny.model.backbone.name = 64, 32, "mobilenetv3_small"
+        tiny.model.mhsanet.attention_dim, tiny.model.mhsanet.embed_dim = 16, 32
+    return tiny
+
+
 def test_model_info_runs_offline_on_every_shipped_config(monkeypatch):
-    """Each config under configs/ (base.yaml asks for ImageNet weights) gives its numbers with the network cut.
+    """``model-info CONFIG`` and ``model-info CONFIG --losses`` on each config under configs/
+    (base.yaml asks for ImageNet weights) with the network and weight files cut off.
 
     model_info depends only on ``cfg.model`` and the input size, so configs that agree on
-    both (rows differing in loss weights or evaluation) are measured once.
+    both (rows differing in loss weights or evaluation) are measured once. The loss terms
+    (which ones, their weights, the center loss's sizes) depend on the model's kind, heads,
+    RLM and BNNeck and on ``loss.*``, not on widths or the input size: each distinct such
+    setting runs --losses once on a small copy (:func:`_tiny_for_losses`), 2 identities x K
+    images; each distinct backbone the configs name is then built for --losses for real, at
+    64x32.
     """
     import socket
 
-    from attnreid.cli.model import model_info
+    from attnreid.cli.model import loss_info, model_info
     from attnreid.config import load_config
     from attnreid.models import backbones
 
     def offline(*args, **kwargs):
-        raise AssertionError("model-info tried to reach the network")
+        raise AssertionError("model-info tried to reach the network or read weights")
 
     monkeypatch.setattr(socket.socket, "connect", offline)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     monkeypatch.setattr(backbones, "download_pretrained_weights", offline)
+    monkeypatch.setattr(backbones, "load_pretrained_weights", offline)
     root = Path(__file__).resolve().parents[1] / "configs"
     configs = sorted(root.rglob("*.yaml"))
     assert len(configs) > 100
-    seen = {}
+    seen, terms, backbone_configs = {}, {}, {}
     for path in configs:
         cfg = load_config(path)
         key = (repr(cfg.model), cfg.data.height, cfg.data.width)
@@ -105,7 +127,23 @@ def test_model_info_runs_offline_on_every_shipped_config(monkeypatch):
         info = seen[key]
         assert info["params"] > info["params_no_classifier"] > 0 and info["macs"] > 0, path
         assert info["input_size"] == [cfg.data.height, cfg.data.width] and info["feature_dim"] > 0, path
+
+        tiny, k = _tiny_for_losses(cfg), cfg.data.num_instances
+        key = (repr(tiny.model), repr(cfg.loss), k)
+        if key not in terms:
+            terms[key] = loss_info(tiny, num_classes=4, batch_size=2 * k)
+        names = {r["name"] for r in terms[key]}
+        assert names and all(math.isfinite(r["value"]) and r["grad_norm"] >= 0 for r in terms[key]), path
+        assert ("center" in names) == (cfg.loss.center_weight > 0), path
+        if cfg.model.name != "hacnn":
+            backbone_configs.setdefault(repr(cfg.model.backbone), cfg)
+    assert len(terms) > 20
     assert load_config(root / "base.yaml").model.backbone.pretrained  # the test covers a config that asks for weights
+    assert any(c.model.backbone.pretrained for c in backbone_configs.values())
+    for cfg in backbone_configs.values():
+        cfg = copy.deepcopy(cfg)
+        cfg.data.height, cfg.data.width = 64, 32
+        assert loss_info(cfg, num_classes=4, batch_size=2 * cfg.data.num_instances), repr(cfg.model.backbone)
 
 
 def test_model_info_losses(tmp_path):

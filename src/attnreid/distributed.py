@@ -182,6 +182,32 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def average_gradients(params: Iterable[torch.Tensor]) -> None:
+    """Each parameter's ``.grad`` replaced by its mean over the ranks (a collective; with one
+    process a no-op). For parameters outside the DDP-wrapped model, e.g. the center loss's
+    centres, whose gradients DDP does not reduce."""
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(dist.get_world_size())
+
+
+def broadcast_parameters(params: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Every rank's copy of ``params`` set to rank ``src``'s (a collective; one process: no-op).
+    DDP does this for the wrapped model's weights; parameters outside it need it too."""
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=src)
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """Concatenate every rank's tensor along dim 0; backward: sum-reduce, keep own slice."""
 

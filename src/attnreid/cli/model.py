@@ -12,6 +12,17 @@ from attnreid.cli._app import app
 from attnreid.cli._util import print_json
 
 
+def without_weights(model_cfg):
+    """A copy of ``model_cfg`` with the backbone's ImageNet (or file) weights switched off:
+    inspecting a model never downloads or reads weights."""
+    import copy
+
+    model_cfg = copy.deepcopy(model_cfg)
+    model_cfg.backbone.pretrained = False
+    model_cfg.backbone.weights = None
+    return model_cfg
+
+
 def model_info(cfg, num_classes: int = 751) -> dict:
     """Parameters, MACs for one image at ``cfg.data`` size, test feature size and attention grid.
 
@@ -19,18 +30,13 @@ def model_info(cfg, num_classes: int = 751) -> dict:
     device (shapes without storage) with the backbone's ImageNet weights switched off, so
     this runs offline, allocates nothing and takes well under a second even for ResNet-50.
     """
-    import copy
-
     import torch
 
     from attnreid.models import build_model
     from attnreid.models.complexity import count_macs, count_params
 
-    model_cfg = copy.deepcopy(cfg.model)
-    model_cfg.backbone.pretrained = False
-    model_cfg.backbone.weights = None
     with torch.device("meta"):
-        model = build_model(model_cfg, num_classes)
+        model = build_model(without_weights(cfg.model), num_classes)
     size = (cfg.data.height, cfg.data.width)
     info = {
         "model": model.model_name,
@@ -57,7 +63,9 @@ def loss_info(cfg, num_classes: int = 751, batch_size: int = 32, seed: int = 0) 
     """:func:`attnreid.losses.balance.loss_balance` on one synthetic batch at initialisation.
 
     The batch is ``batch_size`` standard-normal images at ``cfg.data`` size, P identities
-    x ``cfg.data.num_instances`` images (the PK layout the triplets need).
+    x ``cfg.data.num_instances`` images (the PK layout the triplets need). The weights are a
+    random initialisation (seed ``seed``) even where the config asks for ImageNet weights, so
+    this too runs offline; with those weights the balance at the start of training differs.
     """
     import torch
 
@@ -73,7 +81,7 @@ def loss_info(cfg, num_classes: int = 751, batch_size: int = 32, seed: int = 0) 
     if batch_size // k > num_classes:
         raise ConfigError(f"--batch-size {batch_size} needs {batch_size // k} identities but --num-classes is {num_classes}")
     torch.manual_seed(seed)
-    model = build_model(cfg.model, num_classes)
+    model = build_model(without_weights(cfg.model), num_classes)
     images = torch.randn(batch_size, 3, cfg.data.height, cfg.data.width, generator=torch.Generator().manual_seed(seed))
     labels = torch.arange(batch_size // k).repeat_interleave(k)
     criterion = build_criterion(cfg.loss, cfg.model, num_classes=num_classes, global_dim=model.global_dim)
@@ -122,7 +130,8 @@ def model_info_cmd(
 def _print_losses(rows: list, batch_size: int) -> None:
     from attnreid.losses.balance import MAX_GRAD_RATIO
 
-    print(f"\nloss terms at initialisation ({batch_size} random images; gradient of weight x term at the backbone output)")
+    print(f"\nloss terms at a random initialisation ({batch_size} random images; gradient of weight x term at the "
+          "backbone output)")
     print(f"  {'term':<10} {'weight':>8} {'value':>11} {'grad norm':>11} {'x largest CE':>13}")
     for r in rows:
         ratio = "-" if r["ratio_to_ce"] is None else f"{r['ratio_to_ce']:.3g}"

@@ -76,8 +76,9 @@ class NonFiniteLossGuard(Hook):
 
 
 class CheckpointHook(Hook):
-    """Writes ``checkpoints/last.pth`` (weights, optimiser, schedule, RNG: what resume reads) after
-    every epoch and at the end; :meth:`save_last` is also what Ctrl-C calls.
+    """Writes ``checkpoints/last.pth`` (weights, optimisers, schedule, RNG, the center loss's
+    centres: what resume reads) after every epoch and at the end; :meth:`save_last` is also
+    what Ctrl-C calls.
 
     A run stopped inside an epoch (Ctrl-C, the budget) keeps the current weights but the
     schedule position of the last completed epoch: resume redoes the stopped epoch, and its

@@ -3,7 +3,9 @@
 MHSA-Net (Sec. VII-B): Adam, base lr 1e-3, linear warm-up over the first 50 epochs from
 1e-5, x0.1 at epochs 200 and 300, weight decay 5e-4. HA-CNN (HA Sec. 4): Adam 5e-4,
 betas (0.9, 0.999), no warm-up and no decay (``warmup_epochs: 0``, ``milestones: []``).
-SGD with momentum is an option. The schedule is stepped once per epoch.
+SGD with momentum is an option. The schedule is stepped once per epoch. The center loss's
+centres (BoT) are not in this optimiser: they have their own constant-lr SGD
+(losses/center.py).
 """
 
 from __future__ import annotations
@@ -14,17 +16,22 @@ import torch
 from torch import nn
 
 from attnreid.errors import ConfigError
+from attnreid.losses.center import center_parameters
 
 
 def build_optimizer(optim_cfg: Any, modules: Iterable[nn.Module]) -> torch.optim.Optimizer:
-    """An optimiser over EVERY trainable parameter of ``modules`` (model and criterion).
+    """An optimiser over EVERY trainable parameter of ``modules`` (model and criterion) but the
+    center loss's centres.
 
     The authors' released code built its optimiser from a hand-made list of sub-modules
     and left the attention layers out, so they were never trained; collecting parameters
-    from the whole module tree avoids that class of bug.
+    from the whole module tree avoids that class of bug. The centres are the one exception:
+    BoT trains them with their own SGD (:func:`attnreid.losses.center.center_optimizer`),
+    outside this optimiser's weight decay and lr schedule.
     """
+    modules = list(modules)
     params: List[nn.Parameter] = []
-    seen = set()
+    seen = {id(c) for module in modules for c in center_parameters(module)}
     for module in modules:
         for p in module.parameters():
             if p.requires_grad and id(p) not in seen:

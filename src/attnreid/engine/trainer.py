@@ -36,13 +36,15 @@ from torch import nn
 
 from attnreid.config import Config, load_config, save_config, to_dict
 from attnreid.data.splits import hold_out_validation, limit_identities
-from attnreid.distributed import DistContext, mark_loop_started, unused_classifiers, wrap_ddp
+from attnreid.distributed import (DistContext, broadcast_parameters, mark_loop_started, unused_classifiers,
+                                  wrap_ddp)
 from attnreid.engine.build import build_eval_dataset, load_weights, resolve_device
 from attnreid.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from attnreid.engine.hooks import (RUN_DIRS, RUN_FILES, BudgetHook, CheckpointHook, DiagnosticsHook, EvalHook, Hook,
                                    LoggingHook, NonFiniteLossError, NonFiniteLossGuard, Progress, RunLogger)
 from attnreid.engine.optim import WarmupStepScheduler, build_optimizer
 from attnreid.errors import AttnReidError, CheckpointError, DataError
+from attnreid.losses.center import center_optimizer, center_parameters, step_centers
 from attnreid.precision import Precision, resolve_precision
 
 __all__ = ["DistContext", "Hook", "NonFiniteLossError", "TrainState", "Trainer", "prepare_run_dir", "run_config",
@@ -131,30 +133,38 @@ def to_float32(outputs: Any) -> Any:
 
 def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                pids: torch.Tensor, autocast_ctx, scaler, grad_clip: float, params: Sequence[torch.Tensor],
-               state: TrainState):
+               state: TrainState, center_opt: Optional[torch.optim.Optimizer] = None, center_weight: float = 0.0):
     """One optimiser step; returns ``(total loss, terms)`` (the NaN/inf check is a hook).
 
     Only the model's forward runs under ``autocast_ctx``; its outputs are cast to float32
     and the criterion runs outside autocast, so every loss term is computed in float32
     whatever the training precision. The outputs are left in ``state.outputs`` for hooks.
+
+    ``center_opt`` (BoT's center loss, weight ``center_weight``) is the centres' own SGD:
+    zeroed with the main optimiser and stepped after it by
+    :func:`~attnreid.losses.center.step_centers` (on the unweighted loss's gradient, averaged
+    over the ranks under DDP, through the same loss scaler). ``params`` (what
+    ``grad_clip`` clips) are the main optimiser's, so the clip never sees the centres.
     """
     with autocast_ctx():
         outputs = model(images)
     outputs = to_float32(outputs)
     total, terms = criterion(outputs, pids)
     optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(total).backward()
-        if grad_clip > 0:
+    if center_opt is not None:
+        center_opt.zero_grad(set_to_none=True)
+    (total if scaler is None else scaler.scale(total)).backward()
+    if grad_clip > 0:
+        if scaler is not None:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler is not None:
         scaler.step(optimizer)
-        scaler.update()
     else:
-        total.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
+    step_centers(criterion, center_opt, center_weight, scaler)
+    if scaler is not None:
+        scaler.update()  # after every optimiser it stepped: update() resets their inf checks
     state.outputs = _map_tensors(outputs, torch.Tensor.detach)
     return total.detach(), terms
 
@@ -163,8 +173,9 @@ class Trainer:
     """Runs the epochs of optimiser steps and calls its hooks; nothing else.
 
     ``net`` is what the steps call (the model, or its DDP wrapper); ``model`` the plain
-    module that is evaluated and saved. Hooks run in the order given; each gets
-    ``hook.trainer = self``. A hook setting ``state.stop`` ends the run: inside an epoch
+    module that is evaluated and saved; ``center_opt`` the center loss's own SGD (BoT,
+    stepped after ``optimizer`` in every step, see :func:`train_step`). Hooks run in the
+    order given; each gets ``hook.trainer = self``. A hook setting ``state.stop`` ends the run: inside an epoch
     after the current step (that epoch does not count and a resume redoes it), in
     ``after_epoch`` after that epoch.
     """
@@ -173,9 +184,10 @@ class Trainer:
                  scheduler: WarmupStepScheduler, loader: Any, device: torch.device, precision: Precision,
                  state: TrainState, hooks: Sequence[Hook], logger: RunLogger, progress: Progress,
                  dist: Optional["DistContext"] = None, scaler: Any = None, steps_per_epoch: int = 0,
-                 num_classes: int = 0):
+                 num_classes: int = 0, center_opt: Optional[torch.optim.Optimizer] = None):
         self.cfg, self.net, self.model = cfg, net, _unwrap(net)
         self.criterion, self.optimizer, self.scheduler, self.scaler = criterion, optimizer, scheduler, scaler
+        self.center_opt = center_opt  # the center loss's own SGD (losses/center.py), None without one
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.loader, self.sampler = loader, _train_loader_sampler(loader)
         self.device, self.precision, self.dist = device, precision, dist or DistContext()
@@ -240,7 +252,8 @@ class Trainer:
         if tc.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         total, terms = train_step(self.net, self.criterion, self.optimizer, images, pids, self.precision.autocast,
-                                  self.scaler, self.cfg.optim.grad_clip, self.params, s)
+                                  self.scaler, self.cfg.optim.grad_clip, self.params, s,
+                                  center_opt=self.center_opt, center_weight=self.cfg.loss.center_weight)
         s.step += 1
         s.epoch_steps += 1
         # The whole step's loss, averaged over the ranks: what log.jsonl shows, and a NaN on
@@ -253,8 +266,9 @@ class Trainer:
     def checkpoint(self, full: bool, metrics: Optional[Dict[str, Any]] = None,
                    step: Optional[int] = None, rank_rngs: Optional[List[Any]] = None) -> Dict[str, Any]:
         """Weights, config, class count, position and metrics; ``full`` adds what resume needs
-        (optimiser, schedule, RNG and scaler states), which only last.pth keeps. Under DDP,
-        ``rank_rngs`` holds every rank's RNG state (``rng`` is rank 0's)."""
+        (optimiser, schedule, RNG and scaler states, the criterion's own parameters, i.e. the
+        center loss's centres, and their optimiser's state), which only last.pth keeps. Under
+        DDP, ``rank_rngs`` holds every rank's RNG state (``rng`` is rank 0's)."""
         s = self.state
         m = dict(s.metrics if metrics is None else metrics)
         m["best"] = dict(s.best)
@@ -263,7 +277,9 @@ class Trainer:
                                "step": s.step if step is None else step, "metrics": m}
         if full:
             out.update({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "rng": capture_rng_state()})
+                        "rng": capture_rng_state(), "criterion": self.criterion.state_dict()})
+            if self.center_opt is not None:
+                out["center_optimizer"] = self.center_opt.state_dict()
             if rank_rngs is not None:
                 out["rng_ranks"] = rank_rngs
             if self.scaler is not None:
@@ -378,15 +394,21 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
     criterion = build_criterion(cfg.loss, cfg.model, **sizes).to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optim, [model, criterion])
+    optimizer = build_optimizer(cfg.optim, [model, criterion])  # all but the centres, which have their own SGD
+    center_opt = center_optimizer(criterion, cfg.loss.center_lr)
     scheduler = WarmupStepScheduler(optimizer, cfg.optim)
     precision = resolve_precision(tc.amp, device)
     # fp16's narrow range needs loss scaling; bf16 has float32's range and does not.
     scaler = torch.amp.GradScaler("cuda") if precision.dtype == torch.float16 and device.type == "cuda" else None
 
     state = TrainState(run_dir=run_dir)
+    notes: List[str] = []
     if resume:
-        _restore(run_dir / "checkpoints" / "last.pth", cfg, model, optimizer, scheduler, scaler, state, dist)
+        notes = _restore(run_dir / "checkpoints" / "last.pth", cfg, model, criterion, optimizer, center_opt,
+                         scheduler, scaler, state, dist)
+    # DDP makes the ranks' model weights rank 0's, but the criterion is not wrapped: its centres
+    # were drawn from each rank's own seed (or come fresh from an old checkpoint).
+    broadcast_parameters(center_parameters(criterion))
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
 
@@ -405,6 +427,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
     if resume:
         logger.write({"type": "resume", "epoch": state.epochs_done, "step": state.step})
         progress.line(f"resumed {run_dir} at epoch {state.epochs_done + 1}, step {state.step}")
+        for note in notes:
+            progress.line(note)
 
     logging = LoggingHook({"train_ids": num_classes, "train_images": len(dataset.train),
                            "val_ids": cfg.data.val_ids, "epoch_mode": cfg.data.epoch_mode})
@@ -418,7 +442,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
     loop_hooks += [*hooks, checkpoints]
     trainer = Trainer(cfg, net, criterion, optimizer, scheduler, loader, device, precision, state, loop_hooks,
                       logger, progress, dist=dist, scaler=scaler, steps_per_epoch=steps_per_epoch,
-                      num_classes=num_classes)
+                      num_classes=num_classes, center_opt=center_opt)
     t_run = time.perf_counter()
     mark_loop_started()
     try:
@@ -446,13 +470,18 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
     return result
 
 
-def _restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: WarmupStepScheduler, scaler: Any, state: TrainState, dist: DistContext) -> None:
-    """Load ``last.pth`` into the model, optimiser, schedule, scaler, RNGs and ``state``.
+def _restore(path: Path, cfg: Config, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+             center_opt: Optional[torch.optim.Optimizer], scheduler: WarmupStepScheduler, scaler: Any,
+             state: TrainState, dist: DistContext) -> List[str]:
+    """Load ``last.pth`` into the model, criterion (centres), optimisers, schedule, scaler, RNGs
+    and ``state``; return the notes to print (an old checkpoint's fresh centres).
 
     Every rank reads the file. Each gets back its own RNG state when the checkpoint holds
     one per rank of this world size; otherwise (another number of processes, or saved on
     Ctrl-C) rank 0 takes ``rng`` and the others restart from ``(train.seed, rank, epoch)``.
+    A checkpoint from before the centres were saved (no ``criterion`` entry) still resumes:
+    its main optimiser state then also holds the centres' (they were its last parameters),
+    which is dropped, and the centres start afresh.
     """
     ckpt = load_checkpoint(path)
     saved_name = (ckpt.get("config") or {}).get("model", {}).get("name")
@@ -462,10 +491,29 @@ def _restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.O
     missing = [k for k in ("optimizer", "scheduler", "rng") if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} holds no {missing[0]} state, so it cannot be resumed")
+    notes: List[str] = []
+    optimizer_state = ckpt["optimizer"]
+    centers = center_parameters(criterion)
+    if "criterion" in ckpt:
+        try:
+            criterion.load_state_dict(ckpt["criterion"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise CheckpointError(f"checkpoint {path}: criterion state (the center loss's centres, "
+                                  f"loss.center_weight) does not fit ({first[:160]})") from None
+    elif centers:
+        optimizer_state = _without_trailing_params(optimizer_state, len(centers),
+                                                   sum(len(g["params"]) for g in optimizer.param_groups))
+        notes.append(f"note: {path} predates saving the center loss's centres: they start afresh")
     try:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(optimizer_state)
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({exc})") from None
+    if center_opt is not None and "center_optimizer" in ckpt:
+        try:
+            center_opt.load_state_dict(ckpt["center_optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint {path}: center-loss optimizer state does not fit ({exc})") from None
     scheduler.load_state_dict(ckpt["scheduler"])
     if scaler is not None and "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
@@ -482,3 +530,17 @@ def _restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.O
     else:
         seed = np.random.SeedSequence([cfg.train.seed, dist.rank, state.epochs_done]).generate_state(1)[0]
         seed_everything(int(seed))
+    return notes
+
+
+def _without_trailing_params(optimizer_state: Dict[str, Any], n: int, fits: int) -> Dict[str, Any]:
+    """``optimizer_state`` less the last ``n`` parameters of its last group (their ids and state),
+    when that leaves the ``fits`` parameters today's optimiser holds; otherwise unchanged (the
+    load then says why it does not fit)."""
+    groups = optimizer_state.get("param_groups") or []
+    if not groups or sum(len(g["params"]) for g in groups) != fits + n or len(groups[-1]["params"]) < n:
+        return optimizer_state
+    dropped = set(groups[-1]["params"][-n:])
+    kept_groups = groups[:-1] + [dict(groups[-1], params=groups[-1]["params"][:-n])]
+    kept_state = {k: v for k, v in optimizer_state.get("state", {}).items() if k not in dropped}
+    return dict(optimizer_state, param_groups=kept_groups, state=kept_state)
