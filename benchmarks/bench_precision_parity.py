@@ -10,6 +10,11 @@ Then the test features of one trained model (seed 0, float32 training) are extra
 float32 and in bf16 autocast: per-image cosine (mean, min) and rank-1 / mAP from each.
 
     python benchmarks/bench_precision_parity.py [--steps 40] [--train-ids 150] [--test-ids 30] [--seeds 0,1]
+    python benchmarks/bench_precision_parity.py --trained mhsanet=RUN/checkpoints/last.pth ...
+
+``--trained`` does no training: it extracts the full Market-1501 query and gallery with
+each given trained checkpoint in float32 and in bf16 autocast and compares them (mean
+and minimum cosine, rank-1 and mAP from each), the issue's check of a trained model.
 
 Writes benchmarks/results/precision_parity.json (the machine and the load average at the
 start and end of every run are recorded).
@@ -80,7 +85,13 @@ def main() -> None:
     ap.add_argument("--no-agreement", action="store_true", help="skip the bf16-vs-fp32 feature check")
     ap.add_argument("--merge", type=Path, nargs="+", default=None,
                     help="combine result files of runs made in separate processes into --out")
+    ap.add_argument("--trained", nargs="+", default=None, metavar="NAME=CKPT",
+                    help="no training: the float32-vs-bf16 feature check of these trained checkpoints on the full "
+                         "Market-1501 query and gallery, added to --out under trained_agreement")
     args = ap.parse_args()
+    if args.trained:
+        trained_agreement(args)
+        return
     if args.merge:
         merge(args.merge, args.out, args.amps.split(","))
         return
@@ -131,6 +142,22 @@ def main() -> None:
     print(json.dumps(out, indent=2))
 
 
+def trained_agreement(args) -> None:
+    """bf16 against float32 test features of trained models on the full Market-1501 test split."""
+    torch.set_num_threads(args.threads)
+    full = build_dataset_from_config(config(args, "off", 0).data)
+    out = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    rows = out.setdefault("trained_agreement", {})
+    for item in args.trained:
+        name, _, ckpt = item.partition("=")
+        res = agreement(Path(ckpt), full, Path(ckpt).parents[2])
+        res.update({"checkpoint": f"{name}: the {name} run of benchmarks/bench_market_accuracy.py (last.pth)",
+                    "num_query": len(full.query), "num_gallery": len(full.gallery), "machine": machine_record()})
+        rows[name] = res
+        print(json.dumps({name: res}), flush=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
 def agreement(ckpt: Path, ds, work: Path) -> dict:
     model, cfg = load_model(ckpt, device="cpu")
     start = load()
@@ -144,7 +171,7 @@ def agreement(ckpt: Path, ds, work: Path) -> dict:
     cos = torch.nn.functional.cosine_similarity(torch.cat(feats["off"][:2]), torch.cat(feats["bf16"][:2]), dim=1)
     m32, m16 = (metrics(*feats[a][:2], *ids, ds.protocol) for a in ("off", "bf16"))
     res = {
-        "model": str(ckpt.relative_to(work)), "images": int(cos.numel()),
+        "model": str(ckpt.relative_to(work)), "images": int(cos.numel()), "threads": torch.get_num_threads(),
         "mean_cosine": round(float(cos.mean()), 6), "min_cosine": round(float(cos.min()), 6),
         "fp32_features": m32, "bf16_features": m16,
         "rank1_diff_points": round(100 * (m16["rank1"] - m32["rank1"]), 2),
