@@ -9,9 +9,9 @@ is reported separately, not in the speed.
 
 Paths run in subprocesses with a time limit (``--compile-limit`` for each compile path,
 ``--limit-eager`` for the rest): torch.compile on a loaded 2-core machine can take
-minutes, and a path that does not finish is recorded with its error, not left out. Eager and onnxruntime share one process; each compile path has its
-own. Every process also runs eager float32, alternating timed batches with its other
-paths, so ``speedup_vs_eager_fp32`` compares paths under the same load, and the
+minutes, and a path that does not finish is recorded with its error, not left out.
+Eager and onnxruntime share one process; each compile path has its own. Every process
+also runs eager float32, alternating timed batches with its other paths, so ``speedup_vs_eager_fp32`` compares paths under the same load, and the
 features are compared on the same input.
 
     python benchmarks/bench_infer.py [--threads 2] [--reps 3] [--models hacnn_160x64] [--paths eager_fp32,eager_bf16]
