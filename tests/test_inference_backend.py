@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import sys
@@ -83,7 +84,7 @@ def test_auto_takes_onnxruntime_for_a_big_job_once_for_query_and_gallery(tiny, s
     settles = []
     real = inference._settle_auto
     monkeypatch.setattr(inference, "_settle_auto", lambda *a: settles.append(1) or real(*a))
-    model.__dict__.pop("_attnreid_inference", None)
+    inference._settled.pop(model, None)
     metrics = evaluate_model(model, dataset, cfg)
     assert metrics["backend"] == "onnxruntime" and len(settles) == 1
     assert float(re.search(r"mean cosine ([0-9.]+) with PyTorch fp32", metrics["inference"]).group(1)) >= 0.999
@@ -97,6 +98,7 @@ def test_auto_takes_onnxruntime_for_a_big_job_once_for_query_and_gallery(tiny, s
     # decided once per model and weights: a second evaluation does not check again
     evaluate_model(model, dataset, cfg)
     assert len(settles) == 1
+    copy.deepcopy(model)  # the session is kept beside the model, not in it
 
 
 def test_auto_falls_back_to_torch_without_onnxruntime(tiny, no_onnxruntime, no_export, monkeypatch, capsys):
@@ -134,7 +136,7 @@ def test_auto_falls_back_when_onnxruntime_features_differ_or_the_export_fails(ti
     monkeypatch.setattr(inference, "onnxruntime_available", lambda: True)
     monkeypatch.setattr(inference, "onnx_session", lambda *a, **k: (object(), 0.1))
     monkeypatch.setattr(inference, "onnx_features", lambda s, x, flip=False: torch.randn(len(x), model.feature_dim))
-    model.__dict__.pop("_attnreid_inference", None)
+    inference._settled.pop(model, None)
     _, _, _, _, how = extract_with_precision(model, items, cfg.data, amp="off", backend="auto")
     assert how.backend == "torch" and "its features differ from PyTorch fp32: mean cosine" in how.reason
     assert "PyTorch, not onnxruntime: its features differ" in capsys.readouterr().err
@@ -142,7 +144,7 @@ def test_auto_falls_back_when_onnxruntime_features_differ_or_the_export_fails(ti
     def broken(*_a, **_k):
         raise AttnReidError("ONNX export of 'mhsanet' at opset 18 failed (dynamo: unsupported op)")
     monkeypatch.setattr(inference, "onnx_session", broken)
-    model.__dict__.pop("_attnreid_inference", None)
+    inference._settled.pop(model, None)
     _, _, _, _, how = extract_with_precision(model, items, cfg.data, amp="off", backend="auto")
     assert how.backend == "torch" and "the ONNX export failed (ONNX export of 'mhsanet'" in how.reason
 

@@ -42,6 +42,7 @@ import dataclasses
 import sys
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional
@@ -68,6 +69,10 @@ ONNX_INSTALL = "pip install 'attnreid[onnx]'"
 _ORT_PRECISION_REASON = "onnxruntime runs the exported float32 graph"
 
 _announced: set = set()
+# Per model: its onnxruntime session and settled backend choices. Beside the model, not in
+# it: a session cannot be deep-copied or pickled, and must not travel with the module.
+_sessions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_settled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def inference_precision(amp: str | Precision, device: torch.device | str, key: str = "eval.amp") -> Precision:
@@ -250,7 +255,7 @@ def onnx_session(model: torch.nn.Module, input_size, threads: Optional[int] = No
 
     threads = torch.get_num_threads() if threads is None else threads
     key = (tuple(input_size), threads, _weights_version(model))
-    cached = model.__dict__.get("_attnreid_onnx")
+    cached = _sessions.get(model)
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
     t0 = time.perf_counter()
@@ -268,7 +273,7 @@ def onnx_session(model: torch.nn.Module, input_size, threads: Optional[int] = No
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     seconds = time.perf_counter() - t0
-    model.__dict__["_attnreid_onnx"] = (key, session, seconds)
+    _sessions[model] = (key, session, seconds)
     return session, seconds
 
 
@@ -305,7 +310,7 @@ def settle_inference(model: torch.nn.Module, choice: Inference, images: torch.Te
         return dataclasses.replace(choice, precision=settle_for(model, choice.precision, lambda: features(images)))
     key = (choice.requested, choice.precision.requested, choice.precision.dtype, tuple(images.shape[1:]), bool(flip),
            torch.get_num_threads(), _weights_version(model))
-    cached = model.__dict__.get("_attnreid_inference")
+    cached = _settled.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
     if choice.backend == "onnxruntime":
@@ -313,7 +318,7 @@ def settle_inference(model: torch.nn.Module, choice: Inference, images: torch.Te
         settled = dataclasses.replace(choice, session=session, reason=f"{choice.reason}; export {seconds:.1f} s")
     else:
         settled = _settle_auto(model, choice, images, features, flip)
-    model.__dict__["_attnreid_inference"] = (key, settled)
+    _settled[model] = (key, settled)
     return settled
 
 
