@@ -140,7 +140,7 @@ def bench_extract(thread_counts, repeats: int, batches: int, models=None) -> Non
         if models and name not in models:
             continue
         cfg = from_dict(overrides)
-        ext = FeatureExtractor(cfg, batch_size=batch)
+        ext = FeatureExtractor(cfg, batch_size=batch, backend="torch")  # the eager side of the comparison
         x = torch.randn(batch, 3, *ext.input_size)
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / f"{name}.onnx"

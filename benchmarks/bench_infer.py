@@ -7,17 +7,23 @@ warm-up), and how well each path's features agree with eager float32 on the same
 (cosine per image: mean and min). Setup cost (torch.compile's first calls, ONNX export)
 is reported separately, not in the speed.
 
-Paths run in subprocesses with a time limit (``--limit``): torch.compile on a loaded
-2-core machine can take minutes, and a path that does not finish is recorded with its
-error, not left out. Eager and onnxruntime share one process; each compile path has its
-own. Every process also runs eager float32, alternating timed batches with its other
-paths, so ``speedup_vs_eager_fp32`` compares paths under the same load, and the
+Paths run in subprocesses with a time limit (``--compile-limit`` for each compile path,
+``--limit-eager`` for the rest): torch.compile on a loaded 2-core machine can take
+minutes, and a path that does not finish is recorded with its error, not left out.
+Eager and onnxruntime share one process; each compile path has its own. Every process
+also runs eager float32, alternating timed batches with its other paths, so ``speedup_vs_eager_fp32`` compares paths under the same load, and the
 features are compared on the same input.
 
     python benchmarks/bench_infer.py [--threads 2] [--reps 3] [--models hacnn_160x64] [--paths eager_fp32,eager_bf16]
+    python benchmarks/bench_infer.py --compile-only --compile-limit 1200   # re-measure just the compile rows
+    python benchmarks/bench_infer.py --quick      # self-check, tiny model: scratch/infer_cpu_quick.json
 
-Writes benchmarks/results/infer_cpu.json (each row carries the load average at its start
-and end; ``loaded`` is true when the 1-minute load was above 1).
+Writes benchmarks/results/infer_cpu.json (``--out``). Rows of paths not re-measured are
+kept from the existing file, each with the machine it was measured on; every row carries
+the load average at its start and end (``loaded``: the 1-minute load was above 1).
+``break_even_images`` in each onnxruntime row is its setup seconds over the seconds it
+saves per image against eager float32: the job size from which exporting pays
+(``attnreid.engine.inference.ONNXRUNTIME_MIN_IMAGES`` is chosen from these).
 """
 
 from __future__ import annotations
@@ -36,14 +42,22 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
+from _machine import machine_record  # noqa: E402
+
+RESULTS = HERE / "results"
+SCRATCH = HERE.parent / "scratch"
 
 MODELS = {
     "mhsanet_resnet50_384x128": ["model.name=mhsanet", "model.backbone.name=resnet50",
                                  "model.backbone.pretrained=false", "data.height=384", "data.width=128"],
     "hacnn_160x64": ["model.name=hacnn", "data.height=160", "data.width=64"],
+    # --quick only: a model that exports and compiles in seconds
+    "tiny_mhsanet_64x32": ["model.name=mhsanet", "model.backbone.name=mobilenetv3_small", "model.mhsanet.num_heads=2",
+                           "model.mhsanet.attention_dim=16", "model.mhsanet.embed_dim=16", "data.height=64",
+                           "data.width=32"],
 }
+TABLE_MODELS = ("mhsanet_resnet50_384x128", "hacnn_160x64")
 PATHS = ("eager_fp32", "eager_bf16", "compile_fp32", "compile_bf16", "onnxruntime_fp32")
 BATCHES = (1, 64)
 
@@ -66,8 +80,8 @@ def build(name: str):
     return model.eval(), (cfg.data.height, cfg.data.width)
 
 
-def inputs(size) -> torch.Tensor:
-    return torch.randn(max(BATCHES), 3, *size, generator=torch.Generator().manual_seed(1))
+def inputs(size, batches) -> torch.Tensor:
+    return torch.randn(max(batches), 3, *size, generator=torch.Generator().manual_seed(1))
 
 
 def runner(path: str, model, size, tmp: Path):
@@ -117,12 +131,13 @@ def worker(args) -> None:
     """
     torch.set_num_threads(args.threads)
     model, size = build(args.model)
-    x = inputs(size)
+    batches = parse_batches(args.batches)
+    x = inputs(size, batches)
     paths = args.path.split(",")
     fwds, setups = {}, {}
     for path in paths:
         fwds[path], setups[path] = runner(path, model, size, Path(args.tmp))
-    for batch in BATCHES:
+    for batch in batches:
         xb = x[:batch].contiguous()
         load_start = [round(v, 2) for v in os.getloadavg()]
         first, times, feats = {}, {p: [] for p in paths}, {}
@@ -152,13 +167,20 @@ def worker(args) -> None:
                 row["compile_s"] = round(first[path] - ms / 1000, 2)  # first call minus one steady call
             if setups[path] is not None:
                 row["setup_s"] = round(setups[path], 2)
+                saved = ref_ms / 1000 / batch - ms / 1000 / batch  # seconds saved per image
+                row["break_even_images"] = round(setups[path] / saved) if saved > 0 else None
+            row["machine"] = machine_record()
             print("ROW " + json.dumps(row), flush=True)
+
+
+def parse_batches(text: str) -> list:
+    return [int(b) for b in text.split(",") if b]
 
 
 def run_group(model: str, paths, args, tmp: str, limit: int) -> list:
     """One worker subprocess for ``paths``, with a time limit; failed paths get an error row."""
     cmd = [sys.executable, __file__, "--worker", "--model", model, "--path", ",".join(paths),
-           "--threads", str(args.threads), "--reps", str(args.reps), "--tmp", tmp]
+           "--threads", str(args.threads), "--reps", str(args.reps), "--tmp", tmp, "--batches", args.batches]
     load_start = [round(v, 2) for v in os.getloadavg()]
     t0 = time.perf_counter()
     try:
@@ -172,12 +194,13 @@ def run_group(model: str, paths, args, tmp: str, limit: int) -> list:
     tail = [line for line in (err or "").strip().splitlines() if line.strip()][-3:]
     reason = (f"exit code {rc}: " + " | ".join(tail)) if rc is not None else err
     for path in paths:
-        for batch in BATCHES:
+        for batch in parse_batches(args.batches):
             if (path, batch) not in done:
                 rows.append({"model": model, "path": path, "batch": batch, "img_per_s": None,
                              "error": reason[-1500:], "wall_s": round(time.perf_counter() - t0, 1),
-                             "load_average_start": load_start,
-                             "load_average_end": [round(v, 2) for v in os.getloadavg()]})
+                             "limit_s": limit, "load_average_start": load_start,
+                             "load_average_end": [round(v, 2) for v in os.getloadavg()],
+                             "machine": machine_record()})
     return rows
 
 
@@ -201,30 +224,56 @@ def markdown(rows) -> str:
     return "\n".join(lines) + "\n\nfastest path matching fp32 (mean cosine >= 0.999): " + json.dumps(best)
 
 
+def kept_rows(out: Path, new: list) -> list:
+    """The existing file's rows of (model, path, batch) not in ``new``, each with its machine."""
+    if not out.is_file():
+        return []
+    old = json.loads(out.read_text())
+    measured = {(r["model"], r["path"], r["batch"]) for r in new}
+    kept = []
+    for r in old.get("rows", []):
+        if (r["model"], r["path"], r["batch"]) not in measured:
+            if not isinstance(r.get("machine"), dict):  # older files recorded the machine once, at the top
+                r["machine"] = old.get("machine")
+            kept.append(r)
+    return kept
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--limit", type=int, default=300,
+    ap.add_argument("--compile-limit", "--limit", dest="limit", type=int, default=300,
                     help="seconds allowed to one compile path (both batch sizes, compilation included)")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="re-measure only compile_fp32 and compile_bf16 (each beside eager fp32); keep the other rows")
+    ap.add_argument("--batches", default=",".join(str(b) for b in BATCHES))
+    ap.add_argument("--quick", action="store_true",
+                    help="self-check: a tiny MHSA-Net at 64x32, batches 1 and 4, 1 rep, 1 thread; to scratch/")
     ap.add_argument("--limit-eager", type=int, default=1200,
                     help="seconds allowed to the eager + onnxruntime process of one model")
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(TABLE_MODELS))
     ap.add_argument("--paths", default=",".join(PATHS))
-    ap.add_argument("--out", type=Path, default=RESULTS / "infer_cpu.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="result file (default: benchmarks/results/infer_cpu.json; with --quick scratch/infer_cpu_quick.json)")
     ap.add_argument("--table", action="store_true", help="print the existing result file as a markdown table")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quick:
+        args.models, args.batches, args.reps, args.threads = "tiny_mhsanet_64x32", "1,4", 1, 1
+        args.out = args.out or SCRATCH / "infer_cpu_quick.json"
+    args.out = args.out or RESULTS / "infer_cpu.json"
+    if args.compile_only:
+        args.paths = "compile_fp32,compile_bf16"
     if args.worker:
         worker(args)
         return
     if args.table:
         print(markdown(json.loads(args.out.read_text())["rows"]))
         return
-    from _machine import machine_record
     from attnreid.engine.inference import fastest_matching_path
 
     torch.set_num_threads(args.threads)
@@ -234,7 +283,9 @@ def main() -> None:
     # eager/onnxruntime paths share one process; each compile path gets its own (minutes of
     # compilation must not cost the others their time limit). Every group re-runs eager fp32
     # alongside, as the reference for speed and features under the same load.
-    groups = [[p for p in paths if not p.startswith("compile")]] + [[p] for p in paths if p.startswith("compile")]
+    # A compile-only rerun has no eager group: its eager fp32 rows stay those of the file.
+    eager_group = [] if args.compile_only else [[p for p in paths if not p.startswith("compile")]]
+    groups = eager_group + [[p] for p in paths if p.startswith("compile")]
     t0 = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
@@ -242,19 +293,23 @@ def main() -> None:
             for i, group in enumerate(groups):
                 limit = args.limit if any(p.startswith("compile") for p in group) else args.limit_eager
                 new = run_group(model, ["eager_fp32", *group], args, tmp, limit)
-                if i > 0:  # the first group's eager fp32 row is the table's; later ones are references only
+                if i > 0 or not eager_group:  # the eager group's fp32 row is the table's; others are references
                     new = [r for r in new if r["path"] != "eager_fp32"]
                 for r in new:
                     print(json.dumps(r), file=sys.stderr, flush=True)
                 rows.extend(new)
+    rows = kept_rows(args.out, rows) + rows
+    batches = sorted({r["batch"] for r in rows})
     fastest = {f"{m}@{b}": fastest_matching_path([r for r in rows if r["model"] == m and r["batch"] == b])
-               for m in models for b in BATCHES}
+               for m in sorted({r["model"] for r in rows}) for b in batches}
     out = {"benchmark": "CPU inference paths: images/s and feature agreement with eager fp32",
            "machine": machine_start, "load_average_end": [round(v, 2) for v in os.getloadavg()],
            "wall_seconds": round(time.perf_counter() - t0, 1),
            "note": ("random weights (BN calibrated on noise), preprocessed random inputs; speed excludes setup "
                     "(compile_s: first call minus a steady call, per batch size; setup_s: ONNX export + session). "
-                    "A 2-core machine shared with other jobs: see each row's load average."),
+                    "A 2-core machine shared with other jobs: see each row's load average. Rows were measured by "
+                    "their own runs (each row's machine); compare a row with the eager fp32 row of its process "
+                    "(speedup_vs_eager_fp32)."),
            "match_rule": "mean cosine with eager fp32 >= 0.999", "fastest_matching": fastest, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")

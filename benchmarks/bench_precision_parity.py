@@ -167,8 +167,8 @@ def agreement(ckpt: Path, ds, work: Path) -> dict:
     feats = {}
     for amp in ("off", "bf16"):
         t0 = time.perf_counter()
-        qf, q_pids, q_cams = extract_features(model, ds.query, cfg.data, amp=amp)
-        gf, g_pids, g_cams = extract_features(model, ds.gallery, cfg.data, amp=amp)
+        qf, q_pids, q_cams = extract_features(model, ds.query, cfg.data, amp=amp, backend="torch")  # PyTorch's bf16
+        gf, g_pids, g_cams = extract_features(model, ds.gallery, cfg.data, amp=amp, backend="torch")
         feats[amp] = (qf, gf, time.perf_counter() - t0)
     ids = ((q_pids, q_cams), (g_pids, g_cams))
     cos = torch.nn.functional.cosine_similarity(torch.cat(feats["off"][:2]), torch.cat(feats["bf16"][:2]), dim=1)

@@ -5,7 +5,11 @@ autocast, each model's criterion in float32, backward, optimiser step) on PK bat
 from the real data pipeline (synthetic set, JPEG decoding and transforms in DataLoader
 workers) and reports images/s and the share of step time spent waiting for data. The
 first ``--warmup`` steps are not timed (with torch.compile they include the compilation,
-reported as ``compile_s``). Random weights.
+reported as ``compile_s``: the warm-up steps' time minus as many steady steps). The
+compiled network is the one ``train.compile=on`` builds
+(:func:`attnreid.engine.compiled.compile_for_training`). Random weights. Every row
+carries ``machine_record()`` taken in its own process (CPU model and flags, threads,
+load average) and the load average before and after its steps.
 
 Models (``--models``):
 
@@ -20,8 +24,9 @@ variants not re-measured are kept from the existing result file, each with the m
 it came from.
 
     python benchmarks/bench_train.py [--steps 4] [--batch 32] [--threads 2] [--amps off,bf16] [--compile]
+    python benchmarks/bench_train.py --quick     # a self-check in about a minute: writes scratch/train_cpu_quick.json
 
-Writes benchmarks/results/train_cpu.json (and train_cuda.json on a GPU).
+Writes benchmarks/results/train_cpu.json (``--out``; and train_cuda.json on a GPU).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import torch
 from _machine import machine_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SCRATCH = Path(__file__).resolve().parent.parent / "scratch"
 UNRECORDED = "unrecorded (an earlier machine of this kind)"
 
 MODELS = {
@@ -67,6 +73,7 @@ def bench(name: str, root: Path, device: torch.device, steps: int, warmup: int, 
     from attnreid.config import load_config
     from attnreid.data.datasets import build_dataset_from_config
     from attnreid.data.loader import build_train_loader
+    from attnreid.engine.compiled import compile_for_training
     from attnreid.engine.optim import build_optimizer
     from attnreid.engine.trainer import TrainState, train_step
     from attnreid.losses import build_criterion
@@ -86,7 +93,7 @@ def bench(name: str, root: Path, device: torch.device, steps: int, warmup: int, 
     optimizer = build_optimizer(cfg.optim, [model, criterion])
     params = [p for g in optimizer.param_groups for p in g["params"]]
     model.train()
-    net = torch.compile(model) if compile_ else model
+    net = compile_for_training(model, "on" if compile_ else "off", device, quiet=True)
     precision = resolve_precision(amp, device)
 
     state = TrainState()
@@ -127,15 +134,32 @@ def bench(name: str, root: Path, device: torch.device, steps: int, warmup: int, 
            "img_per_s": round(images / step_s, 2), "seconds_per_step": round(step_s / timed, 3),
            "data_wait_share": round(data_s / step_s, 4), "input": [cfg.data.height, cfg.data.width],
            "amp": amp, "precision": precision.describe(), "channels_last": channels_last, "compile": compile_,
-           "threads": torch.get_num_threads(), "load_average_before": load_before, "load_average_after": load()}
+           "threads": torch.get_num_threads(), "load_average_before": load_before, "load_average_after": load(),
+           "warmup_steps": warmup}
     if compile_:
         row["compile_s"] = round(warm_s - warmup * step_s / timed, 1)  # warm-up steps minus their steady cost
     row["loaded"] = max(row["load_average_before"][0], row["load_average_after"][0]) > 1
+    row["machine"] = machine_record()
     return row
 
 
 def key(r: dict) -> tuple:
     return (r["model"], r["device"], r.get("amp", "off"), bool(r.get("channels_last")), bool(r.get("compile")))
+
+
+def ratios(rows: list) -> list:
+    """bf16 (and compiled) images/s over eager float32 of the same model and layout, one line each."""
+    lines = []
+    base = {(r["model"], bool(r.get("channels_last"))): r for r in rows
+            if r.get("img_per_s") and r.get("amp", "off") == "off" and not r.get("compile")}
+    for r in rows:
+        ref = base.get((r["model"], bool(r.get("channels_last"))))
+        if ref is None or r is ref or not r.get("img_per_s"):
+            continue
+        extra = f", compile {r['compile_s']} s" if r.get("compile") else ""
+        lines.append(f"{r['model']:28s} amp={r['amp']:4s} compile={bool(r.get('compile'))!s:5s}: "
+                     f"{r['img_per_s'] / ref['img_per_s']:.2f}x eager fp32{extra}")
+    return lines
 
 
 def run_variant(args, name: str, amp: str, compile_: bool, root: Path) -> dict:
@@ -159,7 +183,7 @@ def run_variant(args, name: str, amp: str, compile_: bool, root: Path) -> dict:
         error = f"did not finish within {limit} s ({args.warmup} warm-up + {args.steps} timed steps)"
     return {"model": name, "device": "cpu", "batch": args.batch, "amp": amp, "channels_last": args.channels_last,
             "compile": compile_, "img_per_s": None, "error": error[-1500:], "threads": args.threads,
-            "load_average_before": start, "load_average_after": load()}
+            "load_average_before": start, "load_average_after": load(), "machine": machine_record()}
 
 
 def main() -> None:
@@ -178,8 +202,17 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=900, help="seconds allowed to one eager variant")
     ap.add_argument("--compile-limit", type=int, default=600, help="seconds allowed to one compiled variant")
     ap.add_argument("--root", type=Path, default=None, help="where to generate the synthetic set (default: a temp dir)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="result file (default: benchmarks/results/train_cpu.json; with --quick scratch/train_cpu_quick.json)")
+    ap.add_argument("--quick", action="store_true",
+                    help="self-check: Baseline ResNet-18 128x64, batch 8, 1 warm-up + 1 timed step, 1 thread, "
+                         "no loader workers, fp32 and bf16 (compiled too with --compile); to scratch/")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quick:
+        args.models, args.batch, args.steps, args.warmup = "baseline_resnet18_128x64", 8, 1, 1  # batch: 2 ids x K=4
+        args.threads, args.workers = 1, 0
+        args.out = args.out or SCRATCH / "train_cpu_quick.json"
     root = args.root or Path(tempfile.mkdtemp(prefix="bench_train_"))
     torch.set_num_threads(args.threads)
     names = [n for n in args.models.split(",") if n]
@@ -214,23 +247,25 @@ def main() -> None:
                 speed = f"{r['img_per_s']:8.2f} img/s" if r["img_per_s"] is not None else f"failed: {r['error']}"
                 print(f"{n:28s} amp={amp:4s} compile={compile_!s:5s} channels_last={args.channels_last!s:5s}: {speed}",
                       flush=True)
-    out_file = RESULTS / "train_cpu.json"
+    out_file = args.out or RESULTS / "train_cpu.json"
     kept = []
-    if out_file.is_file():
+    if out_file.is_file() and not args.quick:
         old = json.loads(out_file.read_text())
         new_keys = {key(r) for r in rows}
         for r in old.get("rows", []):
             if key(r) not in new_keys:
-                r.setdefault("machine", old["machine"] if isinstance(old.get("machine"), str) else UNRECORDED)
+                if not isinstance(r.get("machine"), dict):  # older files recorded the machine once, at the top
+                    r["machine"] = old["machine"] if isinstance(old.get("machine"), dict) else UNRECORDED
                 kept.append(r)
-    for r in rows:
-        r["machine"] = "this file's machine"
     out = {"machine": machine, "load_average_end": load(), "rows": kept + rows,
+           "settings": {"steps": args.steps, "warmup": args.warmup, "batch": args.batch, "threads": args.threads,
+                        "workers": args.workers, "channels_last": args.channels_last, "quick": args.quick},
            "note": ("CPU numbers from a 2-core machine shared with other jobs (each row's load_average; loaded = "
                     "1-minute load above 1); random-init weights, synthetic images resized to the input sizes. "
                     "Rows whose machine is not this file's were measured earlier and kept.")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(out, indent=2) + "\n")
+    print("\n".join(ratios(rows)))
     print(f"wrote {out_file}")
 
 

@@ -204,6 +204,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto | off | bf16 | fp16; auto = bf16 where the CUDA device or CPU runs it natively (precision.py)
+    # torch.compile (inductor) the model for the training steps: auto | off | on. auto = on for
+    # CUDA devices only; on the CPU compilation took minutes and has not been shown to pay
+    # (benchmarks/bench_train.py --compile measures it). Checkpoints hold the plain model.
+    compile: str = "auto"
     channels_last: bool = False
     eval_every: int = 50  # epochs; 0 = only at the end
     log_every: int = 20  # steps between log.jsonl train records
@@ -228,6 +232,11 @@ class EvalConfig:
     # Inference precision of evaluation, extract, index build, FeatureExtractor: auto | off | bf16 | fp16.
     # auto = bf16 autocast where the CPU/GPU runs bf16 natively (attnreid.engine.inference says why).
     amp: str = "auto"
+    # Backend of the same commands: auto | torch | onnxruntime. torch = eager PyTorch with eval.amp;
+    # onnxruntime = an in-process ONNX export run in onnxruntime (float32; needs attnreid[onnx]);
+    # auto = onnxruntime on the CPU for jobs of >= 1,000 images when it is installed, the model
+    # exports and its first batch matches PyTorch float32, else torch (attnreid.engine.inference).
+    backend: str = "auto"
     # Market-1501 multi-query (HA Table 2, MQ): each query's feature is the mean over the
     # gt_bbox images of its pid and camera; needs the gt_bbox folder.
     multi_query: bool = False
@@ -272,9 +281,11 @@ CHOICES = {
     "loss.acm_form": ("paper", "linear"),
     "optim.name": ("adam", "sgd"),
     "train.amp": ("auto", "off", "bf16", "fp16"),
+    "train.compile": ("auto", "off", "on"),
     "data.epoch_mode": ("images", "identities"),
     "eval.metric": ("euclidean_sq", "cosine"),
     "eval.amp": ("auto", "off", "bf16", "fp16"),
+    "eval.backend": ("auto", "torch", "onnxruntime"),
     "eval.rerank_input": ("zhong", "torchreid"),
     "data.cuhk03_split": ("new",),
     "model.backbone.last_stride": (1, 2),

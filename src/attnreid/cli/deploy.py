@@ -13,6 +13,9 @@ from attnreid.cli._util import check_output_path, device_option, print_json
 DEFAULT_CAMERA_REGEX = r"_c(\d+)"  # same as attnreid.deploy.index (not imported: keeps --help fast)
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")  # attnreid.precision.AMP_CHOICES (not imported: keeps --help fast)
 AMP_HELP = "Precision: auto, off, bf16 or fp16 (default: the config's eval.amp, auto = bf16 where native)."
+INFER_BACKENDS = ("auto", "torch", "onnxruntime")  # attnreid.engine.inference.BACKENDS
+INFER_BACKEND_HELP = ("Inference backend: auto (onnxruntime for big CPU jobs when installed and matching PyTorch), "
+                      "torch or onnxruntime (default: the config's eval.backend).")
 
 index_app = typer.Typer(help="Build a gallery index for 'attnreid search'.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
@@ -73,6 +76,7 @@ def index_build(
     flip: bool = typer.Option(False, "--flip/--no-flip", help="Average each image's feature with its mirror's."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N."),
     amp: Optional[str] = typer.Option(None, "--amp", help=AMP_HELP),
+    backend: Optional[str] = typer.Option(None, "--backend", help=INFER_BACKEND_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
     """Extract features of every image in a folder into a resumable index."""
@@ -83,13 +87,15 @@ def index_build(
     if shard_size < 1:
         raise AttnReidError(f"--shard-size is {shard_size}; it must be >= 1")
     _check_amp(amp)
+    if backend is not None and backend not in INFER_BACKENDS:
+        raise AttnReidError(f"--backend is {backend!r}; expected one of: {', '.join(INFER_BACKENDS)}")
     check_output_path(out, "dir")
     dev = device_option(device)
     if config is not None:
         ext = FeatureExtractor(config, checkpoint=checkpoint, device=dev, batch_size=batch_size, flip=flip,
-                               amp=amp)
+                               amp=amp, backend=backend)
     else:
-        ext = FeatureExtractor(checkpoint, device=dev, batch_size=batch_size, flip=flip, amp=amp)
+        ext = FeatureExtractor(checkpoint, device=dev, batch_size=batch_size, flip=flip, amp=amp, backend=backend)
     summary = build_index(ext, images_dir, out, camera_regex=camera_regex, shard_size=shard_size,
                           progress=not json_out)
     if json_out:

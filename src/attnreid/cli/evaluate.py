@@ -13,6 +13,8 @@ from attnreid.cli.train import _metrics_line
 from attnreid.errors import AttnReidError
 
 SPLITS = ("query", "gallery", "train")
+BACKEND_HELP = ("eval.backend: auto (onnxruntime for big CPU jobs when installed and matching PyTorch), "
+                "torch or onnxruntime. Default: the config's.")
 
 
 @app.command("eval")
@@ -27,6 +29,7 @@ def eval_cmd(
     rerank_input: Optional[str] = typer.Option(
         None, "--rerank-input",
         help="eval.rerank_input: zhong (the paper's) or torchreid (torchreid's numbers)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Folder for eval.json, eval_ranks.npz and the report."),
@@ -40,13 +43,16 @@ def eval_cmd(
     from attnreid.engine.build import load_model, resolve_device
     from attnreid.engine.checkpoint import load_checkpoint
     from attnreid.engine.evaluator import evaluate_datasets, evaluation_datasets
+    from attnreid.engine.inference import check_backend
     from attnreid.viz.report import write_report
 
     if out is not None:
         check_output_path(out, "dir")
     extra_overrides = [f"eval.rerank_input={rerank_input}"] if rerank_input is not None else []
+    extra_overrides += [f"eval.backend={backend}"] if backend is not None else []
     cfg = load_config(config, list(overrides or []) + extra_overrides)
     device = resolve_device(cfg.train.device)
+    check_backend(cfg.eval.backend, device)  # before minutes of loading, not after
     model, cfg = load_model(checkpoint, cfg, device=device)
     datasets = evaluation_datasets(cfg)
     epoch = load_checkpoint(checkpoint).get("epoch")
@@ -104,17 +110,20 @@ def extract_cmd(
         None, "--split", help="query, gallery or train; repeat for several."),
     folder: Optional[Path] = typer.Option(None, "--folder", help="Extract every image under this folder."),
     out: Path = typer.Option(..., "--out", help="Output .npz."),
+    backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
 ) -> None:
     """Save features to an .npz that 'attnreid metrics' reads.
 
     --split query --split gallery gives query_/gallery_features, _pids and _camids, a
-    file 'attnreid metrics' evaluates directly. --folder gives features and paths.
+    file 'attnreid metrics' evaluates directly. --folder gives features and paths. The
+    file also records how they were computed (precision, backend, inference).
     """
     import numpy as np
 
     from attnreid.config import load_config
     from attnreid.engine.build import build_eval_dataset, load_model, resolve_device
-    from attnreid.engine.extract import extract_features, folder_items
+    from attnreid.engine.extract import extract_with_precision, folder_items
+    from attnreid.engine.inference import check_backend
 
     splits = list(split or [])
     if bool(splits) == (folder is not None):
@@ -123,15 +132,16 @@ def extract_cmd(
         if s not in SPLITS:
             raise AttnReidError(f"--split is {s!r}; expected one of: {', '.join(SPLITS)}")
     check_output_path(out, "file", suffix=".npz")
-    cfg = load_config(config, list(overrides or []))
+    cfg = load_config(config, list(overrides or []) + ([f"eval.backend={backend}"] if backend is not None else []))
     device = resolve_device(cfg.train.device)
+    check_backend(cfg.eval.backend, device)
     model, cfg = load_model(checkpoint, cfg, device=device)
     arrays = {}
     if folder is not None:
         items = folder_items(folder)
-        feats, _, _, index = extract_features(model, items, cfg.data, device=device, flip=cfg.eval.flip,
-                                              amp=cfg.eval.amp, progress=f"{folder.name} features",
-                                              return_index=True)
+        feats, _, _, index, how = extract_with_precision(model, items, cfg.data, device=device, flip=cfg.eval.flip,
+                                                         amp=cfg.eval.amp, progress=f"{folder.name} features",
+                                                         backend=cfg.eval.backend)
         arrays = {"features": feats.numpy(), "paths": np.array([items[i][0] for i in index.tolist()])}
     else:
         if "train" in splits:
@@ -139,13 +149,16 @@ def extract_cmd(
 
             train_set = build_dataset_from_config(cfg.data)
         eval_set = build_eval_dataset(cfg) if any(s != "train" for s in splits) else None
-        for s in splits:
-            items = train_set.train if s == "train" else getattr(eval_set, s)
-            feats, pids, camids, index = extract_features(model, items, cfg.data, device=device, flip=cfg.eval.flip,
-                                                          amp=cfg.eval.amp, progress=f"{s} features",
-                                                          return_index=True)
+        lists = {s: train_set.train if s == "train" else getattr(eval_set, s) for s in splits}
+        # one backend and precision for every split: the first settles them for the whole job
+        how = cfg.eval.amp
+        for s, items in lists.items():
+            feats, pids, camids, index, how = extract_with_precision(
+                model, items, cfg.data, device=device, flip=cfg.eval.flip, amp=how, progress=f"{s} features",
+                backend=cfg.eval.backend, num_images=sum(len(v) for v in lists.values()))
             arrays.update({f"{s}_features": feats.numpy(), f"{s}_pids": pids, f"{s}_camids": camids,
                            f"{s}_paths": np.array([items[i][0] for i in index.tolist()])})
+    arrays.update({k: np.array(v) for k, v in how.record().items()})
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, **arrays)
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items() if k.endswith("features"))

@@ -59,6 +59,10 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return device if isinstance(device, torch.device) else resolve_device(str(device))
 
 
+def _is_batch(item: Any) -> bool:
+    return isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4
+
+
 class FeatureExtractor:
     """Test features of images from a trained model, batched, under ``torch.inference_mode``.
 
@@ -76,8 +80,16 @@ class FeatureExtractor:
         amp: the precision, ``auto | off | bf16 | fp16`` (default: the config's
             ``eval.amp``, itself ``auto``: bf16 autocast where the hardware runs it
             natively; see :mod:`attnreid.engine.inference`). Features are float32 either way.
+        backend: ``auto | torch | onnxruntime`` (default: the config's ``eval.backend``,
+            itself ``auto``): eager PyTorch, or the model exported in-process and run in
+            onnxruntime. ``auto`` takes onnxruntime for a job of at least
+            :data:`~attnreid.engine.inference.ONNXRUNTIME_MIN_IMAGES` images (the first
+            call's images, or what :meth:`expect` announced) when it is installed, the
+            model exports and its first batch matches PyTorch float32; decided once.
 
-    Attributes: ``model`` (eval mode), ``cfg``, ``device``, ``precision``, ``feature_dim``,
+    Attributes: ``model`` (eval mode), ``cfg``, ``device``, ``precision``, ``backend``
+    (``torch`` / ``onnxruntime``; ``auto`` until the first batch), ``inference`` (both, and
+    why: an :class:`~attnreid.engine.inference.Inference`), ``feature_dim``,
     ``model_name``, ``checkpoint`` (path or None), ``fingerprint`` (see
     :func:`config_fingerprint`), ``metric`` (``cosine`` when the model L2-normalises its
     feature or the config's ``eval.metric`` says so, else ``euclidean_sq``).
@@ -85,14 +97,17 @@ class FeatureExtractor:
 
     def __init__(self, config_or_checkpoint: str | Path | Config, device: str | torch.device = "cpu",
                  batch_size: int = 64, flip: bool = False, checkpoint: Optional[str | Path] = None,
-                 amp: Optional[str] = None):
+                 amp: Optional[str] = None, backend: Optional[str] = None):
         if batch_size < 1:
             raise ConfigError(f"batch_size is {batch_size}; it must be >= 1")
         self.device = _resolve_device(device)
-        if amp is not None:  # a bad value is refused before the checkpoint is read
-            from attnreid.engine.inference import inference_precision
+        # bad values are refused before the checkpoint is read
+        from attnreid.engine.inference import check_backend, inference_precision
 
+        if amp is not None:
             amp = inference_precision(amp, self.device, key="amp")
+        if backend is not None:
+            check_backend(backend, self.device, key="backend")
         source = config_or_checkpoint
         if isinstance(source, Config):
             cfg: Optional[Config] = source
@@ -110,24 +125,31 @@ class FeatureExtractor:
             from attnreid.models import build_model
 
             model = build_model(cfg.model, 2)  # random weights: the class count only sizes unused classifiers
-        self._setup(model, cfg, batch_size, flip, None if checkpoint is None else str(Path(checkpoint).resolve()), amp)
+        self._setup(model, cfg, batch_size, flip, None if checkpoint is None else str(Path(checkpoint).resolve()), amp,
+                    backend)
 
     @classmethod
     def from_model(cls, model: nn.Module, cfg: Config, device: str | torch.device = "cpu",
-                   batch_size: int = 64, flip: bool = False, amp: Optional[str] = None) -> "FeatureExtractor":
+                   batch_size: int = 64, flip: bool = False, amp: Optional[str] = None,
+                   backend: Optional[str] = None) -> "FeatureExtractor":
         """Wrap a model already in memory (e.g. at the end of training)."""
         self = cls.__new__(cls)
         self.device = _resolve_device(device)
-        self._setup(model, cfg, batch_size, flip, None, amp)
+        self._setup(model, cfg, batch_size, flip, None, amp, backend)
         return self
 
     def _setup(self, model: nn.Module, cfg: Config, batch_size: int, flip: bool, checkpoint: Optional[str],
-               amp: Optional[str | Precision]) -> None:
+               amp: Optional[str | Precision], backend: Optional[str] = None) -> None:
         from attnreid.data.transforms import build_transforms
-        from attnreid.engine.inference import inference_precision
+        from attnreid.engine.inference import Inference, check_backend, inference_precision
 
         self.precision = inference_precision(cfg.eval.amp if amp is None else amp, self.device,
                                              key="eval.amp" if amp is None else "amp")
+        self._backend_key = "eval.backend" if backend is None else "backend"
+        requested = check_backend(cfg.eval.backend if backend is None else backend, self.device, self._backend_key)
+        self.inference: Optional[Inference] = None  # decided on the first batch
+        self._requested_backend = requested
+        self._job_images: Optional[int] = None
 
         self.model = model.to(self.device).eval()
         self.cfg = cfg
@@ -162,9 +184,7 @@ class FeatureExtractor:
 
     def _expand(self, item: Any) -> Iterator[Any]:
         """One input item -> one or more single images (batched arrays/tensors are split)."""
-        if isinstance(item, np.ndarray) and item.ndim == 4:
-            yield from item
-        elif isinstance(item, torch.Tensor) and item.ndim == 4:
+        if _is_batch(item):
             yield from item
         else:
             yield item
@@ -193,17 +213,31 @@ class FeatureExtractor:
 
     # -- inference -----------------------------------------------------------------------
 
+    @property
+    def backend(self) -> str:
+        return self._requested_backend if self.inference is None else self.inference.backend
+
+    def expect(self, num_images: int) -> None:
+        """The number of images this extractor is about to compute (e.g. a gallery folder),
+        for ``auto``'s onnxruntime threshold; only before the first batch."""
+        if self.inference is None:
+            self._job_images = int(num_images)
+
     def forward_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Features of a preprocessed B x 3 x H x W batch (flip-averaged when asked), float32 on the CPU."""
-        from attnreid.engine.inference import announce, needs_check, settle_for
+        from attnreid.engine.inference import announce, resolve_inference, run_features, settle_inference
 
         x = images.to(self.device)
-        if needs_check(self.precision):  # auto: bf16 only if it matches float32 on this model's first batch
-            self.precision = settle_for(self.model, self.precision, lambda: self._features(x))
-        announce(self.precision)
-        with torch.inference_mode(), self.precision.autocast():
-            f = self._features(x)
-        return f.cpu()
+        if self.inference is None or not self.inference.settled:
+            # the backend (auto: onnxruntime if it pays and matches) and precision (auto: bf16 only
+            # if it matches float32) are settled on this model's first batch
+            choice = self.inference or resolve_inference(
+                self.precision, self._requested_backend, self.device,
+                self._job_images if self._job_images is not None else len(x), backend_key=self._backend_key)
+            self.inference = settle_inference(self.model, choice, x, self._features, self.flip)
+            self.precision = self.inference.precision
+        announce(self.inference)
+        return run_features(self.model, self.inference, x, self._features, self.flip).cpu()
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         f = self.model(x).float()
@@ -225,6 +259,7 @@ class FeatureExtractor:
     def __call__(self, images: Any) -> torch.Tensor:
         """Features N x ``feature_dim`` (float32, CPU) of one image or a sequence of images, in order."""
         items: Sequence[Any] = images if isinstance(images, (list, tuple)) else [images]
+        self.expect(sum(len(i) if _is_batch(i) else 1 for i in items))
         feats = [self.forward_batch(batch) for batch in self._batches(items)]
         if not feats:
             return torch.zeros(0, self.feature_dim)
@@ -235,4 +270,4 @@ class FeatureExtractor:
     def __repr__(self) -> str:
         return (f"FeatureExtractor(model={self.model_name!r}, feature_dim={self.feature_dim}, "
                 f"input={self.input_size[0]}x{self.input_size[1]}, device={str(self.device)!r}, flip={self.flip}, "
-                f"precision={self.precision.name!r})")
+                f"precision={self.precision.name!r}, backend={self.backend!r})")

@@ -300,6 +300,7 @@ def model_meta(extractor) -> Dict[str, Any]:
         "input_size": list(extractor.input_size),
         "checkpoint": extractor.checkpoint,
         "precision": extractor.precision.describe(),  # informative only: bf16 and fp32 features are comparable
+        "backend": extractor.backend,  # likewise: onnxruntime's features match PyTorch's float32
     }
 
 
@@ -436,6 +437,7 @@ def build_index(extractor, images_dir: str | Path, out: str | Path, camera_regex
         added += len(buf_p)
         buf_f, buf_p = [], []
 
+    extractor.expect(len(todo))  # auto's onnxruntime threshold counts the images still to index
     bar = ProgressReporter(f"indexing {Path(images_dir).name}", total=len(todo), enabled=progress)
     finished = False
     try:
@@ -460,7 +462,8 @@ def build_index(extractor, images_dir: str | Path, out: str | Path, camera_regex
         bar.close(ok=finished)
         _write_json(out / "skipped.json", skipped)
         meta["num_vectors"] = len(done) + added
-        meta["precision"] = extractor.precision.describe()  # as settled by this (latest) build
+        if extractor.inference is not None:  # as settled by this (latest) build
+            meta.update(extractor.inference.record())
         _write_json(out / "meta.json", meta)
     return {"index": str(out), "images": len(images), "added": added, "already_indexed": len(images) - len(todo),
             "skipped": skipped, "num_vectors": meta["num_vectors"], "seconds": round(time.perf_counter() - t0, 3)}

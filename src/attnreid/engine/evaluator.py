@@ -61,14 +61,15 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
     rerank = ev.rerank if rerank is None else rerank
     channels_last = bool(cfg.train.channels_last)
     t0 = time.perf_counter()
-    # The query set settles auto's precision (checked against float32); the gallery reuses it.
+    # The query set settles auto's backend and precision (checked against float32); the gallery reuses them.
     sides = {}
     amp = ev.amp
+    job = len(dataset.query) + len(dataset.gallery) + (len(dataset.extras["gt_bbox"]) if multi_query else 0)
     for side in ("query", "gallery"):
         items = getattr(dataset, side)
         f, pids, camids, index, amp = extract_with_precision(
             model, items, cfg.data, device=device, flip=ev.flip, channels_last=channels_last, amp=amp,
-            progress=f"{dataset.name} {side} features" if progress else None)
+            progress=f"{dataset.name} {side} features" if progress else None, backend=ev.backend, num_images=job)
         if len(f) == 0:
             raise DataError(f"dataset '{dataset.name}': no {side} image could be read; nothing to evaluate")
         sides[side] = (f, pids, camids, [items[i] for i in index.tolist()], len(items) - len(index))
@@ -101,7 +102,7 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
         "num_unreadable_query": q_bad,
         "num_unreadable_gallery": g_bad,
         "extract_seconds": round(t_extract, 3),
-        "precision": amp.describe(),
+        **amp.record(),  # precision, backend, inference
     })
     stats = attention_diagnostics(model, q_items, cfg.data, getattr(cfg.loss, "acm_gamma", None), device)
     if stats is not None:

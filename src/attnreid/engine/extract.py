@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnreid.engine.inference import announce, inference_precision, needs_check, settle_for
+from attnreid.engine.inference import Inference, announce, resolve_inference, run_features, settle_inference
 from attnreid.errors import DataError
 from attnreid.precision import Precision
 
@@ -20,15 +20,19 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 def extract_features(model: nn.Module, items: Sequence[Tuple[str, int, int]], data_cfg: Any,
                      batch_size: Optional[int] = None, device: str | torch.device = "cpu",
                      flip: bool = False, channels_last: bool = False,
-                     amp: str | Precision = "auto", progress: Optional[str] = None,
-                     return_index: bool = False):
+                     amp: str | Precision | Inference = "auto", progress: Optional[str] = None,
+                     return_index: bool = False, backend: str = "auto", num_images: Optional[int] = None):
     """Run the model in eval mode over ``items`` (``(path, pid, camid)``).
 
     Returns ``(features N x D float32 on the CPU, pids, camids)`` in the order of
     ``items``. ``flip`` averages the features of each image and its mirror image (an
     evaluation option neither paper uses; off by default). ``amp`` is the precision
     (``eval.amp``: auto | off | bf16 | fp16, or a resolved
-    :class:`~attnreid.precision.Precision`); see :mod:`attnreid.engine.inference`.
+    :class:`~attnreid.precision.Precision`) and ``backend`` the backend (``eval.backend``:
+    auto | torch | onnxruntime); an :class:`~attnreid.engine.inference.Inference` returned
+    by :func:`extract_with_precision` as ``amp`` reuses that decision (both sides of an
+    evaluation computed alike). ``num_images`` is the size of the whole job for ``auto``'s
+    onnxruntime threshold (default ``len(items)``); see :mod:`attnreid.engine.inference`.
     ``progress``: a label for a progress display on stderr
     (:class:`attnreid.progress.ProgressReporter`); None shows none. With
     ``data.skip_bad_images`` unreadable images are left out, so N may be smaller than
@@ -36,17 +40,20 @@ def extract_features(model: nn.Module, items: Sequence[Tuple[str, int, int]], da
     of each row.
     """
     feats, pids, camids, index, _ = extract_with_precision(model, items, data_cfg, batch_size, device, flip,
-                                                           channels_last, amp, progress)
+                                                           channels_last, amp, progress, backend, num_images)
     return (feats, pids, camids, index) if return_index else (feats, pids, camids)
 
 
 def extract_with_precision(model: nn.Module, items: Sequence[Tuple[str, int, int]], data_cfg: Any,
                            batch_size: Optional[int] = None, device: str | torch.device = "cpu",
-                           flip: bool = False, channels_last: bool = False, amp: str | Precision = "auto",
-                           progress: Optional[str] = None):
-    """:func:`extract_features` with the row index, plus the precision it settled on.
+                           flip: bool = False, channels_last: bool = False,
+                           amp: str | Precision | Inference = "auto", progress: Optional[str] = None,
+                           backend: str = "auto", num_images: Optional[int] = None):
+    """:func:`extract_features` with the row index, plus how the features were computed.
 
-    Returns ``(features, pids, camids, index, precision)``; ``auto`` is checked on the first batch.
+    Returns ``(features, pids, camids, index, inference)``, the last an
+    :class:`~attnreid.engine.inference.Inference` (backend and precision; ``auto`` is
+    settled on the first batch), which a later call takes as ``amp`` to compute alike.
     """
     from attnreid.data.loader import build_test_loader
     from attnreid.progress import ProgressReporter
@@ -54,7 +61,7 @@ def extract_with_precision(model: nn.Module, items: Sequence[Tuple[str, int, int
     if batch_size is not None:
         data_cfg = dataclasses.replace(data_cfg, test_batch_size=batch_size)
     device = torch.device(device)
-    precision = inference_precision(amp, device)
+    choice = resolve_inference(amp, backend, device, len(items) if num_images is None else num_images)
     loader = build_test_loader(data_cfg, list(items))
     was_training = model.training
     model.eval()
@@ -72,8 +79,8 @@ def extract_with_precision(model: nn.Module, items: Sequence[Tuple[str, int, int
             f = (f + model(torch.flip(images, dims=[3])).float()) / 2
         return f
 
-    if not needs_check(precision):
-        announce(precision)
+    if choice.settled:
+        announce(choice)
     try:
         with torch.inference_mode():
             for batch in loader:
@@ -81,12 +88,10 @@ def extract_with_precision(model: nn.Module, items: Sequence[Tuple[str, int, int
                 images = images.to(device, non_blocking=True)
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                if needs_check(precision):
-                    precision = settle_for(model, precision, lambda: features(images))
-                    announce(precision)
-                with precision.autocast():
-                    f = features(images)
-                feats.append(f.cpu())
+                if not choice.settled:
+                    choice = settle_inference(model, choice, images, features, flip)
+                    announce(choice)
+                feats.append(run_features(model, choice, images, features, flip).cpu())
                 pids.append(np.asarray(pid).reshape(-1))
                 camids.append(np.asarray(camid).reshape(-1))
                 index.append(np.asarray(batch[3]).reshape(-1))
@@ -98,9 +103,9 @@ def extract_with_precision(model: nn.Module, items: Sequence[Tuple[str, int, int
         model.train(was_training)
     empty = np.zeros(0, np.int64)
     if not feats:
-        return torch.zeros(0, getattr(model, "feature_dim", 0)), empty, empty, empty, precision
+        return torch.zeros(0, getattr(model, "feature_dim", 0)), empty, empty, empty, choice
     return (torch.cat(feats), np.concatenate(pids).astype(np.int64), np.concatenate(camids).astype(np.int64),
-            np.concatenate(index).astype(np.int64), precision)
+            np.concatenate(index).astype(np.int64), choice)
 
 
 def folder_items(folder: str | Path) -> List[Tuple[str, int, int]]:

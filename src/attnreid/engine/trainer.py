@@ -103,6 +103,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper (train.compile)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
@@ -412,12 +413,15 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
 
-    # The one place the stepped network is built: DDP here, and a compiled model or step
-    # (train.compile) would wrap `net` here too; evaluation and checkpoints use `model`.
+    # The one place the stepped network is built: DDP, then torch.compile (train.compile);
+    # evaluation and checkpoints use `model`.
     net: nn.Module = model
     if dist.enabled:
         # find_unused_parameters costs a graph traversal a step: only when a classifier's CE weight is 0.
         net = wrap_ddp(model, device, find_unused=bool(unused_classifiers(model, criterion.classifier_heads())))
+    from attnreid.engine.compiled import compile_for_training
+
+    net = compile_for_training(net, tc.compile, device, quiet=quiet or not dist.is_main)
 
     logger = RunLogger(run_dir, enabled=dist.is_main)
     steps_per_epoch = len(loader) if hasattr(loader, "__len__") else 0

@@ -1,0 +1,48 @@
+"""``train.compile``: whether the training steps run a ``torch.compile``d model (inductor).
+
+``on`` compiles, ``off`` keeps eager PyTorch, ``auto`` (the default) compiles on CUDA
+devices only. On the CPU compilation is not shown to pay: in ``benchmarks/bench_infer.py``
+inductor took 87 s to compile MHSA-Net (ResNet-50) for one batch size and then ran at 0.92x
+of eager, and most compile rows did not finish within 240 s on the loaded 2-core machine;
+``benchmarks/bench_train.py --compile`` measures the training step (compile seconds
+reported separately), and ``auto`` changes only on such a measurement.
+
+Only the stepped network is compiled: evaluation and checkpoints use the plain model
+(the trainer unwraps ``_orig_mod``), so a checkpoint's state_dict has the same names with
+and without compilation and loads into either.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Tuple
+
+import torch
+from torch import nn
+
+COMPILE_CHOICES = ("auto", "off", "on")
+
+
+def resolve_compile(mode: str, device: torch.device | str) -> Tuple[bool, str]:
+    """``(compile?, why)`` for ``train.compile`` = ``mode`` on ``device``."""
+    from attnreid.errors import ConfigError
+
+    if mode not in COMPILE_CHOICES:
+        raise ConfigError(f"config key 'train.compile' is {mode!r}; expected one of: {', '.join(COMPILE_CHOICES)}")
+    device = torch.device(device)
+    if mode != "auto":
+        return mode == "on", f"train.compile={mode}"
+    if device.type == "cuda":
+        return True, "train.compile=auto on CUDA"
+    return False, f"train.compile=auto: eager on {device.type} (compilation not shown to pay there)"
+
+
+def compile_for_training(net: nn.Module, mode: str, device: torch.device | str, quiet: bool = False) -> nn.Module:
+    """``net`` wrapped by ``torch.compile`` (inductor) when ``train.compile`` says so, else ``net``."""
+    on, why = resolve_compile(mode, device)
+    if not on:
+        return net
+    if not quiet:
+        print(f"compile: torch.compile (inductor) for the training steps ({why}); the first steps include "
+              f"the compilation", file=sys.stderr, flush=True)
+    return torch.compile(net)
