@@ -24,6 +24,7 @@ PINNED_ELSEWHERE = {
     "cpu/market1501_mhsanet_orth.yaml": "tests/test_cpu_recipes.py",
     "cpu/market1501_mhsanet_diverse.yaml": "tests/test_cpu_recipes.py",
     "cpu/market1501_mhsanet_heads.yaml": "tests/test_cpu_recipes.py",
+    "cpu/market1501_bot.yaml": "tests/test_cpu_recipes.py",
 }
 
 # --- MHSA-Net (SPEC.md 1, MHSA-Net Sec. VII) ---------------------------------------------------
