@@ -46,7 +46,8 @@ from attnreid.engine.trainer import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "market_accuracy.json"
-CONFIGS = {m: ROOT / "configs" / "cpu" / f"market1501_{m}.yaml" for m in ("baseline", "mhsanet", "hacnn", "mhsanet_orth", "mhsanet_diverse", "mhsanet_heads", "bot")}
+CONFIGS = {m: ROOT / "configs" / "cpu" / f"market1501_{m}.yaml" for m in ("baseline", "mhsanet", "hacnn", "mhsanet_orth", "mhsanet_diverse", "mhsanet_heads",
+                                                                                    "mhsanet_rows", "mhsanet_rows_cap", "mhsanet_rows_centre", "bot")}
 METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 
 
@@ -61,22 +62,30 @@ def pick(metrics: dict) -> dict:
 def head_diversity(model, dataset, cfg, device, limit: int = 1024) -> dict:
     """Mean head overlap and beta entropy of MHSA-Net over the first ``limit`` queries (eval mode)."""
     from attnreid.data.loader import build_test_loader
-    from attnreid.evaluation.attention_stats import beta_entropy, head_overlap
+    from attnreid.evaluation.attention_stats import (beta_entropy, centre_columns, centre_mass, head_heights, head_overlap,
+                                                     map_consistency)
 
     loader = build_test_loader(cfg.data, dataset.query[:limit])
-    overlaps, entropies, betas, n = [], [], [], 0
+    overlaps, entropies, betas, centre, heights, maps, n = [], [], [], [], [], [], 0
     model.eval()
     with torch.inference_mode():
         for batch in loader:
             out = model.forward_attention(batch[0].to(device))
-            alpha = out["attention"].flatten(2).float()
+            grid = out["attention"].float()
+            alpha = grid.flatten(2)
             overlaps.append(float(head_overlap(alpha)) * len(alpha))
+            centre.append(centre_mass(grid) * len(alpha))
+            heights.append(torch.tensor(head_heights(grid)) * len(alpha))
+            maps.append(alpha)
             if "beta" in out:
                 entropies.append(float(beta_entropy(out["beta"].float())) * len(alpha))
                 betas.append(out["beta"].float().sum(0))
             n += len(alpha)
     k = alpha.shape[1]
-    res = {"images": n, "num_heads": int(k), "head_overlap": round(sum(overlaps) / n, 4)}
+    res = {"images": n, "num_heads": int(k), "head_overlap": round(sum(overlaps) / n, 4),
+           "head_heights": [round(float(x), 3) for x in torch.stack(heights).sum(0) / n],
+           "centre_mass": round(sum(centre) / n, 4), "centre_mass_uniform": centre_columns(grid.shape[-1]),
+           "map_consistency": round(map_consistency(torch.cat(maps)), 4)}
     if entropies:
         res["beta_entropy"] = round(sum(entropies) / n, 4)
         res["beta_entropy_max"] = round(float(np.log(k)), 4)
@@ -142,10 +151,14 @@ def main() -> None:
     ap.add_argument("--robustness-only", action="store_true",
                     help="no training: the occlusion curves of the baseline and mhsanet runs already in --out")
     ap.add_argument("--smoke", action="store_true", help="2 epochs on 40 ids, small test set: checks the script")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="train.seed for every model; the runs and their entries are then named MODEL_seedN")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--paired", default="mhsanet:baseline,mhsanet:hacnn,mhsanet_diverse:mhsanet,hacnn:baseline",
                     help="A:B pairs of runs in --out compared on rank-1 (paired bootstrap, sign test)")
     ap.add_argument("--paired-only", action="store_true", help="no training: only the paired comparisons")
+    ap.add_argument("--diversity-only", action="store_true",
+                    help="no training: recompute the head diversity of the --models runs already in --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -166,6 +179,15 @@ def main() -> None:
         tmp.replace(args.results)
 
     full = None
+    if args.diversity_only:
+        full = build_dataset_from_config(load_config(CONFIGS["mhsanet"], [f"data.root={args.root}"]).data)
+        for key in models:
+            model, run_cfg = load_model(args.out / key / "checkpoints" / "last.pth", None, device="cpu")
+            on_disk = json.loads(args.results.read_text())["models"][key]
+            result["models"][key] = {**on_disk, "diversity": head_diversity(model, full, run_cfg, torch.device("cpu"))}
+            print(key, result["models"][key]["diversity"], flush=True)
+        save()
+        return
     if args.paired_only:
         models = []
     if args.robustness_only:
@@ -175,6 +197,8 @@ def main() -> None:
         overrides = [f"data.root={args.root}", f"train.threads={args.threads}", "train.device=cpu"]
         if args.epochs:
             overrides.append(f"train.epochs={args.epochs}")
+        if args.seed is not None:
+            overrides.append(f"train.seed={args.seed}")
         if args.smoke:
             overrides += ["train.epochs=2", "data.max_ids=40", "data.val_ids=8", "train.eval_every=1"]
         cfg = load_config(CONFIGS[name], overrides)
@@ -185,7 +209,8 @@ def main() -> None:
                 full.query = [it for it in full.query if it[1] in keep][:60]
                 full.gallery = ([it for it in full.gallery if it[1] in keep]
                                 + [it for it in full.gallery if it[1] not in keep][:300])
-        run = args.out / name
+        key = name if args.seed is None else f"{name}_seed{args.seed}"
+        run = args.out / key
         print(f"== {name}: {CONFIGS[name].relative_to(ROOT)}  -> {run}", flush=True)
         t0 = time.perf_counter()
         summary = train(cfg, run, overwrite=True, eval_dataset=full)
@@ -207,14 +232,16 @@ def main() -> None:
             star_cfg = copy.deepcopy(run_cfg)
             star_cfg.model.test_feature = "star"
             star, _ = load_model(last, star_cfg, device=str(device))
-            result["models"][f"{name}_star"] = {
+            result["models"][f"{key}_star"] = {
                 "from": "the mhsanet run's last.pth, test feature p*",
                 "test": pick(evaluate_model(star, full, star_cfg, device=device, rerank=False)),
                 "test_rerank": pick(evaluate_model(star, full, star_cfg, device=device, rerank=True))}
             entry["diversity"] = head_diversity(model, full, run_cfg, device)
         entry["eval_seconds"] = round(time.perf_counter() - t1, 1)
-        result["models"][name] = entry
-        print(json.dumps({name: entry}, indent=1), flush=True)
+        entry["seed"] = run_cfg.train.seed
+        entry["commit"] = git_commit()
+        result["models"][key] = entry
+        print(json.dumps({key: entry}, indent=1), flush=True)
         save()
     pairs = [p.split(":") for p in args.paired.split(",") if p]
     done = [(a, b) for a, b in pairs if (args.out / a / "eval_ranks.npz").is_file() and (args.out / b / "eval_ranks.npz").is_file()]

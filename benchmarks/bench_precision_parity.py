@@ -1,6 +1,6 @@
 """bf16 vs float32 training and inference parity on a Market-1501 subset, on this CPU.
 
-Trains the ResNet-18 Baseline at 128x64 from random initialisation on the first
+Trains the ResNet-18 Baseline (or ``--model mhsanet``, K = 8) at 128x64 from random initialisation on the first
 ``--train-ids`` Market-1501 training identities, the same number of steps in each run,
 with ``train.amp=off`` and ``train.amp=bf16`` and two seeds each (the seed-to-seed spread
 is the run-to-run noise the precision difference is measured against). Every run is
@@ -10,6 +10,11 @@ Then the test features of one trained model (seed 0, float32 training) are extra
 float32 and in bf16 autocast: per-image cosine (mean, min) and rank-1 / mAP from each.
 
     python benchmarks/bench_precision_parity.py [--steps 40] [--train-ids 150] [--test-ids 30] [--seeds 0,1]
+    python benchmarks/bench_precision_parity.py --trained mhsanet=RUN/checkpoints/last.pth ...
+
+``--trained`` does no training: it extracts the full Market-1501 query and gallery with
+each given trained checkpoint in float32 and in bf16 autocast and compares them (mean
+and minimum cosine, rank-1 and mAP from each), the issue's check of a trained model.
 
 Writes benchmarks/results/precision_parity.json (the machine and the load average at the
 start and end of every run are recorded).
@@ -48,7 +53,7 @@ def config(args, amp: str, seed: int):
     return load_config(None, [
         "data.dataset=market1501", f"data.root={args.root}", f"data.height={args.height}", f"data.width={args.width}",
         f"data.batch_size={args.batch}", "data.num_instances=4", f"data.workers={args.workers}",
-        "data.test_batch_size=64", "model.name=baseline", "model.backbone.name=resnet18",
+        "data.test_batch_size=64", f"model.name={args.model}", "model.backbone.name=resnet18",
         "model.backbone.pretrained=false", "optim.lr=1e-3", "optim.warmup_epochs=1", "optim.warmup_start_lr=1e-4",
         "optim.milestones=[1000]", f"train.epochs={args.steps // steps_per_epoch}",
         f"train.max_steps_per_epoch={steps_per_epoch}", "train.eval_every=0", "train.device=cpu",
@@ -69,6 +74,8 @@ def main() -> None:
     ap.add_argument("--train-ids", type=int, default=150)
     ap.add_argument("--test-ids", type=int, default=30)
     ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--model", default="baseline", choices=("baseline", "mhsanet"),
+                    help="ResNet-18 Baseline, or MHSA-Net (K = 8) with its default losses")
     ap.add_argument("--amps", default="off,bf16")
     ap.add_argument("--height", type=int, default=128)
     ap.add_argument("--width", type=int, default=64)
@@ -80,7 +87,13 @@ def main() -> None:
     ap.add_argument("--no-agreement", action="store_true", help="skip the bf16-vs-fp32 feature check")
     ap.add_argument("--merge", type=Path, nargs="+", default=None,
                     help="combine result files of runs made in separate processes into --out")
+    ap.add_argument("--trained", nargs="+", default=None, metavar="NAME=CKPT",
+                    help="no training: the float32-vs-bf16 feature check of these trained checkpoints on the full "
+                         "Market-1501 query and gallery, added to --out under trained_agreement")
     args = ap.parse_args()
+    if args.trained:
+        trained_agreement(args)
+        return
     if args.merge:
         merge(args.merge, args.out, args.amps.split(","))
         return
@@ -95,7 +108,8 @@ def main() -> None:
     print(f"Market-1501 subset: {len(ds.train)} train images / {ds.num_train_pids} ids; "
           f"{len(ds.query)} queries, {len(ds.gallery)} gallery", flush=True)
     out = {
-        "benchmark": "bf16 vs fp32 training parity, Baseline ResNet-18 128x64, Market-1501 subset",
+        "benchmark": f"bf16 vs fp32 training parity, {args.model} ResNet-18 {args.height}x{args.width}, Market-1501 subset",
+        "model": args.model,
         "machine": machine,
         "dataset": {"train_ids": ds.num_train_pids, "train_images": len(ds.train), "test_ids": args.test_ids,
                     "num_query": len(ds.query), "num_gallery": len(ds.gallery)},
@@ -131,6 +145,22 @@ def main() -> None:
     print(json.dumps(out, indent=2))
 
 
+def trained_agreement(args) -> None:
+    """bf16 against float32 test features of trained models on the full Market-1501 test split."""
+    torch.set_num_threads(args.threads)
+    full = build_dataset_from_config(config(args, "off", 0).data)
+    out = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    rows = out.setdefault("trained_agreement", {})
+    for item in args.trained:
+        name, _, ckpt = item.partition("=")
+        res = agreement(Path(ckpt), full, Path(ckpt).parents[2])
+        res.update({"checkpoint": f"{name}: the {name} run of benchmarks/bench_market_accuracy.py (last.pth)",
+                    "num_query": len(full.query), "num_gallery": len(full.gallery), "machine": machine_record()})
+        rows[name] = res
+        print(json.dumps({name: res}), flush=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
 def agreement(ckpt: Path, ds, work: Path) -> dict:
     model, cfg = load_model(ckpt, device="cpu")
     start = load()
@@ -144,7 +174,7 @@ def agreement(ckpt: Path, ds, work: Path) -> dict:
     cos = torch.nn.functional.cosine_similarity(torch.cat(feats["off"][:2]), torch.cat(feats["bf16"][:2]), dim=1)
     m32, m16 = (metrics(*feats[a][:2], *ids, ds.protocol) for a in ("off", "bf16"))
     res = {
-        "model": str(ckpt.relative_to(work)), "images": int(cos.numel()),
+        "model": str(ckpt.relative_to(work)), "images": int(cos.numel()), "threads": torch.get_num_threads(),
         "mean_cosine": round(float(cos.mean()), 6), "min_cosine": round(float(cos.min()), 6),
         "fp32_features": m32, "bf16_features": m16,
         "rank1_diff_points": round(100 * (m16["rank1"] - m32["rank1"]), 2),

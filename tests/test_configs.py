@@ -24,6 +24,9 @@ PINNED_ELSEWHERE = {
     "cpu/market1501_mhsanet_orth.yaml": "tests/test_cpu_recipes.py",
     "cpu/market1501_mhsanet_diverse.yaml": "tests/test_cpu_recipes.py",
     "cpu/market1501_mhsanet_heads.yaml": "tests/test_cpu_recipes.py",
+    "cpu/market1501_mhsanet_rows.yaml": "tests/test_cpu_recipes.py",
+    "cpu/market1501_mhsanet_rows_cap.yaml": "tests/test_cpu_recipes.py",
+    "cpu/market1501_mhsanet_rows_centre.yaml": "tests/test_cpu_recipes.py",
     "cpu/market1501_bot.yaml": "tests/test_cpu_recipes.py",
 }
 

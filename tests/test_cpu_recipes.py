@@ -10,7 +10,8 @@ CPU = Path(__file__).resolve().parents[1] / "configs" / "cpu"
 
 
 def test_cpu_recipes_share_the_step_budget_and_validation_split():
-    cfgs = {m: load_config(CPU / f"market1501_{m}.yaml") for m in ("baseline", "mhsanet", "hacnn", "mhsanet_orth", "mhsanet_diverse", "mhsanet_heads", "bot")}
+    cfgs = {m: load_config(CPU / f"market1501_{m}.yaml") for m in ("baseline", "mhsanet", "hacnn", "mhsanet_orth", "mhsanet_diverse", "mhsanet_heads",
+                                                                         "mhsanet_rows", "mhsanet_rows_cap", "mhsanet_rows_centre", "bot")}
     budget = {(c.data.batch_size, c.data.num_instances, c.data.epoch_mode, c.train.epochs, c.data.val_ids)
               for c in cfgs.values()}
     assert budget == {(32, 4, "identities", 24, 50)}
@@ -25,6 +26,11 @@ def test_cpu_recipes_share_the_step_budget_and_validation_split():
     assert cfgs["mhsanet_orth"].loss.lambda_attention_orth == 1.0 and cfgs["mhsanet"].loss.lambda_attention_orth == 0.0
     assert cfgs["mhsanet_diverse"].model.mhsanet.attention_logit_cap == 2.0 and cfgs["mhsanet"].model.mhsanet.attention_logit_cap == 0.0
     assert cfgs["mhsanet_heads"].model.mhsanet.attention_norm == "heads"
+    assert cfgs["mhsanet"].model.mhsanet.head_prior == "none"
+    assert (cfgs["mhsanet_rows"].model.mhsanet.head_prior, cfgs["mhsanet_rows"].model.mhsanet.attention_logit_cap) == ("rows", 0.0)
+    assert (cfgs["mhsanet_rows_cap"].model.mhsanet.head_prior, cfgs["mhsanet_rows_cap"].model.mhsanet.attention_logit_cap) == ("rows", 2.0)
+    assert cfgs["mhsanet_rows_cap"].model.mhsanet.head_prior_columns == 0.0
+    assert (cfgs["mhsanet_rows_centre"].model.mhsanet.head_prior_columns, cfgs["mhsanet_rows_centre"].model.mhsanet.attention_logit_cap) == (0.2, 2.0)
 
 
 def test_cpu_bot_recipe_is_bots_tricks_at_the_baselines_budget():

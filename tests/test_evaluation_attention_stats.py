@@ -56,7 +56,10 @@ def test_alpha_below_and_summary():
     # below 0.2: the 4 zeros of image 0, the 0.1 of each of image 1's 3 heads (0.2 is not below)
     assert stats["alpha_below_gamma"] == pytest.approx(7 / 24)
     assert stats["num_images"] == 2
-    assert set(attention_stats(ALPHA[:, :1])) == {"num_images"}  # K = 1: no pairs, no beta
+    one = attention_stats(ALPHA[:, :1])  # K = 1: no pairs, no beta
+    assert set(one) == {"num_images", "map_consistency"}
+    # mean map (.3, .35, .15, .2): min with (.5, .5, 0, 0) = .65, with (.1, .2, .3, .4) = .65
+    assert one["map_consistency"] == pytest.approx(0.65)
 
 
 def test_eval_json_holds_the_attention_stats_of_mhsanet(synthetic_root, tmp_path):
@@ -82,3 +85,30 @@ def test_eval_json_holds_the_attention_stats_of_mhsanet(synthetic_root, tmp_path
     assert attention_diagnostics(model, dataset.query, cfg.data, max_images=5)["num_images"] == 5
     baseline = build_model(load_config(overrides=["model.name=baseline", "model.backbone.name=mobilenetv3_small"]).model, 4)
     assert attention_diagnostics(baseline, dataset.query, cfg.data) is None
+
+
+def test_head_heights_and_centre_mass_by_hand():
+    """Grid 2 x 4. Head 0: all on the top row's middle columns; head 1: half on each bottom corner."""
+    from attnreid.evaluation.attention_stats import centre_columns, centre_mass, head_heights
+
+    a = torch.zeros(1, 2, 2, 4)
+    a[0, 0, 0, 1] = a[0, 0, 0, 2] = 0.5
+    a[0, 1, 1, 0] = a[0, 1, 1, 3] = 0.5
+    assert head_heights(a) == pytest.approx([0.25, 0.75])
+    # columns at 0.125, 0.375, 0.625, 0.875: the middle half counts the two inner ones
+    assert centre_mass(a) == pytest.approx((1.0 + 0.0) / 2)
+    assert centre_columns(4) == pytest.approx(0.5)
+    assert centre_mass(torch.full((3, 2, 2, 4), 1 / 8)) == pytest.approx(centre_columns(4))
+    assert centre_columns(3) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="grid"):
+        centre_mass(a.flatten(2))
+
+
+def test_map_consistency_by_hand():
+    """Two images, one head, three positions: maps (1, 0, 0) and (0, 1, 0); mean (.5, .5, 0) -> overlap .5 each."""
+    from attnreid.evaluation.attention_stats import map_consistency
+
+    a = torch.tensor([[[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]]])
+    assert map_consistency(a) == pytest.approx(0.5)
+    assert map_consistency(torch.cat([a[:1], a[:1]])) == pytest.approx(1.0)
+    assert map_consistency(a[:1]) is None

@@ -324,3 +324,85 @@ def test_attention_logit_cap_bounds_the_softmax():
     assert float(ratio.max()) <= math.exp(4.0) * (1 + 1e-5)
     expected = (2.0 * torch.tanh(logits / 2.0)).softmax(dim=2)
     torch.testing.assert_close(a_cap, expected)
+
+
+def test_row_prior_matches_a_hand_computation():
+    """model.mhsanet.head_prior=rows: head k's logits get -(y - mu_k)^2 / (2 sigma^2), mu_k = (k + .5) / K."""
+    from attnreid.models.mhsanet import MultiHeadSelfAttention
+
+    m = MultiHeadSelfAttention(4, 2, 3, 3, head_prior="rows", head_prior_width=1.0)
+    prior = m.row_prior(2, 3)  # grid 2 x 3: rows at heights 0.25 and 0.75; K = 2: mu = 0.25, 0.75; sigma = 0.5
+    top, bottom = 0.0, -(0.5 ** 2) / (2 * 0.25)  # -0.5
+    expected = torch.tensor([[top] * 3 + [bottom] * 3, [bottom] * 3 + [top] * 3])
+    torch.testing.assert_close(prior, expected)
+    q = torch.randn(2, 6, 4)
+    with torch.no_grad():
+        logits = m.w2(torch.relu(m.w1(q))).transpose(1, 2)
+        torch.testing.assert_close(m.attention(q, (2, 3)), (logits + expected).softmax(dim=2))
+    with pytest.raises(ValueError, match="grid"):
+        m.attention(q)
+
+
+def test_head_prior_separates_the_heads_and_keeps_the_checkpoint_layout():
+    """Identical heads (same w2 rows) give identical maps without a prior and different heights with one."""
+    from attnreid.evaluation.attention_stats import head_heights, head_overlap
+    from attnreid.models.mhsanet import MultiHeadSelfAttention
+
+    torch.manual_seed(0)
+    plain = MultiHeadSelfAttention(8, 4, 6, 5)
+    with torch.no_grad():
+        plain.w2.weight.copy_(plain.w2.weight[:1].expand(4, -1))  # exchangeable heads
+    rows = MultiHeadSelfAttention(8, 4, 6, 5, head_prior="rows")
+    assert set(rows.state_dict()) == set(plain.state_dict())  # the stripes are not saved
+    rows.load_state_dict(plain.state_dict())
+    fmap = torch.randn(3, 8, 8, 4)
+    _, a_plain = plain(fmap)
+    _, a_rows = rows(fmap)
+    assert head_overlap(a_plain) == pytest.approx(1.0, abs=1e-6)
+    assert head_overlap(a_rows) < 0.7
+    heights = head_heights(a_rows.reshape(3, 4, 8, 4))
+    assert heights == sorted(heights) and heights[-1] - heights[0] > 0.4
+
+
+def test_learned_head_prior_gets_gradients_and_starts_on_the_stripes():
+    from attnreid.models.mhsanet import MultiHeadSelfAttention
+
+    torch.manual_seed(0)
+    fixed = MultiHeadSelfAttention(8, 3, 6, 5, head_prior="rows", head_prior_width=0.5)
+    learned = MultiHeadSelfAttention(8, 3, 6, 5, head_prior="rows_learned", head_prior_width=0.5)
+    assert {"prior_shift", "prior_log_scale"} <= {n for n, _ in learned.named_parameters()}
+    learned.load_state_dict({**fixed.state_dict(), "prior_shift": torch.zeros(3), "prior_log_scale": torch.zeros(3)})
+    fmap = torch.randn(2, 8, 6, 2)
+    torch.testing.assert_close(learned(fmap)[1], fixed(fmap)[1])
+    learned(fmap)[0].square().sum().backward()
+    assert float(learned.prior_shift.grad.abs().sum()) > 0 and float(learned.prior_log_scale.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("prior", ["rows", "rows_learned"])
+def test_mhsanet_with_a_head_prior_trains_and_exports_its_maps(prior):
+    model, _ = _model(f"model.mhsanet.head_prior={prior}", "model.mhsanet.attention_logit_cap=2.0")
+    out = model(torch.randn(4, 3, 64, 32))
+    assert out["alpha"].shape[1] == model.num_heads
+    model.eval()
+    att = model.forward_attention(torch.randn(2, 3, 64, 32))["attention"]
+    assert att.shape[:2] == (2, model.num_heads) and torch.allclose(att.flatten(2).sum(2), torch.ones(2, model.num_heads))
+
+
+def test_head_prior_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="model.mhsanet.head_prior"):
+        _model("model.mhsanet.head_prior=columns")
+    with pytest.raises(ConfigError, match="model.mhsanet.head_prior_width"):
+        _model("model.mhsanet.head_prior_width=0")
+
+
+def test_column_term_of_the_head_prior_by_hand():
+    """head_prior_columns = s: every head's logits also get -(x - 0.5)^2 / (2 s^2), x = (col + .5) / w."""
+    from attnreid.models.mhsanet import MultiHeadSelfAttention
+
+    rows = MultiHeadSelfAttention(4, 2, 3, 3, head_prior="rows")
+    both = MultiHeadSelfAttention(4, 2, 3, 3, head_prior="rows", head_prior_columns=0.25)
+    x = torch.tensor([0.125, 0.375, 0.625, 0.875])
+    col = -((x - 0.5) ** 2) / (2 * 0.25 ** 2)  # -1.125, -0.125, -0.125, -1.125
+    torch.testing.assert_close(both.row_prior(3, 4), rows.row_prior(3, 4) + col.repeat(3)[None, :])
+    with pytest.raises(ConfigError, match="head_prior_columns"):
+        MultiHeadSelfAttention(4, 2, 3, 3, head_prior_columns=0.25)

@@ -95,6 +95,15 @@ class MHSANetConfig:
     # Not in the paper: c > 0 caps Eq. 1's logits as c tanh(l / c) so the softmax cannot
     # saturate (heads collapsed onto one position without it, docs/models.md); 0 = off.
     attention_logit_cap: float = 0.0
+    # Not in the paper: a per-head prior over the grid rows added to Eq. 1's logits, so the
+    # K heads start on K different heights of the body (symmetry breaking, docs/models.md).
+    # none (Eq. 1 as written) | rows (fixed) | rows_learned (centres and widths learned).
+    head_prior: str = "none"
+    head_prior_width: float = 1.0  # the prior's standard deviation, in stripes of 1 / K of the height
+    # > 0: the head prior also favours the middle columns, where a detector's crop puts the
+    # person: a Gaussian over the width centred on 0.5 with this standard deviation (share
+    # of the width), the same for every head; 0 = no column term.
+    head_prior_columns: float = 0.0
     fusion: str = "saffm"  # saffm | concat | sum (Table IX)
     rlm: bool = True  # Residual Learning Module (Eq. 9-10)
     # LayerNorm on z after summing the K rows of Z (authors' code); false = Eq. 9 as written,
@@ -251,6 +260,7 @@ CHOICES = {
     "model.name": ("baseline", "mhsanet", "hacnn"),
     "model.backbone.name": ("resnet18", "resnet34", "resnet50", "resnet50_ibn_a", "mobilenetv3_small"),
     "model.mhsanet.attention_norm": ("spatial", "heads"),
+    "model.mhsanet.head_prior": ("none", "rows", "rows_learned"),
     "model.mhsanet.fusion": ("saffm", "concat", "sum"),
     "model.hacnn.attention": ("none", "spatial", "channel", "soft", "hard", "all"),
     "model.hacnn.cross_attention": ("on", "off", "detach"),
@@ -282,6 +292,8 @@ REMOVED_KEYS = {
 LOWER_BOUNDS = {
     "model.mhsanet.num_heads": (1, True),
     "model.mhsanet.attention_logit_cap": (0.0, True),
+    "model.mhsanet.head_prior_width": (0.0, False),
+    "model.mhsanet.head_prior_columns": (0.0, True),
     "model.mhsanet.attention_dim": (1, True),
     "model.mhsanet.embed_dim": (1, True),
     "model.hacnn.num_regions": (1, True),

@@ -186,7 +186,9 @@ def attention_diagnostics(model: nn.Module, items, data_cfg: Any, gamma: Optiona
     Over at most ``max_images`` of ``items`` (evenly spaced), from ``forward_attention`` in
     eval mode: ``head_overlap``, ``beta_entropy`` (nats) and ``beta_entropy_max`` (ln K),
     ``beta_mean`` (per head), ``alpha_below_gamma`` (share of alpha under ACM's gamma),
-    ``num_images``. None for models without per-head attention maps (baseline, HA-CNN).
+    ``head_heights`` (each head's mean vertical centroid), ``centre_mass`` and
+    ``centre_mass_uniform`` (attention on the middle half of the width, and a uniform
+    map's), ``num_images``. None for models without per-head attention maps (baseline, HA-CNN).
     """
     from attnreid.data.loader import build_test_loader
     from attnreid.evaluation.attention_stats import attention_stats

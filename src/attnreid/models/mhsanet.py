@@ -20,6 +20,7 @@ The losses (Eq. 3, 5, 8, 10-13) live in :mod:`attnreid.losses`.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -32,6 +33,8 @@ from attnreid.models.baseline import GlobalFeatureBranch, make_classifier, neck
 
 # Hidden widths of SAFFM per head (Eq. 6: w4 512K -> 128K, w5 128K -> 64K).
 SAFFM_HIDDEN = (128, 64)
+# model.mhsanet.head_prior (MultiHeadSelfAttention)
+HEAD_PRIORS = ("none", "rows", "rows_learned")
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -54,30 +57,83 @@ class MultiHeadSelfAttention(nn.Module):
     head's softmax by more than e^(2c) and the softmax cannot saturate. Trained from
     scratch at 128x64 without it, every head's map became one-hot on one fixed grid
     position, where the softmax passes no gradient back (docs/models.md).
+
+    ``head_prior`` (``model.mhsanet.head_prior``; ``none`` = Eq. 1 as written) is not in
+    the paper either. It adds to head k's logits (after the cap) a Gaussian log-prior over
+    the grid rows, ``-(y - mu_k)^2 / (2 sigma_k^2)`` with y = (row + 0.5) / h the row's
+    height in (0, 1), ``mu_k = (k + 0.5) / K`` and ``sigma_k = width / K``
+    (``head_prior_width``, in stripes of 1/K of the height). Head k therefore starts on
+    the k-th horizontal stripe of the body, as PCB's stripes and HA-CNN's T regions do,
+    and the content term still chooses the column and can move it between rows. Without
+    it the heads are exchangeable: trained from scratch they fall into the same map in
+    the first epochs, and from there no symmetric loss can separate them
+    (docs/models.md). ``rows`` keeps mu and sigma fixed (no parameters); ``rows_learned``
+    learns offsets to them (``prior_shift`` to mu, ``prior_log_scale`` to log sigma: 2K
+    parameters, starting at 0). ``head_prior_columns`` = s > 0 adds, for every head, a
+    Gaussian over the columns centred on the middle of the image, ``-(x - 0.5)^2 / (2
+    s^2)`` with x = (col + 0.5) / w: detector crops centre the person, and without it the
+    heads settle on the image's left and right edges (docs/models.md).
     """
 
     def __init__(self, in_channels: int, num_heads: int, attention_dim: int = 512, embed_dim: int = 512,
-                 norm: str = "spatial", logit_cap: float = 0.0):
+                 norm: str = "spatial", logit_cap: float = 0.0, head_prior: str = "none",
+                 head_prior_width: float = 1.0, head_prior_columns: float = 0.0):
         super().__init__()
         if norm not in ("spatial", "heads"):
             raise ConfigError(f"config key 'model.mhsanet.attention_norm' is {norm!r}; expected spatial or heads")
+        if head_prior not in HEAD_PRIORS:
+            raise ConfigError(f"config key 'model.mhsanet.head_prior' is {head_prior!r}; expected one of: {', '.join(HEAD_PRIORS)}")
+        if not head_prior_width > 0:
+            raise ConfigError(f"config key 'model.mhsanet.head_prior_width' is {head_prior_width}; it must be > 0")
         self.norm = norm
         self.logit_cap = float(logit_cap)
+        if head_prior_columns < 0 or (head_prior_columns > 0 and head_prior == "none"):
+            raise ConfigError(f"config key 'model.mhsanet.head_prior_columns' is {head_prior_columns}; it must be >= 0, "
+                              "and > 0 only with a model.mhsanet.head_prior")
+        self.head_prior = head_prior
+        self.head_prior_columns = float(head_prior_columns)
+        # The stripes are buffers (not saved: none/rows checkpoints share one layout); the
+        # learned form adds offsets that start at 0, so weight decay pulls them back to the
+        # stripes instead of pulling every head to the top of the image.
+        self.register_buffer("prior_mu", (torch.arange(num_heads, dtype=torch.float32) + 0.5) / num_heads,
+                             persistent=False)
+        self.register_buffer("prior_log_sigma", torch.full((num_heads,), math.log(head_prior_width / num_heads)),
+                             persistent=False)
+        if head_prior == "rows_learned":
+            self.prior_shift = nn.Parameter(torch.zeros(num_heads))
+            self.prior_log_scale = nn.Parameter(torch.zeros(num_heads))
         self.w1 = nn.Linear(in_channels, attention_dim, bias=False)
         self.w2 = nn.Linear(attention_dim, num_heads, bias=False)
         self.w3 = nn.Linear(in_channels, embed_dim)
 
-    def attention(self, q: torch.Tensor) -> torch.Tensor:
-        """Eq. 1: Q (B x J x C) -> alpha (B x K x J)."""
+    def row_prior(self, height: int, width: int) -> torch.Tensor:
+        """The per-head log-prior over a ``height`` x ``width`` grid, K x J (rows major, as Q is flattened)."""
+        mu, log_sigma = self.prior_mu, self.prior_log_sigma
+        if self.head_prior == "rows_learned":
+            mu, log_sigma = mu + self.prior_shift.float(), log_sigma + self.prior_log_scale.float()
+        y = (torch.arange(height, dtype=torch.float32, device=mu.device) + 0.5) / height
+        rows = -((y[None, :] - mu[:, None]) ** 2) / (2 * log_sigma.exp()[:, None] ** 2)
+        prior = rows.repeat_interleave(width, dim=1)
+        if self.head_prior_columns > 0:
+            x = (torch.arange(width, dtype=torch.float32, device=mu.device) + 0.5) / width
+            prior = prior + (-((x - 0.5) ** 2) / (2 * self.head_prior_columns ** 2)).repeat(height)
+        return prior
+
+    def attention(self, q: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Eq. 1: Q (B x J x C) -> alpha (B x K x J); ``grid`` = (h, w) with h w = J, needed by a head prior."""
         logits = self.w2(F.relu(self.w1(q))).transpose(1, 2)
         if self.logit_cap > 0:
             logits = self.logit_cap * torch.tanh(logits / self.logit_cap)
+        if self.head_prior != "none":
+            if grid is None or grid[0] * grid[1] != q.shape[1]:
+                raise ValueError(f"a head prior needs the grid (h, w) of the {q.shape[1]} positions, got {grid}")
+            logits = logits + self.row_prior(*grid).to(logits.dtype)
         return logits.softmax(dim=2 if self.norm == "spatial" else 1)
 
     def forward(self, feature_map: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Q(x) as B x C x h x w -> (P: B x K x E, alpha: B x K x J)."""
         q = feature_map.flatten(2).transpose(1, 2)
-        alpha = self.attention(q)
+        alpha = self.attention(q, tuple(feature_map.shape[-2:]))
         pooled = torch.bmm(alpha, q)
         if self.norm == "heads":
             pooled = pooled / q.shape[1]
@@ -216,7 +272,8 @@ class MHSANet(nn.Module):
         self.backbone = build_backbone(model_cfg.backbone)
         self.global_branch = GlobalFeatureBranch(self.backbone.out_channels, e)
         self.mhsam = MultiHeadSelfAttention(self.backbone.out_channels, cfg.num_heads, cfg.attention_dim, e,
-                                            cfg.attention_norm, cfg.attention_logit_cap)
+                                            cfg.attention_norm, cfg.attention_logit_cap,
+                                            cfg.head_prior, cfg.head_prior_width, cfg.head_prior_columns)
         self.fusion = FUSIONS[cfg.fusion](cfg.num_heads, e)
         self.rlm = ResidualLearningModule(e, cfg.rlm_out_norm) if cfg.rlm else None
         heads = {"global": make_classifier(e, num_classes, self.bnneck),
