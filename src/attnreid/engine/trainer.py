@@ -451,6 +451,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
     mark_loop_started()
     try:
         status = trainer.train()
+        # the ranks leave together: one that tears its process group down while rank 0 still
+        # writes the last checkpoint aborted the job at the end of a good run
+        dist.barrier()
     except KeyboardInterrupt:
         path = checkpoints.save_last(gather_rng=False)
         saved = load_checkpoint(path) if path is not None else {"epoch": state.epochs_done, "step": state.step}
