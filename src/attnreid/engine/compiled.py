@@ -1,11 +1,11 @@
 """``train.compile``: whether the training steps run a ``torch.compile``d model (inductor).
 
 ``on`` compiles, ``off`` keeps eager PyTorch, ``auto`` (the default) compiles on CUDA
-devices only. On the CPU compilation is not shown to pay: in ``benchmarks/bench_infer.py``
-inductor took 87 s to compile MHSA-Net (ResNet-50) for one batch size and then ran at 0.92x
-of eager, and most compile rows did not finish within 240 s on the loaded 2-core machine;
-``benchmarks/bench_train.py --compile`` measures the training step (compile seconds
-reported separately), and ``auto`` changes only on such a measurement.
+devices only. On the CPU it does not pay for training: ``benchmarks/bench_train.py
+--compile`` (benchmarks/results/train_cpu.json, an idle 2-core AMD EPYC without AMX)
+compiled the training step in 17-46 s and then ran it at 0.85-1.0x of eager in bf16
+autocast (0.96-1.15x in float32), so eager bf16 stays the fastest training path there;
+``auto`` changes only on such a measurement.
 
 Only the stepped network is compiled: evaluation and checkpoints use the plain model
 (the trainer unwraps ``_orig_mod``), so a checkpoint's state_dict has the same names with

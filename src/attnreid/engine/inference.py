@@ -59,10 +59,10 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 # ``auto`` exports to onnxruntime only for jobs of at least this many images. The export
 # (plus its check and the session) is a fixed cost; it pays after setup_s / (1/eager - 1/ort)
 # images (``break_even_images`` in benchmarks/bench_infer.py's rows). From
-# benchmarks/results/infer_cpu.json (batch 64, a loaded machine) that is about 140 images
-# for MHSA-Net (ResNet-50, 2.8x faster in onnxruntime) and about 6,000 for HA-CNN (1.25x).
-# 1,000 keeps every Market-1501 or DukeMTMC evaluation (~19,000 images) on onnxruntime for
-# both models and costs a smaller HA-CNN job at most about one export.
+# benchmarks/results/infer_cpu.json (batch 64, an idle 2-core machine) that is about 90
+# images for MHSA-Net (ResNet-50, 3.45x faster in onnxruntime) and about 2,100 for HA-CNN
+# (2.0x). 1,000 keeps every Market-1501 or DukeMTMC evaluation (~19,000 images) on
+# onnxruntime for both models and costs a smaller HA-CNN job at most a few seconds.
 ONNXRUNTIME_MIN_IMAGES = 1000
 ONNX_INSTALL = "pip install 'attnreid[onnx]'"
 # What an onnxruntime feature is: the exported float32 graph, whatever eval.amp says.
