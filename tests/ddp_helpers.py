@@ -102,7 +102,8 @@ def freeze_batchnorm(model) -> None:
 def one_step(model, criterion, optimizer, images, pids, center_weight: float = 0.0) -> Dict[str, object]:
     """Forward, loss, backward, SGD step (and the center loss's own SGD step when the criterion
     has centres); the gradients and the weights (and centres) after the step."""
-    from attnreid.losses.center import center_optimizer, center_parameters, step_centers
+    from attnreid.engine.optim import center_optimizer, step_centers
+    from attnreid.losses.center import center_parameters
 
     center_opt = center_optimizer(criterion, 0.5)
     outputs = model(images)

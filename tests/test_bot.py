@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from attnreid.config import load_config
 from attnreid.errors import ConfigError
 from attnreid.losses import build_criterion
-from attnreid.losses.center import CenterLoss, center_optimizer, center_parameters, step_centers
+from attnreid.engine.optim import center_optimizer, step_centers
+from attnreid.losses.center import CenterLoss, center_parameters
 from attnreid.models import build_model
 from attnreid.models.baseline import BNNeckClassifier
 

@@ -14,7 +14,8 @@ from attnreid.engine.checkpoint import load_checkpoint, save_checkpoint
 from attnreid.engine.optim import WarmupStepScheduler, build_optimizer
 from attnreid.engine.trainer import TrainState, train, train_step
 from attnreid.losses import build_criterion
-from attnreid.losses.center import center_optimizer, center_parameters
+from attnreid.engine.optim import center_optimizer
+from attnreid.losses.center import center_parameters
 from attnreid.models import build_model
 
 from test_engine import StopAtEpoch, tiny_cfg

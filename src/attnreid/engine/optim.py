@@ -4,17 +4,37 @@ MHSA-Net (Sec. VII-B): Adam, base lr 1e-3, linear warm-up over the first 50 epoc
 1e-5, x0.1 at epochs 200 and 300, weight decay 5e-4. HA-CNN (HA Sec. 4): Adam 5e-4,
 betas (0.9, 0.999), no warm-up and no decay (``warmup_epochs: 0``, ``milestones: []``).
 SGD with momentum is an option. The schedule is stepped once per epoch. The center loss's
-centres (BoT) are not in this optimiser: they have their own constant-lr SGD
-(losses/center.py).
+centres (BoT) are not in this optimiser: they have their own SGD (:func:`center_optimizer`,
+:func:`step_centers`).
+
+How the training step uses the two (BoT's ``do_train``;
+:func:`attnreid.engine.trainer.train_step` is this loop)::
+
+    optimizer = build_optimizer(optim_cfg, [model, criterion])        # skips the centres
+    center_opt = center_optimizer(criterion, loss_cfg.center_lr)      # None without center loss
+    # each step:
+    optimizer.zero_grad(); center_opt and center_opt.zero_grad()
+    total, terms = criterion(model(images), pids); total.backward()
+    optimizer.step(); step_centers(criterion, center_opt, loss_cfg.center_weight)
+
+The centres' SGD has a constant lr, no momentum and no weight decay (BoT's
+``optimizer_center``): the main optimiser's warm-up and decay never touch it. With fp16 loss
+scaling, pass the ``GradScaler`` to :func:`step_centers` (it unscales the centres' gradients
+and skips the step on an inf, as for the main optimiser) and call ``scaler.update()`` after
+it. Under DDP the criterion is not wrapped, so :func:`step_centers` averages the centres'
+gradients over the ranks itself (the centre loss is a mean over each rank's equal share of
+the batch, so that average is the one-process gradient of the whole batch), and the ranks
+must start from the same centres (:func:`attnreid.distributed.broadcast_parameters`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
 
+from attnreid.distributed import average_gradients
 from attnreid.errors import ConfigError
 from attnreid.losses.center import center_parameters
 
@@ -26,7 +46,7 @@ def build_optimizer(optim_cfg: Any, modules: Iterable[nn.Module]) -> torch.optim
     The authors' released code built its optimiser from a hand-made list of sub-modules
     and left the attention layers out, so they were never trained; collecting parameters
     from the whole module tree avoids that class of bug. The centres are the one exception:
-    BoT trains them with their own SGD (:func:`attnreid.losses.center.center_optimizer`),
+    BoT trains them with their own SGD (:func:`center_optimizer`),
     outside this optimiser's weight decay and lr schedule.
     """
     modules = list(modules)
@@ -62,6 +82,34 @@ def warmup_step_lr(epoch: int, base_lr: float, warmup_epochs: int, warmup_start_
     if epoch < warmup_epochs:
         return warmup_start_lr + (base_lr - warmup_start_lr) * epoch / warmup_epochs
     return base_lr * gamma ** sum(1 for m in milestones if epoch >= m)
+
+
+def center_optimizer(criterion: nn.Module, lr: float) -> Optional[torch.optim.Optimizer]:
+    """BoT's separate plain SGD over the centres (lr 0.5), or None when there are none."""
+    params = center_parameters(criterion)
+    return torch.optim.SGD(params, lr=lr) if params else None
+
+
+def step_centers(criterion: nn.Module, optimizer: Optional[torch.optim.Optimizer], weight: float,
+                 scaler: Any = None) -> None:
+    """After ``backward``: average the centres' gradients over the ranks (DDP), undo the loss
+    weight on them, then step their SGD (through ``scaler`` when the loss was scaled).
+
+    The total loss carries ``weight * L_C``, so the centres' gradient is ``weight * dL_C/dc``;
+    BoT divides by the weight so that lr ``center_lr`` acts on ``dL_C/dc`` itself.
+    """
+    if optimizer is None:
+        return
+    params = [p for p in center_parameters(criterion) if p.grad is not None]
+    average_gradients(params)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    for p in params:
+        p.grad.mul_(1.0 / weight)
+    if scaler is not None:
+        scaler.step(optimizer)
+    else:
+        optimizer.step()
 
 
 class WarmupStepScheduler:

@@ -42,9 +42,9 @@ from attnreid.engine.build import build_eval_dataset, load_weights, resolve_devi
 from attnreid.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from attnreid.engine.hooks import (RUN_DIRS, RUN_FILES, BudgetHook, CheckpointHook, DiagnosticsHook, EvalHook, Hook,
                                    LoggingHook, NonFiniteLossError, NonFiniteLossGuard, Progress, RunLogger)
-from attnreid.engine.optim import WarmupStepScheduler, build_optimizer
+from attnreid.engine.optim import WarmupStepScheduler, build_optimizer, center_optimizer, step_centers
 from attnreid.errors import AttnReidError, CheckpointError, DataError
-from attnreid.losses.center import center_optimizer, center_parameters, step_centers
+from attnreid.losses.center import center_parameters
 from attnreid.precision import Precision, resolve_precision
 
 __all__ = ["DistContext", "Hook", "NonFiniteLossError", "TrainState", "Trainer", "prepare_run_dir", "run_config",
@@ -143,7 +143,7 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
 
     ``center_opt`` (BoT's center loss, weight ``center_weight``) is the centres' own SGD:
     zeroed with the main optimiser and stepped after it by
-    :func:`~attnreid.losses.center.step_centers` (on the unweighted loss's gradient, averaged
+    :func:`~attnreid.engine.optim.step_centers` (on the unweighted loss's gradient, averaged
     over the ranks under DDP, through the same loss scaler). ``params`` (what
     ``grad_clip`` clips) are the main optimiser's, so the clip never sees the centres.
     """

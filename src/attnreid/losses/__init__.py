@@ -66,7 +66,7 @@ from torch import nn
 
 from attnreid.distributed import all_gather_labels, all_gather_with_grad
 from attnreid.errors import ConfigError
-from attnreid.losses.center import CenterLoss, center_optimizer, center_parameters, step_centers
+from attnreid.losses.center import CenterLoss, center_parameters
 from attnreid.losses.regularizers import (ACM_FORMS, FDRT_FORMS, attention_competition, attention_orthogonality,
                                          feature_diversity)
 from attnreid.losses.triplet import DISTANCES, batch_hard_triplet, improved_hard_triplet, parse_margin
@@ -185,5 +185,5 @@ def _check_choice(value: str, allowed, key: str) -> str:
 
 
 __all__ = ["Criterion", "build_criterion", "cross_entropy", "batch_hard_triplet", "improved_hard_triplet",
-           "feature_diversity", "attention_competition", "attention_orthogonality", "CenterLoss", "center_optimizer",
-           "center_parameters", "step_centers"]
+           "feature_diversity", "attention_competition", "attention_orthogonality", "CenterLoss",
+           "center_parameters"]
