@@ -32,6 +32,29 @@ def pytest_report_header(config):
             f"{torch.get_num_threads()} threads; kernel-path variables: {env}")
 
 
+def _single_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny models gain nothing from more, and on a shared
+    2-core machine OpenMP threads waiting for a busy core make each small op many times slower."""
+    yield from _single_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """:func:`one_thread` for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread_module")``),
+    so its module-scoped fixtures run on one thread too."""
+    yield from _single_thread()
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """A data root holding a small synthetic set in the Market layout (10 ids x 8 images, 3 cameras, 64x32).

@@ -28,12 +28,7 @@ from attnreid.data.loader import resolve_workers
 from attnreid.errors import AttnReidError, ConfigError, DataError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -65,15 +65,6 @@ UNUSED_CASES = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    """The single-process computations run on one thread, as the ranks do (and as a shared machine prefers)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("name", list(UNUSED_CASES))
 def test_unused_classifiers_predicts_which_parameters_get_no_gradient(name, synthetic_root, one_thread):
     """What the trainer decides at build time (find_unused_parameters) against a real backward pass."""

@@ -30,14 +30,7 @@ SMALL = {"model": {"name": "mhsanet", "backbone": {"name": "mobilenetv3_small"},
          "eval": {"amp": "off"}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine
-    OpenMP threads waiting for a busy core make each small op ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def make_checkpoint(path: Path, overrides: dict, seed: int = 0) -> Path:

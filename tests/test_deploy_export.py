@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from helpers import assert_one_line_error, run_cli
-from test_deploy import make_checkpoint, one_thread, person  # noqa: F401  (one_thread: autouse fixture)
+from test_deploy import make_checkpoint, person
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 from attnreid.deploy.extractor import FeatureExtractor
 from attnreid.deploy.onnx_export import REL_TOLERANCE, check_onnx, export_onnx, flatten_outputs, verify_onnx

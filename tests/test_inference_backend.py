@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from helpers import assert_one_line_error, run_cli
-from test_inference_precision import TINY, one_thread, tiny  # noqa: F401  (fixtures)
+from test_inference_precision import TINY, tiny  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 from attnreid.config import from_dict, load_config
 from attnreid.data.datasets import build_dataset

@@ -22,12 +22,7 @@ TINY = {"model": {"name": "mhsanet", "backbone": {"name": "mobilenetv3_small"},
         "data": {"height": 64, "width": 32, "test_batch_size": 8, "workers": 0}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -448,15 +448,6 @@ def test_loss_balance_rows_are_each_terms_weighted_gradient_at_the_backbone(one_
     assert row["ratio_to_ce"] == pytest.approx(row["grad_norm"] / ce)
 
 
-@pytest.fixture
-def one_thread():
-    """Many small kernels: extra threads only spin on a shared CPU (18 s -> 8 s at load 10 on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_loss_balance_holds_at_initialisation_for_every_shipped_mhsanet_config(one_thread):
     setups = _loss_setups()
     assert sum(len(by_loss) for by_loss in setups.values()) >= 10  # the K, fusion, RLM, dagger and ablation rows
