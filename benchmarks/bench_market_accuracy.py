@@ -60,36 +60,29 @@ def pick(metrics: dict) -> dict:
 
 
 def head_diversity(model, dataset, cfg, device, limit: int = 1024) -> dict:
-    """Mean head overlap and beta entropy of MHSA-Net over the first ``limit`` queries (eval mode)."""
+    """Head diversity of MHSA-Net over the first ``limit`` queries (eval mode), by
+    :func:`attnreid.evaluation.attention_stats.attention_stats`, rounded, in this file's key names."""
     from attnreid.data.loader import build_test_loader
-    from attnreid.evaluation.attention_stats import (beta_entropy, centre_columns, centre_mass, head_heights, head_overlap,
-                                                     map_consistency)
+    from attnreid.evaluation.attention_stats import attention_stats
 
-    loader = build_test_loader(cfg.data, dataset.query[:limit])
-    overlaps, entropies, betas, centre, heights, maps, n = [], [], [], [], [], [], 0
+    grids, betas = [], []
     model.eval()
     with torch.inference_mode():
-        for batch in loader:
+        for batch in build_test_loader(cfg.data, dataset.query[:limit]):
             out = model.forward_attention(batch[0].to(device))
-            grid = out["attention"].float()
-            alpha = grid.flatten(2)
-            overlaps.append(float(head_overlap(alpha)) * len(alpha))
-            centre.append(centre_mass(grid) * len(alpha))
-            heights.append(torch.tensor(head_heights(grid)) * len(alpha))
-            maps.append(alpha)
+            grids.append(out["attention"].float().cpu())
             if "beta" in out:
-                entropies.append(float(beta_entropy(out["beta"].float())) * len(alpha))
-                betas.append(out["beta"].float().sum(0))
-            n += len(alpha)
-    k = alpha.shape[1]
-    res = {"images": n, "num_heads": int(k), "head_overlap": round(sum(overlaps) / n, 4),
-           "head_heights": [round(float(x), 3) for x in torch.stack(heights).sum(0) / n],
-           "centre_mass": round(sum(centre) / n, 4), "centre_mass_uniform": centre_columns(grid.shape[-1]),
-           "map_consistency": round(map_consistency(torch.cat(maps)), 4)}
-    if entropies:
-        res["beta_entropy"] = round(sum(entropies) / n, 4)
-        res["beta_entropy_max"] = round(float(np.log(k)), 4)
-        res["beta_mean_per_head"] = [round(float(x), 4) for x in (torch.stack(betas).sum(0) / n)]
+                betas.append(out["beta"].float().cpu())
+    stats = attention_stats(torch.cat(grids), torch.cat(betas) if betas else None)
+    res = {"images": stats["num_images"], "num_heads": int(grids[0].shape[1]),
+           "head_overlap": round(stats["head_overlap"], 4),
+           "head_heights": [round(x, 3) for x in stats["head_heights"]],
+           "centre_mass": round(stats["centre_mass"], 4), "centre_mass_uniform": stats["centre_mass_uniform"],
+           "map_consistency": round(stats["map_consistency"], 4)}
+    if betas:
+        res.update({"beta_entropy": round(stats["beta_entropy"], 4),
+                    "beta_entropy_max": round(stats["beta_entropy_max"], 4),
+                    "beta_mean_per_head": [round(x, 4) for x in stats["beta_mean"]]})
     return res
 
 
