@@ -335,3 +335,43 @@ def test_mobilenetv2_gives_every_backbone_model_the_resnet_grid(overrides):
         assert out.shape == (2, model.feature_dim) and torch.isfinite(out).all()
         shapes[name] = grid
     assert shapes["resnet18"] == shapes["mobilenetv2"] == (8, 4)
+
+
+@pytest.mark.parametrize("name, num_stages", [("resnet18", 4), ("mobilenetv2", 7), ("mobilenetv3_small", 4)])
+def test_stages_cover_the_backbone_once(name, num_stages):
+    net = build_backbone(_bcfg(name))
+    stages = net.stages()
+    assert len(stages) == num_stages + 1
+    ids = [id(p) for s in stages for p in s.parameters()]
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in net.parameters()}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2"])
+def test_frozen_stages_get_no_gradient_and_keep_their_batchnorm_statistics(name):
+    torch.manual_seed(0)
+    net = build_backbone(types.SimpleNamespace(name=name, last_stride=1, pretrained=False, weights=None, frozen_stages=2))
+    stages = net.stages()
+    frozen, trained = stages[:3], stages[3:]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.train()
+    net(torch.randn(4, 3, 64, 32) * 3 + 1).square().mean().backward()
+    for stage in frozen:
+        for p in stage.parameters():
+            assert not p.requires_grad and p.grad is None
+    frozen_modules = {id(m) for s in frozen for m in s.modules()}
+    frozen_keys = {f"{name}.{k}" for name, m in net.named_modules() if id(m) in frozen_modules
+                   for k in m.state_dict(keep_vars=True) if "." not in k}
+    assert any(k.endswith("running_mean") for k in frozen_keys)
+    for k in frozen_keys:
+        assert torch.equal(net.state_dict()[k], before[k]), k
+    moved = [k for k, v in net.state_dict().items() if k.endswith("running_mean") and k not in frozen_keys
+             and not torch.equal(v, before[k])]
+    assert moved, "the trained stages' BatchNorms update their statistics"
+    assert all(p.requires_grad for s in trained for p in s.parameters())
+
+
+def test_frozen_stages_out_of_range_is_one_line():
+    from attnreid.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'model.backbone.frozen_stages' is 8; mobilenetv2 has a stem and 7 stages"):
+        build_backbone(types.SimpleNamespace(name="mobilenetv2", last_stride=1, pretrained=False, weights=None, frozen_stages=8))

