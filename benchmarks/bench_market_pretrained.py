@@ -108,6 +108,25 @@ def val_curve(run: Path) -> list:
             for r in rows if r.get("type") == "val"]
 
 
+def train_info(run: Path) -> dict:
+    """What a run trained with, read back from its files (for runs trained outside this script,
+    e.g. with ``attnreid train`` during tuning): steps and epochs from last.pth, precision and
+    sizes from log.jsonl, and the wall time as last.pth's modification time minus config.yaml's
+    (training plus the periodic validations, without the final test evaluation)."""
+    from attnreid.engine.checkpoint import load_checkpoint
+
+    last = run / "checkpoints" / "last.pth"
+    ckpt = load_checkpoint(last)
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    start = next(r for r in rows if r.get("type") == "run")
+    speeds = [r["img_per_s"] for r in rows if r.get("type") == "train" and "img_per_s" in r]
+    return {"steps": int(ckpt["step"]), "epochs": int(ckpt["epoch"]), "precision": start.get("precision"),
+            "img_per_s": round(float(np.mean(speeds)), 1) if speeds else None,
+            "train_wall_seconds": round(last.stat().st_mtime - (run / "config.yaml").stat().st_mtime, 1),
+            "wall_from": "file times (config.yaml to last.pth)",
+            "threads": ckpt["config"]["train"]["threads"]}
+
+
 def compare_pq(a: dict, b: dict) -> dict:
     from attnreid.evaluation.stats import compare
 
@@ -225,6 +244,8 @@ def main() -> None:
         else:
             on_disk = json.loads(args.results.read_text()).get("models", {}) if args.results.is_file() else {}
             entry = {**on_disk.get(key, {}), **entry}
+            if "steps" not in entry:
+                entry.update(train_info(run))
         entry["val_curve"] = val_curve(run)
         t1 = time.perf_counter()
         entry["test"], entry["test_rerank"], pq, model, run_cfg = evaluate_run(run, full, device)

@@ -28,6 +28,9 @@ PINNED_ELSEWHERE = {
     "cpu/market1501_mhsanet_rows_cap.yaml": "tests/test_cpu_recipes.py",
     "cpu/market1501_mhsanet_rows_centre.yaml": "tests/test_cpu_recipes.py",
     "cpu/market1501_bot.yaml": "tests/test_cpu_recipes.py",
+    "cpu/market1501_baseline_mobilenetv2.yaml": "tests/test_cpu_recipes.py",
+    "cpu/market1501_bot_mobilenetv2.yaml": "tests/test_cpu_recipes.py",
+    "cpu/market1501_mhsanet_mobilenetv2.yaml": "tests/test_cpu_recipes.py",
 }
 
 # --- MHSA-Net (SPEC.md 1, MHSA-Net Sec. VII) ---------------------------------------------------

