@@ -60,14 +60,18 @@ def config_path(name: str) -> Path:
     return ROOT / "configs" / "cpu" / f"market1501_{name}_mobilenetv2.yaml"
 
 
-def features(model, items, cfg, device):
-    """Test features of ``items`` (float32, N x D) with the run's own inference settings."""
-    from attnreid.engine.extract import extract_features
+def features(model, full, cfg, device):
+    """Query and gallery features (float32, N x D) with the run's own inference settings, the
+    backend and precision settled once on the query set (an ONNX export costs a minute)."""
+    from attnreid.engine.extract import extract_with_precision
 
-    f, pids, camids = extract_features(model, items, cfg.data, device=device, flip=cfg.eval.flip,
-                                       channels_last=bool(cfg.train.channels_last), amp=cfg.eval.amp,
-                                       backend=cfg.eval.backend)
-    return f.float().numpy(), np.asarray(pids), np.asarray(camids)
+    out, amp = [], cfg.eval.amp
+    for items in (full.query, full.gallery):
+        f, pids, camids, _, amp = extract_with_precision(
+            model, items, cfg.data, device=device, flip=cfg.eval.flip, channels_last=bool(cfg.train.channels_last),
+            amp=amp, backend=cfg.eval.backend, num_images=len(full.query) + len(full.gallery))
+        out.append((f.float().numpy(), np.asarray(pids), np.asarray(camids)))
+    return out
 
 
 def scored(qf, gf, q, g, ev, rerank: bool) -> tuple:
@@ -94,8 +98,7 @@ def evaluate_run(run: Path, full, device, feature: str = "default") -> tuple:
         cfg = copy.deepcopy(cfg)
         cfg.model.test_feature = feature
         model, cfg = load_model(run / "checkpoints" / "last.pth", cfg, device=str(device))
-    qf, qp, qc = features(model, full.query, cfg, device)
-    gf, gp, gc = features(model, full.gallery, cfg, device)
+    (qf, qp, qc), (gf, gp, gc) = features(model, full, cfg, device)
     plain, pq = scored(qf, gf, (qp, qc), (gp, gc), cfg.eval, rerank=False)
     reranked, _ = scored(qf, gf, (qp, qc), (gp, gc), cfg.eval, rerank=True)
     return plain, reranked, pq, model, cfg
