@@ -37,9 +37,9 @@ from bench_market_smoke import subset
 from attnreid.config import load_config
 from attnreid.data.datasets import build_dataset_from_config
 from attnreid.engine.build import load_model
-from attnreid.engine.extract import extract_features
 from attnreid.engine.trainer import train
 from attnreid.evaluation.protocols import evaluate
+from attnreid.inference.extract import extract_features
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -233,12 +233,12 @@ class EvalConfig:
     rerank_input: str = "zhong"
     flip: bool = False  # average features of the image and its mirror
     # Inference precision of evaluation, extract, index build, FeatureExtractor: auto | off | bf16 | fp16.
-    # auto = bf16 autocast where the CPU/GPU runs bf16 natively (attnreid.engine.inference says why).
+    # auto = bf16 autocast where the CPU/GPU runs bf16 natively (attnreid.inference.backend says why).
     amp: str = "auto"
     # Backend of the same commands: auto | torch | onnxruntime. torch = eager PyTorch with eval.amp;
     # onnxruntime = an in-process ONNX export run in onnxruntime (float32; needs attnreid[onnx]);
     # auto = onnxruntime on the CPU for jobs of >= 1,000 images when it is installed, the model
-    # exports and its first batch matches PyTorch float32, else torch (attnreid.engine.inference).
+    # exports and its first batch matches PyTorch float32, else torch (attnreid.inference.backend).
     backend: str = "auto"
     # Market-1501 multi-query (HA Table 2, MQ): each query's feature is the mean over the
     # gt_bbox images of its pid and camera; needs the gt_bbox folder.

@@ -13,7 +13,7 @@ from attnreid.cli._util import check_output_path, device_option, print_json
 DEFAULT_CAMERA_REGEX = r"_c(\d+)"  # same as attnreid.deploy.index (not imported: keeps --help fast)
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")  # attnreid.precision.AMP_CHOICES (not imported: keeps --help fast)
 AMP_HELP = "Precision: auto, off, bf16 or fp16 (default: the config's eval.amp, auto = bf16 where native)."
-INFER_BACKENDS = ("auto", "torch", "onnxruntime")  # attnreid.engine.inference.BACKENDS
+INFER_BACKENDS = ("auto", "torch", "onnxruntime")  # attnreid.inference.backend.BACKENDS
 INFER_BACKEND_HELP = ("Inference backend: auto (onnxruntime for big CPU jobs when installed and matching PyTorch), "
                       "torch or onnxruntime (default: the config's eval.backend).")
 
@@ -33,9 +33,10 @@ def export(
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Export a model to ONNX (dynamic batch) and check it against PyTorch in onnxruntime."""
-    from attnreid.deploy.extractor import CONFIG_SUFFIXES, FeatureExtractor
-    from attnreid.deploy.onnx_export import check_opset, export_onnx
+    from attnreid.deploy.extractor import FeatureExtractor
+    from attnreid.engine.build import CONFIG_SUFFIXES
     from attnreid.errors import AttnReidError
+    from attnreid.inference.export import check_opset, export_onnx
 
     if config.suffix.lower() in CONFIG_SUFFIXES and checkpoint is None:
         raise AttnReidError(f"export of {config} needs --checkpoint (the trained weights)")

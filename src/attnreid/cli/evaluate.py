@@ -43,7 +43,7 @@ def eval_cmd(
     from attnreid.engine.build import load_model, resolve_device
     from attnreid.engine.checkpoint import load_checkpoint
     from attnreid.engine.evaluator import evaluate_datasets, evaluation_datasets
-    from attnreid.engine.inference import check_backend
+    from attnreid.inference.backend import check_backend
     from attnreid.viz.report import write_report
 
     if out is not None:
@@ -122,8 +122,8 @@ def extract_cmd(
 
     from attnreid.config import load_config
     from attnreid.engine.build import build_eval_dataset, load_model, resolve_device
-    from attnreid.engine.extract import extract_with_precision, folder_items
-    from attnreid.engine.inference import check_backend
+    from attnreid.inference.backend import check_backend
+    from attnreid.inference.extract import extract_with_precision, folder_items
 
     splits = list(split or [])
     if bool(splits) == (folder is not None):

@@ -61,14 +61,17 @@ def explain(
 ) -> None:
     """Draw the model's own attention over each image (MHSA-Net heads + beta; HA-CNN soft maps + regions)."""
     from attnreid.config import load_config
-    from attnreid.viz.attention import explain_files
+    from attnreid.engine.build import load_model
+    from attnreid.viz.attention import explain, read_images
 
     if scale not in ("map", "shared"):
         raise AttnReidError(f"--scale must be 'map' or 'shared', got {scale!r}")
     check_output_path(out, "dir")
     dev = device_option(device)
     cfg = load_config(config)
-    result = explain_files(cfg, checkpoint, [str(p) for p in images], out, scale=scale, device=dev)
+    pictures = read_images([str(p) for p in images])  # before the model: a bad image fails fast
+    model, cfg = load_model(checkpoint, cfg, device=dev)
+    result = explain(model, pictures, out, cfg.data, scale=scale, device=dev)
     if json_out:
         from attnreid.cli._util import print_json
 

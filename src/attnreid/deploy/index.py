@@ -9,7 +9,7 @@ An index is a folder::
 
 Shards are written as the build goes (atomically), so an interrupted build resumes where
 it stopped: a re-run skips every image already in a shard. The meta records
-:func:`~attnreid.deploy.extractor.config_fingerprint`, so a query model whose features
+:func:`~attnreid.engine.build.config_fingerprint`, so a query model whose features
 are not comparable (other model, variant, feature size or input size) is refused.
 
 Distances: ``euclidean_sq`` (squared Euclidean, the papers' test distance) or ``cosine``

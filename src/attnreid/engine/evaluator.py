@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnreid.engine.extract import extract_features, extract_with_precision
+from attnreid.inference.extract import extract_features, extract_with_precision
 from attnreid.errors import DataError
 from attnreid.evaluation.stats import per_query_record, with_intervals
 

@@ -26,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from attnreid.data.io import read_image
+from attnreid.data.transforms import build_transforms
 from attnreid.errors import AttnReidError
+from attnreid.evaluation.attention_stats import beta_entropy, beta_entropy_max, head_overlap
 from attnreid.viz.page import CSS
 
 REGION_COLOURS = ["#00e5ff", "#ffea00", "#ff3d00", "#76ff03", "#d500f9", "#ffffff", "#2979ff", "#ff9100"]
@@ -55,7 +58,7 @@ def normalise_map(m: np.ndarray, low: Optional[float] = None, high: Optional[flo
 def overlay(image: np.ndarray, heat01: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
     """Blend a [0, 1] map, coloured by ``cmap``, over an H x W x 3 uint8 image:
     ``(1 - alpha) * image + alpha * colour``."""
-    import matplotlib
+    import matplotlib  # heavy: imported only when drawing
 
     colour = matplotlib.colormaps[cmap](heat01)[..., :3] * 255.0
     return ((1.0 - alpha) * image.astype(np.float32) + alpha * colour).round().clip(0, 255).astype(np.uint8)
@@ -203,8 +206,6 @@ def head_diversity(attention: np.ndarray, beta: Optional[np.ndarray]) -> Dict[st
 
     attention: K x h x w, beta: K or None; see :mod:`attnreid.evaluation.attention_stats`.
     """
-    from attnreid.evaluation.attention_stats import beta_entropy, beta_entropy_max, head_overlap
-
     out: Dict[str, float] = {}
     overlap = head_overlap(torch.as_tensor(attention)[None])
     if overlap is not None:
@@ -251,23 +252,24 @@ LEGENDS = {
 }
 
 
-def explain_files(config: Any, checkpoint: str | Path, image_paths: Sequence[str], out_dir: str | Path,
-                  scale: str = "map", device: str = "cpu", prefix: str = "", index: bool = True) -> Dict[str, Any]:
-    """``attnreid explain``: read the images, load the checkpoint's model with ``config``
-    (None: the config saved in the checkpoint), write overlays and ``index.html``.
-    Every image is read before the model is loaded, so a file that is not a picture
-    fails fast, in one line naming it."""
-    from attnreid.data.io import read_image
-    from attnreid.data.transforms import build_transforms
-    from attnreid.engine.build import load_model
-
+def read_images(image_paths: Sequence[str]) -> List[Tuple[str, Image.Image]]:
+    """Every image read, before any model is loaded: a file that is not a picture fails fast,
+    in one line naming it."""
     if not image_paths:
         raise AttnReidError("explain needs at least one image")
-    images = [(str(p), read_image(str(p))) for p in image_paths]
-    model, cfg = load_model(checkpoint, config, device=device)
-    d = cfg.data
-    transform = build_transforms(d.height, d.width, d.mean, d.std, train=False, flip=False, random_erasing=0.0)
-    entries = explain_images(model, images, out_dir, d.height, d.width, transform, scale=scale, device=device,
+    return [(str(p), read_image(str(p))) for p in image_paths]
+
+
+def explain(model: torch.nn.Module, images: Sequence[Tuple[str, Image.Image]], out_dir: str | Path, data: Any,
+            scale: str = "map", device: str | torch.device = "cpu", prefix: str = "",
+            index: bool = True) -> Dict[str, Any]:
+    """``attnreid explain``: overlays of ``images`` (from :func:`read_images`) as ``model`` (eval
+    mode, on ``device``) sees them, and ``index.html``. ``data`` is the model's data config
+    (``height``, ``width``, ``mean``, ``std``: its test transform)."""
+    transform = build_transforms(data.height, data.width, data.mean, data.std, train=False, flip=False,
+                                 random_erasing=0.0)
+    entries = explain_images(model, images, out_dir, data.height, data.width, transform, scale=scale, device=device,
                              prefix=prefix)
-    page = write_index(entries, out_dir, cfg.model.name) if index else None
-    return {"model": cfg.model.name, "index": str(page) if page else None, "images": entries}
+    name = getattr(model, "model_name", type(model).__name__)
+    page = write_index(entries, out_dir, name) if index else None
+    return {"model": name, "index": str(page) if page else None, "images": entries}

@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import yaml
 
-from attnreid.errors import DataError
+from attnreid.errors import AttnReidError, DataError
 from attnreid.evaluation.stats import format_diff, format_p, level_text, metric_text, verdict
 from attnreid.viz.page import CSS
 
@@ -137,7 +137,6 @@ def comparison_section(runs: Sequence[RunInfo]) -> str:
     """Each run against the first (the reference) on the same queries: paired bootstrap interval of
     the mAP and rank-1 differences, sign-test p-values and the verdict (attnreid.evaluation.stats).
     Runs without per-query results, or evaluated on other queries, get a note instead."""
-    from attnreid.errors import AttnReidError
     from attnreid.evaluation.paired import PER_QUERY_FILE, compare_evaluated, load_run
 
     e = html.escape
@@ -277,8 +276,9 @@ def _ranked_section(run: RunInfo, ranks: dict, picked: List[int], slug: str, out
 def _attention_section(run: RunInfo, image_paths: List[str], slug: str, out_dir: Path) -> List[str]:
     """Overlays of the given queries from the run's checkpoint; any problem is a note on
     the page (a report must not fail because a checkpoint moved or a model has none)."""
-    from attnreid.errors import AttnReidError
-    from attnreid.viz.attention import LEGENDS, diversity_text, explain_files
+    # torch (model, overlays) is imported only by a report that draws attention
+    from attnreid.engine.build import load_model
+    from attnreid.viz.attention import LEGENDS, diversity_text, explain, read_images
 
     e = html.escape
     parts = ["<h3>Attention of these queries</h3>"]
@@ -288,7 +288,9 @@ def _attention_section(run: RunInfo, image_paths: List[str], slug: str, out_dir:
         return parts + ['<p class="note">No checkpoint in this run (checkpoints/best.pth or last.pth): '
                         'attention overlays are not available.</p>']
     try:
-        result = explain_files(None, run.checkpoint, image_paths, out_dir / ASSETS, prefix=f"{slug}_", index=False)
+        images = read_images(image_paths)
+        model, cfg = load_model(run.checkpoint)
+        result = explain(model, images, out_dir / ASSETS, cfg.data, prefix=f"{slug}_", index=False)
     except AttnReidError as exc:
         return parts + [f'<p class="note">Attention overlays not available: {e(str(exc))}</p>']
     parts.append(f'<p class="meta">{e(LEGENDS.get(result["model"], ""))} '

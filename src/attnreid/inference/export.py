@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from attnreid.errors import AttnReidError
+from attnreid.models.baseline import BNNeckClassifier
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 7  # torch.onnx's oldest (TorchScript exporter)
@@ -90,8 +91,6 @@ def _without_classifiers(model: nn.Module):
     named ``global`` (a Python keyword) makes that code invalid; the classifiers would
     only be dead weights in the graph anyway.
     """
-    from attnreid.models.baseline import BNNeckClassifier
-
     heads = getattr(model, "classifiers", None)
     if heads is None or any(isinstance(h, BNNeckClassifier) for h in heads.values()):
         yield  # a BNNeck's BN is part of the test feature: keep the heads
@@ -161,7 +160,7 @@ def check_opset(opset: Optional[int]) -> int:
 
 def file_opset(path: str | Path) -> int:
     """The default-domain (``ai.onnx``) opset an ONNX file declares."""
-    import onnx
+    import onnx  # optional (attnreid[onnx]): imported when a file is written or read
 
     proto = onnx.load(str(path), load_external_data=False)
     return next(int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx"))
@@ -184,7 +183,7 @@ def check_onnx(path: str | Path, model: nn.Module, input_size: Sequence[int], at
     Returns ``max_abs_diff`` and ``rel_diff`` (max |onnx - torch| / max |torch|, the
     worst over all outputs), and the same per output name under ``diffs``.
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional (attnreid[onnx])
 
     wrapper = ExportWrapper(model, attention).eval()
     gen = torch.Generator().manual_seed(seed)
@@ -278,7 +277,7 @@ def verify_onnx(path: str | Path, model: nn.Module, input_size: Sequence[int], a
 
 
 def _write_metadata(path: Path, metadata: Dict[str, Any]) -> None:
-    import onnx
+    import onnx  # optional (attnreid[onnx])
 
     proto = onnx.load(str(path))
     for key, value in metadata.items():
