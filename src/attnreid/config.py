@@ -28,6 +28,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from attnreid import choices
 from attnreid.errors import ConfigError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -154,7 +155,7 @@ class LossConfig:
 
     Margins are strings so that one key holds either ``soft`` (softplus) or a number
     (the hinge margin): ``0.3`` in YAML or on the command line arrives as ``"0.3"``;
-    :func:`attnreid.losses.triplet.parse_margin` turns it into a float once.
+    :func:`attnreid.choices.parse_margin` turns it into a float once.
     """
 
     global_ce: bool = True  # CE on q* (L_GFB); false = MHSA-Net-dagger
@@ -267,31 +268,31 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# Allowed values, checked after loading. Keys are dotted paths.
+# Allowed values, checked after loading (the lists: attnreid.choices). Keys are dotted paths.
 CHOICES = {
     "model.name": ("baseline", "mhsanet", "hacnn"),
-    "model.backbone.name": ("resnet18", "resnet34", "resnet50", "resnet50_ibn_a", "mobilenetv3_small", "mobilenetv2"),
-    "model.mhsanet.attention_norm": ("spatial", "heads"),
-    "model.mhsanet.head_prior": ("none", "rows", "rows_learned"),
-    "model.mhsanet.fusion": ("saffm", "concat", "sum"),
-    "model.hacnn.attention": ("none", "spatial", "channel", "soft", "hard", "all"),
-    "model.hacnn.cross_attention": ("on", "off", "detach"),
-    "model.hacnn.region_scale": ("stripes", "native"),
+    "model.backbone.name": choices.BACKBONES,
+    "model.mhsanet.attention_norm": choices.ATTENTION_NORMS,
+    "model.mhsanet.head_prior": choices.HEAD_PRIORS,
+    "model.mhsanet.fusion": choices.FUSIONS,
+    "model.hacnn.attention": choices.HACNN_ATTENTION,
+    "model.hacnn.cross_attention": choices.CROSS_ATTENTION_MODES,
+    "model.hacnn.region_scale": choices.REGION_SCALES,
     "model.test_feature": ("default", "concat", "star", "head", "global", "joint", "local"),
-    "loss.triplet_distance": ("euclidean", "squared"),
-    "loss.ihtl_distance": ("euclidean", "squared"),
-    "loss.fdrt_form": ("paper", "gram"),
-    "loss.acm_form": ("paper", "linear"),
-    "optim.name": ("adam", "sgd"),
-    "train.amp": ("auto", "off", "bf16", "fp16"),
-    "train.compile": ("auto", "off", "on"),
-    "data.epoch_mode": ("images", "identities"),
-    "eval.metric": ("euclidean_sq", "cosine"),
-    "eval.amp": ("auto", "off", "bf16", "fp16"),
-    "eval.backend": ("auto", "torch", "onnxruntime"),
-    "eval.rerank_input": ("zhong", "torchreid"),
-    "data.cuhk03_split": ("new",),
-    "model.backbone.last_stride": (1, 2),
+    "loss.triplet_distance": choices.DISTANCES,
+    "loss.ihtl_distance": choices.DISTANCES,
+    "loss.fdrt_form": choices.FDRT_FORMS,
+    "loss.acm_form": choices.ACM_FORMS,
+    "optim.name": choices.OPTIMIZERS,
+    "train.amp": choices.AMP_CHOICES,
+    "train.compile": choices.COMPILE_CHOICES,
+    "data.epoch_mode": choices.EPOCH_MODES,
+    "eval.metric": choices.METRICS,
+    "eval.amp": choices.AMP_CHOICES,
+    "eval.backend": choices.INFERENCE_BACKENDS,
+    "eval.rerank_input": choices.RERANK_INPUTS,
+    "data.cuhk03_split": choices.CUHK03_SPLITS,
+    "model.backbone.last_stride": choices.LAST_STRIDES,
 }
 
 # Keys holding "soft" or a number (see LossConfig).
@@ -561,18 +562,14 @@ def validate(cfg: Config) -> Config:
         value = _get(cfg, key)
         if value > high:
             raise ConfigError(f"config key '{key}' is {value}; it must be <= {high}")
-    from attnreid.losses.triplet import parse_margin  # here, not at the top: config must load without torch
-
     for key in MARGIN_KEYS:
-        parse_margin(_get(cfg, key), key)
+        choices.parse_margin(_get(cfg, key), key)
     if cfg.data.batch_size % cfg.data.num_instances:
         raise ConfigError(
             f"config key 'data.batch_size' ({cfg.data.batch_size}) must be a multiple of "
             f"'data.num_instances' ({cfg.data.num_instances}) for PK sampling"
         )
-    from attnreid.data.loader import resolve_workers  # the data layer owns it; config only checks
-
-    resolve_workers(cfg.data.workers)
+    choices.check_workers(cfg.data.workers)
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise ConfigError("config keys 'data.mean' and 'data.std' need 3 values (RGB)")
     if any(s <= 0 for s in cfg.data.std):

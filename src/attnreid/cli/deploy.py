@@ -7,13 +7,12 @@ from typing import List, Optional
 
 import typer
 
+from attnreid.choices import AMP_CHOICES, INFERENCE_BACKENDS
 from attnreid.cli._app import app
 from attnreid.cli._util import check_output_path, device_option, print_json
 
 DEFAULT_CAMERA_REGEX = r"_c(\d+)"  # same as attnreid.deploy.index (not imported: keeps --help fast)
-AMP_CHOICES = ("auto", "off", "bf16", "fp16")  # attnreid.precision.AMP_CHOICES (not imported: keeps --help fast)
 AMP_HELP = "Precision: auto, off, bf16 or fp16 (default: the config's eval.amp, auto = bf16 where native)."
-INFER_BACKENDS = ("auto", "torch", "onnxruntime")  # attnreid.inference.backend.BACKENDS
 INFER_BACKEND_HELP = ("Inference backend: auto (onnxruntime for big CPU jobs when installed and matching PyTorch), "
                       "torch or onnxruntime (default: the config's eval.backend).")
 
@@ -88,8 +87,8 @@ def index_build(
     if shard_size < 1:
         raise AttnReidError(f"--shard-size is {shard_size}; it must be >= 1")
     _check_amp(amp)
-    if backend is not None and backend not in INFER_BACKENDS:
-        raise AttnReidError(f"--backend is {backend!r}; expected one of: {', '.join(INFER_BACKENDS)}")
+    if backend is not None and backend not in INFERENCE_BACKENDS:
+        raise AttnReidError(f"--backend is {backend!r}; expected one of: {', '.join(INFERENCE_BACKENDS)}")
     check_output_path(out, "dir")
     dev = device_option(device)
     if config is not None:

@@ -21,11 +21,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from attnreid.choices import check_workers
 from attnreid.data.datasets.base import Item, ReIDDataset, relabel
 from attnreid.data.io import read_image
 from attnreid.data.sampler import PKSampler
 from attnreid.data.transforms import build_transforms
-from attnreid.errors import ConfigError, DataError
+from attnreid.errors import DataError
 
 
 class BadImage:
@@ -76,15 +77,13 @@ def resolve_workers(value: Union[int, str], cpus: Optional[int] = None) -> int:
     workers keep a GPU fed at re-ID image sizes, and a one-CPU machine loads in the main
     process (0). CPUs are those this process may run on (``sched_getaffinity``).
     """
-    if value == "auto":
+    if check_workers(value) == "auto":
         if cpus is None:
             try:
                 cpus = len(os.sched_getaffinity(0))
             except AttributeError:  # not on Linux
                 cpus = os.cpu_count() or 1
         return max(0, min(4, cpus - 1))
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"config key 'data.workers' is {value!r}; expected 'auto' or a number >= 0")
     return value
 
 

@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from attnreid.choices import METRICS
 from attnreid.errors import AttnReidError, CheckpointError, DataError
 from attnreid.evaluation.distance import distance_block
 from attnreid.progress import ProgressReporter
@@ -49,7 +50,7 @@ def pairwise_distance(query: torch.Tensor, gallery: torch.Tensor, metric: str,
 
     ``gallery_norms`` (G,) are the rows' L2 norms when already known.
     """
-    if metric not in ("euclidean_sq", "cosine"):
+    if metric not in METRICS:
         raise AttnReidError(f"unknown metric {metric!r}; expected euclidean_sq or cosine")
     return distance_block(query, gallery, metric, gallery_norms)
 

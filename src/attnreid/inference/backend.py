@@ -49,6 +49,7 @@ from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 
+from attnreid.choices import EXPORTED_BACKENDS, INFERENCE_BACKENDS
 from attnreid.errors import AttnReidError, ConfigError
 from attnreid.precision import Precision, resolve_precision
 
@@ -56,11 +57,13 @@ from attnreid.precision import Precision, resolve_precision
 MATCH_MEAN_COSINE = 0.999
 
 # The exported backends: eval.backend name -> the module that opens and runs a session of the
-# exported model. A backend module has INSTALL, REQUIRES, MIN_IMAGES (auto's threshold),
-# PRECISION_REASON, available(), open_session(model, input_size) -> (session, seconds) and
-# features(session, images, flip) (see onnxruntime_backend.py); a new one is one file and one line.
-BACKENDS = {"onnxruntime": "attnreid.inference.onnxruntime_backend"}
-CHOICES = ("auto", "torch", *BACKENDS)
+# exported model, attnreid/inference/<name>_backend.py. A backend module has INSTALL,
+# REQUIRES, MIN_IMAGES (auto's threshold), PRECISION_REASON, available(),
+# open_session(model, input_size) -> (session, seconds) and features(session, images, flip)
+# (see onnxruntime_backend.py); a new one is that file and its name in
+# attnreid.choices.EXPORTED_BACKENDS.
+BACKENDS = {name: f"attnreid.inference.{name}_backend" for name in EXPORTED_BACKENDS}
+CHOICES = INFERENCE_BACKENDS
 # The exported backend ``auto`` tries.
 AUTO_BACKEND = "onnxruntime"
 

@@ -64,12 +64,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnreid.choices import ACM_FORMS, DISTANCES, FDRT_FORMS, parse_margin
 from attnreid.distributed import all_gather_labels, all_gather_with_grad
 from attnreid.errors import ConfigError
 from attnreid.losses.center import CenterLoss, center_parameters
-from attnreid.losses.regularizers import (ACM_FORMS, FDRT_FORMS, attention_competition, attention_orthogonality,
-                                         feature_diversity)
-from attnreid.losses.triplet import DISTANCES, batch_hard_triplet, improved_hard_triplet, parse_margin
+from attnreid.losses.regularizers import attention_competition, attention_orthogonality, feature_diversity
+from attnreid.losses.triplet import batch_hard_triplet, improved_hard_triplet
 
 Term = Tuple[str, float, Callable[[dict, torch.Tensor], torch.Tensor]]
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FDRT_FORMS = ("paper", "gram")
-ACM_FORMS = ("paper", "linear")
+from attnreid.choices import ACM_FORMS, FDRT_FORMS
 
 
 def feature_diversity(p: torch.Tensor, form: str = "paper") -> torch.Tensor:

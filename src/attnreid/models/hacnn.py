@@ -67,19 +67,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnreid.choices import CROSS_ATTENTION_MODES, HACNN_ATTENTION as ATTENTION_MODES, REGION_SCALES
 from attnreid.errors import ConfigError
 from attnreid.models.baseline import BNNeckClassifier, make_classifier, neck
 
-ATTENTION_MODES = ("none", "spatial", "channel", "soft", "hard", "all")
 TEST_FEATURES = ("joint", "global", "local")
 CHANNEL_REDUCTION = 16  # r of HA Eq. 4
 STEM_CHANNELS = 32
 REGION_SIZES = ((24, 28), (12, 14), (6, 7))  # hard-attention crop (h, w) at levels 1..3
-REGION_SCALES = ("stripes", "native")
 # ``native``: the crop sizes above as fractions of each level's input at 160x64
 # (80x32, 40x16, 20x8): 24/80 = 12/40 = 6/20 = 0.3, 28/32 = 14/16 = 7/8 = 0.875.
 NATIVE_SCALE = (0.875, 0.3)  # (s_w, s_h)
-CROSS_ATTENTION_MODES = ("on", "off", "detach")
 
 
 def cross_attention_mode(value: Any) -> str:

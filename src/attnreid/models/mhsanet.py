@@ -27,14 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnreid.choices import ATTENTION_NORMS, HEAD_PRIORS
 from attnreid.errors import ConfigError
 from attnreid.models.backbones import build_backbone
 from attnreid.models.baseline import GlobalFeatureBranch, make_classifier, neck
 
 # Hidden widths of SAFFM per head (Eq. 6: w4 512K -> 128K, w5 128K -> 64K).
 SAFFM_HIDDEN = (128, 64)
-# model.mhsanet.head_prior (MultiHeadSelfAttention)
-HEAD_PRIORS = ("none", "rows", "rows_learned")
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -79,7 +78,7 @@ class MultiHeadSelfAttention(nn.Module):
                  norm: str = "spatial", logit_cap: float = 0.0, head_prior: str = "none",
                  head_prior_width: float = 1.0, head_prior_columns: float = 0.0):
         super().__init__()
-        if norm not in ("spatial", "heads"):
+        if norm not in ATTENTION_NORMS:
             raise ConfigError(f"config key 'model.mhsanet.attention_norm' is {norm!r}; expected spatial or heads")
         if head_prior not in HEAD_PRIORS:
             raise ConfigError(f"config key 'model.mhsanet.head_prior' is {head_prior!r}; expected one of: {', '.join(HEAD_PRIORS)}")
@@ -190,6 +189,7 @@ class SumFusion(nn.Module):
         return self.norm(p.sum(dim=1)), None
 
 
+# model.mhsanet.fusion (attnreid.choices.FUSIONS) -> its module
 FUSIONS = {"saffm": SelfAttentionFeatureFusion, "concat": ConcatFusion, "sum": SumFusion}
 
 
