@@ -30,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from attnreid import choices
 from attnreid.errors import ConfigError
+from attnreid.models.registry import feature_choices, get_spec, model_names
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -268,9 +269,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# Allowed values, checked after loading (the lists: attnreid.choices). Keys are dotted paths.
+# Allowed values, checked after loading (the lists: attnreid.choices; model.name and
+# model.test_feature: the model registry, read when a config is validated). Keys are dotted paths.
 CHOICES = {
-    "model.name": ("baseline", "mhsanet", "hacnn"),
     "model.backbone.name": choices.BACKBONES,
     "model.mhsanet.attention_norm": choices.ATTENTION_NORMS,
     "model.mhsanet.head_prior": choices.HEAD_PRIORS,
@@ -278,7 +279,6 @@ CHOICES = {
     "model.hacnn.attention": choices.HACNN_ATTENTION,
     "model.hacnn.cross_attention": choices.CROSS_ATTENTION_MODES,
     "model.hacnn.region_scale": choices.REGION_SCALES,
-    "model.test_feature": ("default", "concat", "star", "head", "global", "joint", "local"),
     "loss.triplet_distance": choices.DISTANCES,
     "loss.ihtl_distance": choices.DISTANCES,
     "loss.fdrt_form": choices.FDRT_FORMS,
@@ -543,7 +543,8 @@ _YAML_BOOL_WORDS = {"False": "off", "True": "on", "false": "off", "true": "on"} 
 
 def validate(cfg: Config) -> Config:
     """Check choices and ranges; raise ConfigError naming the first bad key."""
-    for key, allowed in CHOICES.items():
+    registered = {"model.name": model_names(), "model.test_feature": feature_choices()}
+    for key, allowed in {**registered, **CHOICES}.items():
         value = _get(cfg, key)
         if value in _YAML_BOOL_WORDS and _YAML_BOOL_WORDS[value] in allowed:
             value = _YAML_BOOL_WORDS[value]
@@ -574,11 +575,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("config keys 'data.mean' and 'data.std' need 3 values (RGB)")
     if any(s <= 0 for s in cfg.data.std):
         raise ConfigError("config key 'data.std' must be positive")
-    if cfg.model.name == "mhsanet" and cfg.model.test_feature == "head" and cfg.model.test_head >= cfg.model.mhsanet.num_heads:
-        raise ConfigError(
-            f"config key 'model.test_head' is {cfg.model.test_head}; it must be < model.mhsanet.num_heads "
-            f"({cfg.model.mhsanet.num_heads})"
-        )
+    spec = get_spec(cfg.model.name)
+    if spec.validate is not None:
+        spec.validate(cfg.model)
     return cfg
 
 

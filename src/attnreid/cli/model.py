@@ -32,15 +32,16 @@ def model_info(cfg, num_classes: int = 751) -> dict:
     """
     import torch
 
-    from attnreid.models import build_model
+    from attnreid.models import build_model, get_spec
     from attnreid.models.complexity import count_macs, count_params
 
+    spec = get_spec(cfg.model.name)
     with torch.device("meta"):
         model = build_model(without_weights(cfg.model), num_classes)
     size = (cfg.data.height, cfg.data.width)
     info = {
         "model": model.model_name,
-        "backbone": cfg.model.backbone.name if model.model_name != "hacnn" else None,
+        "backbone": cfg.model.backbone.name if spec.backbone else None,
         "input_size": list(size),
         "num_classes": num_classes,
         "params": count_params(model),
@@ -48,13 +49,13 @@ def model_info(cfg, num_classes: int = 751) -> dict:
         "macs": count_macs(model, size),
         "feature_dim": model.feature_dim,
     }
-    if model.model_name != "baseline":
+    if spec.attention is not None:
         model.eval()
         with torch.no_grad():
             att = model.forward_attention(torch.zeros(1, 3, *size, device="meta"))
-        if "attention" in att:
+        if spec.attention == "heads":
             info["attention_grid"] = list(att["attention"].shape[-2:])
-        elif "soft_attention" in att:
+        else:
             info["attention_grid"] = [list(a.shape[-2:]) for a in att["soft_attention"]]
     return info
 

@@ -45,6 +45,7 @@ from attnreid.engine.hooks import (RUN_DIRS, RUN_FILES, BudgetHook, CheckpointHo
 from attnreid.engine.optim import WarmupStepScheduler, build_optimizer, center_optimizer, step_centers
 from attnreid.errors import AttnReidError, CheckpointError, DataError
 from attnreid.losses.center import center_parameters
+from attnreid.models.registry import get_spec
 from attnreid.precision import Precision, resolve_precision
 
 __all__ = ["DistContext", "Hook", "NonFiniteLossError", "TrainState", "Trainer", "prepare_run_dir", "run_config",
@@ -438,7 +439,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
                            "val_ids": cfg.data.val_ids, "epoch_mode": cfg.data.epoch_mode})
     checkpoints = CheckpointHook()
     loop_hooks: List[Hook] = [NonFiniteLossGuard(), logging]
-    if cfg.model.name == "mhsanet":
+    if get_spec(cfg.model.name).head_diagnostics:
         loop_hooks.append(DiagnosticsHook(cfg.loss.acm_gamma, cfg.loss.fdrt_form))
     loop_hooks.append(EvalHook(eval_dataset, val_dataset, tc.eval_every))
     if tc.max_minutes:

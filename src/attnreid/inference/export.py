@@ -36,13 +36,13 @@ from torch import nn
 
 from attnreid.errors import AttnReidError
 from attnreid.models.baseline import BNNeckClassifier
+from attnreid.models.registry import spec_of
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 7  # torch.onnx's oldest (TorchScript exporter)
 MAX_OPSET = 23  # torch.onnx's newest (dynamo exporter)
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter writes nothing older
 TORCHSCRIPT_MAX_OPSET = 20
-GRID_SAMPLE_OPSET = 16  # GridSample entered the ONNX standard in opset 16
 EXPORT_BATCH = 2
 CHECK_BATCH = 3
 REL_TOLERANCE = 1e-4
@@ -227,10 +227,12 @@ def export_onnx(model: nn.Module, out: str | Path, input_size: Sequence[int], op
     model = model.eval()
     opset = check_opset(opset)
     name = getattr(model, "model_name", type(model).__name__)
-    if name == "hacnn" and opset < GRID_SAMPLE_OPSET:
-        raise AttnReidError(f"--opset {opset} is too old for HA-CNN: its hard attention uses grid_sample, "
-                            f"which needs opset >= {GRID_SAMPLE_OPSET}")
-    if attention and not hasattr(model, "forward_attention"):
+    spec = spec_of(model)
+    if spec is not None and opset < spec.onnx_min_opset:
+        raise AttnReidError(f"--opset {opset} is too old for {spec.label}: {spec.onnx_opset_reason}, "
+                            f"which needs opset >= {spec.onnx_min_opset}")
+    has_maps = spec.attention is not None if spec is not None else hasattr(model, "forward_attention")
+    if attention and not has_maps:
         raise AttnReidError(f"model '{name}' has no attention maps to export; drop --attention")
     out.parent.mkdir(parents=True, exist_ok=True)
     wrapper = ExportWrapper(model, attention).eval()

@@ -70,8 +70,9 @@ from torch import nn
 from attnreid.choices import CROSS_ATTENTION_MODES, HACNN_ATTENTION as ATTENTION_MODES, REGION_SCALES
 from attnreid.errors import ConfigError
 from attnreid.models.baseline import BNNeckClassifier, make_classifier, neck
+from attnreid.models.output import TrainOutput
+from attnreid.models.registry import get_spec
 
-TEST_FEATURES = ("joint", "global", "local")
 CHANNEL_REDUCTION = 16  # r of HA Eq. 4
 STEM_CHANNELS = 32
 REGION_SIZES = ((24, 28), (12, 14), (6, 7))  # hard-attention crop (h, w) at levels 1..3
@@ -466,10 +467,11 @@ class HACNN(nn.Module):
         out = self._backbone(x)
         if not self.training:
             return self._test_feature(out["global"], out["local"])
-        return {
+        train_out: TrainOutput = {
             "logits": {head: clf(out[head]) for head, clf in self.classifiers.items()},
             "features": {"global": out["global"], "local": out["local"]},
         }
+        return train_out
 
     @torch.no_grad()
     def forward_attention(self, x: torch.Tensor) -> Dict[str, Any]:
@@ -513,10 +515,7 @@ def build_hacnn(model_cfg: Any, num_classes: int) -> HACNN:
                           "(d1, d2, d3; the paper's 128, 256, 384)")
     if hc.embed_dim < 1:
         raise ConfigError(f"config key 'model.hacnn.embed_dim' is {hc.embed_dim!r}; it must be >= 1")
-    test_feature = "joint" if model_cfg.test_feature == "default" else model_cfg.test_feature
-    if test_feature not in TEST_FEATURES:
-        raise ConfigError(f"config key 'model.test_feature' is {model_cfg.test_feature!r}; HA-CNN takes one of: "
-                          "default, " + ", ".join(TEST_FEATURES))
+    test_feature = get_spec(HACNN.model_name).test_feature(model_cfg).name
     if num_classes < 1:
         raise ConfigError(f"HA-CNN needs at least one training identity, got num_classes={num_classes}")
     return HACNN(

@@ -31,6 +31,8 @@ from attnreid.choices import ATTENTION_NORMS, HEAD_PRIORS
 from attnreid.errors import ConfigError
 from attnreid.models.backbones import build_backbone
 from attnreid.models.baseline import GlobalFeatureBranch, make_classifier, neck
+from attnreid.models.output import TrainOutput
+from attnreid.models.registry import get_spec
 
 # Hidden widths of SAFFM per head (Eq. 6: w4 512K -> 128K, w5 128K -> 64K).
 SAFFM_HIDDEN = (128, 64)
@@ -226,7 +228,7 @@ class MHSANet(nn.Module):
     global classifier is still built, so dagger and plain checkpoints share one layout,
     but the criterion never calls it, so it gets no gradient.
 
-    Training forward returns a dict::
+    Training forward returns a :class:`~attnreid.models.output.TrainOutput`::
 
         logits   {"global": B x N, "saffm": B x N, "rlm": B x N (if rlm)}
         features {"saffm": p*, "rlm": z (if rlm)}       (batch-hard triplet inputs)
@@ -251,9 +253,7 @@ class MHSANet(nn.Module):
             raise ConfigError(f"config key 'model.mhsanet.num_heads' is {cfg.num_heads}; it must be >= 1")
         if cfg.fusion not in FUSIONS:
             raise ConfigError(f"config key 'model.mhsanet.fusion' is {cfg.fusion!r}; expected one of: {', '.join(FUSIONS)}")
-        test_feature = "concat" if model_cfg.test_feature == "default" else model_cfg.test_feature
-        if test_feature not in ("concat", "star", "head", "global"):
-            raise ConfigError(f"config key 'model.test_feature' is {model_cfg.test_feature!r}; mhsanet has concat, star, head, global")
+        test_feature = get_spec(self.model_name).test_feature(model_cfg).name
         if test_feature == "head" and not 0 <= model_cfg.test_head < cfg.num_heads:
             raise ConfigError(f"config key 'model.test_head' is {model_cfg.test_head}; it must be in 0..{cfg.num_heads - 1}")
         self.num_heads = cfg.num_heads
@@ -301,7 +301,7 @@ class MHSANet(nn.Module):
         p_star, beta = self.fusion(p)
         if not self.training:
             return self._test_feature(neck(self.classifiers, "global", q_star), p, neck(self.classifiers, "saffm", p_star))
-        out: Dict[str, object] = {
+        out: TrainOutput = {
             "logits": {"global": self.classifiers["global"](q_star), "saffm": self.classifiers["saffm"](p_star)},
             "features": {"saffm": p_star},
             "P": p,
@@ -312,11 +312,11 @@ class MHSANet(nn.Module):
         if beta is not None:
             out["beta"] = beta
         if self.bnneck:
-            out["features"]["global"] = q_star  # type: ignore[index]
+            out["features"]["global"] = q_star
         if self.rlm is not None:
             z = self.rlm(q_star, p)
-            out["logits"]["rlm"] = self.classifiers["rlm"](z)  # type: ignore[index]
-            out["features"]["rlm"] = z  # type: ignore[index]
+            out["logits"]["rlm"] = self.classifiers["rlm"](z)
+            out["features"]["rlm"] = z
             out["z"] = z
         return out
 

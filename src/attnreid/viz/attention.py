@@ -30,6 +30,7 @@ from attnreid.data.io import read_image
 from attnreid.data.transforms import build_transforms
 from attnreid.errors import AttnReidError
 from attnreid.evaluation.attention_stats import beta_entropy, beta_entropy_max, head_overlap
+from attnreid.models.registry import MODELS, find_spec
 from attnreid.viz.page import CSS
 
 REGION_COLOURS = ["#00e5ff", "#ffea00", "#ff3d00", "#76ff03", "#d500f9", "#ffffff", "#2979ff", "#ff9100"]
@@ -143,7 +144,8 @@ def attention_maps(model: torch.nn.Module, batch: torch.Tensor) -> Dict[str, Any
     fn = getattr(model, "forward_attention", None)
     if fn is None:
         name = getattr(model, "model_name", type(model).__name__)
-        raise AttnReidError(f"model '{name}' has no attention maps; use an mhsanet or hacnn model")
+        with_maps = ", ".join(spec.name for spec in MODELS.values() if spec.attention is not None)
+        raise AttnReidError(f"model '{name}' has no attention maps; use a model that has them ({with_maps})")
     model.eval()
     with torch.no_grad():
         out = fn(batch)
@@ -233,7 +235,7 @@ def write_index(entries: Sequence[Dict[str, Any]], out_dir: str | Path, model_na
     body = "".join(
         f'<figure><img src="{e(Path(x["png"]).name)}" alt="attention of {e(x["image"])}">'
         f'<figcaption>{e(x["image"])}</figcaption></figure>' for x in entries)
-    legend = LEGENDS.get(model_name, "")
+    legend = LEGENDS.get(attention_kind(model_name), "")
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>attention: {e(model_name)}'
             f'</title><style>{CSS}</style></head><body><h1>Attention of {e(model_name)}</h1>'
             f'<p class="meta">{e(legend)}</p>{body}</body></html>\n')
@@ -242,14 +244,21 @@ def write_index(entries: Sequence[Dict[str, Any]], out_dir: str | Path, model_na
     return path
 
 
+# By what the model's forward_attention returns (its registry entry's ``attention``).
 LEGENDS = {
-    "mhsanet": "One panel per head: the head's attention alpha_k over the feature grid, upsampled to the "
+    "heads": "One panel per head: the head's attention alpha_k over the feature grid, upsampled to the "
                "image (red: attended, blue: ignored; each map stretched to its own range). beta is the "
                "weight SAFFM gives that head in the fused feature p*.",
-    "hacnn": "First panel: the hard regions (one colour per region; solid: level 1, dashed: later levels). "
+    "levels": "First panel: the hard regions (one colour per region; solid: level 1, dashed: later levels). "
              "Then each level's soft attention (spatial x channel, averaged over channels; red high, blue "
              "low; its value range in brackets) with that level's regions.",
 }
+
+
+def attention_kind(model_name: str) -> Optional[str]:
+    """What ``model_name``'s ``forward_attention`` returns (its registry entry's ``attention``), or None."""
+    spec = find_spec(model_name)
+    return spec.attention if spec is not None else None
 
 
 def read_images(image_paths: Sequence[str]) -> List[Tuple[str, Image.Image]]:

@@ -26,6 +26,7 @@ import yaml
 
 from attnreid.errors import AttnReidError, DataError
 from attnreid.evaluation.stats import format_diff, format_p, level_text, metric_text, verdict
+from attnreid.models.registry import find_spec
 from attnreid.viz.page import CSS
 
 ASSETS = "report_files"
@@ -225,10 +226,10 @@ def _config_summary(run: RunInfo) -> str:
     if c:
         items += [("backbone", _get(c, "model.backbone.name")),
                   ("input", f"{_get(c, 'data.height')} x {_get(c, 'data.width')}" if _get(c, "data.height") else None)]
-        if run.model == "mhsanet":
-            items.append(("heads K / fusion", f"{_get(c, 'model.mhsanet.num_heads')} / {_get(c, 'model.mhsanet.fusion')}"))
-        if run.model == "hacnn":
-            items.append(("attention", _get(c, "model.hacnn.attention")))
+        spec = find_spec(run.model)
+        for label, keys in (spec.summary if spec is not None else ()):
+            values = [_get(c, k) for k in keys]
+            items.append((label, None if None in values else " / ".join(map(str, values))))
         items.append(("epochs trained", _epochs_trained(run, _get(c, "train.epochs"))))
     if run.eval:
         items += [("evaluated at epoch", run.eval.get("epoch")), ("mINP", _pct(run.eval.get("mINP")) if "mINP" in run.eval else None),
@@ -278,12 +279,13 @@ def _attention_section(run: RunInfo, image_paths: List[str], slug: str, out_dir:
     the page (a report must not fail because a checkpoint moved or a model has none)."""
     # torch (model, overlays) is imported only by a report that draws attention
     from attnreid.engine.build import load_model
-    from attnreid.viz.attention import LEGENDS, diversity_text, explain, read_images
+    from attnreid.viz.attention import LEGENDS, attention_kind, diversity_text, explain, read_images
 
     e = html.escape
     parts = ["<h3>Attention of these queries</h3>"]
-    if run.model == "baseline":
-        return parts + ['<p class="meta">The baseline has no attention maps.</p>']
+    spec = find_spec(run.model)
+    if spec is not None and spec.attention is None:
+        return parts + [f'<p class="meta">The {e(spec.label)} model has no attention maps.</p>']
     if run.checkpoint is None:
         return parts + ['<p class="note">No checkpoint in this run (checkpoints/best.pth or last.pth): '
                         'attention overlays are not available.</p>']
@@ -293,7 +295,7 @@ def _attention_section(run: RunInfo, image_paths: List[str], slug: str, out_dir:
         result = explain(model, images, out_dir / ASSETS, cfg.data, prefix=f"{slug}_", index=False)
     except AttnReidError as exc:
         return parts + [f'<p class="note">Attention overlays not available: {e(str(exc))}</p>']
-    parts.append(f'<p class="meta">{e(LEGENDS.get(result["model"], ""))} '
+    parts.append(f'<p class="meta">{e(LEGENDS.get(attention_kind(result["model"]), ""))} '
                  f'(from {e(run.checkpoint.name)})</p>')
     stats = (run.eval or {}).get("attention_stats")
     if isinstance(stats, dict) and diversity_text(stats):
