@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from _data import DATA_ROOT
 from _machine import machine_record
 from bench_market_smoke import subset
 
@@ -68,7 +69,7 @@ def metrics(qf, gf, q_ids, g_ids, protocol: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", default="/work/shared/data")
+    ap.add_argument("--root", default=str(DATA_ROOT))
     ap.add_argument("--steps", type=int, default=40, help="optimiser steps per run (a multiple of --steps-per-epoch)")
     ap.add_argument("--steps-per-epoch", type=int, default=10)
     ap.add_argument("--train-ids", type=int, default=150)

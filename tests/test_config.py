@@ -12,7 +12,7 @@ def test_defaults_match_spec():
     assert cfg.model.mhsanet.num_heads == 8
     assert cfg.loss.lambda_fdrt == 1e-4 and cfg.loss.lambda_ihtl == 1.0 and cfg.loss.lambda_acm == 1e-3
     assert cfg.loss.acm_gamma == 1e-3
-    # SPEC.md 1: the authors' distances and margins by default; Eq. 3 and 12 as written.
+    # docs/spec.md §1: the authors' distances and margins by default; Eq. 3 and 12 as written.
     assert (cfg.loss.triplet_distance, cfg.loss.triplet_margin) == ("euclidean", "soft")
     assert (cfg.loss.ihtl_distance, cfg.loss.ihtl_margin) == ("euclidean", "soft")
     assert (cfg.loss.fdrt_form, cfg.loss.acm_form) == ("paper", "paper") and cfg.model.mhsanet.rlm_out_norm

@@ -8,7 +8,7 @@ Every key is checked against the schema: a misspelt key, a wrong type or an
 out-of-range value is a :class:`~attnreid.errors.ConfigError` naming the key (and the
 closest valid key for a typo). The names follow the papers (``num_heads`` is K,
 ``lambda_fdrt`` is lambda1, ``ihtl_margin`` is m of Eq. 5, ...) so paper and config can
-be read side by side; SPEC.md gives the meaning of each.
+be read side by side; docs/spec.md gives the meaning of each choice the papers leave open.
 
 Only the CLI and the high-level builders read this module; models, losses, data and
 evaluation take the sub-config objects (duck-typed) or plain arguments.
@@ -96,7 +96,7 @@ class MHSANetConfig:
     num_heads: int = 8  # K
     attention_dim: int = 512  # rows of w1 (Eq. 1)
     embed_dim: int = 512  # width of q*, P, p*, z
-    attention_norm: str = "spatial"  # spatial | heads (SPEC.md 1, MHSAM)
+    attention_norm: str = "spatial"  # spatial | heads (docs/spec.md §1, MHSAM)
     # Not in the paper: c > 0 caps Eq. 1's logits as c tanh(l / c) so the softmax cannot
     # saturate (heads collapsed onto one position without it, docs/models.md); 0 = off.
     attention_logit_cap: float = 0.0
@@ -152,7 +152,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights and forms (MHSA-Net Eq. 3-13; SPEC.md 1). Defaults: see docs/models.md.
+    """Loss weights and forms (MHSA-Net Eq. 3-13; docs/spec.md §1). Defaults: see docs/models.md.
 
     Margins are strings so that one key holds either ``soft`` (softplus) or a number
     (the hinge margin): ``0.3`` in YAML or on the command line arrives as ``"0.3"``;

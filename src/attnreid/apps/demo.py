@@ -17,9 +17,8 @@ also shows MHSA-Net* and HA-CNN against the Baseline, for information.
 
 **Size**, chosen so the verdict can mean something and the models learn in the time: the
 synthetic set has 380 identities x 8 images (generated at 128x64): 190 training identities
-(1,520 images) and 190 test identities giving 316 occluded queries and 1,204 gallery images.
-With the 40-identity set of earlier versions (31 queries) one query moved rank-1 by 3.2
-points and the verdict flipped from run to run. ResNet-18 backbone (random init: no download)
+(1,520 images) and 190 test identities giving 316 occluded queries and 1,204 gallery images
+(docs/evaluation.md: why a few dozen queries are too few). ResNet-18 backbone (random init: no download)
 at 64x32 input, MHSA-Net with K = 4 heads, HA-CNN at half its paper input (80x32) with widths
 scaled to 1/8; PK batches of 4 identities x 4 images; Adam 1e-3 with no warm-up and no
 decay; ``train.amp=auto`` (bf16 autocast where the CPU runs bf16 natively). Every choice is
@@ -45,10 +44,18 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
+import torch
 
-from attnreid.config import Config, from_dict, save_config
+from attnreid.config import Config, from_dict, load_config, save_config, to_dict
+from attnreid.data.datasets import build_dataset_from_config
+from attnreid.engine.build import load_model
+from attnreid.engine.evaluator import evaluate_model
+from attnreid.engine.trainer import train
+from attnreid.errors import AttnReidError
 from attnreid.evaluation import stats
+from attnreid.evaluation.paired import compare_evaluated, load_run
 from attnreid.models.registry import get_spec
+from attnreid.viz.report import write_report
 
 MODEL_ROWS = ("baseline", "mhsanet", "hacnn")
 # Share of the training time each model gets. Baseline and MHSA-Net get equal shares: at
@@ -126,9 +133,6 @@ def run_demo(minutes: float = 6.0, out_dir: str | Path = "runs/demo", models: Se
     """
     from rich.console import Console
 
-    from attnreid.data.datasets import build_dataset_from_config
-    from attnreid.errors import AttnReidError
-
     t_start = time.perf_counter()
     console = Console(quiet=quiet, highlight=False)
     unknown = [m for m in models if m not in MODEL_ROWS]
@@ -142,8 +146,6 @@ def run_demo(minutes: float = 6.0, out_dir: str | Path = "runs/demo", models: Se
     if seeds < 1:
         raise AttnReidError(f"--seeds is {seeds}; it must be >= 1")
     if threads > 0:  # also for the data generation and the evaluations outside train()
-        import torch
-
         torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     configs0 = _configs(out_dir, num_ids, images_per_id, threads, overrides, 0)
@@ -177,8 +179,6 @@ def run_demo(minutes: float = 6.0, out_dir: str | Path = "runs/demo", models: Se
 
 def _configs(out_dir: Path, num_ids: int, images_per_id: int, threads: int, overrides: Sequence[str],
              seed: int) -> Dict[str, Config]:
-    from attnreid.config import load_config, to_dict
-
     configs = demo_configs(out_dir / "data", num_ids, images_per_id, threads, seed)
     if overrides:
         configs = {n: load_config(None, _flatten(to_dict(c)) + list(overrides)) for n, c in configs.items()}
@@ -188,12 +188,6 @@ def _configs(out_dir: Path, num_ids: int, images_per_id: int, threads: int, over
 def _run_seed(configs: Mapping[str, Config], dataset: Any, models: Sequence[str], out_dir: Path, budget_s: float,
               t_start: float, chance: Mapping[str, float], console: Any, report: bool) -> Dict[str, Any]:
     """Train, evaluate and compare every model once; print the table and the verdict."""
-    from attnreid.config import to_dict
-    from attnreid.engine.build import load_model
-    from attnreid.engine.evaluator import evaluate_model
-    from attnreid.engine.trainer import train
-    from attnreid.errors import AttnReidError
-
     rows: List[Dict[str, Any]] = []
     remaining = list(models)
     at_start = budget_s - (time.perf_counter() - t_start)
@@ -236,8 +230,6 @@ def _run_seed(configs: Mapping[str, Config], dataset: Any, models: Sequence[str]
     console.print(verdict)
     report_path = None
     if report:
-        from attnreid.viz.report import write_report
-
         try:
             report_path = write_report([Path(r["run"]) for r in rows], out_dir / "report",
                                        title="attnreid demo: occluded synthetic queries")
@@ -276,8 +268,6 @@ def _row(name: str, feature: str, result: Dict[str, Any], run: Path) -> Dict[str
 
 def _compare_to_baseline(rows: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
     """Every other row against the Baseline on the same queries (paired; from eval_per_query.npz)."""
-    from attnreid.evaluation.paired import compare_evaluated, load_run
-
     base = next((r for r in rows if r["model"] == PAIRED[0]), None)
     if base is None:
         return {}

@@ -10,6 +10,7 @@ import typer
 from attnreid.choices import AMP_CHOICES, INFERENCE_BACKENDS
 from attnreid.cli._app import app
 from attnreid.cli._util import check_output_path, device_option, print_json
+from attnreid.errors import AttnReidError
 
 DEFAULT_CAMERA_REGEX = r"_c(\d+)"  # same as attnreid.deploy.index (not imported: keeps --help fast)
 AMP_HELP = "Precision: auto, off, bf16 or fp16 (default: the config's eval.amp, auto = bf16 where native)."
@@ -32,9 +33,8 @@ def export(
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Export a model to ONNX (dynamic batch) and check it against PyTorch in onnxruntime."""
-    from attnreid.deploy.extractor import FeatureExtractor
+    from attnreid.deploy.extractor import FeatureExtractor  # torch: imported when the command runs, not for --help
     from attnreid.engine.build import CONFIG_SUFFIXES
-    from attnreid.errors import AttnReidError
     from attnreid.inference.export import check_opset, export_onnx
 
     if config.suffix.lower() in CONFIG_SUFFIXES and checkpoint is None:
@@ -57,8 +57,6 @@ def export(
 
 
 def _check_amp(amp: Optional[str]) -> None:
-    from attnreid.errors import AttnReidError
-
     if amp is not None and amp not in AMP_CHOICES:
         raise AttnReidError(f"--amp is {amp!r}; expected one of: {', '.join(AMP_CHOICES)}")
 
@@ -80,9 +78,8 @@ def index_build(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
     """Extract features of every image in a folder into a resumable index."""
-    from attnreid.deploy.extractor import FeatureExtractor
+    from attnreid.deploy.extractor import FeatureExtractor  # torch: imported when the command runs, not for --help
     from attnreid.deploy.index import build_index
-    from attnreid.errors import AttnReidError
 
     if shard_size < 1:
         raise AttnReidError(f"--shard-size is {shard_size}; it must be >= 1")
@@ -127,9 +124,8 @@ def search(
     amp: Optional[str] = typer.Option(None, "--amp", help=AMP_HELP),
 ) -> None:
     """Rank the indexed gallery for each query image (distances: smaller is closer)."""
-    from attnreid.deploy.extractor import FeatureExtractor
+    from attnreid.deploy.extractor import FeatureExtractor  # torch: imported when the command runs, not for --help
     from attnreid.deploy.index import FAISS_KINDS, FaissParams, GalleryIndex, search_images
-    from attnreid.errors import AttnReidError
 
     _check_amp(amp)
     if backend not in ("torch", "faiss"):

@@ -10,6 +10,9 @@ import typer
 
 from attnreid.cli._app import app
 from attnreid.cli._util import print_json
+from attnreid.config import load_config
+from attnreid.errors import ConfigError
+from attnreid.models import get_spec
 
 
 def without_weights(model_cfg):
@@ -32,8 +35,8 @@ def model_info(cfg, num_classes: int = 751) -> dict:
     """
     import torch
 
-    from attnreid.models import build_model, get_spec
-    from attnreid.models.complexity import count_macs, count_params
+    from attnreid.models import build_model
+    from attnreid.models.complexity import count_macs, count_params  # torch-heavy: imported when the command runs, not for --help
 
     spec = get_spec(cfg.model.name)
     with torch.device("meta"):
@@ -70,8 +73,7 @@ def loss_info(cfg, num_classes: int = 751, batch_size: int = 32, seed: int = 0) 
     """
     import torch
 
-    from attnreid.errors import ConfigError
-    from attnreid.losses import build_criterion
+    from attnreid.losses import build_criterion  # torch: imported when the command runs, not for --help
     from attnreid.losses.balance import loss_balance
     from attnreid.models import build_model
 
@@ -105,8 +107,6 @@ def model_info_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the --losses weights and images."),
 ) -> None:
     """Parameters (total and without classifiers), multiply-accumulates, test feature size, attention grid."""
-    from attnreid.config import load_config
-
     cfg = load_config(config, list(overrides or []))
     info = model_info(cfg, num_classes)
     if losses:
@@ -129,7 +129,7 @@ def model_info_cmd(
 
 
 def _print_losses(rows: list, batch_size: int) -> None:
-    from attnreid.losses.balance import MAX_GRAD_RATIO
+    from attnreid.losses.balance import MAX_GRAD_RATIO  # torch: imported when the command runs, not for --help
 
     print(f"\nloss terms at a random initialisation ({batch_size} random images; gradient of weight x term at the "
           "backbone output)")

@@ -27,6 +27,7 @@ from attnreid.data.io import read_image
 from attnreid.data.sampler import PKSampler
 from attnreid.data.transforms import build_transforms
 from attnreid.errors import DataError
+from attnreid.progress import ProgressReporter
 
 
 class BadImage:
@@ -128,8 +129,8 @@ def ignore_sigint(_worker_id: int) -> None:
     A terminal sends SIGINT to every process of the group. A worker that takes it exits
     (quietly), and when the main process notices the dead worker before its own
     KeyboardInterrupt arrives it raises ``RuntimeError: DataLoader worker ... exited
-    unexpectedly`` instead, which no Ctrl-C handler catches (issue 17: a traceback and exit
-    status 1 during the final evaluation). Workers that ignore SIGINT stay alive until the
+    unexpectedly`` instead, which no Ctrl-C handler catches (a traceback and exit status 1
+    during the final evaluation). Workers that ignore SIGINT stay alive until the
     main process shuts them down.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -196,8 +197,6 @@ def check_images(dataset: ReIDDataset, skip_bad_images: bool = False, threads: i
     With ``skip_bad_images`` a copy of ``dataset`` without the bad images is returned and
     they are added to its ``bad_images``. ``progress`` shows a progress display on stderr.
     """
-    from attnreid.progress import ProgressReporter
-
     def probe(item: Item) -> Optional[str]:
         try:
             read_image(item[0])

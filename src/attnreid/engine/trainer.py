@@ -1,6 +1,6 @@
 """The training loop of both papers, and the machinery a long run needs around it, as hooks.
 
-Recipe (config values, SPEC.md 1 and HA 4): PK batches (P identities x K images; an epoch
+Recipe (config values, docs/spec.md §1 and HA 4): PK batches (P identities x K images; an epoch
 is a pass over the images or over the identities, ``data.epoch_mode``), the model's loss
 terms summed by the criterion, Adam (or SGD) with linear warm-up and step decay stepped
 per epoch. :class:`Trainer` is that loop and nothing else: epochs of steps, each step the

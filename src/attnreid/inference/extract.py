@@ -10,9 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnreid.inference.backend import Inference, announce, resolve_inference, run_features, settle_inference
+from attnreid.data.loader import build_test_loader
 from attnreid.errors import DataError
+from attnreid.inference.backend import Inference, announce, resolve_inference, run_features, settle_inference
 from attnreid.precision import Precision
+from attnreid.progress import ProgressReporter
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -55,9 +57,6 @@ def extract_with_precision(model: nn.Module, items: Sequence[Tuple[str, int, int
     :class:`~attnreid.inference.backend.Inference` (backend and precision; ``auto`` is
     settled on the first batch), which a later call takes as ``amp`` to compute alike.
     """
-    from attnreid.data.loader import build_test_loader
-    from attnreid.progress import ProgressReporter
-
     if batch_size is not None:
         data_cfg = dataclasses.replace(data_cfg, test_batch_size=batch_size)
     device = torch.device(device)

@@ -33,7 +33,7 @@ with ``model.bnneck: true``. The center loss's centres live in the criterion
 (:mod:`attnreid.losses.center`: they need their own optimiser, see there), so
 ``build_criterion`` then needs ``num_classes`` and ``global_dim`` (the model's).
 
-How each term is computed (SPEC.md 1; defaults first):
+How each term is computed (docs/spec.md §1; defaults first):
 
 - triplets on p* and z: ``loss.triplet_distance`` euclidean | squared,
   ``loss.triplet_margin`` soft | a number (the paper gives neither; default the

@@ -1,7 +1,7 @@
 """Regularisers of MHSA-Net: FDRT (Eq. 3) on the embeddings, ACM (Eq. 12) on the attention.
 
 Each has the paper's form (the default) and the form of the authors' released code as
-an option (``loss.fdrt_form``, ``loss.acm_form``; SPEC.md 1). At the paper's weights
+an option (``loss.fdrt_form``, ``loss.acm_form``; docs/spec.md §1). At the paper's weights
 both are close to inactive; docs/models.md gives the measured numbers.
 """
 

@@ -1,6 +1,6 @@
 """Batch-hard triplet loss (Hermans et al. [1], Eq. 4) and the Improved Hard Triplet Loss (Eq. 5).
 
-Distance and margin are configuration (SPEC.md 1, "Total" and "IHTL"):
+Distance and margin are configuration (docs/spec.md §1, "Total" and "IHTL"):
 
 - ``distance="euclidean"`` (default): d(a, b) = ||a - b||, square-rooted, as the authors'
   released code (``euclidean_dist``) and Hermans et al. use it.

@@ -1,4 +1,4 @@
-"""HA-CNN: Harmonious Attention CNN (Li, Zhu, Gong, CVPR 2018), SPEC.md section 2.
+"""HA-CNN: Harmonious Attention CNN (Li, Zhu, Gong, CVPR 2018), docs/spec.md §2.
 
 Shapes are for the paper's 160x64 input, widths d = (128, 256, 384) and T = 4:
 
@@ -13,10 +13,10 @@ Shapes are for the paper's 160x64 input, widths d = (128, 256, 384) and T = 4:
              -> B*T x 128 x 12 x 14 -> B*T x 256 x 6 x 7 -> B*T x 384 x 3 x 4
              -> GAP, concatenate T vectors -> FC 512                 -> B x 512
 
-Choices where the paper (and SPEC.md) leave room, each visible in one place below:
+Choices where the paper leaves room (docs/spec.md §2), each visible in one place below:
 
 * Every conv of the backbone and of the local streams is conv (no bias, BN follows)
-  + BN + ReLU, as SPEC.md says.
+  + BN + ReLU.
 * Spatial attention (HA Eq. 2, Fig. 3b) has exactly the paper's 10 parameters: a 3x3
   stride-2 conv 1->1 without bias (9) + BN without affine pair (0) + ReLU, and a 1x1
   scaling conv without bias (1) and with no BN (a BN after it would cancel the scale
@@ -333,7 +333,7 @@ class HarmoniousAttention(nn.Module):
 
 
 class HACNN(nn.Module):
-    """Harmonious Attention CNN, global and local branch (HA Fig. 2, SPEC.md 2).
+    """Harmonious Attention CNN, global and local branch (HA Fig. 2, docs/spec.md §2).
 
     ``forward`` in training mode: ``{"logits": {"global", "local"}, "features":
     {"global", "local"}}``; in eval mode the test feature (``test_feature``: joint =

@@ -24,9 +24,12 @@ from urllib.parse import quote
 
 import yaml
 
+from attnreid import __version__
 from attnreid.errors import AttnReidError, DataError
+from attnreid.evaluation.paired import PER_QUERY_FILE, compare_evaluated, load_run
 from attnreid.evaluation.stats import format_diff, format_p, level_text, metric_text, verdict
 from attnreid.models.registry import find_spec
+from attnreid.viz import ranking
 from attnreid.viz.page import CSS
 
 ASSETS = "report_files"
@@ -97,7 +100,7 @@ def read_run(path: str | Path, label: Optional[str] = None) -> RunInfo:
             run.eval = ev if isinstance(ev, dict) else None
         except json.JSONDecodeError:
             run.notes.append("eval.json could not be parsed")
-    from attnreid.viz.plots import read_log
+    from attnreid.viz.plots import read_log  # matplotlib: imported when a report is written
 
     run.log = read_log(path / "log.jsonl")
     if (path / "eval_ranks.npz").is_file():
@@ -138,8 +141,6 @@ def comparison_section(runs: Sequence[RunInfo]) -> str:
     """Each run against the first (the reference) on the same queries: paired bootstrap interval of
     the mAP and rank-1 differences, sign-test p-values and the verdict (attnreid.evaluation.stats).
     Runs without per-query results, or evaluated on other queries, get a note instead."""
-    from attnreid.evaluation.paired import PER_QUERY_FILE, compare_evaluated, load_run
-
     e = html.escape
     with_pq = [r for r in runs if (r.path / PER_QUERY_FILE).is_file()]
     if len(runs) < 2:
@@ -241,7 +242,7 @@ def _config_summary(run: RunInfo) -> str:
 
 def _epochs_trained(run: RunInfo, configured: Any) -> Optional[str]:
     """``12 of 400``: the complete epochs the log (or the evaluation) shows, and the configured count."""
-    from attnreid.viz.plots import training_series
+    from attnreid.viz.plots import training_series  # matplotlib: imported when a report is written
 
     trained = training_series(run.log)["epochs_trained"] if run.log else 0
     evaluated = (run.eval or {}).get("epoch")
@@ -254,8 +255,6 @@ def _epochs_trained(run: RunInfo, configured: Any) -> Optional[str]:
 
 def _ranked_section(run: RunInfo, ranks: dict, picked: List[int], slug: str, out_dir: Path, topk: int,
                     explicit: bool, worst_by: str, image_reader) -> List[str]:
-    from attnreid.viz import ranking
-
     e = html.escape
     how = "chosen" if explicit else \
         ("worst by AP within the top-k" if worst_by == "ap" else "worst by rank of the first true match")
@@ -324,7 +323,7 @@ def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Pat
     query by query, and every run is compared with the first one statistically
     (:func:`comparison_section`).
     """
-    from attnreid.viz import plots, ranking
+    from attnreid.viz import plots  # matplotlib: imported when a report is written
 
     if isinstance(run_dirs, (str, Path)):
         run_dirs = [run_dirs]
@@ -412,8 +411,6 @@ def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Pat
                     [(runs[a].label, ranks_cache[a], qi), (runs[b].label, ranks_cache[b], qj)],
                     assets / f"compare_q{qi}.png", topk=topk, protocol=runs[a].protocol, reader=image_reader)
                 parts.append(_img(png, out_dir, f"comparison of query {qi}", str(ranks_cache[a]["query_paths"][qi])))
-
-    from attnreid import __version__
 
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     page = (
