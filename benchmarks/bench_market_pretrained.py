@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _data import DATA_ROOT  # noqa: E402
 from _machine import git_commit, machine_record  # noqa: E402
 from bench_market_accuracy import head_diversity, robustness  # noqa: E402
 
@@ -62,7 +63,7 @@ def config_path(name: str) -> Path:
 
 def features(model, items, cfg, device):
     """Test features of ``items`` (float32, N x D) with the run's own inference settings."""
-    from attnreid.engine.extract import extract_features
+    from attnreid.inference.extract import extract_features
 
     f, pids, camids = extract_features(model, items, cfg.data, device=device, flip=cfg.eval.flip,
                                        channels_last=bool(cfg.train.channels_last), amp=cfg.eval.amp,
@@ -170,7 +171,7 @@ def table(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--root", default=str(DATA_ROOT))
     ap.add_argument("--models", default="baseline,bot,mhsanet", help=f"any of {', '.join(RECIPES)}")
     ap.add_argument("--seed", type=int, default=0, help="train.seed; runs and entries are named NAME_seedN")
     ap.add_argument("--threads", type=int, default=2)
