@@ -168,6 +168,9 @@ def build_criterion(loss_cfg, model_cfg, num_classes: Optional[int] = None,
             continue  # a term whose weight is 0 is not computed
         if term.needs:
             raise ConfigError(f"config key 'loss.{term.weight}' needs {term.needs}")
+        if term.kind not in kinds:
+            raise ValueError(f"model {model_cfg.name!r}: loss term {term.name!r} has kind {term.kind!r}; "
+                             f"the criterion computes {', '.join(kinds)}")
         kept.append((term.name, weight, kinds[term.kind](term.head)))
         if term.kind == "ce":
             heads.append(term.head)
