@@ -116,6 +116,48 @@ def test_the_design_doc_shows_the_toy_as_it_is():
     assert (Path(__file__).parent / "toy_model.py").read_text() in blocks
 
 
+SMALL = {"baseline": ["model.bnneck=true"],
+         "mhsanet": ["model.bnneck=true", "model.mhsanet.num_heads=2", "model.mhsanet.attention_dim=16",
+                     "model.mhsanet.embed_dim=16"],
+         "hacnn": ["model.hacnn.widths=[8,16,24]", "model.hacnn.embed_dim=16"]}
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_each_entry_fits_its_network(name):
+    """The training output is a TrainOutput, every loss term the entry names reads an entry the
+    output has, and the capabilities hold: attention maps of the declared kind, and "heads"
+    models return alpha (the head diagnostics read it)."""
+    import torch
+
+    from attnreid.models import build_model
+    from attnreid.models.output import TrainOutput
+
+    cfg = load_config(None, [f"model.name={name}", "model.backbone.name=mobilenetv3_small", "data.height=64",
+                             "data.width=32", *SMALL[name]])
+    spec = get_spec(name)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 4).train()
+    out = model(torch.randn(4, 3, 64, 32))
+    assert TrainOutput.__required_keys__ <= set(out) <= TrainOutput.__required_keys__ | TrainOutput.__optional_keys__
+    reads = {"ce": lambda t: out["logits"][t.head], "triplet": lambda t: out["features"][t.head],
+             "center": lambda t: out["features"][t.head], "fdrt": lambda t: out["P"], "ihtl": lambda t: out["P"],
+             "acm": lambda t: out["alpha"], "attn_orth": lambda t: out["alpha"]}
+    terms = spec.loss_terms(cfg.model)
+    assert {t.kind for t in terms} <= set(reads) and len({t.name for t in terms}) == len(terms)
+    for term in terms:
+        assert isinstance(reads[term.kind](term), torch.Tensor), term
+    assert ("alpha" in out) == spec.head_diagnostics
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 32)).shape == (2, model.feature_dim)
+        if spec.attention is None:
+            with pytest.raises(Exception, match="no attention maps"):
+                model.forward_attention(torch.randn(2, 3, 64, 32))
+        else:
+            maps = model.forward_attention(torch.randn(2, 3, 64, 32))
+            assert ("attention" if spec.attention == "heads" else "soft_attention") in maps
+
+
 def test_built_in_entries():
     for name in BUILT_IN:
         spec = get_spec(name)
