@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_data.py synth      # one of: synth, hardness, loader
 
 Writes ``benchmarks/results/data_synth.json``, ``data_hardness.json`` and (when
-``../shared/data`` holds the Market-1501 zip) ``data_loader.json``. Wall-clock numbers
+``$ATTNREID_DATA``, default ``data/``, holds the Market-1501 zip) ``data_loader.json``. Wall-clock numbers
 depend on the machine's load, so the load average and the CPU time are recorded too.
 """
 
@@ -20,11 +20,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from _data import DATA_ROOT
 from _machine import machine_record
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-SHARED = HERE.parent / ".." / "shared" / "data"
 
 
 def _machine() -> dict:
@@ -136,11 +136,11 @@ def bench_loader() -> None:
     from attnreid.data.datasets import build_dataset
     from attnreid.data.loader import build_test_loader
 
-    if not SHARED.is_dir():
-        print("skip loader benchmark: ../shared/data not present")
+    if not DATA_ROOT.is_dir():
+        print(f"skip loader benchmark: {DATA_ROOT} not present (set ATTNREID_DATA)")
         return
     t = time.perf_counter()
-    ds = build_dataset("market1501", SHARED)
+    ds = build_dataset("market1501", DATA_ROOT)
     index_s = time.perf_counter() - t
     runs = []
     default_threads = torch.get_num_threads()

@@ -127,7 +127,7 @@ def bench_extract(thread_counts, repeats: int, batches: int, models=None) -> Non
 
     from attnreid.config import from_dict
     from attnreid.deploy.extractor import FeatureExtractor
-    from attnreid.deploy.onnx_export import export_onnx
+    from attnreid.inference.export import export_onnx
 
     levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -258,7 +258,7 @@ VARIANTS = {
 def bench_variants(threads: int) -> None:
     from attnreid.config import from_dict
     from attnreid.deploy.extractor import FeatureExtractor
-    from attnreid.deploy.onnx_export import export_onnx
+    from attnreid.inference.export import export_onnx
     from attnreid.errors import AttnReidError
 
     torch.set_num_threads(threads)

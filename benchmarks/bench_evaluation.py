@@ -3,7 +3,7 @@
     python benchmarks/bench_evaluation.py [rank] [rerank] [msmt]    (default: all three)
 
 - ``rank``: Market-1501 sizes (3,368 queries x 15,913 gallery) with the real pids and camera ids
-  parsed from the file names in ``../shared/data/Market-1501-v15.09.15.zip`` (pid -1 dropped, 0000
+  parsed from the file names in ``$ATTNREID_DATA/Market-1501-v15.09.15.zip`` (pid -1 dropped, 0000
   distractors kept in the gallery), identity-correlated random features of dimension 512 and 2048.
   Times ``attnreid.evaluation.evaluate_rank`` against a numpy re-implementation of torchreid's
   Cython evaluator algorithm (``eval_market1501_cy``: full ``np.argsort``, ``Q x G`` match matrix,
@@ -37,7 +37,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-MARKET_ZIP = ROOT.parent / "shared" / "data" / "Market-1501-v15.09.15.zip"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _data import MARKET_ZIP  # noqa: E402
 # torchreid's pattern: pid and camera at the start of the name (a few names end in ".jpg.jpg").
 NAME = re.compile(r"/(query|bounding_box_test)/([-\d]+)_c(\d)[^/]*\.jpg$")
 

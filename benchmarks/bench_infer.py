@@ -23,7 +23,7 @@ kept from the existing file, each with the machine it was measured on; every row
 the load average at its start and end (``loaded``: the 1-minute load was above 1).
 ``break_even_images`` in each onnxruntime row is its setup seconds over the seconds it
 saves per image against eager float32: the job size from which exporting pays
-(``attnreid.engine.inference.ONNXRUNTIME_MIN_IMAGES`` is chosen from these).
+(``attnreid.inference.onnxruntime_backend.MIN_IMAGES`` is chosen from these).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def runner(path: str, model, size, tmp: Path):
     if path == "onnxruntime_fp32":
         import onnxruntime as ort
 
-        from attnreid.deploy.onnx_export import export_onnx
+        from attnreid.inference.export import export_onnx
 
         t0 = time.perf_counter()
         onnx_path = tmp / "model.onnx"
@@ -205,7 +205,7 @@ def run_group(model: str, paths, args, tmp: str, limit: int) -> list:
 
 
 def markdown(rows) -> str:
-    from attnreid.engine.inference import fastest_matching_path
+    from attnreid.inference.backend import fastest_matching_path
 
     lines = ["| model | batch | path | img/s | ms/batch | vs eager fp32 | mean cos | min cos | setup s | load |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -274,7 +274,7 @@ def main() -> None:
     if args.table:
         print(markdown(json.loads(args.out.read_text())["rows"]))
         return
-    from attnreid.engine.inference import fastest_matching_path
+    from attnreid.inference.backend import fastest_matching_path
 
     torch.set_num_threads(args.threads)
     machine_start = machine_record()

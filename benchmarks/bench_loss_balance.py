@@ -36,6 +36,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+from _data import DATA_ROOT  # noqa: E402
 
 SETTINGS = {
     "defaults": ("configs/mhsanet/market1501.yaml", []),
@@ -149,7 +150,7 @@ def main() -> None:
     parser.add_argument("--trajectory", type=int, default=0, metavar="STEPS",
                         help="also train the CPU recipe for STEPS steps on Market-1501 and probe the balance on the way")
     parser.add_argument("--trajectory-only", action="store_true", help="keep the file's other runs, redo only the trajectory")
-    parser.add_argument("--root", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--root", default=str(DATA_ROOT), help="data root holding Market-1501 ($ATTNREID_DATA)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from _machine import machine_record

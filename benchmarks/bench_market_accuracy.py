@@ -1,7 +1,7 @@
 """Proof on real data: Baseline, MHSA-Net (and MHSA-Net*) and HA-CNN trained from scratch on Market-1501.
 
 Each model trains from random initialisation on the full Market-1501 training split (the
-official zip in ``../shared/data``, read in place) with its CPU recipe,
+official zip in ``$ATTNREID_DATA``, default ``data/``, read in place) with its CPU recipe,
 ``configs/cpu/market1501_{baseline,mhsanet,hacnn}.yaml``: the same PK batch, the same
 identity-epochs and so the same number of optimiser steps for every model, bf16 autocast
 where the CPU has it. ``data.val_ids`` training identities are held out as a validation
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _data import DATA_ROOT  # noqa: E402
 from _machine import git_commit, machine_record  # noqa: E402
 
 from attnreid.config import load_config  # noqa: E402
@@ -134,7 +135,7 @@ def paired_rank1(out: Path, a: str, b: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--root", default=str(DATA_ROOT))
     ap.add_argument("--models", default="baseline,mhsanet,hacnn", help=f"any of {', '.join(CONFIGS)}")
     ap.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs (same for all)")
     ap.add_argument("--threads", type=int, default=2)

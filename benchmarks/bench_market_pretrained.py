@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _data import DATA_ROOT  # noqa: E402
 from _machine import git_commit, machine_record  # noqa: E402
 from bench_market_accuracy import head_diversity, robustness  # noqa: E402
 
@@ -63,7 +64,7 @@ def config_path(name: str) -> Path:
 def features(model, full, cfg, device):
     """Query and gallery features (float32, N x D) with the run's own inference settings, the
     backend and precision settled once on the query set (an ONNX export costs a minute)."""
-    from attnreid.engine.extract import extract_with_precision
+    from attnreid.inference.extract import extract_with_precision
 
     out, amp = [], cfg.eval.amp
     for items in (full.query, full.gallery):
@@ -192,7 +193,7 @@ def table(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--root", default=str(DATA_ROOT))
     ap.add_argument("--models", default="baseline,bot,mhsanet", help=f"any of {', '.join(RECIPES)}")
     ap.add_argument("--seed", type=int, default=0, help="train.seed; runs and entries are named NAME_seedN")
     ap.add_argument("--threads", type=int, default=2)

@@ -1,7 +1,7 @@
 """Real-data smoke test: a few minutes of training on a Market-1501 subset, on this CPU.
 
-Reads the official zip directly (``/work/shared/data/Market-1501-v15.09.15.zip``, or
-``--root``), keeps the first ``--train-ids`` training identities and the first
+Reads the official zip directly (``$ATTNREID_DATA/Market-1501-v15.09.15.zip``, default
+``data/``, or ``--root``), keeps the first ``--train-ids`` training identities and the first
 ``--test-ids`` test identities (their queries, and their gallery images), trains a small
 model from random initialisation (no ImageNet weights: nothing is downloaded) with
 ``train.max_minutes``, evaluates with the Market protocol and compares rank-1 and mAP
@@ -35,6 +35,7 @@ from attnreid.engine.trainer import train
 from attnreid.evaluation import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _data import DATA_ROOT  # noqa: E402
 from _machine import machine_record  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,7 +55,7 @@ def subset(full: ReIDDataset, train_ids: int, test_ids: int) -> ReIDDataset:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", default="/work/shared/data")
+    ap.add_argument("--root", default=str(DATA_ROOT))
     ap.add_argument("--minutes", type=float, default=4.0)
     ap.add_argument("--model", default="baseline", choices=["baseline", "mhsanet"])
     ap.add_argument("--backbone", default="resnet18")

@@ -16,7 +16,7 @@ On the real Market-1501 zip (``--root``, read in place), for each model this mea
 - ``subnormal``: the share of subnormal floats in the attention, embeddings and gradients.
 
 The (model, threads) cells are timed in interleaved rounds so that they share the
-machine's load. ``python benchmarks/bench_pipeline.py --root ../shared/data`` writes
+machine's load. ``python benchmarks/bench_pipeline.py --root DATA`` (a folder holding the Market-1501 zip) writes
 benchmarks/results/train_pipeline.json with the machine record.
 """
 

@@ -31,15 +31,16 @@ import time
 from pathlib import Path
 
 import torch
+from _data import DATA_ROOT
 from _machine import machine_record
 from bench_market_smoke import subset
 
 from attnreid.config import load_config
 from attnreid.data.datasets import build_dataset_from_config
 from attnreid.engine.build import load_model
-from attnreid.engine.extract import extract_features
 from attnreid.engine.trainer import train
 from attnreid.evaluation.protocols import evaluate
+from attnreid.inference.extract import extract_features
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -68,7 +69,7 @@ def metrics(qf, gf, q_ids, g_ids, protocol: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", default="/work/shared/data")
+    ap.add_argument("--root", default=str(DATA_ROOT))
     ap.add_argument("--steps", type=int, default=40, help="optimiser steps per run (a multiple of --steps-per-epoch)")
     ap.add_argument("--steps-per-epoch", type=int, default=10)
     ap.add_argument("--train-ids", type=int, default=150)

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_robustness.py [--checkpoint CKPT] [--train-minutes 8]
 
-1. A subset of the shared Market-1501 zip is written in the Market layout under
+1. A subset of the Market-1501 zip (``$ATTNREID_DATA``, default ``data/``) is written in the Market layout under
    ``scratch/bench_robustness/data`` (git-ignored; never in the repository): ``--train-ids``
    training identities, ``--num-query`` queries (one per test identity, random camera),
    and a gallery of every gallery image of those identities plus ``--distractors`` other
@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-ZIP = REPO.parent / "shared" / "data" / "Market-1501-v15.09.15.zip"
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _data import MARKET_ZIP  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 SMOKE_CHECKPOINTS = [  # where the engine benchmark leaves its Market smoke run
     REPO / "scratch" / "bench_engine" / "market1501" / "checkpoints" / "last.pth",
@@ -102,7 +103,7 @@ def train_small(root: Path, run_dir: Path, minutes: float, threads: int) -> Path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="a trained checkpoint (default: smoke run, else train one)")
-    ap.add_argument("--zip", default=str(ZIP))
+    ap.add_argument("--zip", default=str(MARKET_ZIP))
     ap.add_argument("--train-ids", type=int, default=300)
     ap.add_argument("--num-query", type=int, default=200)
     ap.add_argument("--distractors", type=int, default=1000)

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_stats.py [--resamples 1000] [--repeats 3]
 
-Real Market-1501 query/gallery ids and cameras (3,368 x 15,913, from the shared zip's file names)
+Real Market-1501 query/gallery ids and cameras (3,368 x 15,913, from the official zip's file names)
 with identity-correlated random features (dimension 512), as in bench_evaluation.py. Times:
 
 - ``evaluate_rank`` with and without ``per_query=True`` (the per-query output must cost ~nothing);

@@ -123,7 +123,7 @@ def test_export_refuses_an_opset_no_exporter_writes(small, tmp_path, opset):
 
 
 def test_exporters_per_opset():
-    from attnreid.deploy.onnx_export import _exporters
+    from attnreid.inference.export import _exporters
 
     # The dynamo exporter writes opset 18 whatever it is asked below 18: never ask it for those.
     assert [n for n, _ in _exporters(13)] == ["torchscript"]

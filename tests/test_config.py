@@ -12,7 +12,7 @@ def test_defaults_match_spec():
     assert cfg.model.mhsanet.num_heads == 8
     assert cfg.loss.lambda_fdrt == 1e-4 and cfg.loss.lambda_ihtl == 1.0 and cfg.loss.lambda_acm == 1e-3
     assert cfg.loss.acm_gamma == 1e-3
-    # SPEC.md 1: the authors' distances and margins by default; Eq. 3 and 12 as written.
+    # docs/spec.md §1: the authors' distances and margins by default; Eq. 3 and 12 as written.
     assert (cfg.loss.triplet_distance, cfg.loss.triplet_margin) == ("euclidean", "soft")
     assert (cfg.loss.ihtl_distance, cfg.loss.ihtl_margin) == ("euclidean", "soft")
     assert (cfg.loss.fdrt_form, cfg.loss.acm_form) == ("paper", "paper") and cfg.model.mhsanet.rlm_out_norm
@@ -64,3 +64,34 @@ def test_roundtrip(tmp_path: Path):
     again = load_config(tmp_path / "c.yaml")
     assert to_dict(again) == to_dict(cfg)
     assert isinstance(again, Config)
+
+
+def test_loading_a_config_imports_no_torch():
+    """The config and its choice lists (attnreid.choices) are torch-free: a CLI command or tool
+    that only reads configs does not pay torch's import, and a bad value is still one line."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys\n"
+        "from attnreid.config import load_config\n"
+        "from attnreid.errors import ConfigError\n"
+        f"cfg = load_config({str(root / 'configs/mhsanet/market1501.yaml')!r}, [])\n"
+        "load_config(None, ['loss.ihtl_margin=3.0', 'data.workers=2', 'eval.backend=onnxruntime'])\n"
+        "try:\n"
+        "    load_config(None, ['loss.triplet_margin=-1'])\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["config key 'loss.triplet_margin' is '-1'; a numeric margin must be finite and >= 0", "False"]
+
+
+def test_the_owners_registries_hold_the_config_choices():
+    from attnreid import choices
+    from attnreid.models import backbones, mhsanet
+
+    assert tuple(mhsanet.FUSIONS) == choices.FUSIONS
+    assert set(backbones.PRETRAINED_URLS) == set(choices.BACKBONES)

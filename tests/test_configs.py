@@ -35,7 +35,7 @@ PINNED_ELSEWHERE = {
     "cpu/market1501_mhsanet_rows_centre_mobilenetv2.yaml": "tests/test_cpu_recipes.py",
 }
 
-# --- MHSA-Net (SPEC.md 1, MHSA-Net Sec. VII) ---------------------------------------------------
+# --- MHSA-Net (docs/spec.md §1, MHSA-Net Sec. VII) ---------------------------------------------------
 PAPER_LAMBDAS = (1e-4, 1.0, 1e-3)  # lambda1 (FDRT), lambda2 (IHTL), lambda3 (ACM): Eq. 11, 13, Sec. VII-D
 MHSANET = {  # MHSA-Net (K=8), Table I / V: everything on, test feature cat(p*, q*)
     "model": "mhsanet", "K": 8, "lambdas": PAPER_LAMBDAS, "global_ce": True, "fusion": "saffm", "rlm": True,
@@ -81,7 +81,7 @@ MHSA_DATASETS = {
 TABLE8 = {"market1501": "market1501", "cuhk03_detected": "cuhk03_detected"}   # K = 1..9, MHSAM alone
 TABLE6 = {"occluded_duke": "occluded_duke", "cuhk03_detected": "cuhk03_detected"}  # P_k alone, k = 1..8 of K = 8
 
-# --- HA-CNN (SPEC.md 2, HA Tables 2-7) --------------------------------------------------------
+# --- HA-CNN (docs/spec.md §2, HA Tables 2-7) --------------------------------------------------------
 HACNN = {"model": "hacnn", "attention": "all", "cross_attention": "on", "test_feature": "joint"}
 HA_ROWS = {
     "": {},
@@ -110,7 +110,7 @@ def _expected():
         for suffix in suffixes:
             rows[f"mhsanet/{prefix}{suffix}.yaml"] = {**MHSANET, **MHSA_ROWS[suffix], "dataset": train_set,
                                                       "eval_dataset": eval_set}
-    # MHSA-Net (K=8) on Market-1501 with every loss read literally (SPEC.md 1): the row's own values
+    # MHSA-Net (K=8) on Market-1501 with every loss read literally (docs/spec.md §1): the row's own values
     rows["mhsanet/paper_literal.yaml"] = {**MHSANET, "dataset": "market1501", "eval_dataset": "market1501"}
     for prefix, ds in TABLE8.items():
         for k in range(1, 10):
@@ -124,7 +124,7 @@ def _expected():
         for suffix in suffixes:
             rows[f"hacnn/{prefix}{suffix}.yaml"] = {**HACNN, **HA_ROWS[suffix], "dataset": prefix,
                                                     "eval_dataset": prefix}
-    # Appendix sweeps on MHSAM (K = 8 unless named), SPEC.md 1 / MHSA-Net Tables VII, X, XI, Figs. 7-8.
+    # Appendix sweeps on MHSAM (K = 8 unless named), docs/spec.md §1 / MHSA-Net Tables VII, X, XI, Figs. 7-8.
     cuhk = {"dataset": "cuhk03_detected", "eval_dataset": "cuhk03_detected"}
     for tag, lam3 in (("1", 1.0), ("1e-1", 1e-1), ("1e-2", 1e-2), ("1e-3", 1e-3), ("1e-4", 1e-4), ("1e-5", 1e-5)):
         rows[f"mhsanet/table7/cuhk03_detected_lambda3_{tag}.yaml"] = {**MHSANET, **cuhk, "lambdas": (0.0, 0.0, lam3),

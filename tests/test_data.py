@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -14,7 +15,9 @@ from attnreid.data.io import read_image
 from attnreid.errors import DataError
 from helpers import assert_one_line_error, run_cli
 
-SHARED_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
+# The real Market-1501 (its zip or its folder) under $ATTNREID_DATA, default the repository's data/.
+REAL_DATA = Path(os.environ.get("ATTNREID_DATA") or Path(__file__).parents[1] / "data")
+HAS_MARKET = any((REAL_DATA / name).exists() for name in ("Market-1501-v15.09.15.zip", "Market-1501-v15.09.15"))
 
 
 @pytest.fixture()
@@ -132,9 +135,9 @@ def test_stats_cli_json(synthetic_root: Path):
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (Market-1501 zip) not present")
+@pytest.mark.skipif(not HAS_MARKET, reason="no Market-1501 under $ATTNREID_DATA (default data/)")
 def test_stats_real_market1501():
-    code, out, err = run_cli(["data", "stats", "market1501", "--root", SHARED_DATA, "--json"])
+    code, out, err = run_cli(["data", "stats", "market1501", "--root", REAL_DATA, "--json"])
     assert code == 0, err
     assert json.loads(out) == {
         "train": {"images": 12936, "ids": 751, "cams": 6},

@@ -69,7 +69,7 @@ def test_cuhk03_labeled_and_detected_side_by_side(tmp_path: Path):
 
 
 def test_p_dukemtmc(tmp_path: Path):
-    base = "P-DukeMTMC-reID"  # the release's capitalisation; SPEC writes P-DukeMTMC-reid
+    base = "P-DukeMTMC-reID"  # the release's capitalisation (also written P-DukeMTMC-reid)
     make_tree(tmp_path, {
         f"{base}/train/occluded_body_images/0005": ["0005_c2_f0046985.jpg"],
         f"{base}/train/whole_body_images/0005": ["0005_c1_f0046000.jpg", "0005_c3_f0046001.jpg"],

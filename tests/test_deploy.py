@@ -15,9 +15,10 @@ from PIL import Image
 from helpers import assert_one_line_error, run_cli
 
 from attnreid.config import from_dict, to_dict
-from attnreid.deploy.extractor import FeatureExtractor, config_fingerprint
+from attnreid.deploy.extractor import FeatureExtractor
 from attnreid.deploy.index import (FaissParams, FaissSearcher, GalleryIndex, build_index, exact_topk,
                                    pairwise_distance, parse_camera, recall_at_k)
+from attnreid.engine.build import config_fingerprint
 from attnreid.engine.checkpoint import save_checkpoint
 from attnreid.errors import AttnReidError, CheckpointError, DataError
 from attnreid.models import build_model

@@ -14,8 +14,8 @@ from test_deploy import make_checkpoint, person
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 from attnreid.deploy.extractor import FeatureExtractor
-from attnreid.deploy.onnx_export import REL_TOLERANCE, check_onnx, export_onnx, flatten_outputs, verify_onnx
 from attnreid.errors import AttnReidError
+from attnreid.inference.export import REL_TOLERANCE, check_onnx, export_onnx, flatten_outputs, verify_onnx
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

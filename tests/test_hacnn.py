@@ -1,4 +1,4 @@
-"""HA-CNN (SPEC.md 2): the HA module's equations by hand, regions, gradients, ablations, size."""
+"""HA-CNN (docs/spec.md §2): the HA module's equations by hand, regions, gradients, ablations, size."""
 
 from __future__ import annotations
 
@@ -317,7 +317,7 @@ def test_bad_config_is_one_line_naming_the_key(override, key):
     assert key in str(err.value) and "\n" not in str(err.value)
 
 
-# ---------------------------------------------------------------- size (SPEC.md 2, docs/hacnn.md)
+# ---------------------------------------------------------------- size (docs/spec.md §2, docs/hacnn.md)
 
 
 HACNN_PARAMS = 2_920_790  # classifiers excluded; paper: 2.7 M (docs/hacnn.md explains the gap)

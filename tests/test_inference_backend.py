@@ -19,12 +19,13 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 from attnreid.config import from_dict, load_config
 from attnreid.data.datasets import build_dataset
 from attnreid.deploy.extractor import FeatureExtractor
-from attnreid.engine import inference
 from attnreid.engine.evaluator import evaluate_model
-from attnreid.engine.extract import extract_with_precision
 from attnreid.errors import AttnReidError, ConfigError
+from attnreid.inference import backend as inference
+from attnreid.inference import onnxruntime_backend as ort_backend
+from attnreid.inference.extract import extract_with_precision
 
-needs_ort = pytest.mark.skipif(not inference.onnxruntime_available(), reason="needs attnreid[onnx]")
+needs_ort = pytest.mark.skipif(not ort_backend.available(), reason="needs attnreid[onnx]")
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +44,7 @@ def no_export(monkeypatch):
     """Any ONNX export fails the test: the paths that must not export."""
     def refuse(*_a, **_k):
         raise AssertionError("exported although it must not")
-    monkeypatch.setattr(inference, "onnx_session", refuse)
+    monkeypatch.setattr(ort_backend, "open_session", refuse)
 
 
 def assert_close_features(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -82,7 +83,7 @@ def test_auto_takes_onnxruntime_for_a_big_job_once_for_query_and_gallery(tiny, s
     dataset = build_dataset("market1501", synthetic_root)
     # above the threshold only together: the decision is for the whole evaluation, not per side
     assert len(dataset.query) < len(dataset.gallery) < len(dataset.query) + len(dataset.gallery)
-    monkeypatch.setattr(inference, "ONNXRUNTIME_MIN_IMAGES", len(dataset.gallery) + 1)
+    monkeypatch.setattr(ort_backend, "MIN_IMAGES", len(dataset.gallery) + 1)
     settles = []
     real = inference._settle_auto
     monkeypatch.setattr(inference, "_settle_auto", lambda *a: settles.append(1) or real(*a))
@@ -105,8 +106,8 @@ def test_auto_takes_onnxruntime_for_a_big_job_once_for_query_and_gallery(tiny, s
 
 def test_auto_falls_back_to_torch_without_onnxruntime(tiny, no_onnxruntime, no_export, monkeypatch, capsys):
     model, cfg, items = tiny
-    monkeypatch.setattr(inference, "ONNXRUNTIME_MIN_IMAGES", 1)
-    assert not inference.onnxruntime_available()
+    monkeypatch.setattr(ort_backend, "MIN_IMAGES", 1)
+    assert not ort_backend.available()
     feats, _, _, _, how = extract_with_precision(model, items, cfg.data, amp="off", backend="auto")
     ref, _, _, _, _ = extract_with_precision(model, items, cfg.data, amp="off", backend="torch")
     assert how.backend == "torch" and torch.equal(feats, ref)
@@ -115,14 +116,14 @@ def test_auto_falls_back_to_torch_without_onnxruntime(tiny, no_onnxruntime, no_e
 
 def test_auto_stays_on_torch_below_the_threshold(tiny, no_export, capsys):
     model, cfg, items = tiny
-    assert len(items) < inference.ONNXRUNTIME_MIN_IMAGES
+    assert len(items) < ort_backend.MIN_IMAGES
     feats, _, _, _, how = extract_with_precision(model, items, cfg.data, amp="off", backend="auto")
     assert how.backend == "torch" and "too few for an ONNX export to pay" in how.reason
     err = capsys.readouterr().err
     assert "inference precision: float32 (eval.amp=off)" in err and "onnxruntime" not in err  # the usual quiet case
     # a job announced as big enough gets past the threshold (and then exports)
-    big = inference.resolve_inference("off", "auto", "cpu", num_images=inference.ONNXRUNTIME_MIN_IMAGES)
-    assert big.backend == ("auto" if inference.onnxruntime_available() else "torch")
+    big = inference.resolve_inference("off", "auto", "cpu", num_images=ort_backend.MIN_IMAGES)
+    assert big.backend == ("auto" if ort_backend.available() else "torch")
     # an explicit bf16 is PyTorch's autocast, whatever the size
     asked = inference.resolve_inference("bf16", "auto", "cpu", num_images=10**6)
     assert asked.backend == "torch" and "eval.amp=bf16 asks for PyTorch autocast" in asked.reason
@@ -134,10 +135,10 @@ def test_auto_stays_on_torch_below_the_threshold(tiny, no_export, capsys):
 
 def test_auto_falls_back_when_onnxruntime_features_differ_or_the_export_fails(tiny, monkeypatch, capsys):
     model, cfg, items = tiny
-    monkeypatch.setattr(inference, "ONNXRUNTIME_MIN_IMAGES", 1)
-    monkeypatch.setattr(inference, "onnxruntime_available", lambda: True)
-    monkeypatch.setattr(inference, "onnx_session", lambda *a, **k: (object(), 0.1))
-    monkeypatch.setattr(inference, "onnx_features", lambda s, x, flip=False: torch.randn(len(x), model.feature_dim))
+    monkeypatch.setattr(ort_backend, "MIN_IMAGES", 1)
+    monkeypatch.setattr(ort_backend, "available", lambda: True)
+    monkeypatch.setattr(ort_backend, "open_session", lambda *a, **k: (object(), 0.1))
+    monkeypatch.setattr(ort_backend, "features", lambda s, x, flip=False: torch.randn(len(x), model.feature_dim))
     inference._settled.pop(model, None)
     _, _, _, _, how = extract_with_precision(model, items, cfg.data, amp="off", backend="auto")
     assert how.backend == "torch" and "its features differ from PyTorch fp32: mean cosine" in how.reason
@@ -145,7 +146,7 @@ def test_auto_falls_back_when_onnxruntime_features_differ_or_the_export_fails(ti
 
     def broken(*_a, **_k):
         raise AttnReidError("ONNX export of 'mhsanet' at opset 18 failed (dynamo: unsupported op)")
-    monkeypatch.setattr(inference, "onnx_session", broken)
+    monkeypatch.setattr(ort_backend, "open_session", broken)
     inference._settled.pop(model, None)
     _, _, _, _, how = extract_with_precision(model, items, cfg.data, amp="off", backend="auto")
     assert how.backend == "torch" and "the ONNX export failed (ONNX export of 'mhsanet'" in how.reason

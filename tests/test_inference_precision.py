@@ -11,10 +11,10 @@ import attnreid.precision as precision_mod
 from attnreid.config import from_dict, load_config
 from attnreid.data.datasets import build_dataset
 from attnreid.deploy.extractor import FeatureExtractor
-from attnreid.engine import inference
-from attnreid.engine.extract import extract_features
-from attnreid.engine.inference import fastest_matching_path, inference_precision
 from attnreid.errors import ConfigError
+from attnreid.inference import backend as inference
+from attnreid.inference.backend import fastest_matching_path, inference_precision
+from attnreid.inference.extract import extract_features
 from attnreid.models import build_model
 
 TINY = {"model": {"name": "mhsanet", "backbone": {"name": "mobilenetv3_small"},

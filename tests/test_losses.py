@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from attnreid.config import _read_yaml, load_config
+from attnreid.choices import parse_margin
 from attnreid.errors import ConfigError
 from attnreid.losses import build_criterion, cross_entropy
 from attnreid.losses.balance import MAX_GRAD_RATIO, loss_balance, worst_ratio
@@ -21,7 +22,6 @@ from attnreid.losses.triplet import (
     improved_hard_triplet,
     pairwise_distance,
     pairwise_squared_distance,
-    parse_margin,
 )
 from attnreid.models import build_model
 

@@ -91,7 +91,7 @@ def test_rlm_is_eq_9_summed_over_heads_then_layer_normalised():
 
 
 def test_rlm_out_norm_keeps_z_at_the_scale_of_p_star():
-    """Without the LayerNorm on z, ||z|| is about K x sqrt(E) at initialisation (SPEC.md 1, RLM)."""
+    """Without the LayerNorm on z, ||z|| is about K x sqrt(E) at initialisation (docs/spec.md §1, RLM)."""
     norms = {}
     for out_norm in (True, False):
         model, _ = _model("model.mhsanet.num_heads=4", f"model.mhsanet.rlm_out_norm={str(out_norm).lower()}")

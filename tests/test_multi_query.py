@@ -13,9 +13,9 @@ from torch import nn
 from attnreid.config import load_config
 from attnreid.data.datasets import build_dataset
 from attnreid.engine.evaluator import evaluate_model
-from attnreid.engine.extract import extract_features
 from attnreid.errors import DataError
 from attnreid.evaluation.protocols import evaluate
+from attnreid.inference.extract import extract_features
 
 BASE = "Market-1501-v15.09.15"
 # file name -> red level; the feature is the image's mean colour

@@ -8,7 +8,7 @@ Every key is checked against the schema: a misspelt key, a wrong type or an
 out-of-range value is a :class:`~attnreid.errors.ConfigError` naming the key (and the
 closest valid key for a typo). The names follow the papers (``num_heads`` is K,
 ``lambda_fdrt`` is lambda1, ``ihtl_margin`` is m of Eq. 5, ...) so paper and config can
-be read side by side; SPEC.md gives the meaning of each.
+be read side by side; docs/spec.md gives the meaning of each choice the papers leave open.
 
 Only the CLI and the high-level builders read this module; models, losses, data and
 evaluation take the sub-config objects (duck-typed) or plain arguments.
@@ -28,7 +28,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from attnreid import choices
 from attnreid.errors import ConfigError
+from attnreid.models.registry import feature_choices, get_spec, model_names
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -94,7 +96,7 @@ class MHSANetConfig:
     num_heads: int = 8  # K
     attention_dim: int = 512  # rows of w1 (Eq. 1)
     embed_dim: int = 512  # width of q*, P, p*, z
-    attention_norm: str = "spatial"  # spatial | heads (SPEC.md 1, MHSAM)
+    attention_norm: str = "spatial"  # spatial | heads (docs/spec.md §1, MHSAM)
     # Not in the paper: c > 0 caps Eq. 1's logits as c tanh(l / c) so the softmax cannot
     # saturate (heads collapsed onto one position without it, docs/models.md); 0 = off.
     attention_logit_cap: float = 0.0
@@ -150,11 +152,11 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights and forms (MHSA-Net Eq. 3-13; SPEC.md 1). Defaults: see docs/models.md.
+    """Loss weights and forms (MHSA-Net Eq. 3-13; docs/spec.md §1). Defaults: see docs/models.md.
 
     Margins are strings so that one key holds either ``soft`` (softplus) or a number
     (the hinge margin): ``0.3`` in YAML or on the command line arrives as ``"0.3"``;
-    :func:`attnreid.losses.triplet.parse_margin` turns it into a float once.
+    :func:`attnreid.choices.parse_margin` turns it into a float once.
     """
 
     global_ce: bool = True  # CE on q* (L_GFB); false = MHSA-Net-dagger
@@ -233,12 +235,12 @@ class EvalConfig:
     rerank_input: str = "zhong"
     flip: bool = False  # average features of the image and its mirror
     # Inference precision of evaluation, extract, index build, FeatureExtractor: auto | off | bf16 | fp16.
-    # auto = bf16 autocast where the CPU/GPU runs bf16 natively (attnreid.engine.inference says why).
+    # auto = bf16 autocast where the CPU/GPU runs bf16 natively (attnreid.inference.backend says why).
     amp: str = "auto"
     # Backend of the same commands: auto | torch | onnxruntime. torch = eager PyTorch with eval.amp;
     # onnxruntime = an in-process ONNX export run in onnxruntime (float32; needs attnreid[onnx]);
     # auto = onnxruntime on the CPU for jobs of >= 1,000 images when it is installed, the model
-    # exports and its first batch matches PyTorch float32, else torch (attnreid.engine.inference).
+    # exports and its first batch matches PyTorch float32, else torch (attnreid.inference.backend).
     backend: str = "auto"
     # Market-1501 multi-query (HA Table 2, MQ): each query's feature is the mean over the
     # gt_bbox images of its pid and camera; needs the gt_bbox folder.
@@ -267,31 +269,30 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# Allowed values, checked after loading. Keys are dotted paths.
+# Allowed values, checked after loading (the lists: attnreid.choices; model.name and
+# model.test_feature: the model registry, read when a config is validated). Keys are dotted paths.
 CHOICES = {
-    "model.name": ("baseline", "mhsanet", "hacnn"),
-    "model.backbone.name": ("resnet18", "resnet34", "resnet50", "resnet50_ibn_a", "mobilenetv3_small", "mobilenetv2"),
-    "model.mhsanet.attention_norm": ("spatial", "heads"),
-    "model.mhsanet.head_prior": ("none", "rows", "rows_learned"),
-    "model.mhsanet.fusion": ("saffm", "concat", "sum"),
-    "model.hacnn.attention": ("none", "spatial", "channel", "soft", "hard", "all"),
-    "model.hacnn.cross_attention": ("on", "off", "detach"),
-    "model.hacnn.region_scale": ("stripes", "native"),
-    "model.test_feature": ("default", "concat", "star", "head", "global", "joint", "local"),
-    "loss.triplet_distance": ("euclidean", "squared"),
-    "loss.ihtl_distance": ("euclidean", "squared"),
-    "loss.fdrt_form": ("paper", "gram"),
-    "loss.acm_form": ("paper", "linear"),
-    "optim.name": ("adam", "sgd"),
-    "train.amp": ("auto", "off", "bf16", "fp16"),
-    "train.compile": ("auto", "off", "on"),
-    "data.epoch_mode": ("images", "identities"),
-    "eval.metric": ("euclidean_sq", "cosine"),
-    "eval.amp": ("auto", "off", "bf16", "fp16"),
-    "eval.backend": ("auto", "torch", "onnxruntime"),
-    "eval.rerank_input": ("zhong", "torchreid"),
-    "data.cuhk03_split": ("new",),
-    "model.backbone.last_stride": (1, 2),
+    "model.backbone.name": choices.BACKBONES,
+    "model.mhsanet.attention_norm": choices.ATTENTION_NORMS,
+    "model.mhsanet.head_prior": choices.HEAD_PRIORS,
+    "model.mhsanet.fusion": choices.FUSIONS,
+    "model.hacnn.attention": choices.HACNN_ATTENTION,
+    "model.hacnn.cross_attention": choices.CROSS_ATTENTION_MODES,
+    "model.hacnn.region_scale": choices.REGION_SCALES,
+    "loss.triplet_distance": choices.DISTANCES,
+    "loss.ihtl_distance": choices.DISTANCES,
+    "loss.fdrt_form": choices.FDRT_FORMS,
+    "loss.acm_form": choices.ACM_FORMS,
+    "optim.name": choices.OPTIMIZERS,
+    "train.amp": choices.AMP_CHOICES,
+    "train.compile": choices.COMPILE_CHOICES,
+    "data.epoch_mode": choices.EPOCH_MODES,
+    "eval.metric": choices.METRICS,
+    "eval.amp": choices.AMP_CHOICES,
+    "eval.backend": choices.INFERENCE_BACKENDS,
+    "eval.rerank_input": choices.RERANK_INPUTS,
+    "data.cuhk03_split": choices.CUHK03_SPLITS,
+    "model.backbone.last_stride": choices.LAST_STRIDES,
 }
 
 # Keys holding "soft" or a number (see LossConfig).
@@ -542,7 +543,8 @@ _YAML_BOOL_WORDS = {"False": "off", "True": "on", "false": "off", "true": "on"} 
 
 def validate(cfg: Config) -> Config:
     """Check choices and ranges; raise ConfigError naming the first bad key."""
-    for key, allowed in CHOICES.items():
+    registered = {"model.name": model_names(), "model.test_feature": feature_choices()}
+    for key, allowed in {**registered, **CHOICES}.items():
         value = _get(cfg, key)
         if value in _YAML_BOOL_WORDS and _YAML_BOOL_WORDS[value] in allowed:
             value = _YAML_BOOL_WORDS[value]
@@ -561,27 +563,21 @@ def validate(cfg: Config) -> Config:
         value = _get(cfg, key)
         if value > high:
             raise ConfigError(f"config key '{key}' is {value}; it must be <= {high}")
-    from attnreid.losses.triplet import parse_margin  # here, not at the top: config must load without torch
-
     for key in MARGIN_KEYS:
-        parse_margin(_get(cfg, key), key)
+        choices.parse_margin(_get(cfg, key), key)
     if cfg.data.batch_size % cfg.data.num_instances:
         raise ConfigError(
             f"config key 'data.batch_size' ({cfg.data.batch_size}) must be a multiple of "
             f"'data.num_instances' ({cfg.data.num_instances}) for PK sampling"
         )
-    from attnreid.data.loader import resolve_workers  # the data layer owns it; config only checks
-
-    resolve_workers(cfg.data.workers)
+    choices.check_workers(cfg.data.workers)
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise ConfigError("config keys 'data.mean' and 'data.std' need 3 values (RGB)")
     if any(s <= 0 for s in cfg.data.std):
         raise ConfigError("config key 'data.std' must be positive")
-    if cfg.model.name == "mhsanet" and cfg.model.test_feature == "head" and cfg.model.test_head >= cfg.model.mhsanet.num_heads:
-        raise ConfigError(
-            f"config key 'model.test_head' is {cfg.model.test_head}; it must be < model.mhsanet.num_heads "
-            f"({cfg.model.mhsanet.num_heads})"
-        )
+    spec = get_spec(cfg.model.name)
+    if spec.validate is not None:
+        spec.validate(cfg.model)
     return cfg
 
 

@@ -26,9 +26,9 @@ from typing import FrozenSet, Optional
 
 import torch
 
+from attnreid.choices import AMP_CHOICES
 from attnreid.errors import ConfigError
 
-AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 
 # oneDNN ISA names (DNNL_MAX_CPU_ISA / ONEDNN_MAX_CPU_ISA) at or above which bf16 is native.
 _DNNL_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",

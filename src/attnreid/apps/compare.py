@@ -32,7 +32,7 @@ def load_feature_file(path: str | Path, protocol: str = "market", metric: str = 
     Without ``query_paths`` the queries are named by their position, so two such files pair up
     only when they list the same identities and cameras in the same order.
     """
-    from attnreid.evaluation.npz import evaluate_npz
+    from attnreid.evaluation.npz import evaluate_npz  # torch (distances): only feature files need it
 
     path = Path(path)
     res = evaluate_npz(path, protocol=protocol, metric=metric, per_query=True)

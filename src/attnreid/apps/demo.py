@@ -17,9 +17,8 @@ also shows MHSA-Net* and HA-CNN against the Baseline, for information.
 
 **Size**, chosen so the verdict can mean something and the models learn in the time: the
 synthetic set has 380 identities x 8 images (generated at 128x64): 190 training identities
-(1,520 images) and 190 test identities giving 316 occluded queries and 1,204 gallery images.
-With the 40-identity set of earlier versions (31 queries) one query moved rank-1 by 3.2
-points and the verdict flipped from run to run. ResNet-18 backbone (random init: no download)
+(1,520 images) and 190 test identities giving 316 occluded queries and 1,204 gallery images
+(docs/evaluation.md: why a few dozen queries are too few). ResNet-18 backbone (random init: no download)
 at 64x32 input, MHSA-Net with K = 4 heads, HA-CNN at half its paper input (80x32) with widths
 scaled to 1/8; PK batches of 4 identities x 4 images; Adam 1e-3 with no warm-up and no
 decay; ``train.amp=auto`` (bf16 autocast where the CPU runs bf16 natively). Every choice is
@@ -45,15 +44,25 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
+import torch
 
-from attnreid.config import Config, from_dict, save_config
+from attnreid.config import Config, from_dict, load_config, save_config, to_dict
+from attnreid.data.datasets import build_dataset_from_config
+from attnreid.engine.build import load_model
+from attnreid.engine.evaluator import evaluate_model
+from attnreid.engine.trainer import train
+from attnreid.errors import AttnReidError
 from attnreid.evaluation import stats
+from attnreid.evaluation.paired import compare_evaluated, load_run
+from attnreid.models.registry import get_spec
+from attnreid.viz.report import write_report
 
 MODEL_ROWS = ("baseline", "mhsanet", "hacnn")
 # Share of the training time each model gets. Baseline and MHSA-Net get equal shares: at
 # this size MHSA-Net is only ~10 % slower per image (141 vs 157 img/s measured), and a
 # bigger share would let it see more images than the model it is compared with.
 TIME_WEIGHTS = {"baseline": 0.35, "mhsanet": 0.35, "hacnn": 0.3}
+# The pre-registered pair: (the reference every other row is compared with, the model the verdict is about).
 PAIRED = ("baseline", "mhsanet")
 # 380 identities x 8 images: 190 training identities, 316 occluded queries (see the docstring).
 NUM_IDS = 380
@@ -124,23 +133,19 @@ def run_demo(minutes: float = 6.0, out_dir: str | Path = "runs/demo", models: Se
     """
     from rich.console import Console
 
-    from attnreid.data.datasets import build_dataset_from_config
-    from attnreid.errors import AttnReidError
-
     t_start = time.perf_counter()
     console = Console(quiet=quiet, highlight=False)
     unknown = [m for m in models if m not in MODEL_ROWS]
     if unknown or not models:
         raise AttnReidError(f"--models has {unknown or 'nothing'}; choose from {', '.join(MODEL_ROWS)}")
-    if "mhsanet" in models and "baseline" not in models:
-        raise AttnReidError("--models needs 'baseline' next to 'mhsanet': the demo compares the two")
+    reference, compared = PAIRED
+    if compared in models and reference not in models:
+        raise AttnReidError(f"--models needs '{reference}' next to '{compared}': the demo compares the two")
     if minutes <= 0:
         raise AttnReidError(f"--minutes is {minutes}; it must be > 0")
     if seeds < 1:
         raise AttnReidError(f"--seeds is {seeds}; it must be >= 1")
     if threads > 0:  # also for the data generation and the evaluations outside train()
-        import torch
-
         torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     configs0 = _configs(out_dir, num_ids, images_per_id, threads, overrides, 0)
@@ -174,8 +179,6 @@ def run_demo(minutes: float = 6.0, out_dir: str | Path = "runs/demo", models: Se
 
 def _configs(out_dir: Path, num_ids: int, images_per_id: int, threads: int, overrides: Sequence[str],
              seed: int) -> Dict[str, Config]:
-    from attnreid.config import load_config, to_dict
-
     configs = demo_configs(out_dir / "data", num_ids, images_per_id, threads, seed)
     if overrides:
         configs = {n: load_config(None, _flatten(to_dict(c)) + list(overrides)) for n, c in configs.items()}
@@ -185,12 +188,6 @@ def _configs(out_dir: Path, num_ids: int, images_per_id: int, threads: int, over
 def _run_seed(configs: Mapping[str, Config], dataset: Any, models: Sequence[str], out_dir: Path, budget_s: float,
               t_start: float, chance: Mapping[str, float], console: Any, report: bool) -> Dict[str, Any]:
     """Train, evaluate and compare every model once; print the table and the verdict."""
-    from attnreid.config import to_dict
-    from attnreid.engine.build import load_model
-    from attnreid.engine.evaluator import evaluate_model
-    from attnreid.engine.trainer import train
-    from attnreid.errors import AttnReidError
-
     rows: List[Dict[str, Any]] = []
     remaining = list(models)
     at_start = budget_s - (time.perf_counter() - t_start)
@@ -214,24 +211,25 @@ def _run_seed(configs: Mapping[str, Config], dataset: Any, models: Sequence[str]
         console.print(f"  {name}: {result['epoch']} epochs, {result['step']} steps, {result['img_per_s']:.1f} img/s "
                       f"({result.get('precision', 'fp32')}), {result['status']}")
         rows.append(_row(name, "default", result, run))
-        if name == "mhsanet":
-            star_cfg = from_dict({**to_dict(cfg), "model": {**to_dict(cfg)["model"], "test_feature": "star"}},
-                                 "demo mhsanet star")
-            star_run = out_dir / "runs" / "mhsanet_star"
-            model, star_cfg = load_model(run / "checkpoints" / "last.pth", star_cfg)
-            save_config(star_cfg, star_run / "config.yaml")
-            m = evaluate_model(model, dataset, star_cfg, out_dir=star_run,
+        # the paper's named variants of the test feature (MHSA-Net*: p*), from the same weights
+        for feature in get_spec(name).test_features[1:]:
+            if not feature.label:
+                continue
+            variant_cfg = from_dict({**to_dict(cfg), "model": {**to_dict(cfg)["model"], "test_feature": feature.name}},
+                                    f"demo {name} {feature.name}")
+            variant_run = out_dir / "runs" / f"{name}_{feature.name}"
+            model, variant_cfg = load_model(run / "checkpoints" / "last.pth", variant_cfg)
+            save_config(variant_cfg, variant_run / "config.yaml")
+            m = evaluate_model(model, dataset, variant_cfg, out_dir=variant_run,
                                extra={"checkpoint": str(run / "checkpoints" / "last.pth"), "epoch": result["epoch"]})
-            rows.append(_row("mhsanet", "star", dict(result, **m), star_run))
+            rows.append(_row(name, feature.name, dict(result, **m), variant_run))
 
     comparisons = _compare_to_baseline(rows)
-    verdict = demo_verdict(rows, comparisons.get(LABELS[VERDICT_ROW]))
+    verdict = demo_verdict(rows, comparisons.get(label(*VERDICT_ROW)))
     console.print(results_table(rows, chance, comparisons, len(dataset.query), len(dataset.gallery)))
     console.print(verdict)
     report_path = None
     if report:
-        from attnreid.viz.report import write_report
-
         try:
             report_path = write_report([Path(r["run"]) for r in rows], out_dir / "report",
                                        title="attnreid demo: occluded synthetic queries")
@@ -241,19 +239,22 @@ def _run_seed(configs: Mapping[str, Config], dataset: Any, models: Sequence[str]
         console.print(f"report: {report_path}")
     return {"rows": rows, "comparisons": comparisons, "verdict": verdict,
             "seconds": round(time.perf_counter() - t_start, 1),
-            "winner": (comparisons.get(LABELS[VERDICT_ROW]) or {}).get("winner"),
+            "winner": (comparisons.get(label(*VERDICT_ROW)) or {}).get("winner"),
             "report": str(report_path) if report_path else None, "runs": [r["run"] for r in rows]}
 
 
-LABELS = {("baseline", "default"): "Baseline", ("mhsanet", "default"): "MHSA-Net",
-          ("mhsanet", "star"): "MHSA-Net*", ("hacnn", "default"): "HA-CNN"}
-FEATURES = {("baseline", "default"): "q* (512)", ("mhsanet", "default"): "concat(p*, q*)",
-            ("mhsanet", "star"): "p* (SAFFM)", ("hacnn", "default"): "global+local"}
 _METRICS = ("rank1", "rank5", "mAP", "mINP")
 
 
+def label(name: str, feature: str = "default") -> str:
+    """A row's name: the model's label (its registry entry), or its variant's (MHSA-Net*)."""
+    spec = get_spec(name)
+    return spec.label if feature == "default" else spec.feature(feature).label
+
+
 def _row(name: str, feature: str, result: Dict[str, Any], run: Path) -> Dict[str, Any]:
-    row = {"model": name, "label": LABELS[(name, feature)], "feature": FEATURES[(name, feature)], "run": str(run),
+    what = get_spec(name).feature(feature).what
+    row = {"model": name, "label": label(name, feature), "feature": what, "run": str(run),
            "epochs": int(result["epoch"]), "train_seconds": float(result["train_seconds"]),
            "img_per_s": float(result["img_per_s"]), "status": result["status"],
            "precision": result.get("precision")}
@@ -267,9 +268,7 @@ def _row(name: str, feature: str, result: Dict[str, Any], run: Path) -> Dict[str
 
 def _compare_to_baseline(rows: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
     """Every other row against the Baseline on the same queries (paired; from eval_per_query.npz)."""
-    from attnreid.evaluation.paired import compare_evaluated, load_run
-
-    base = next((r for r in rows if r["model"] == "baseline"), None)
+    base = next((r for r in rows if r["model"] == PAIRED[0]), None)
     if base is None:
         return {}
     ref = load_run(base["run"], base["label"])
@@ -311,8 +310,8 @@ def demo_verdict(rows: Sequence[Dict[str, Any]], comparison: Optional[Mapping[st
     ``comparison`` is :func:`attnreid.evaluation.stats.compare` with MHSA-Net as A and the
     Baseline as B. Adds a caveat when the two did not get comparable amounts of training.
     """
-    base = next((r for r in rows if r["model"] == "baseline"), None)
-    mhsa = next((r for r in rows if (r["model"], r["label"]) == (VERDICT_ROW[0], LABELS[VERDICT_ROW])), None)
+    base = next((r for r in rows if r["model"] == PAIRED[0]), None)
+    mhsa = next((r for r in rows if (r["model"], r["label"]) == (VERDICT_ROW[0], label(*VERDICT_ROW))), None)
     if base is None or mhsa is None or comparison is None:
         return "No Baseline/MHSA-Net pair was trained, so the attention branch is not compared."
     m, h = comparison["mAP"], comparison["rank1"]

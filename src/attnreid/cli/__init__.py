@@ -16,6 +16,7 @@ from typing import List, Optional
 from typer.core import TyperCommand
 from typer.models import OptionInfo, ParameterInfo
 
+from attnreid import __version__
 from attnreid.cli._app import Command, OrderedGroup, app
 from attnreid.cli import compare, data, deploy, evaluate, metrics, model, robustness, train, viz  # noqa: F401  (register commands)
 from attnreid.errors import AttnReidError
@@ -26,8 +27,6 @@ def version() -> None:
     """Print the attnreid, torch and numpy versions."""
     import numpy
     import torch
-
-    from attnreid import __version__
 
     print(f"attnreid {__version__} (torch {torch.__version__}, numpy {numpy.__version__})")
 
@@ -98,7 +97,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         app(args=argv, prog_name="attnreid")
     except AttnReidError as exc:
-        from attnreid.distributed import error_prefix
+        from attnreid.distributed import error_prefix  # torch: imported when the command runs, not for --help
 
         prefix = error_prefix(exc)  # under torchrun: rank 0 speaks for the errors every rank meets
         if prefix is not None:

@@ -5,6 +5,8 @@ from typing import Dict, List, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from attnreid import __version__
+
 
 class _FlagHelp:
     """``--help`` is a flag: no ``<bool>`` type column next to it."""
@@ -43,8 +45,6 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        from attnreid import __version__
-
         print(f"attnreid {__version__}")
         raise typer.Exit()
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+
 import typer
 
 from attnreid.cli._app import app
 from attnreid.cli._util import check_output_path, print_json
+from attnreid.data.datasets import build_dataset
+from attnreid.data.datasets.base import warn_bad
+from attnreid.data.datasets.synthetic import generate_synthetic
 
 data_app = typer.Typer(help="Dataset statistics and the synthetic data set.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -24,12 +29,9 @@ def stats(
                                       help="Also decode every image (slow) to find unreadable ones."),
 ) -> None:
     """Print the number of images, identities and cameras of each split."""
-    from attnreid.data.datasets import build_dataset
-    from attnreid.data.datasets.base import warn_bad
-
     dataset = build_dataset(name, str(root), skip_bad_images=skip_bad_images)
     if check_images:
-        from attnreid.data.loader import check_images as check
+        from attnreid.data.loader import check_images as check  # torch: only when images are decoded
 
         dataset = check(dataset, skip_bad_images=skip_bad_images, progress=True)
     warn_bad(dataset.bad_images)
@@ -58,11 +60,6 @@ def synth(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: folder, seconds, stats."),
 ) -> None:
     """Generate the synthetic occluded re-ID data set in the Market-1501 layout."""
-    import time
-
-    from attnreid.data.datasets import build_dataset
-    from attnreid.data.datasets.synthetic import generate_synthetic
-
     check_output_path(out, "dir")
     start = time.perf_counter()
     folder = generate_synthetic(out, ids, images_per_id, cameras, height, width, occluded_query_share, seed,

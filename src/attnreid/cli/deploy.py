@@ -7,13 +7,13 @@ from typing import List, Optional
 
 import typer
 
+from attnreid.choices import AMP_CHOICES, INFERENCE_BACKENDS
 from attnreid.cli._app import app
 from attnreid.cli._util import check_output_path, device_option, print_json
+from attnreid.errors import AttnReidError
 
 DEFAULT_CAMERA_REGEX = r"_c(\d+)"  # same as attnreid.deploy.index (not imported: keeps --help fast)
-AMP_CHOICES = ("auto", "off", "bf16", "fp16")  # attnreid.precision.AMP_CHOICES (not imported: keeps --help fast)
 AMP_HELP = "Precision: auto, off, bf16 or fp16 (default: the config's eval.amp, auto = bf16 where native)."
-INFER_BACKENDS = ("auto", "torch", "onnxruntime")  # attnreid.engine.inference.BACKENDS
 INFER_BACKEND_HELP = ("Inference backend: auto (onnxruntime for big CPU jobs when installed and matching PyTorch), "
                       "torch or onnxruntime (default: the config's eval.backend).")
 
@@ -33,9 +33,9 @@ def export(
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Export a model to ONNX (dynamic batch) and check it against PyTorch in onnxruntime."""
-    from attnreid.deploy.extractor import CONFIG_SUFFIXES, FeatureExtractor
-    from attnreid.deploy.onnx_export import check_opset, export_onnx
-    from attnreid.errors import AttnReidError
+    from attnreid.deploy.extractor import FeatureExtractor  # torch: imported when the command runs, not for --help
+    from attnreid.engine.build import CONFIG_SUFFIXES
+    from attnreid.inference.export import check_opset, export_onnx
 
     if config.suffix.lower() in CONFIG_SUFFIXES and checkpoint is None:
         raise AttnReidError(f"export of {config} needs --checkpoint (the trained weights)")
@@ -57,8 +57,6 @@ def export(
 
 
 def _check_amp(amp: Optional[str]) -> None:
-    from attnreid.errors import AttnReidError
-
     if amp is not None and amp not in AMP_CHOICES:
         raise AttnReidError(f"--amp is {amp!r}; expected one of: {', '.join(AMP_CHOICES)}")
 
@@ -80,15 +78,14 @@ def index_build(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
     """Extract features of every image in a folder into a resumable index."""
-    from attnreid.deploy.extractor import FeatureExtractor
+    from attnreid.deploy.extractor import FeatureExtractor  # torch: imported when the command runs, not for --help
     from attnreid.deploy.index import build_index
-    from attnreid.errors import AttnReidError
 
     if shard_size < 1:
         raise AttnReidError(f"--shard-size is {shard_size}; it must be >= 1")
     _check_amp(amp)
-    if backend is not None and backend not in INFER_BACKENDS:
-        raise AttnReidError(f"--backend is {backend!r}; expected one of: {', '.join(INFER_BACKENDS)}")
+    if backend is not None and backend not in INFERENCE_BACKENDS:
+        raise AttnReidError(f"--backend is {backend!r}; expected one of: {', '.join(INFERENCE_BACKENDS)}")
     check_output_path(out, "dir")
     dev = device_option(device)
     if config is not None:
@@ -127,9 +124,8 @@ def search(
     amp: Optional[str] = typer.Option(None, "--amp", help=AMP_HELP),
 ) -> None:
     """Rank the indexed gallery for each query image (distances: smaller is closer)."""
-    from attnreid.deploy.extractor import FeatureExtractor
+    from attnreid.deploy.extractor import FeatureExtractor  # torch: imported when the command runs, not for --help
     from attnreid.deploy.index import FAISS_KINDS, FaissParams, GalleryIndex, search_images
-    from attnreid.errors import AttnReidError
 
     _check_amp(amp)
     if backend not in ("torch", "faiss"):

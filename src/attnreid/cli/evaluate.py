@@ -10,6 +10,7 @@ import typer
 from attnreid.cli._app import app
 from attnreid.cli._util import check_output_path, print_json
 from attnreid.cli.train import _metrics_line
+from attnreid.config import load_config
 from attnreid.errors import AttnReidError
 
 SPLITS = ("query", "gallery", "train")
@@ -39,11 +40,10 @@ def eval_cmd(
     Prints R1/R5/R10/mAP (R1/R3 for partial sets). With eval.datasets, every set is
     evaluated and shown in one table.
     """
-    from attnreid.config import load_config
-    from attnreid.engine.build import load_model, resolve_device
+    from attnreid.engine.build import load_model, resolve_device  # torch: imported when the command runs, not for --help
     from attnreid.engine.checkpoint import load_checkpoint
     from attnreid.engine.evaluator import evaluate_datasets, evaluation_datasets
-    from attnreid.engine.inference import check_backend
+    from attnreid.inference.backend import check_backend
     from attnreid.viz.report import write_report
 
     if out is not None:
@@ -120,10 +120,9 @@ def extract_cmd(
     """
     import numpy as np
 
-    from attnreid.config import load_config
-    from attnreid.engine.build import build_eval_dataset, load_model, resolve_device
-    from attnreid.engine.extract import extract_with_precision, folder_items
-    from attnreid.engine.inference import check_backend
+    from attnreid.engine.build import build_eval_dataset, load_model, resolve_device  # torch: imported when the command runs, not for --help
+    from attnreid.inference.backend import check_backend
+    from attnreid.inference.extract import extract_with_precision, folder_items
 
     splits = list(split or [])
     if bool(splits) == (folder is not None):
@@ -175,7 +174,7 @@ def demo_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
     """Train Baseline, MHSA-Net and HA-CNN on a synthetic occluded set on the CPU; paired comparison."""
-    from attnreid.apps.demo import run_demo
+    from attnreid.apps.demo import run_demo  # torch: imported when the command runs, not for --help
 
     check_output_path(out, "dir")
     result = run_demo(minutes=minutes, out_dir=out, models=[m.strip() for m in models.split(",") if m.strip()],

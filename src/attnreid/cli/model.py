@@ -10,6 +10,9 @@ import typer
 
 from attnreid.cli._app import app
 from attnreid.cli._util import print_json
+from attnreid.config import load_config
+from attnreid.errors import ConfigError
+from attnreid.models import get_spec
 
 
 def without_weights(model_cfg):
@@ -33,14 +36,15 @@ def model_info(cfg, num_classes: int = 751) -> dict:
     import torch
 
     from attnreid.models import build_model
-    from attnreid.models.complexity import count_macs, count_params
+    from attnreid.models.complexity import count_macs, count_params  # torch-heavy: imported when the command runs, not for --help
 
+    spec = get_spec(cfg.model.name)
     with torch.device("meta"):
         model = build_model(without_weights(cfg.model), num_classes)
     size = (cfg.data.height, cfg.data.width)
     info = {
         "model": model.model_name,
-        "backbone": cfg.model.backbone.name if model.model_name != "hacnn" else None,
+        "backbone": cfg.model.backbone.name if spec.backbone else None,
         "input_size": list(size),
         "num_classes": num_classes,
         "params": count_params(model),
@@ -48,13 +52,13 @@ def model_info(cfg, num_classes: int = 751) -> dict:
         "macs": count_macs(model, size),
         "feature_dim": model.feature_dim,
     }
-    if model.model_name != "baseline":
+    if spec.attention is not None:
         model.eval()
         with torch.no_grad():
             att = model.forward_attention(torch.zeros(1, 3, *size, device="meta"))
-        if "attention" in att:
+        if spec.attention == "heads":
             info["attention_grid"] = list(att["attention"].shape[-2:])
-        elif "soft_attention" in att:
+        else:
             info["attention_grid"] = [list(a.shape[-2:]) for a in att["soft_attention"]]
     return info
 
@@ -69,8 +73,7 @@ def loss_info(cfg, num_classes: int = 751, batch_size: int = 32, seed: int = 0) 
     """
     import torch
 
-    from attnreid.errors import ConfigError
-    from attnreid.losses import build_criterion
+    from attnreid.losses import build_criterion  # torch: imported when the command runs, not for --help
     from attnreid.losses.balance import loss_balance
     from attnreid.models import build_model
 
@@ -104,8 +107,6 @@ def model_info_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the --losses weights and images."),
 ) -> None:
     """Parameters (total and without classifiers), multiply-accumulates, test feature size, attention grid."""
-    from attnreid.config import load_config
-
     cfg = load_config(config, list(overrides or []))
     info = model_info(cfg, num_classes)
     if losses:
@@ -128,7 +129,7 @@ def model_info_cmd(
 
 
 def _print_losses(rows: list, batch_size: int) -> None:
-    from attnreid.losses.balance import MAX_GRAD_RATIO
+    from attnreid.losses.balance import MAX_GRAD_RATIO  # torch: imported when the command runs, not for --help
 
     print(f"\nloss terms at a random initialisation ({batch_size} random images; gradient of weight x term at the "
           "backbone output)")

@@ -9,7 +9,8 @@ from typing import List, Optional
 import typer
 
 from attnreid.cli._app import app
-from attnreid.cli._util import check_output_path
+from attnreid.cli._util import check_output_path, print_json
+from attnreid.config import load_config
 from attnreid.errors import AttnReidError
 
 
@@ -44,8 +45,7 @@ def robustness(
     """
     from dataclasses import replace
 
-    from attnreid.config import load_config
-    from attnreid.robustness.occlusion import OCCLUDER_KINDS, POSITIONS
+    from attnreid.robustness.occlusion import OCCLUDER_KINDS, POSITIONS  # torch: imported when the command runs, not for --help
     from attnreid.robustness.report import parse_levels, parse_names, report_tables, run_robustness, write_report
 
     # Click gives an option one value: the further paths of `--checkpoint A B` land among the overrides.
@@ -64,7 +64,7 @@ def robustness(
 
     cfg = load_config(config, overrides)
     if dataset or root:
-        from attnreid.engine.build import eval_data_config
+        from attnreid.engine.build import eval_data_config  # torch: imported when the command runs, not for --help
 
         # The evaluation set was data.* or eval.*; the command line replaces whichever was in force.
         current = eval_data_config(cfg)
@@ -79,8 +79,6 @@ def robustness(
     json_path, png_path = write_report(report, out_dir)
     report["files"] = {"json": str(json_path), "plot": str(png_path)}
     if as_json:
-        from attnreid.cli._util import print_json
-
         print_json(report)
         return
     from rich.console import Console

@@ -10,6 +10,7 @@ import typer
 
 from attnreid.cli._app import app
 from attnreid.cli._util import print_json
+from attnreid.config import load_config
 from attnreid.errors import AttnReidError
 
 
@@ -31,8 +32,7 @@ def train_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out."),
 ) -> None:
     """Train a model: writes config.yaml, log.jsonl, checkpoints/last.pth (+ best.pth with data.val_ids) and eval.json."""
-    from attnreid.config import load_config
-    from attnreid.distributed import is_main_process
+    from attnreid.distributed import is_main_process  # torch: imported when the command runs, not for --help
     from attnreid.engine.trainer import run_config, train
 
     args = list(overrides or [])
@@ -79,7 +79,7 @@ def resume_command(run_dir: Path) -> str:
 
 
 def _metrics_line(m: dict) -> str:
-    from attnreid.evaluation.stats import level_text, metric_text
+    from attnreid.evaluation.stats import level_text, metric_text  # torch: imported when the command runs, not for --help
 
     if m.get("protocol") == "partial":
         keys = [("rank1", "R1"), ("rank3", "R3")]

@@ -8,7 +8,8 @@ from typing import List, Optional
 import typer
 
 from attnreid.cli._app import app
-from attnreid.cli._util import check_output_path, device_option
+from attnreid.cli._util import check_output_path, device_option, print_json
+from attnreid.config import load_config
 from attnreid.errors import AttnReidError
 
 
@@ -34,7 +35,7 @@ def report(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the page's path."),
 ) -> None:
     """Write an HTML report (metrics table, CMC and training curves, ranked lists, attention)."""
-    from attnreid.viz.report import write_report
+    from attnreid.viz.report import write_report  # torch: imported when the command runs, not for --help
 
     if by not in ("ap", "first_hit"):
         raise AttnReidError(f"--by must be 'ap' or 'first_hit', got {by!r}")
@@ -42,8 +43,6 @@ def report(
     page = write_report(run_dirs, out, title=title, topk=top_k, num_queries=worst,
                         queries=_parse_queries(queries), worst_by=by, overlays=overlays)
     if json_out:
-        from attnreid.cli._util import print_json
-
         print_json({"report": str(page)})
     else:
         print(f"report written to {page}")
@@ -60,18 +59,18 @@ def explain(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (pages, beta per image)."),
 ) -> None:
     """Draw the model's own attention over each image (MHSA-Net heads + beta; HA-CNN soft maps + regions)."""
-    from attnreid.config import load_config
-    from attnreid.viz.attention import explain_files
+    from attnreid.engine.build import load_model  # torch: imported when the command runs, not for --help
+    from attnreid.viz.attention import explain, read_images
 
     if scale not in ("map", "shared"):
         raise AttnReidError(f"--scale must be 'map' or 'shared', got {scale!r}")
     check_output_path(out, "dir")
     dev = device_option(device)
     cfg = load_config(config)
-    result = explain_files(cfg, checkpoint, [str(p) for p in images], out, scale=scale, device=dev)
+    pictures = read_images([str(p) for p in images])  # before the model: a bad image fails fast
+    model, cfg = load_model(checkpoint, cfg, device=dev)
+    result = explain(model, pictures, out, cfg.data, scale=scale, device=dev)
     if json_out:
-        from attnreid.cli._util import print_json
-
         print_json(result)
     else:
         print(f"{len(result['images'])} attention picture(s) of model '{result['model']}' written; open {result['index']}")

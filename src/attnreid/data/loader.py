@@ -21,11 +21,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from attnreid.choices import check_workers
 from attnreid.data.datasets.base import Item, ReIDDataset, relabel
 from attnreid.data.io import read_image
 from attnreid.data.sampler import PKSampler
 from attnreid.data.transforms import build_transforms
-from attnreid.errors import ConfigError, DataError
+from attnreid.errors import DataError
+from attnreid.progress import ProgressReporter
 
 
 class BadImage:
@@ -76,15 +78,13 @@ def resolve_workers(value: Union[int, str], cpus: Optional[int] = None) -> int:
     workers keep a GPU fed at re-ID image sizes, and a one-CPU machine loads in the main
     process (0). CPUs are those this process may run on (``sched_getaffinity``).
     """
-    if value == "auto":
+    if check_workers(value) == "auto":
         if cpus is None:
             try:
                 cpus = len(os.sched_getaffinity(0))
             except AttributeError:  # not on Linux
                 cpus = os.cpu_count() or 1
         return max(0, min(4, cpus - 1))
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"config key 'data.workers' is {value!r}; expected 'auto' or a number >= 0")
     return value
 
 
@@ -129,8 +129,8 @@ def ignore_sigint(_worker_id: int) -> None:
     A terminal sends SIGINT to every process of the group. A worker that takes it exits
     (quietly), and when the main process notices the dead worker before its own
     KeyboardInterrupt arrives it raises ``RuntimeError: DataLoader worker ... exited
-    unexpectedly`` instead, which no Ctrl-C handler catches (issue 17: a traceback and exit
-    status 1 during the final evaluation). Workers that ignore SIGINT stay alive until the
+    unexpectedly`` instead, which no Ctrl-C handler catches (a traceback and exit status 1
+    during the final evaluation). Workers that ignore SIGINT stay alive until the
     main process shuts them down.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -197,8 +197,6 @@ def check_images(dataset: ReIDDataset, skip_bad_images: bool = False, threads: i
     With ``skip_bad_images`` a copy of ``dataset`` without the bad images is returned and
     they are added to its ``bad_images``. ``progress`` shows a progress display on stderr.
     """
-    from attnreid.progress import ProgressReporter
-
     def probe(item: Item) -> Optional[str]:
         try:
             read_image(item[0])

@@ -19,6 +19,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from attnreid.choices import EPOCH_MODES
 from attnreid.errors import DataError
 
 
@@ -54,7 +55,7 @@ class PKSampler(Sampler[List[int]]):
             )
         if not 0 <= rank < world_size:
             raise DataError(f"PK sampler rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
-        if epoch_mode not in ("images", "identities"):
+        if epoch_mode not in EPOCH_MODES:
             raise DataError(f"data.epoch_mode is {epoch_mode!r}; expected images or identities")
         self.epoch_mode = epoch_mode
         self.batch_size = batch_size

@@ -1,6 +1,6 @@
 """Training-set splits: a validation query/gallery held out of the training identities, and subsets.
 
-Model selection on the test split reports an optimistic number (MHSA-Net issue 20), so
+Model selection on the test split reports an optimistic number, so
 ``data.val_ids: N`` moves N training identities out of training into a validation split
 evaluated like a benchmark's query/gallery:
 

@@ -23,39 +23,24 @@ are the ones ``attnreid eval`` computes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
-from attnreid.config import Config, load_config, to_dict
+from attnreid.data.io import read_image
+from attnreid.data.transforms import build_transforms
+from attnreid.engine.build import config_fingerprint, load_for_inference, resolve_device
 from attnreid.errors import ConfigError, DataError
+from attnreid.inference.backend import (Inference, announce, check_backend, inference_precision, resolve_inference,
+                                        run_features, settle_inference)
 from attnreid.precision import Precision
-
-CONFIG_SUFFIXES = (".yaml", ".yml")
-
-
-def config_fingerprint(cfg: Config) -> str:
-    """A short hash of everything in the config that changes the test feature.
-
-    That is the model section (architecture, test-feature variant, normalisation) and the
-    test-time input (size, mean, std). Initialisation-only keys (``backbone.pretrained``,
-    ``backbone.weights``) are left out: the checkpoint's weights replace them.
-    """
-    model = to_dict(cfg)["model"]
-    model["backbone"] = {k: v for k, v in model["backbone"].items() if k not in ("pretrained", "weights")}
-    data = cfg.data
-    payload = {"model": model, "input": [data.height, data.width, list(data.mean), list(data.std)]}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
-    from attnreid.engine.build import resolve_device
-
     return device if isinstance(device, torch.device) else resolve_device(str(device))
 
 
@@ -79,57 +64,39 @@ class FeatureExtractor:
             section decides the architecture and test-feature variant.
         amp: the precision, ``auto | off | bf16 | fp16`` (default: the config's
             ``eval.amp``, itself ``auto``: bf16 autocast where the hardware runs it
-            natively; see :mod:`attnreid.engine.inference`). Features are float32 either way.
+            natively; see :mod:`attnreid.inference.backend`). Features are float32 either way.
         backend: ``auto | torch | onnxruntime`` (default: the config's ``eval.backend``,
             itself ``auto``): eager PyTorch, or the model exported in-process and run in
             onnxruntime. ``auto`` takes onnxruntime for a job of at least
-            :data:`~attnreid.engine.inference.ONNXRUNTIME_MIN_IMAGES` images (the first
+            :data:`~attnreid.inference.onnxruntime_backend.MIN_IMAGES` images (the first
             call's images, or what :meth:`expect` announced) when it is installed, the
             model exports and its first batch matches PyTorch float32; decided once.
 
     Attributes: ``model`` (eval mode), ``cfg``, ``device``, ``precision``, ``backend``
     (``torch`` / ``onnxruntime``; ``auto`` until the first batch), ``inference`` (both, and
-    why: an :class:`~attnreid.engine.inference.Inference`), ``feature_dim``,
+    why: an :class:`~attnreid.inference.backend.Inference`), ``feature_dim``,
     ``model_name``, ``checkpoint`` (path or None), ``fingerprint`` (see
-    :func:`config_fingerprint`), ``metric`` (``cosine`` when the model L2-normalises its
+    :func:`attnreid.engine.build.config_fingerprint`), ``metric`` (``cosine`` when the model L2-normalises its
     feature or the config's ``eval.metric`` says so, else ``euclidean_sq``).
     """
 
-    def __init__(self, config_or_checkpoint: str | Path | Config, device: str | torch.device = "cpu",
+    def __init__(self, config_or_checkpoint: Any, device: str | torch.device = "cpu",
                  batch_size: int = 64, flip: bool = False, checkpoint: Optional[str | Path] = None,
                  amp: Optional[str] = None, backend: Optional[str] = None):
         if batch_size < 1:
             raise ConfigError(f"batch_size is {batch_size}; it must be >= 1")
         self.device = _resolve_device(device)
         # bad values are refused before the checkpoint is read
-        from attnreid.engine.inference import check_backend, inference_precision
-
         if amp is not None:
             amp = inference_precision(amp, self.device, key="amp")
         if backend is not None:
             check_backend(backend, self.device, key="backend")
-        source = config_or_checkpoint
-        if isinstance(source, Config):
-            cfg: Optional[Config] = source
-        elif Path(source).suffix.lower() in CONFIG_SUFFIXES:
-            cfg = load_config(source)
-        else:
-            if checkpoint is not None:
-                raise ConfigError(f"{source} is not a .yaml config; pass a config with checkpoint=, or the checkpoint alone")
-            cfg, checkpoint = None, source
-        if checkpoint is not None:
-            from attnreid.engine.build import load_model
-
-            model, cfg = load_model(checkpoint, cfg=cfg, device=self.device)
-        else:
-            from attnreid.models import build_model
-
-            model = build_model(cfg.model, 2)  # random weights: the class count only sizes unused classifiers
+        model, cfg, checkpoint = load_for_inference(config_or_checkpoint, checkpoint, self.device)
         self._setup(model, cfg, batch_size, flip, None if checkpoint is None else str(Path(checkpoint).resolve()), amp,
                     backend)
 
     @classmethod
-    def from_model(cls, model: nn.Module, cfg: Config, device: str | torch.device = "cpu",
+    def from_model(cls, model: nn.Module, cfg: Any, device: str | torch.device = "cpu",
                    batch_size: int = 64, flip: bool = False, amp: Optional[str] = None,
                    backend: Optional[str] = None) -> "FeatureExtractor":
         """Wrap a model already in memory (e.g. at the end of training)."""
@@ -138,11 +105,8 @@ class FeatureExtractor:
         self._setup(model, cfg, batch_size, flip, None, amp, backend)
         return self
 
-    def _setup(self, model: nn.Module, cfg: Config, batch_size: int, flip: bool, checkpoint: Optional[str],
+    def _setup(self, model: nn.Module, cfg: Any, batch_size: int, flip: bool, checkpoint: Optional[str],
                amp: Optional[str | Precision], backend: Optional[str] = None) -> None:
-        from attnreid.data.transforms import build_transforms
-        from attnreid.engine.inference import Inference, check_backend, inference_precision
-
         self.precision = inference_precision(cfg.eval.amp if amp is None else amp, self.device,
                                              key="eval.amp" if amp is None else "amp")
         self._backend_key = "eval.backend" if backend is None else "backend"
@@ -168,8 +132,6 @@ class FeatureExtractor:
     # -- preprocessing -------------------------------------------------------------------
 
     def _from_pixels(self, array: np.ndarray, what: str) -> torch.Tensor:
-        from PIL import Image
-
         if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
             raise DataError(f"{what} must be an H x W x 3 uint8 RGB array, got shape {tuple(array.shape)} "
                             f"dtype {array.dtype}")
@@ -191,11 +153,7 @@ class FeatureExtractor:
 
     def preprocess(self, item: Any) -> torch.Tensor:
         """One image (path, PIL image, HxWx3 uint8 array, 3xHxW tensor) -> the model's 3 x H x W input."""
-        from PIL import Image
-
         if isinstance(item, (str, Path)):
-            from attnreid.data.io import read_image
-
             return self._transform(read_image(str(item)))
         if isinstance(item, Image.Image):
             return self._transform(item.convert("RGB"))
@@ -225,8 +183,6 @@ class FeatureExtractor:
 
     def forward_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Features of a preprocessed B x 3 x H x W batch (flip-averaged when asked), float32 on the CPU."""
-        from attnreid.engine.inference import announce, resolve_inference, run_features, settle_inference
-
         x = images.to(self.device)
         if self.inference is None or not self.inference.settled:
             # the backend (auto: onnxruntime if it pays and matches) and precision (auto: bf16 only

@@ -9,7 +9,7 @@ An index is a folder::
 
 Shards are written as the build goes (atomically), so an interrupted build resumes where
 it stopped: a re-run skips every image already in a shard. The meta records
-:func:`~attnreid.deploy.extractor.config_fingerprint`, so a query model whose features
+:func:`~attnreid.engine.build.config_fingerprint`, so a query model whose features
 are not comparable (other model, variant, feature size or input size) is refused.
 
 Distances: ``euclidean_sq`` (squared Euclidean, the papers' test distance) or ``cosine``
@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from attnreid.choices import METRICS
 from attnreid.errors import AttnReidError, CheckpointError, DataError
 from attnreid.evaluation.distance import distance_block
 from attnreid.progress import ProgressReporter
@@ -49,7 +50,7 @@ def pairwise_distance(query: torch.Tensor, gallery: torch.Tensor, metric: str,
 
     ``gallery_norms`` (G,) are the rows' L2 norms when already known.
     """
-    if metric not in ("euclidean_sq", "cosine"):
+    if metric not in METRICS:
         raise AttnReidError(f"unknown metric {metric!r}; expected euclidean_sq or cosine")
     return distance_block(query, gallery, metric, gallery_norms)
 

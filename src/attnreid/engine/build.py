@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
 import torch
 from torch import nn
 
-from attnreid.config import Config, from_dict
+from attnreid.config import Config, from_dict, load_config, to_dict
 from attnreid.engine.checkpoint import load_checkpoint
 from attnreid.errors import CheckpointError, ConfigError
+
+CONFIG_SUFFIXES = (".yaml", ".yml")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,3 +86,42 @@ def load_model(checkpoint: str | Path, cfg: Optional[Config] = None,
     load_weights(model, state["model"], str(path))
     model.to(device).eval()
     return model, cfg
+
+
+def load_for_inference(source: Any, checkpoint: Optional[str | Path] = None,
+                       device: str | torch.device = "cpu") -> Tuple[nn.Module, Config, Optional[str | Path]]:
+    """The model (eval mode), config and checkpoint that ``source`` names, for serving features.
+
+    ``source`` is a checkpoint file (its saved config is used), a ``.yaml`` config file or a
+    :class:`~attnreid.config.Config`; with a config, ``checkpoint`` gives the weights, and
+    without one the model has random weights (for speed measurements only).
+    """
+    if isinstance(source, Config):
+        cfg: Optional[Config] = source
+    elif Path(source).suffix.lower() in CONFIG_SUFFIXES:
+        cfg = load_config(source)
+    else:
+        if checkpoint is not None:
+            raise ConfigError(f"{source} is not a .yaml config; pass a config with checkpoint=, or the checkpoint alone")
+        cfg, checkpoint = None, source
+    if checkpoint is not None:
+        model, cfg = load_model(checkpoint, cfg=cfg, device=device)
+        return model, cfg, checkpoint
+    from attnreid.models import build_model
+
+    model = build_model(cfg.model, 2)  # random weights: the class count only sizes unused classifiers
+    return model.to(device).eval(), cfg, None
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """A short hash of everything in the config that changes the test feature.
+
+    That is the model section (architecture, test-feature variant, normalisation) and the
+    test-time input (size, mean, std). Initialisation-only keys (``backbone.pretrained``,
+    ``backbone.weights``) are left out: the checkpoint's weights replace them.
+    """
+    model = to_dict(cfg)["model"]
+    model["backbone"] = {k: v for k, v in model["backbone"].items() if k not in ("pretrained", "weights")}
+    data = cfg.data
+    payload = {"model": model, "input": [data.height, data.width, list(data.mean), list(data.std)]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -20,13 +20,12 @@ from typing import Tuple
 import torch
 from torch import nn
 
-COMPILE_CHOICES = ("auto", "off", "on")
+from attnreid.choices import COMPILE_CHOICES
+from attnreid.errors import ConfigError
 
 
 def resolve_compile(mode: str, device: torch.device | str) -> Tuple[bool, str]:
     """``(compile?, why)`` for ``train.compile`` = ``mode`` on ``device``."""
-    from attnreid.errors import ConfigError
-
     if mode not in COMPILE_CHOICES:
         raise ConfigError(f"config key 'train.compile' is {mode!r}; expected one of: {', '.join(COMPILE_CHOICES)}")
     device = torch.device(device)

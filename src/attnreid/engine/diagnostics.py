@@ -1,8 +1,9 @@
-"""MHSA-Net training diagnostics: are the regularisers active, do the heads differ (issue 20)?
+"""Head diagnostics of training (MHSA-Net): are the regularisers active, do the heads differ?
 
-Computed from the training forward's outputs (``alpha`` B x K x J, ``beta`` B x K, ``P``
-B x K x E) without gradients, averaged over an epoch's images by
-:class:`attnreid.engine.hooks.DiagnosticsHook`, and written to log.jsonl:
+Computed from the training forward's outputs (a :class:`~attnreid.models.output.TrainOutput`:
+``alpha`` B x K x J, ``beta`` B x K, ``P`` B x K x E) without gradients, averaged over an
+epoch's images by :class:`attnreid.engine.hooks.DiagnosticsHook` (for models whose registry
+entry has ``attention="heads"``), and written to log.jsonl:
 
 - ``alpha_below_gamma``: the share of attention weights below ACM's gamma (Eq. 12). ACM's
   gradient comes only from those weights, so 0 means ACM does nothing.
@@ -27,11 +28,12 @@ import torch
 
 from attnreid.evaluation.attention_stats import alpha_below, beta_entropy, head_overlap
 from attnreid.losses.regularizers import feature_diversity
+from attnreid.models.output import TrainOutput
 
 __all__ = ["alpha_below", "beta_entropy", "head_overlap", "batch_diagnostics", "DiagnosticsMeter"]
 
 
-def batch_diagnostics(outputs: Dict[str, torch.Tensor], acm_gamma: float, fdrt_form: str = "paper") -> Dict[str, object]:
+def batch_diagnostics(outputs: TrainOutput, acm_gamma: float, fdrt_form: str = "paper") -> Dict[str, object]:
     """The diagnostics of one batch's training outputs (empty when they hold no ``alpha``);
     FDRT in the run's ``loss.fdrt_form``."""
     if not isinstance(outputs, dict) or "alpha" not in outputs:

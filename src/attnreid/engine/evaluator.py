@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnreid.engine.extract import extract_features, extract_with_precision
+from attnreid.inference.extract import extract_features, extract_with_precision
 from attnreid.errors import DataError
 from attnreid.evaluation.stats import per_query_record, with_intervals
+from attnreid.models.registry import spec_of
 
 TOPK = 50
 # Query images the attention diagnostics look at (evenly spaced over the query list): a
@@ -182,19 +183,21 @@ def _copy_eval_files(src: Path, dst: Path, metrics: Dict[str, Any]) -> None:
 def attention_diagnostics(model: nn.Module, items, data_cfg: Any, gamma: Optional[float] = None,
                           device: str | torch.device = "cpu",
                           max_images: int = ATTENTION_STATS_IMAGES) -> Optional[Dict[str, Any]]:
-    """:func:`attnreid.evaluation.attention_stats.attention_stats` of MHSA-Net's alpha and beta.
+    """:func:`attnreid.evaluation.attention_stats.attention_stats` of per-head attention (MHSA-Net's alpha and beta).
 
     Over at most ``max_images`` of ``items`` (evenly spaced), from ``forward_attention`` in
     eval mode: ``head_overlap``, ``beta_entropy`` (nats) and ``beta_entropy_max`` (ln K),
     ``beta_mean`` (per head), ``alpha_below_gamma`` (share of alpha under ACM's gamma),
     ``head_heights`` (each head's mean vertical centroid), ``centre_mass`` and
     ``centre_mass_uniform`` (attention on the middle half of the width, and a uniform
-    map's), ``num_images``. None for models without per-head attention maps (baseline, HA-CNN).
+    map's), ``num_images``. None for models whose registry entry has no per-head attention
+    (``attention="heads"``: MHSA-Net; not the baseline or HA-CNN).
     """
     from attnreid.data.loader import build_test_loader
     from attnreid.evaluation.attention_stats import attention_stats
 
-    if getattr(model, "model_name", None) != "mhsanet" or not items:
+    spec = spec_of(model)
+    if spec is None or not spec.head_diagnostics or not items:
         return None
     step = max(1, -(-len(items) // max_images))
     picked = list(items)[::step][:max_images]

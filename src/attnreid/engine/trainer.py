@@ -1,6 +1,6 @@
 """The training loop of both papers, and the machinery a long run needs around it, as hooks.
 
-Recipe (config values, SPEC.md 1 and HA 4): PK batches (P identities x K images; an epoch
+Recipe (config values, docs/spec.md §1 and HA 4): PK batches (P identities x K images; an epoch
 is a pass over the images or over the identities, ``data.epoch_mode``), the model's loss
 terms summed by the criterion, Adam (or SGD) with linear warm-up and step decay stepped
 per epoch. :class:`Trainer` is that loop and nothing else: epochs of steps, each step the
@@ -45,6 +45,7 @@ from attnreid.engine.hooks import (RUN_DIRS, RUN_FILES, BudgetHook, CheckpointHo
 from attnreid.engine.optim import WarmupStepScheduler, build_optimizer, center_optimizer, step_centers
 from attnreid.errors import AttnReidError, CheckpointError, DataError
 from attnreid.losses.center import center_parameters
+from attnreid.models.registry import get_spec
 from attnreid.precision import Precision, resolve_precision
 
 __all__ = ["DistContext", "Hook", "NonFiniteLossError", "TrainState", "Trainer", "prepare_run_dir", "run_config",
@@ -438,7 +439,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
                            "val_ids": cfg.data.val_ids, "epoch_mode": cfg.data.epoch_mode})
     checkpoints = CheckpointHook()
     loop_hooks: List[Hook] = [NonFiniteLossGuard(), logging]
-    if cfg.model.name == "mhsanet":
+    if get_spec(cfg.model.name).head_diagnostics:
         loop_hooks.append(DiagnosticsHook(cfg.loss.acm_gamma, cfg.loss.fdrt_form))
     loop_hooks.append(EvalHook(eval_dataset, val_dataset, tc.eval_every))
     if tc.max_minutes:

@@ -19,9 +19,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from attnreid.choices import METRICS
 from attnreid.errors import AttnReidError
-
-METRICS = ("euclidean_sq", "cosine")
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 

@@ -56,11 +56,11 @@ from typing import Iterator, Optional, Union
 import numpy as np
 import torch
 
+from attnreid.choices import METRICS, RERANK_INPUTS
 from attnreid.errors import AttnReidError
-from attnreid.evaluation.distance import METRICS, ArrayLike, as_feature_tensor
+from attnreid.evaluation.distance import ArrayLike, as_feature_tensor
 
 _BUDGET = 1 << 24  # elements per temporary block (64 MB in float32)
-RERANK_INPUTS = ("zhong", "torchreid")
 _MERGE_EVERY = 8  # candidate neighbour sets kept per row strip before they are merged
 
 

@@ -2,8 +2,11 @@
 
 ``build_criterion(loss_cfg, model_cfg)`` returns a :class:`Criterion`;
 ``criterion(outputs, labels) -> (total, terms)``, where ``outputs`` is a model's
-training-mode dict and ``terms`` maps each computed term to its *unweighted* value
-(a detached 0-dim tensor); ``total = sum(weight * term)``.
+training-mode output (:class:`~attnreid.models.output.TrainOutput`) and ``terms`` maps each
+computed term to its *unweighted* value (a detached 0-dim tensor); ``total = sum(weight *
+term)``. Which terms a model has, in which order, with which weight key, is its registry
+entry's ``loss_terms`` (:mod:`attnreid.models.registry`); the table below is the built-in
+models' terms.
 
 =============  =================================  =====================  ========
 term           what                               weight (config)        paper
@@ -30,7 +33,7 @@ with ``model.bnneck: true``. The center loss's centres live in the criterion
 (:mod:`attnreid.losses.center`: they need their own optimiser, see there), so
 ``build_criterion`` then needs ``num_classes`` and ``global_dim`` (the model's).
 
-How each term is computed (SPEC.md 1; defaults first):
+How each term is computed (docs/spec.md §1; defaults first):
 
 - triplets on p* and z: ``loss.triplet_distance`` euclidean | squared,
   ``loss.triplet_margin`` soft | a number (the paper gives neither; default the
@@ -51,8 +54,9 @@ computes the same value of those terms and DDP's gradient average gives the one-
 gradient. With one process the gather is the identity.
 
 A term whose weight is 0 is not computed, so each Table V ablation row is a set of
-weights (e.g. Baseline+MHSAM: lambda_fdrt = lambda_ihtl = lambda_acm = 0). A new term
-(e.g. a center loss) is one more ``(name, weight, fn)`` entry in :func:`build_criterion`.
+weights (e.g. Baseline+MHSAM: lambda_fdrt = lambda_ihtl = lambda_acm = 0). A new kind of
+term is one more entry in :func:`build_criterion`'s ``kinds`` (and in
+:data:`~attnreid.models.registry.TERM_KINDS`); a model uses it by naming it in its entry.
 :mod:`attnreid.losses.balance` measures each term's gradient at the backbone.
 """
 
@@ -64,12 +68,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnreid.choices import ACM_FORMS, DISTANCES, FDRT_FORMS, parse_margin
 from attnreid.distributed import all_gather_labels, all_gather_with_grad
 from attnreid.errors import ConfigError
 from attnreid.losses.center import CenterLoss, center_parameters
-from attnreid.losses.regularizers import (ACM_FORMS, FDRT_FORMS, attention_competition, attention_orthogonality,
-                                         feature_diversity)
-from attnreid.losses.triplet import DISTANCES, batch_hard_triplet, improved_hard_triplet, parse_margin
+from attnreid.losses.regularizers import attention_competition, attention_orthogonality, feature_diversity
+from attnreid.losses.triplet import batch_hard_triplet, improved_hard_triplet
+from attnreid.models.registry import get_spec
 
 Term = Tuple[str, float, Callable[[dict, torch.Tensor], torch.Tensor]]
 
@@ -112,6 +117,9 @@ def build_criterion(loss_cfg, model_cfg, num_classes: Optional[int] = None,
                     global_dim: Optional[int] = None) -> Criterion:
     """The total loss for ``model_cfg.name`` with the weights of ``loss_cfg`` (Eq. 11 + 13).
 
+    The terms are the model's registry entry's (:class:`~attnreid.models.registry.LossTerm`:
+    name, kind, weight key, head), in its order; this function knows how to compute each kind
+    (:data:`~attnreid.models.registry.TERM_KINDS`) and never tests a model's name.
     Distances, margins and forms are read and checked here, once: a bad value is a
     :class:`ConfigError` naming its ``loss.*`` key. ``num_classes`` and ``global_dim``
     (``model.global_dim``) size the centres when ``loss.center_weight > 0``.
@@ -130,52 +138,51 @@ def build_criterion(loss_cfg, model_cfg, num_classes: Optional[int] = None,
     def mining_batch(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return (all_gather_with_grad(x), all_gather_labels(y)) if gather else (x, y)
 
-    def ce(head: str):
-        return lambda out, y: cross_entropy(out["logits"][head], y, eps)
+    center: Optional[CenterLoss] = None
 
-    def tri(head: str):
-        return lambda out, y: batch_hard_triplet(*mining_batch(out["features"][head], y), tri_margin, tri_distance)
-
-    weighted: List[Term] = []
-    if loss_cfg.global_ce:
-        weighted.append(("ce_global", 1.0, ce("global")))
-    if model_cfg.name == "mhsanet":
-        weighted += [
-            ("ce_saffm", loss_cfg.saffm_ce, ce("saffm")),
-            ("tri_saffm", loss_cfg.saffm_triplet, tri("saffm")),
-        ]
-        if model_cfg.mhsanet.rlm:
-            weighted += [("ce_rlm", loss_cfg.rlm_ce, ce("rlm")), ("tri_rlm", loss_cfg.rlm_triplet, tri("rlm"))]
-        weighted += [
-            ("fdrt", loss_cfg.lambda_fdrt, lambda out, y: feature_diversity(out["P"], fdrt_form)),
-            ("ihtl", loss_cfg.lambda_ihtl,
-             lambda out, y: improved_hard_triplet(*mining_batch(out["P"], y), ihtl_margin, ihtl_distance)),
-            ("acm", loss_cfg.lambda_acm, lambda out, y: attention_competition(out["alpha"], gamma, acm_form)),
-            ("attn_orth", loss_cfg.lambda_attention_orth, lambda out, y: attention_orthogonality(out["alpha"])),
-        ]
-    elif model_cfg.name == "hacnn":
-        weighted.append(("ce_local", 1.0, ce("local")))
-    elif model_cfg.name != "baseline":
-        raise ConfigError(f"config key 'model.name' is {model_cfg.name!r}; no loss is defined for it")
-    center_weight = getattr(loss_cfg, "center_weight", 0.0)
-    global_triplet = getattr(loss_cfg, "global_triplet", 0.0)
-    center = None
-    if (center_weight or global_triplet) and model_cfg.name != "hacnn" and not getattr(model_cfg, "bnneck", False):
-        key = "loss.center_weight" if center_weight else "loss.global_triplet"
-        raise ConfigError(f"config key '{key}' needs model.bnneck: true for {model_cfg.name} (the loss acts on "
-                          "the global feature before the BNNeck)")
-    if center_weight:
+    def centres(head: str):
+        nonlocal center
         if num_classes is None or global_dim is None:
             raise ConfigError("config key 'loss.center_weight' > 0 needs the centres' size: "
                               "build_criterion(..., num_classes=..., global_dim=model.global_dim)")
         center = CenterLoss(num_classes, global_dim)
-    weighted.append(("tri_global", global_triplet, tri("global")))
-    weighted.append(("center", center_weight, lambda out, y: center(out["features"]["global"], y)))
-    kept = [t for t in weighted if t[1] != 0]  # each CE term is named ce_<the logits head it reads>
-    criterion = Criterion(kept, classifier_heads=[name[len("ce_"):] for name, _, _ in kept if name.startswith("ce_")])
+        return lambda out, y: center(out["features"][head], y)
+
+    # Each kind of term: what it reads from the training output (TrainOutput) and computes.
+    kinds = {
+        "ce": lambda head: lambda out, y: cross_entropy(out["logits"][head], y, eps),
+        "triplet": lambda head: lambda out, y: batch_hard_triplet(*mining_batch(out["features"][head], y),
+                                                                  tri_margin, tri_distance),
+        "center": centres,
+        "fdrt": lambda _: lambda out, y: feature_diversity(out["P"], fdrt_form),
+        "ihtl": lambda _: lambda out, y: improved_hard_triplet(*mining_batch(out["P"], y), ihtl_margin,
+                                                               ihtl_distance),
+        "acm": lambda _: lambda out, y: attention_competition(out["alpha"], gamma, acm_form),
+        "attn_orth": lambda _: lambda out, y: attention_orthogonality(out["alpha"]),
+    }
+    kept: List[Term] = []
+    heads: List[str] = []  # the logits heads some term reads
+    for term in get_spec(model_cfg.name).loss_terms(model_cfg):
+        weight = _weight(loss_cfg, term.weight)
+        if weight == 0:
+            continue  # a term whose weight is 0 is not computed
+        if term.needs:
+            raise ConfigError(f"config key 'loss.{term.weight}' needs {term.needs}")
+        if term.kind not in kinds:
+            raise ValueError(f"model {model_cfg.name!r}: loss term {term.name!r} has kind {term.kind!r}; "
+                             f"the criterion computes {', '.join(kinds)}")
+        kept.append((term.name, weight, kinds[term.kind](term.head)))
+        if term.kind == "ce":
+            heads.append(term.head)
+    criterion = Criterion(kept, classifier_heads=heads)
     if center is not None:
         criterion.center = center  # registered, so .to(device) and state_dict() carry the centres
     return criterion
+
+
+def _weight(loss_cfg, weight) -> float:
+    """A term's weight: a fixed number, or the value of its ``loss.*`` key (a boolean weighs 1 or 0)."""
+    return float(getattr(loss_cfg, weight)) if isinstance(weight, str) else float(weight)
 
 
 def _check_choice(value: str, allowed, key: str) -> str:

@@ -2,7 +2,7 @@
 
 Adam evens out the size of the total loss, not the mix of its terms: a term whose
 gradient at the backbone output is orders of magnitude above the others decides alone
-what the backbone learns (SPEC.md 1, "Total"). :func:`loss_balance` measures that mix;
+what the backbone learns (docs/spec.md §1, "Total"). :func:`loss_balance` measures that mix;
 ``attnreid model-info CONFIG --losses`` prints it and ``tests/test_losses.py`` guards it
 (:data:`MAX_GRAD_RATIO`) for every shipped MHSA-Net config.
 """

@@ -1,7 +1,7 @@
 """Regularisers of MHSA-Net: FDRT (Eq. 3) on the embeddings, ACM (Eq. 12) on the attention.
 
 Each has the paper's form (the default) and the form of the authors' released code as
-an option (``loss.fdrt_form``, ``loss.acm_form``; SPEC.md 1). At the paper's weights
+an option (``loss.fdrt_form``, ``loss.acm_form``; docs/spec.md §1). At the paper's weights
 both are close to inactive; docs/models.md gives the measured numbers.
 """
 
@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FDRT_FORMS = ("paper", "gram")
-ACM_FORMS = ("paper", "linear")
+from attnreid.choices import ACM_FORMS, FDRT_FORMS
 
 
 def feature_diversity(p: torch.Tensor, form: str = "paper") -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Batch-hard triplet loss (Hermans et al. [1], Eq. 4) and the Improved Hard Triplet Loss (Eq. 5).
 
-Distance and margin are configuration (SPEC.md 1, "Total" and "IHTL"):
+Distance and margin are configuration (docs/spec.md §1, "Total" and "IHTL"):
 
 - ``distance="euclidean"`` (default): d(a, b) = ||a - b||, square-rooted, as the authors'
   released code (``euclidean_dist``) and Hermans et al. use it.
@@ -10,8 +10,8 @@ Distance and margin are configuration (SPEC.md 1, "Total" and "IHTL"):
   squared triplet dwarfs every CE term; that is why it is not the default.
 - ``margin="soft"`` (default): ``softplus(pos - neg)``, the soft margin of Hermans et al.
   and the authors' code (``margin=None`` selects ``SoftMarginLoss``). A number m >= 0:
-  the hinge ``[m + pos - neg]_+``. :func:`parse_margin` turns a config value into one
-  of the two, once, at build time.
+  the hinge ``[m + pos - neg]_+``. :func:`attnreid.choices.parse_margin` turns a config value into
+  one of the two, once, at build time.
 
 Choices the papers leave open, written down here: an image is never its own positive (a
 positive pair is two different images of one identity), and an anchor that has no
@@ -21,41 +21,16 @@ anchors).
 
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
-from attnreid.errors import ConfigError
-
-DISTANCES = ("euclidean", "squared")
-Margin = Union[float, str]  # a number >= 0 (hinge) or "soft" (softplus)
+from attnreid.choices import DISTANCES, Margin
 
 # sqrt is clamped below at this squared distance so that its gradient stays finite
 # where two vectors coincide (d/dx sqrt(x) is infinite at 0); 1e-12 -> 1e-6 in distance.
 SQRT_EPS = 1e-12
-
-
-def parse_margin(value, key: str) -> Margin:
-    """A config margin (``soft``, a number, or a numeric string) -> ``"soft"`` or a float >= 0.
-
-    ``key`` names the config key in the one-line :class:`ConfigError` for anything else.
-    """
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "soft":
-            return "soft"
-        try:
-            number = float(text)
-        except ValueError:
-            raise ConfigError(f"config key '{key}' is {value!r}; expected 'soft' or a number >= 0") from None
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    else:
-        raise ConfigError(f"config key '{key}' is {value!r}; expected 'soft' or a number >= 0")
-    if not number >= 0 or number == float("inf"):
-        raise ConfigError(f"config key '{key}' is {value!r}; a numeric margin must be finite and >= 0")
-    return number
 
 
 def pairwise_squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,41 +1,37 @@
-"""Models: ``build_model(model_cfg, num_classes)`` and a checked state-dict loader.
+"""Models: ``build_model(model_cfg, num_classes)``, the model registry and a checked state-dict loader.
 
-``model_cfg.name`` picks the network: ``baseline`` (Global Feature Branch alone),
-``mhsanet`` (:mod:`attnreid.models.mhsanet`), ``hacnn`` (:mod:`attnreid.models.hacnn`).
-Every model has ``.feature_dim``, ``.model_name`` and its identity classifiers in a
-``classifiers`` ModuleDict (see :mod:`attnreid.models.complexity`).
+``model_cfg.name`` picks the network from the registry (:mod:`attnreid.models.registry`):
+``baseline`` (Global Feature Branch alone, :mod:`attnreid.models.baseline`), ``mhsanet``
+(:mod:`attnreid.models.mhsanet`), ``hacnn`` (:mod:`attnreid.models.hacnn`). Every model has
+``.feature_dim``, ``.global_dim``, ``.model_name`` (its registry name) and its identity
+classifiers in a ``classifiers`` ModuleDict (see :mod:`attnreid.models.complexity`); its
+training-mode output is a :class:`~attnreid.models.output.TrainOutput`.
+
+This package imports no torch until a model is built: the config reads the registry.
 """
 
 from __future__ import annotations
 
-from typing import Dict
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Dict
 
 from attnreid.errors import CheckpointError, ConfigError
+from attnreid.models.registry import (LossTerm, ModelSpec, TestFeature, find_spec, get_spec, model_names, register,
+                                      spec_of)
 
-MODEL_NAMES = ("baseline", "mhsanet", "hacnn")
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
-def build_model(model_cfg, num_classes: int) -> nn.Module:
-    """Build the network named by ``model_cfg.name`` with ``num_classes`` identity classes."""
+def build_model(model_cfg: Any, num_classes: int) -> "nn.Module":
+    """Build the network named by ``model_cfg.name`` with ``num_classes`` identity classes.
+
+    A ``model_cfg.test_feature`` the model does not take is one line naming the key."""
     if num_classes < 1:
         raise ConfigError(f"num_classes is {num_classes}; a model needs at least one training identity")
-    name = model_cfg.name
-    if name == "mhsanet":
-        from attnreid.models.mhsanet import MHSANet
-
-        return MHSANet(model_cfg, num_classes)
-    if name == "baseline":
-        from attnreid.models.baseline import Baseline
-
-        return Baseline(model_cfg, num_classes)
-    if name == "hacnn":
-        from attnreid.models.hacnn import build_hacnn
-
-        return build_hacnn(model_cfg, num_classes)
-    raise ConfigError(f"config key 'model.name' is {name!r}; expected one of: {', '.join(MODEL_NAMES)}")
+    spec = get_spec(model_cfg.name)
+    spec.test_feature(model_cfg)
+    return spec.builder()(model_cfg, num_classes)
 
 
 def _brief(keys, n: int = 3) -> str:
@@ -44,7 +40,7 @@ def _brief(keys, n: int = 3) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def load_state_dict_checked(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
+def load_state_dict_checked(model: "nn.Module", state_dict: Dict[str, "torch.Tensor"], source: str) -> None:
     """Load a full-model ``state_dict`` strictly, or raise one-line :class:`CheckpointError`.
 
     A ``module.`` prefix (DataParallel/DDP) is removed. A checkpoint whose classifiers
@@ -76,4 +72,5 @@ def load_state_dict_checked(model: nn.Module, state_dict: Dict[str, torch.Tensor
     model.load_state_dict(state_dict, strict=True)
 
 
-__all__ = ["MODEL_NAMES", "build_model", "load_state_dict_checked"]
+__all__ = ["LossTerm", "ModelSpec", "TestFeature", "build_model", "find_spec", "get_spec", "load_state_dict_checked",
+           "model_names", "register", "spec_of"]

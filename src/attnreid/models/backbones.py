@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from attnreid.choices import BACKBONES, LAST_STRIDES
 from attnreid.errors import AttnReidError, CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -571,7 +572,7 @@ def build_backbone(backbone_cfg) -> nn.Module:
     initialisation is random.
     """
     name = backbone_cfg.name
-    if backbone_cfg.last_stride not in (1, 2):
+    if backbone_cfg.last_stride not in LAST_STRIDES:
         raise ConfigError(f"config key 'model.backbone.last_stride' is {backbone_cfg.last_stride}; expected 1 or 2")
     if name in _RESNET_LAYERS:
         net: nn.Module = ResNet(name, backbone_cfg.last_stride)
@@ -580,7 +581,7 @@ def build_backbone(backbone_cfg) -> nn.Module:
     elif name == "mobilenetv2":
         net = MobileNetV2(backbone_cfg.last_stride)
     else:
-        raise ConfigError(f"config key 'model.backbone.name' is {name!r}; expected one of: {', '.join(PRETRAINED_URLS)}")
+        raise ConfigError(f"config key 'model.backbone.name' is {name!r}; expected one of: {', '.join(BACKBONES)}")
     weights = backbone_cfg.weights
     if weights in PACKAGED_WEIGHTS:
         expected = PACKAGED_WEIGHTS[weights][2]

@@ -14,14 +14,14 @@ feature (no 1x1 conv), BoT's ResNet-50 baseline (2048-d).
 
 from __future__ import annotations
 
-from typing import Dict
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnreid.errors import AttnReidError, ConfigError
+from attnreid.errors import AttnReidError
 from attnreid.models.backbones import build_backbone
+from attnreid.models.output import TrainOutput
+from attnreid.models.registry import get_spec
 
 
 def make_classifier(in_dim: int, num_classes: int, bnneck: bool = False) -> nn.Module:
@@ -87,7 +87,8 @@ class GlobalFeatureBranch(nn.Module):
 class Baseline(nn.Module):
     """Backbone + Global Feature Branch + one classifier (the paper's "Baseline" row).
 
-    Training forward: ``{"logits": {"global": B x C}, "features": {}, "q_star": B x 512}``;
+    Training forward (a :class:`~attnreid.models.output.TrainOutput`): ``{"logits": {"global":
+    B x C}, "features": {}, "q_star": B x 512}``;
     with ``model.bnneck`` ``features`` holds ``{"global": q*}`` (before the BN, for the triplet
     and center losses) and the logits come after the BN. Eval forward: q* (B x 512), after
     the BNNeck's BN when it is on, then L2-normalised if ``feature_norm``.
@@ -99,8 +100,7 @@ class Baseline(nn.Module):
 
     def __init__(self, model_cfg, num_classes: int):
         super().__init__()
-        if model_cfg.test_feature not in ("default", "global"):
-            raise ConfigError(f"config key 'model.test_feature' is {model_cfg.test_feature!r}; the baseline only has 'global' (q*)")
+        get_spec(self.model_name).test_feature(model_cfg)  # the baseline has only q*
         self.backbone = build_backbone(model_cfg.backbone)
         self.global_branch = GlobalFeatureBranch(self.backbone.out_channels, model_cfg.mhsanet.embed_dim,
                                                  reduce=bool(getattr(model_cfg, "global_reduce", True)))
@@ -117,7 +117,7 @@ class Baseline(nn.Module):
         if not self.training:
             f = neck(self.classifiers, "global", q_star)
             return F.normalize(f, dim=1) if self.feature_norm else f
-        out: Dict[str, object] = {
+        out: TrainOutput = {
             "logits": {"global": self.classifiers["global"](q_star)},
             "features": {"global": q_star} if self.bnneck else {},
             "q_star": q_star,

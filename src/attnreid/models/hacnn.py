@@ -1,4 +1,4 @@
-"""HA-CNN: Harmonious Attention CNN (Li, Zhu, Gong, CVPR 2018), SPEC.md section 2.
+"""HA-CNN: Harmonious Attention CNN (Li, Zhu, Gong, CVPR 2018), docs/spec.md §2.
 
 Shapes are for the paper's 160x64 input, widths d = (128, 256, 384) and T = 4:
 
@@ -13,10 +13,10 @@ Shapes are for the paper's 160x64 input, widths d = (128, 256, 384) and T = 4:
              -> B*T x 128 x 12 x 14 -> B*T x 256 x 6 x 7 -> B*T x 384 x 3 x 4
              -> GAP, concatenate T vectors -> FC 512                 -> B x 512
 
-Choices where the paper (and SPEC.md) leave room, each visible in one place below:
+Choices where the paper leaves room (docs/spec.md §2), each visible in one place below:
 
 * Every conv of the backbone and of the local streams is conv (no bias, BN follows)
-  + BN + ReLU, as SPEC.md says.
+  + BN + ReLU.
 * Spatial attention (HA Eq. 2, Fig. 3b) has exactly the paper's 10 parameters: a 3x3
   stride-2 conv 1->1 without bias (9) + BN without affine pair (0) + ReLU, and a 1x1
   scaling conv without bias (1) and with no BN (a BN after it would cancel the scale
@@ -67,19 +67,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnreid.choices import CROSS_ATTENTION_MODES, HACNN_ATTENTION as ATTENTION_MODES, REGION_SCALES
 from attnreid.errors import ConfigError
 from attnreid.models.baseline import BNNeckClassifier, make_classifier, neck
+from attnreid.models.output import TrainOutput
+from attnreid.models.registry import get_spec
 
-ATTENTION_MODES = ("none", "spatial", "channel", "soft", "hard", "all")
-TEST_FEATURES = ("joint", "global", "local")
 CHANNEL_REDUCTION = 16  # r of HA Eq. 4
 STEM_CHANNELS = 32
 REGION_SIZES = ((24, 28), (12, 14), (6, 7))  # hard-attention crop (h, w) at levels 1..3
-REGION_SCALES = ("stripes", "native")
 # ``native``: the crop sizes above as fractions of each level's input at 160x64
 # (80x32, 40x16, 20x8): 24/80 = 12/40 = 6/20 = 0.3, 28/32 = 14/16 = 7/8 = 0.875.
 NATIVE_SCALE = (0.875, 0.3)  # (s_w, s_h)
-CROSS_ATTENTION_MODES = ("on", "off", "detach")
 
 
 def cross_attention_mode(value: Any) -> str:
@@ -334,7 +333,7 @@ class HarmoniousAttention(nn.Module):
 
 
 class HACNN(nn.Module):
-    """Harmonious Attention CNN, global and local branch (HA Fig. 2, SPEC.md 2).
+    """Harmonious Attention CNN, global and local branch (HA Fig. 2, docs/spec.md §2).
 
     ``forward`` in training mode: ``{"logits": {"global", "local"}, "features":
     {"global", "local"}}``; in eval mode the test feature (``test_feature``: joint =
@@ -468,10 +467,11 @@ class HACNN(nn.Module):
         out = self._backbone(x)
         if not self.training:
             return self._test_feature(out["global"], out["local"])
-        return {
+        train_out: TrainOutput = {
             "logits": {head: clf(out[head]) for head, clf in self.classifiers.items()},
             "features": {"global": out["global"], "local": out["local"]},
         }
+        return train_out
 
     @torch.no_grad()
     def forward_attention(self, x: torch.Tensor) -> Dict[str, Any]:
@@ -515,10 +515,7 @@ def build_hacnn(model_cfg: Any, num_classes: int) -> HACNN:
                           "(d1, d2, d3; the paper's 128, 256, 384)")
     if hc.embed_dim < 1:
         raise ConfigError(f"config key 'model.hacnn.embed_dim' is {hc.embed_dim!r}; it must be >= 1")
-    test_feature = "joint" if model_cfg.test_feature == "default" else model_cfg.test_feature
-    if test_feature not in TEST_FEATURES:
-        raise ConfigError(f"config key 'model.test_feature' is {model_cfg.test_feature!r}; HA-CNN takes one of: "
-                          "default, " + ", ".join(TEST_FEATURES))
+    test_feature = get_spec(HACNN.model_name).test_feature(model_cfg).name
     if num_classes < 1:
         raise ConfigError(f"HA-CNN needs at least one training identity, got num_classes={num_classes}")
     return HACNN(

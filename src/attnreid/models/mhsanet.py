@@ -27,59 +27,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnreid.choices import ATTENTION_NORMS, HEAD_PRIORS
 from attnreid.errors import ConfigError
 from attnreid.models.backbones import build_backbone
 from attnreid.models.baseline import GlobalFeatureBranch, make_classifier, neck
+from attnreid.models.output import TrainOutput
+from attnreid.models.registry import get_spec
 
 # Hidden widths of SAFFM per head (Eq. 6: w4 512K -> 128K, w5 128K -> 64K).
 SAFFM_HIDDEN = (128, 64)
-# model.mhsanet.head_prior (MultiHeadSelfAttention)
-HEAD_PRIORS = ("none", "rows", "rows_learned")
 
 
 class MultiHeadSelfAttention(nn.Module):
     """MHSAM, Eq. 1-2: K attention maps over the grid and K embeddings P.
 
     Eq. 1: ``alpha = softmax(w2 ReLU(w1 Q^T))`` with Q: B x J x C, w1: C -> A (A = 512),
-    w2: A -> K, both without bias; logits B x J x K.
+    w2: A -> K, both without bias; logits B x J x K. ``norm="spatial"`` (default): softmax
+    over the J positions for each head; ``norm="heads"``: over the K heads at each position,
+    and the pooled sum alpha Q is divided by J (docs/spec.md §1). Eq. 2: ``P = (alpha Q) w3 +
+    b3``, w3: C -> E with bias: P is B x K x E. ``alpha`` is returned as B x K x J either way.
 
-    ``norm="spatial"`` (default, SPEC.md): softmax over the J positions for each head,
-    so every head is a distribution over the image (structured self-attention [56], the
-    authors' code; makes ACM's gamma = 1e-3 meaningful next to the mean weight 1/J).
-    ``norm="heads"``: softmax over the K heads at each position (the literal sentence
-    under Eq. 1); the weighted sum alpha Q then grows with J, so it is divided by J.
+    Two options that are not in the paper, off by default (why they exist: docs/models.md,
+    "What gets the heads apart"):
 
-    Eq. 2: ``P = (alpha Q) w3 + b3``, w3: C -> E with bias: P is B x K x E.
-    ``alpha`` is returned as B x K x J in both modes.
-
-    ``logit_cap`` (``model.mhsanet.attention_logit_cap``; 0 = off, Eq. 1 as written) is
-    not in the paper: the logits become ``c tanh(logits / c)``, so no position can win a
-    head's softmax by more than e^(2c) and the softmax cannot saturate. Trained from
-    scratch at 128x64 without it, every head's map became one-hot on one fixed grid
-    position, where the softmax passes no gradient back (docs/models.md).
-
-    ``head_prior`` (``model.mhsanet.head_prior``; ``none`` = Eq. 1 as written) is not in
-    the paper either. It adds to head k's logits (after the cap) a Gaussian log-prior over
-    the grid rows, ``-(y - mu_k)^2 / (2 sigma_k^2)`` with y = (row + 0.5) / h the row's
-    height in (0, 1), ``mu_k = (k + 0.5) / K`` and ``sigma_k = width / K``
-    (``head_prior_width``, in stripes of 1/K of the height). Head k therefore starts on
-    the k-th horizontal stripe of the body, as PCB's stripes and HA-CNN's T regions do,
-    and the content term still chooses the column and can move it between rows. Without
-    it the heads are exchangeable: trained from scratch they fall into the same map in
-    the first epochs, and from there no symmetric loss can separate them
-    (docs/models.md). ``rows`` keeps mu and sigma fixed (no parameters); ``rows_learned``
-    learns offsets to them (``prior_shift`` to mu, ``prior_log_scale`` to log sigma: 2K
-    parameters, starting at 0). ``head_prior_columns`` = s > 0 adds, for every head, a
-    Gaussian over the columns centred on the middle of the image, ``-(x - 0.5)^2 / (2
-    s^2)`` with x = (col + 0.5) / w: detector crops centre the person, and without it the
-    heads settle on the image's left and right edges (docs/models.md).
+    - ``logit_cap`` = c > 0 (``model.mhsanet.attention_logit_cap``): the logits become
+      ``c tanh(logits / c)``, so no position wins a head's softmax by more than e^(2c).
+    - ``head_prior`` (``model.mhsanet.head_prior``): adds to head k's logits, after the cap,
+      a Gaussian log-prior over the grid rows, ``-(y - mu_k)^2 / (2 sigma_k^2)`` with y =
+      (row + 0.5) / h, ``mu_k = (k + 0.5) / K`` and ``sigma_k = head_prior_width / K``: head k
+      starts on the k-th horizontal stripe. ``rows`` keeps mu and sigma fixed; ``rows_learned``
+      learns offsets to them (``prior_shift`` to mu, ``prior_log_scale`` to log sigma, 2K
+      parameters starting at 0). ``head_prior_columns`` = s > 0 adds, for every head,
+      ``-(x - 0.5)^2 / (2 s^2)`` over the columns, x = (col + 0.5) / w.
     """
 
     def __init__(self, in_channels: int, num_heads: int, attention_dim: int = 512, embed_dim: int = 512,
                  norm: str = "spatial", logit_cap: float = 0.0, head_prior: str = "none",
                  head_prior_width: float = 1.0, head_prior_columns: float = 0.0):
         super().__init__()
-        if norm not in ("spatial", "heads"):
+        if norm not in ATTENTION_NORMS:
             raise ConfigError(f"config key 'model.mhsanet.attention_norm' is {norm!r}; expected spatial or heads")
         if head_prior not in HEAD_PRIORS:
             raise ConfigError(f"config key 'model.mhsanet.head_prior' is {head_prior!r}; expected one of: {', '.join(HEAD_PRIORS)}")
@@ -190,6 +176,7 @@ class SumFusion(nn.Module):
         return self.norm(p.sum(dim=1)), None
 
 
+# model.mhsanet.fusion (attnreid.choices.FUSIONS) -> its module
 FUSIONS = {"saffm": SelfAttentionFeatureFusion, "concat": ConcatFusion, "sum": SumFusion}
 
 
@@ -200,7 +187,7 @@ class ResidualLearningModule(nn.Module):
     z = LayerNorm(sum_k Z_k). Without it (Eq. 9 as written, "simply summed") z sums K
     unit-variance rows that start out aligned (q* dominates every row), so ||z|| grows
     as K x sqrt(E): 181 for K = 8, E = 512 at initialisation, against 22.6 for p*; the
-    triplet on z then outweighs every other loss term (SPEC.md 1, RLM).
+    triplet on z then outweighs every other loss term (docs/spec.md §1, RLM).
 
     q*: B x E, P: B x K x E -> z: B x E (a training-only signal for L_ReN, Eq. 10).
     """
@@ -226,7 +213,7 @@ class MHSANet(nn.Module):
     global classifier is still built, so dagger and plain checkpoints share one layout,
     but the criterion never calls it, so it gets no gradient.
 
-    Training forward returns a dict::
+    Training forward returns a :class:`~attnreid.models.output.TrainOutput`::
 
         logits   {"global": B x N, "saffm": B x N, "rlm": B x N (if rlm)}
         features {"saffm": p*, "rlm": z (if rlm)}       (batch-hard triplet inputs)
@@ -251,9 +238,7 @@ class MHSANet(nn.Module):
             raise ConfigError(f"config key 'model.mhsanet.num_heads' is {cfg.num_heads}; it must be >= 1")
         if cfg.fusion not in FUSIONS:
             raise ConfigError(f"config key 'model.mhsanet.fusion' is {cfg.fusion!r}; expected one of: {', '.join(FUSIONS)}")
-        test_feature = "concat" if model_cfg.test_feature == "default" else model_cfg.test_feature
-        if test_feature not in ("concat", "star", "head", "global"):
-            raise ConfigError(f"config key 'model.test_feature' is {model_cfg.test_feature!r}; mhsanet has concat, star, head, global")
+        test_feature = get_spec(self.model_name).test_feature(model_cfg).name
         if test_feature == "head" and not 0 <= model_cfg.test_head < cfg.num_heads:
             raise ConfigError(f"config key 'model.test_head' is {model_cfg.test_head}; it must be in 0..{cfg.num_heads - 1}")
         self.num_heads = cfg.num_heads
@@ -301,7 +286,7 @@ class MHSANet(nn.Module):
         p_star, beta = self.fusion(p)
         if not self.training:
             return self._test_feature(neck(self.classifiers, "global", q_star), p, neck(self.classifiers, "saffm", p_star))
-        out: Dict[str, object] = {
+        out: TrainOutput = {
             "logits": {"global": self.classifiers["global"](q_star), "saffm": self.classifiers["saffm"](p_star)},
             "features": {"saffm": p_star},
             "P": p,
@@ -312,11 +297,11 @@ class MHSANet(nn.Module):
         if beta is not None:
             out["beta"] = beta
         if self.bnneck:
-            out["features"]["global"] = q_star  # type: ignore[index]
+            out["features"]["global"] = q_star
         if self.rlm is not None:
             z = self.rlm(q_star, p)
-            out["logits"]["rlm"] = self.classifiers["rlm"](z)  # type: ignore[index]
-            out["features"]["rlm"] = z  # type: ignore[index]
+            out["logits"]["rlm"] = self.classifiers["rlm"](z)
+            out["features"]["rlm"] = z
             out["z"] = z
         return out
 

@@ -146,7 +146,7 @@ def evaluate_robustness(
     ``extract_options`` are passed on to ``extract`` (channels_last, amp).
     """
     if extract is None:
-        from attnreid.engine.extract import extract_features as extract
+        from attnreid.inference.extract import extract_features as extract
     if evaluate is None:
         from attnreid.evaluation.protocols import evaluate
     if read_image is None:

@@ -26,7 +26,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from attnreid.data.io import read_image
+from attnreid.data.transforms import build_transforms
 from attnreid.errors import AttnReidError
+from attnreid.evaluation.attention_stats import beta_entropy, beta_entropy_max, head_overlap
+from attnreid.models.registry import MODELS, find_spec
 from attnreid.viz.page import CSS
 
 REGION_COLOURS = ["#00e5ff", "#ffea00", "#ff3d00", "#76ff03", "#d500f9", "#ffffff", "#2979ff", "#ff9100"]
@@ -55,7 +59,7 @@ def normalise_map(m: np.ndarray, low: Optional[float] = None, high: Optional[flo
 def overlay(image: np.ndarray, heat01: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
     """Blend a [0, 1] map, coloured by ``cmap``, over an H x W x 3 uint8 image:
     ``(1 - alpha) * image + alpha * colour``."""
-    import matplotlib
+    import matplotlib  # heavy: imported only when drawing
 
     colour = matplotlib.colormaps[cmap](heat01)[..., :3] * 255.0
     return ((1.0 - alpha) * image.astype(np.float32) + alpha * colour).round().clip(0, 255).astype(np.uint8)
@@ -140,7 +144,8 @@ def attention_maps(model: torch.nn.Module, batch: torch.Tensor) -> Dict[str, Any
     fn = getattr(model, "forward_attention", None)
     if fn is None:
         name = getattr(model, "model_name", type(model).__name__)
-        raise AttnReidError(f"model '{name}' has no attention maps; use an mhsanet or hacnn model")
+        with_maps = ", ".join(spec.name for spec in MODELS.values() if spec.attention is not None)
+        raise AttnReidError(f"model '{name}' has no attention maps; use a model that has them ({with_maps})")
     model.eval()
     with torch.no_grad():
         out = fn(batch)
@@ -203,8 +208,6 @@ def head_diversity(attention: np.ndarray, beta: Optional[np.ndarray]) -> Dict[st
 
     attention: K x h x w, beta: K or None; see :mod:`attnreid.evaluation.attention_stats`.
     """
-    from attnreid.evaluation.attention_stats import beta_entropy, beta_entropy_max, head_overlap
-
     out: Dict[str, float] = {}
     overlap = head_overlap(torch.as_tensor(attention)[None])
     if overlap is not None:
@@ -232,7 +235,7 @@ def write_index(entries: Sequence[Dict[str, Any]], out_dir: str | Path, model_na
     body = "".join(
         f'<figure><img src="{e(Path(x["png"]).name)}" alt="attention of {e(x["image"])}">'
         f'<figcaption>{e(x["image"])}</figcaption></figure>' for x in entries)
-    legend = LEGENDS.get(model_name, "")
+    legend = LEGENDS.get(attention_kind(model_name), "")
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>attention: {e(model_name)}'
             f'</title><style>{CSS}</style></head><body><h1>Attention of {e(model_name)}</h1>'
             f'<p class="meta">{e(legend)}</p>{body}</body></html>\n')
@@ -241,33 +244,41 @@ def write_index(entries: Sequence[Dict[str, Any]], out_dir: str | Path, model_na
     return path
 
 
+# By what the model's forward_attention returns (its registry entry's ``attention``).
 LEGENDS = {
-    "mhsanet": "One panel per head: the head's attention alpha_k over the feature grid, upsampled to the "
+    "heads": "One panel per head: the head's attention alpha_k over the feature grid, upsampled to the "
                "image (red: attended, blue: ignored; each map stretched to its own range). beta is the "
                "weight SAFFM gives that head in the fused feature p*.",
-    "hacnn": "First panel: the hard regions (one colour per region; solid: level 1, dashed: later levels). "
+    "levels": "First panel: the hard regions (one colour per region; solid: level 1, dashed: later levels). "
              "Then each level's soft attention (spatial x channel, averaged over channels; red high, blue "
              "low; its value range in brackets) with that level's regions.",
 }
 
 
-def explain_files(config: Any, checkpoint: str | Path, image_paths: Sequence[str], out_dir: str | Path,
-                  scale: str = "map", device: str = "cpu", prefix: str = "", index: bool = True) -> Dict[str, Any]:
-    """``attnreid explain``: read the images, load the checkpoint's model with ``config``
-    (None: the config saved in the checkpoint), write overlays and ``index.html``.
-    Every image is read before the model is loaded, so a file that is not a picture
-    fails fast, in one line naming it."""
-    from attnreid.data.io import read_image
-    from attnreid.data.transforms import build_transforms
-    from attnreid.engine.build import load_model
+def attention_kind(model_name: str) -> Optional[str]:
+    """What ``model_name``'s ``forward_attention`` returns (its registry entry's ``attention``), or None."""
+    spec = find_spec(model_name)
+    return spec.attention if spec is not None else None
 
+
+def read_images(image_paths: Sequence[str]) -> List[Tuple[str, Image.Image]]:
+    """Every image read, before any model is loaded: a file that is not a picture fails fast,
+    in one line naming it."""
     if not image_paths:
         raise AttnReidError("explain needs at least one image")
-    images = [(str(p), read_image(str(p))) for p in image_paths]
-    model, cfg = load_model(checkpoint, config, device=device)
-    d = cfg.data
-    transform = build_transforms(d.height, d.width, d.mean, d.std, train=False, flip=False, random_erasing=0.0)
-    entries = explain_images(model, images, out_dir, d.height, d.width, transform, scale=scale, device=device,
+    return [(str(p), read_image(str(p))) for p in image_paths]
+
+
+def explain(model: torch.nn.Module, images: Sequence[Tuple[str, Image.Image]], out_dir: str | Path, data: Any,
+            scale: str = "map", device: str | torch.device = "cpu", prefix: str = "",
+            index: bool = True) -> Dict[str, Any]:
+    """``attnreid explain``: overlays of ``images`` (from :func:`read_images`) as ``model`` (eval
+    mode, on ``device``) sees them, and ``index.html``. ``data`` is the model's data config
+    (``height``, ``width``, ``mean``, ``std``: its test transform)."""
+    transform = build_transforms(data.height, data.width, data.mean, data.std, train=False, flip=False,
+                                 random_erasing=0.0)
+    entries = explain_images(model, images, out_dir, data.height, data.width, transform, scale=scale, device=device,
                              prefix=prefix)
-    page = write_index(entries, out_dir, cfg.model.name) if index else None
-    return {"model": cfg.model.name, "index": str(page) if page else None, "images": entries}
+    name = getattr(model, "model_name", type(model).__name__)
+    page = write_index(entries, out_dir, name) if index else None
+    return {"model": name, "index": str(page) if page else None, "images": entries}

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from attnreid.data.io import read_image
 from attnreid.errors import DataError
 
 RANK_KEYS = ("query_paths", "gallery_paths", "query_pids", "gallery_pids", "query_camids",
@@ -148,8 +149,6 @@ def _cell(path: str, reader: Callable[[str], Image.Image]) -> Image.Image:
 
 
 def _default_reader() -> Callable[[str], Image.Image]:
-    from attnreid.data.io import read_image
-
     return read_image
 
 

@@ -24,8 +24,12 @@ from urllib.parse import quote
 
 import yaml
 
-from attnreid.errors import DataError
+from attnreid import __version__
+from attnreid.errors import AttnReidError, DataError
+from attnreid.evaluation.paired import PER_QUERY_FILE, compare_evaluated, load_run
 from attnreid.evaluation.stats import format_diff, format_p, level_text, metric_text, verdict
+from attnreid.models.registry import find_spec
+from attnreid.viz import ranking
 from attnreid.viz.page import CSS
 
 ASSETS = "report_files"
@@ -96,7 +100,7 @@ def read_run(path: str | Path, label: Optional[str] = None) -> RunInfo:
             run.eval = ev if isinstance(ev, dict) else None
         except json.JSONDecodeError:
             run.notes.append("eval.json could not be parsed")
-    from attnreid.viz.plots import read_log
+    from attnreid.viz.plots import read_log  # matplotlib: imported when a report is written
 
     run.log = read_log(path / "log.jsonl")
     if (path / "eval_ranks.npz").is_file():
@@ -137,9 +141,6 @@ def comparison_section(runs: Sequence[RunInfo]) -> str:
     """Each run against the first (the reference) on the same queries: paired bootstrap interval of
     the mAP and rank-1 differences, sign-test p-values and the verdict (attnreid.evaluation.stats).
     Runs without per-query results, or evaluated on other queries, get a note instead."""
-    from attnreid.errors import AttnReidError
-    from attnreid.evaluation.paired import PER_QUERY_FILE, compare_evaluated, load_run
-
     e = html.escape
     with_pq = [r for r in runs if (r.path / PER_QUERY_FILE).is_file()]
     if len(runs) < 2:
@@ -226,10 +227,10 @@ def _config_summary(run: RunInfo) -> str:
     if c:
         items += [("backbone", _get(c, "model.backbone.name")),
                   ("input", f"{_get(c, 'data.height')} x {_get(c, 'data.width')}" if _get(c, "data.height") else None)]
-        if run.model == "mhsanet":
-            items.append(("heads K / fusion", f"{_get(c, 'model.mhsanet.num_heads')} / {_get(c, 'model.mhsanet.fusion')}"))
-        if run.model == "hacnn":
-            items.append(("attention", _get(c, "model.hacnn.attention")))
+        spec = find_spec(run.model)
+        for label, keys in (spec.summary if spec is not None else ()):
+            values = [_get(c, k) for k in keys]
+            items.append((label, None if None in values else " / ".join(map(str, values))))
         items.append(("epochs trained", _epochs_trained(run, _get(c, "train.epochs"))))
     if run.eval:
         items += [("evaluated at epoch", run.eval.get("epoch")), ("mINP", _pct(run.eval.get("mINP")) if "mINP" in run.eval else None),
@@ -241,7 +242,7 @@ def _config_summary(run: RunInfo) -> str:
 
 def _epochs_trained(run: RunInfo, configured: Any) -> Optional[str]:
     """``12 of 400``: the complete epochs the log (or the evaluation) shows, and the configured count."""
-    from attnreid.viz.plots import training_series
+    from attnreid.viz.plots import training_series  # matplotlib: imported when a report is written
 
     trained = training_series(run.log)["epochs_trained"] if run.log else 0
     evaluated = (run.eval or {}).get("epoch")
@@ -254,8 +255,6 @@ def _epochs_trained(run: RunInfo, configured: Any) -> Optional[str]:
 
 def _ranked_section(run: RunInfo, ranks: dict, picked: List[int], slug: str, out_dir: Path, topk: int,
                     explicit: bool, worst_by: str, image_reader) -> List[str]:
-    from attnreid.viz import ranking
-
     e = html.escape
     how = "chosen" if explicit else \
         ("worst by AP within the top-k" if worst_by == "ap" else "worst by rank of the first true match")
@@ -277,21 +276,25 @@ def _ranked_section(run: RunInfo, ranks: dict, picked: List[int], slug: str, out
 def _attention_section(run: RunInfo, image_paths: List[str], slug: str, out_dir: Path) -> List[str]:
     """Overlays of the given queries from the run's checkpoint; any problem is a note on
     the page (a report must not fail because a checkpoint moved or a model has none)."""
-    from attnreid.errors import AttnReidError
-    from attnreid.viz.attention import LEGENDS, diversity_text, explain_files
+    # torch (model, overlays) is imported only by a report that draws attention
+    from attnreid.engine.build import load_model
+    from attnreid.viz.attention import LEGENDS, attention_kind, diversity_text, explain, read_images
 
     e = html.escape
     parts = ["<h3>Attention of these queries</h3>"]
-    if run.model == "baseline":
-        return parts + ['<p class="meta">The baseline has no attention maps.</p>']
+    spec = find_spec(run.model)
+    if spec is not None and spec.attention is None:
+        return parts + [f'<p class="meta">The {e(spec.label)} model has no attention maps.</p>']
     if run.checkpoint is None:
         return parts + ['<p class="note">No checkpoint in this run (checkpoints/best.pth or last.pth): '
                         'attention overlays are not available.</p>']
     try:
-        result = explain_files(None, run.checkpoint, image_paths, out_dir / ASSETS, prefix=f"{slug}_", index=False)
+        images = read_images(image_paths)
+        model, cfg = load_model(run.checkpoint)
+        result = explain(model, images, out_dir / ASSETS, cfg.data, prefix=f"{slug}_", index=False)
     except AttnReidError as exc:
         return parts + [f'<p class="note">Attention overlays not available: {e(str(exc))}</p>']
-    parts.append(f'<p class="meta">{e(LEGENDS.get(result["model"], ""))} '
+    parts.append(f'<p class="meta">{e(LEGENDS.get(attention_kind(result["model"]), ""))} '
                  f'(from {e(run.checkpoint.name)})</p>')
     stats = (run.eval or {}).get("attention_stats")
     if isinstance(stats, dict) and diversity_text(stats):
@@ -320,7 +323,7 @@ def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Pat
     query by query, and every run is compared with the first one statistically
     (:func:`comparison_section`).
     """
-    from attnreid.viz import plots, ranking
+    from attnreid.viz import plots  # matplotlib: imported when a report is written
 
     if isinstance(run_dirs, (str, Path)):
         run_dirs = [run_dirs]
@@ -408,8 +411,6 @@ def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Pat
                     [(runs[a].label, ranks_cache[a], qi), (runs[b].label, ranks_cache[b], qj)],
                     assets / f"compare_q{qi}.png", topk=topk, protocol=runs[a].protocol, reader=image_reader)
                 parts.append(_img(png, out_dir, f"comparison of query {qi}", str(ranks_cache[a]["query_paths"][qi])))
-
-    from attnreid import __version__
 
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     page = (

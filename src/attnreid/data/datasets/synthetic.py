@@ -56,6 +56,7 @@ import numpy as np
 from PIL import Image
 
 from attnreid.data.datasets.base import ReIDDataset
+from attnreid.data.datasets.market1501 import Market1501
 from attnreid.errors import DataError
 
 GENERATOR_VERSION = 1
@@ -534,8 +535,6 @@ class SyntheticDataset(ReIDDataset):
     def __init__(self, root: str, skip_bad_images: bool = False, num_ids: int = 60, images_per_id: int = 12,
                  num_cameras: int = 4, height: int = 128, width: int = 64, occluded_query_share: float = 1.0,
                  seed: int = 0):
-        from attnreid.data.datasets.market1501 import Market1501
-
         folder = ensure_synthetic(root, num_ids, images_per_id, num_cameras, height, width, occluded_query_share, seed)
         market = Market1501(str(folder), skip_bad_images=skip_bad_images)
         meta = json.loads((folder / MARKET_FOLDER / "synthetic.json").read_text())

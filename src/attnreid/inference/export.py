@@ -35,13 +35,14 @@ import torch
 from torch import nn
 
 from attnreid.errors import AttnReidError
+from attnreid.models.baseline import BNNeckClassifier
+from attnreid.models.registry import spec_of
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 7  # torch.onnx's oldest (TorchScript exporter)
 MAX_OPSET = 23  # torch.onnx's newest (dynamo exporter)
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter writes nothing older
 TORCHSCRIPT_MAX_OPSET = 20
-GRID_SAMPLE_OPSET = 16  # GridSample entered the ONNX standard in opset 16
 EXPORT_BATCH = 2
 CHECK_BATCH = 3
 REL_TOLERANCE = 1e-4
@@ -90,8 +91,6 @@ def _without_classifiers(model: nn.Module):
     named ``global`` (a Python keyword) makes that code invalid; the classifiers would
     only be dead weights in the graph anyway.
     """
-    from attnreid.models.baseline import BNNeckClassifier
-
     heads = getattr(model, "classifiers", None)
     if heads is None or any(isinstance(h, BNNeckClassifier) for h in heads.values()):
         yield  # a BNNeck's BN is part of the test feature: keep the heads
@@ -161,7 +160,7 @@ def check_opset(opset: Optional[int]) -> int:
 
 def file_opset(path: str | Path) -> int:
     """The default-domain (``ai.onnx``) opset an ONNX file declares."""
-    import onnx
+    import onnx  # optional (attnreid[onnx]): imported when a file is written or read
 
     proto = onnx.load(str(path), load_external_data=False)
     return next(int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx"))
@@ -184,7 +183,7 @@ def check_onnx(path: str | Path, model: nn.Module, input_size: Sequence[int], at
     Returns ``max_abs_diff`` and ``rel_diff`` (max |onnx - torch| / max |torch|, the
     worst over all outputs), and the same per output name under ``diffs``.
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional (attnreid[onnx])
 
     wrapper = ExportWrapper(model, attention).eval()
     gen = torch.Generator().manual_seed(seed)
@@ -228,10 +227,12 @@ def export_onnx(model: nn.Module, out: str | Path, input_size: Sequence[int], op
     model = model.eval()
     opset = check_opset(opset)
     name = getattr(model, "model_name", type(model).__name__)
-    if name == "hacnn" and opset < GRID_SAMPLE_OPSET:
-        raise AttnReidError(f"--opset {opset} is too old for HA-CNN: its hard attention uses grid_sample, "
-                            f"which needs opset >= {GRID_SAMPLE_OPSET}")
-    if attention and not hasattr(model, "forward_attention"):
+    spec = spec_of(model)
+    if spec is not None and opset < spec.onnx_min_opset:
+        raise AttnReidError(f"--opset {opset} is too old for {spec.label}: {spec.onnx_opset_reason}, "
+                            f"which needs opset >= {spec.onnx_min_opset}")
+    has_maps = spec.attention is not None if spec is not None else hasattr(model, "forward_attention")
+    if attention and not has_maps:
         raise AttnReidError(f"model '{name}' has no attention maps to export; drop --attention")
     out.parent.mkdir(parents=True, exist_ok=True)
     wrapper = ExportWrapper(model, attention).eval()
@@ -278,7 +279,7 @@ def verify_onnx(path: str | Path, model: nn.Module, input_size: Sequence[int], a
 
 
 def _write_metadata(path: Path, metadata: Dict[str, Any]) -> None:
-    import onnx
+    import onnx  # optional (attnreid[onnx])
 
     proto = onnx.load(str(path))
     for key, value in metadata.items():

@@ -10,9 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnreid.engine.inference import Inference, announce, resolve_inference, run_features, settle_inference
+from attnreid.data.loader import build_test_loader
 from attnreid.errors import DataError
+from attnreid.inference.backend import Inference, announce, resolve_inference, run_features, settle_inference
 from attnreid.precision import Precision
+from attnreid.progress import ProgressReporter
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -29,10 +31,10 @@ def extract_features(model: nn.Module, items: Sequence[Tuple[str, int, int]], da
     evaluation option neither paper uses; off by default). ``amp`` is the precision
     (``eval.amp``: auto | off | bf16 | fp16, or a resolved
     :class:`~attnreid.precision.Precision`) and ``backend`` the backend (``eval.backend``:
-    auto | torch | onnxruntime); an :class:`~attnreid.engine.inference.Inference` returned
+    auto | torch | onnxruntime); an :class:`~attnreid.inference.backend.Inference` returned
     by :func:`extract_with_precision` as ``amp`` reuses that decision (both sides of an
     evaluation computed alike). ``num_images`` is the size of the whole job for ``auto``'s
-    onnxruntime threshold (default ``len(items)``); see :mod:`attnreid.engine.inference`.
+    onnxruntime threshold (default ``len(items)``); see :mod:`attnreid.inference.backend`.
     ``progress``: a label for a progress display on stderr
     (:class:`attnreid.progress.ProgressReporter`); None shows none. With
     ``data.skip_bad_images`` unreadable images are left out, so N may be smaller than
@@ -52,12 +54,9 @@ def extract_with_precision(model: nn.Module, items: Sequence[Tuple[str, int, int
     """:func:`extract_features` with the row index, plus how the features were computed.
 
     Returns ``(features, pids, camids, index, inference)``, the last an
-    :class:`~attnreid.engine.inference.Inference` (backend and precision; ``auto`` is
+    :class:`~attnreid.inference.backend.Inference` (backend and precision; ``auto`` is
     settled on the first batch), which a later call takes as ``amp`` to compute alike.
     """
-    from attnreid.data.loader import build_test_loader
-    from attnreid.progress import ProgressReporter
-
     if batch_size is not None:
         data_cfg = dataclasses.replace(data_cfg, test_batch_size=batch_size)
     device = torch.device(device)

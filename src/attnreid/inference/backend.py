@@ -21,14 +21,15 @@ docs/training.md). An explicit ``bf16`` is taken as
 asked, without the check.
 
 The backend comes from ``eval.backend`` (``--backend`` / ``backend=``): ``torch`` is eager
-PyTorch with the precision above; ``onnxruntime`` exports the model in-process to a
-temporary ONNX file (:func:`attnreid.deploy.onnx_export.export_onnx`, with its own
-equivalence check) and computes every batch in an onnxruntime session (float32, as many
-intra-op threads as torch has); ``auto`` (the default) takes onnxruntime only when all of
-these hold, else PyTorch: the optional ``onnxruntime`` package imports, the device is the
-CPU, the job has at least :data:`ONNXRUNTIME_MIN_IMAGES` images (the export must pay for
-itself), the model exports, and the first batch's onnxruntime features match eager
-float32 (mean cosine >= :data:`MATCH_MEAN_COSINE`). Like the precision, the backend is
+PyTorch with the precision above; an exported backend (:data:`BACKENDS`, one module each:
+``onnxruntime`` is :mod:`attnreid.inference.onnxruntime_backend`) exports the model
+in-process (:func:`attnreid.inference.export.export_onnx`, with its own equivalence check)
+and computes every batch in its session (float32, as many intra-op threads as torch has);
+``auto`` (the default) takes the first exported backend (onnxruntime) only when all of
+these hold, else PyTorch: its optional packages import, the device is the CPU, the job has
+at least the backend's ``MIN_IMAGES`` images (the export must pay for itself), the model
+exports, and the first batch's features match eager float32 (mean cosine >=
+:data:`MATCH_MEAN_COSINE`). Like the precision, the backend is
 settled once per model and weights (:func:`settle_inference`) and then reused, so query
 and gallery are computed the same way. onnxruntime fp32 was the fastest path whose
 features match float32 for both MHSA-Net (ResNet-50) and HA-CNN, at batch 1 and 64
@@ -39,39 +40,36 @@ compilation took minutes per batch size on this CPU and did not beat eager.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import sys
-import tempfile
-import time
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 
+from attnreid.choices import EXPORTED_BACKENDS, INFERENCE_BACKENDS
 from attnreid.errors import AttnReidError, ConfigError
 from attnreid.precision import Precision, resolve_precision
 
 # Features of a path "match" float32 when their mean cosine with eager float32 is at least this.
 MATCH_MEAN_COSINE = 0.999
 
-BACKENDS = ("auto", "torch", "onnxruntime")
-# ``auto`` exports to onnxruntime only for jobs of at least this many images. The export
-# (plus its check and the session) is a fixed cost; it pays after setup_s / (1/eager - 1/ort)
-# images (``break_even_images`` in benchmarks/bench_infer.py's rows). From
-# benchmarks/results/infer_cpu.json (batch 64, an idle 2-core machine) that is about 90
-# images for MHSA-Net (ResNet-50, 3.45x faster in onnxruntime) and about 2,100 for HA-CNN
-# (2.0x). 1,000 keeps every Market-1501 or DukeMTMC evaluation (~19,000 images) on
-# onnxruntime for both models and costs a smaller HA-CNN job at most a few seconds.
-ONNXRUNTIME_MIN_IMAGES = 1000
-ONNX_INSTALL = "pip install 'attnreid[onnx]'"
-# What an onnxruntime feature is: the exported float32 graph, whatever eval.amp says.
-_ORT_PRECISION_REASON = "onnxruntime runs the exported float32 graph"
+# The exported backends: eval.backend name -> the module that opens and runs a session of the
+# exported model, attnreid/inference/<name>_backend.py. A backend module has INSTALL,
+# REQUIRES, MIN_IMAGES (auto's threshold), PRECISION_REASON, available(),
+# open_session(model, input_size) -> (session, seconds) and features(session, images, flip)
+# (see onnxruntime_backend.py); a new one is that file and its name in
+# attnreid.choices.EXPORTED_BACKENDS.
+BACKENDS = {name: f"attnreid.inference.{name}_backend" for name in EXPORTED_BACKENDS}
+CHOICES = INFERENCE_BACKENDS
+# The exported backend ``auto`` tries.
+AUTO_BACKEND = "onnxruntime"
 
 _announced: set = set()
-# Per model: its onnxruntime session and settled backend choices. Beside the model, not in
-# it: a session cannot be deep-copied or pickled, and must not travel with the module.
-_sessions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Per model: its settled backend choices. Beside the model, not in it: a choice holds a
+# session, which cannot be deep-copied or pickled and must not travel with the module.
 _settled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -118,7 +116,7 @@ def settle_for(model: torch.nn.Module, precision: Precision, forward: Callable[[
     is never split between precisions by a borderline cosine."""
     if not needs_check(precision):
         return precision
-    key = (precision.dtype, precision.device_type, _weights_version(model))
+    key = (precision.dtype, precision.device_type, weights_version(model))
     cached = model.__dict__.get("_attnreid_settled")
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -130,8 +128,8 @@ def settle_for(model: torch.nn.Module, precision: Precision, forward: Callable[[
 def announce(choice: "Inference | Precision") -> None:
     """Print the choice on stderr, once per process and choice (a later evaluation of the
     same run making the same choice stays quiet): ``inference: onnxruntime fp32 (...)``,
-    or for PyTorch ``inference precision: ...`` (with why onnxruntime was not used, when
-    ``auto`` tried it or could not because it is not installed)."""
+    or for PyTorch ``inference precision: ...`` (with why no exported backend was used, when
+    ``auto`` tried one or could not because it is not installed)."""
     if isinstance(choice, Precision):
         choice = Inference("torch", "torch", choice, "")
     p = choice.precision
@@ -139,10 +137,11 @@ def announce(choice: "Inference | Precision") -> None:
     if ident in _announced:
         return
     _announced.add(ident)
-    if choice.backend == "onnxruntime":
+    if choice.backend in BACKENDS:
         line = f"inference: {choice.describe()}"
     else:
-        line = f"inference precision: {p.describe()}" + (f"; PyTorch, not onnxruntime: {choice.note}" if choice.note else "")
+        line = (f"inference precision: {p.describe()}"
+                + (f"; PyTorch, not {AUTO_BACKEND}: {choice.note}" if choice.note else ""))
     print(line, file=sys.stderr, flush=True)
 
 
@@ -150,11 +149,11 @@ def announce(choice: "Inference | Precision") -> None:
 class Inference:
     """How a model's features are computed: ``backend`` and ``precision``, and why.
 
-    ``requested`` is ``eval.backend`` as asked (auto | torch | onnxruntime); ``backend`` is
-    ``torch`` or ``onnxruntime`` once decided, ``auto`` while auto's export and first-batch
-    check are pending (:func:`settle_inference`). ``note`` is what the console line adds
-    about onnxruntime not being used ("" for nothing). ``session`` is the onnxruntime
-    session of the onnxruntime backend.
+    ``requested`` is ``eval.backend`` as asked (auto | torch | an exported backend);
+    ``backend`` is ``torch`` or an exported backend (``onnxruntime``) once decided, ``auto``
+    while auto's export and first-batch check are pending (:func:`settle_inference`).
+    ``note`` is what the console line adds about no exported backend being used ("" for
+    nothing). ``session`` is an exported backend's session.
     """
 
     requested: str
@@ -168,12 +167,12 @@ class Inference:
     def settled(self) -> bool:
         if self.backend == "torch":
             return not needs_check(self.precision)
-        return self.backend == "onnxruntime" and self.session is not None
+        return self.backend in BACKENDS and self.session is not None
 
     def describe(self) -> str:
         """One line, e.g. ``onnxruntime fp32 (...)`` or ``PyTorch bf16 autocast (CPU has AMX)``."""
-        if self.backend == "onnxruntime":
-            return f"onnxruntime fp32 ({self.reason})"
+        if self.backend in BACKENDS:
+            return f"{self.backend} fp32 ({self.reason})"
         return f"PyTorch {self.precision.describe()}"
 
     def record(self) -> Dict[str, str]:
@@ -181,28 +180,24 @@ class Inference:
         return {"precision": self.precision.describe(), "backend": self.backend, "inference": self.describe()}
 
 
-def onnxruntime_available() -> bool:
-    """The optional packages the onnxruntime backend needs (``attnreid[onnx]``) import."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def backend_module(name: str) -> ModuleType:
+    """The module of exported backend ``name`` (imported on first use: it defers its optional packages)."""
+    return importlib.import_module(BACKENDS[name])
 
 
 def check_backend(backend: str, device: torch.device | str, key: str = "eval.backend") -> str:
     """``backend`` validated: a bad value, or ``onnxruntime`` where it cannot run, is one line naming ``key``."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"config key '{key}' is {backend!r}; expected one of: {', '.join(BACKENDS)}")
-    if backend == "onnxruntime":
+    if backend not in CHOICES:
+        raise ConfigError(f"config key '{key}' is {backend!r}; expected one of: {', '.join(CHOICES)}")
+    if backend in BACKENDS:
         device = torch.device(device)
         if device.type != "cpu":
-            raise ConfigError(f"{key}=onnxruntime runs on the CPU, but the device is {device}; "
+            raise ConfigError(f"{key}={backend} runs on the CPU, but the device is {device}; "
                               f"use {key}=torch or auto")
-        if not onnxruntime_available():
-            raise ConfigError(f"{key}=onnxruntime needs the optional onnx and onnxruntime packages, which are not "
-                              f"installed: {ONNX_INSTALL} (or set {key}=torch)")
+        module = backend_module(backend)
+        if not module.available():
+            raise ConfigError(f"{key}={backend} needs {module.REQUIRES}, which are not "
+                              f"installed: {module.INSTALL} (or set {key}=torch)")
     return backend
 
 
@@ -225,70 +220,27 @@ def resolve_inference(amp: "str | Precision | Inference", backend: str, device: 
     check_backend(backend, device, backend_key)
     if backend == "torch":
         return Inference(backend, "torch", precision, f"{backend_key}=torch")
-    if backend == "onnxruntime":
-        return Inference(backend, "onnxruntime", Precision("off", None, device.type, _ORT_PRECISION_REASON),
-                         f"{backend_key}=onnxruntime")
+    if backend in BACKENDS:
+        reason = backend_module(backend).PRECISION_REASON
+        return Inference(backend, backend, Precision("off", None, device.type, reason), f"{backend_key}={backend}")
     note = ""
+    auto = backend_module(AUTO_BACKEND)
     if precision.requested in ("bf16", "fp16"):  # an explicit reduced precision is PyTorch's autocast
         why = f"{amp_key}={precision.requested} asks for PyTorch autocast"
     elif device.type != "cpu":
         why = f"the device is {device.type}"
-    elif num_images is None or num_images < ONNXRUNTIME_MIN_IMAGES:
+    elif num_images is None or num_images < auto.MIN_IMAGES:
         what = "an unknown number of images" if num_images is None else f"{num_images} images"
-        why = f"{what} (< {ONNXRUNTIME_MIN_IMAGES}): too few for an ONNX export to pay"
-    elif not onnxruntime_available():
-        why = note = f"onnxruntime is not installed ({ONNX_INSTALL})"
+        why = f"{what} (< {auto.MIN_IMAGES}): too few for an ONNX export to pay"
+    elif not auto.available():
+        why = note = f"{AUTO_BACKEND} is not installed ({auto.INSTALL})"
     else:
         return Inference("auto", "auto", precision, f"{backend_key}=auto: {num_images} images")
-    return Inference("auto", "torch", precision, f"{backend_key}=auto, not onnxruntime: {why}", note)
+    return Inference("auto", "torch", precision, f"{backend_key}=auto, not {AUTO_BACKEND}: {why}", note)
 
 
-def onnx_session(model: torch.nn.Module, input_size, threads: Optional[int] = None):
-    """``model`` exported to a temporary ONNX file (checked against PyTorch) and opened in
-    onnxruntime with ``threads`` intra-op threads (default: torch's); returns
-    ``(session, export seconds)``. Reused while the model's weights and the input size stay
-    the same. The export leaves the global RNG as it found it (training goes on after an
-    evaluation)."""
-    import onnxruntime as ort
-
-    from attnreid.deploy.onnx_export import export_onnx
-
-    threads = torch.get_num_threads() if threads is None else threads
-    key = (tuple(input_size), threads, _weights_version(model))
-    cached = _sessions.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
-    t0 = time.perf_counter()
-    was_training = model.training
-    # outside inference mode (the extraction loop's): the exporter traces the model
-    with torch.inference_mode(False), torch.random.fork_rng(devices=[]), \
-            tempfile.TemporaryDirectory(prefix="attnreid_onnx_") as tmp:
-        path = Path(tmp) / "model.onnx"
-        try:
-            export_onnx(model, path, tuple(input_size))
-        finally:
-            model.train(was_training)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    seconds = time.perf_counter() - t0
-    _sessions[model] = (key, session, seconds)
-    return session, seconds
-
-
-def onnx_features(session: Any, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
-    """The onnxruntime session's float32 features of a batch (flip-averaged when asked), on the CPU."""
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {"images": x.detach().cpu().contiguous().numpy()})[0]).float()
-
-    f = run(images)
-    if flip:
-        f = (f + run(torch.flip(images, dims=[3]))) / 2
-    return f
-
-
-def _weights_version(model: torch.nn.Module) -> tuple:
+def weights_version(model: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer of ``model`` is written (a training step, a load)."""
     return tuple(t._version for t in (*model.parameters(), *model.buffers()))
 
 
@@ -297,7 +249,7 @@ def settle_inference(model: torch.nn.Module, choice: Inference, images: torch.Te
     """``choice`` made concrete on the first batch ``images``; ``features(x)`` is PyTorch's
     (flip included) under the ambient autocast.
 
-    onnxruntime (asked): the export. auto: the export, then onnxruntime stays when its
+    An exported backend (asked): the export. auto: the export, then the backend stays when its
     features of ``images`` match eager float32 (mean cosine >= :data:`MATCH_MEAN_COSINE`);
     an export that fails or features that differ give PyTorch, with the reason. PyTorch:
     the precision's own check (:func:`settle_for`). Decided once per model and weights: a
@@ -309,12 +261,12 @@ def settle_inference(model: torch.nn.Module, choice: Inference, images: torch.Te
     if choice.backend == "torch":
         return dataclasses.replace(choice, precision=settle_for(model, choice.precision, lambda: features(images)))
     key = (choice.requested, choice.precision.requested, choice.precision.dtype, tuple(images.shape[1:]), bool(flip),
-           torch.get_num_threads(), _weights_version(model))
+           torch.get_num_threads(), weights_version(model))
     cached = _settled.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
-    if choice.backend == "onnxruntime":
-        session, seconds = onnx_session(model, images.shape[2:])
+    if choice.backend in BACKENDS:
+        session, seconds = backend_module(choice.backend).open_session(model, images.shape[2:])
         settled = dataclasses.replace(choice, session=session, reason=f"{choice.reason}; export {seconds:.1f} s")
     else:
         settled = _settle_auto(model, choice, images, features, flip)
@@ -325,33 +277,34 @@ def settle_inference(model: torch.nn.Module, choice: Inference, images: torch.Te
 def _settle_auto(model: torch.nn.Module, choice: Inference, images: torch.Tensor,
                  features: Callable[[torch.Tensor], torch.Tensor], flip: bool) -> Inference:
     def fallback(why: str) -> Inference:
-        torch_choice = dataclasses.replace(choice, backend="torch", reason=f"{choice.reason}, not onnxruntime: {why}",
-                                           note=why)
+        torch_choice = dataclasses.replace(choice, backend="torch",
+                                           reason=f"{choice.reason}, not {AUTO_BACKEND}: {why}", note=why)
         return settle_inference(model, torch_choice, images, features, flip)
 
+    backend = backend_module(AUTO_BACKEND)
     try:
-        session, seconds = onnx_session(model, images.shape[2:])
+        session, seconds = backend.open_session(model, images.shape[2:])
     except AttnReidError as exc:  # the exporter's one line (an unsupported op, a failed check)
         return fallback(f"the ONNX export failed ({exc})")
     with torch.inference_mode():
         reference = features(images).float()
-        got = onnx_features(session, images, flip)
+        got = backend.features(session, images, flip)
     cos = float(torch.nn.functional.cosine_similarity(got, reference.cpu(), dim=1).mean())
     n = images.shape[0]
     if cos < MATCH_MEAN_COSINE:
         return fallback(f"its features differ from PyTorch fp32: mean cosine {cos:.5f} < {MATCH_MEAN_COSINE} "
                         f"on the first {n} images")
-    return dataclasses.replace(choice, backend="onnxruntime", session=session,
-                               precision=Precision("off", None, "cpu", _ORT_PRECISION_REASON),
+    return dataclasses.replace(choice, backend=AUTO_BACKEND, session=session,
+                               precision=Precision("off", None, "cpu", backend.PRECISION_REASON),
                                reason=f"{choice.reason}; mean cosine {cos:.5f} with PyTorch fp32 on the first {n} "
                                       f"images; export {seconds:.1f} s")
 
 
 def run_features(model: torch.nn.Module, choice: Inference, images: torch.Tensor,
                  features: Callable[[torch.Tensor], torch.Tensor], flip: bool = False) -> torch.Tensor:
-    """One batch's float32 features by a settled ``choice`` (on the CPU for onnxruntime)."""
-    if choice.backend == "onnxruntime":
-        return onnx_features(choice.session, images, flip)
+    """One batch's float32 features by a settled ``choice`` (on the CPU for an exported backend)."""
+    if choice.backend in BACKENDS:
+        return backend_module(choice.backend).features(choice.session, images, flip)
     with torch.inference_mode(), choice.precision.autocast():
         return features(images).float()
 
