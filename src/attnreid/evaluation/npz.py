@@ -111,7 +111,7 @@ def evaluate_npz(file: Path, protocol: str = "market", ranking: Optional[Ranking
             "q_camids": "'query_camids'",
             "g_camids": "'gallery_camids'",
         }
-        d, *checked = check_rank_inputs(arrays["distmat"], *ids, names=names)
+        d, *checked = check_rank_inputs(arrays["distmat"], *ids, names=names, finite=False)  # blocks checked below
         res = evaluate_blocks(iter_rank_chunks(d, _default_chunk(d.shape[1])), tuple(checked), d.shape, protocol,
                               max_rank, per_query=per_query, save_distmat=save_distmat, name=names["distmat"])
     res["arrays"] = arrays

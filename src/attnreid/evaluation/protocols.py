@@ -99,11 +99,7 @@ def checked_blocks(blocks: Iterable, name: str, shape: Tuple[int, int]) -> Itera
     """The blocks as numpy arrays, each checked for NaN/inf (named as ``name`` of ``shape``)."""
     for start, block in blocks:
         block = as_numpy(block)
-        try:
-            check_finite(block, name)
-        except AttnReidError:
-            raise AttnReidError(f"{name} (shape {shape}) has NaN/inf values from query row {start} on "
-                                "(features too large for the distance's float precision?)") from None
+        check_finite(block, name, start, shape)
         yield start, block
 
 

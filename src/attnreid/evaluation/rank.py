@@ -51,11 +51,12 @@ JUNK_PID = -1
 _BIG = np.iinfo(np.int64).max
 
 
-def check_finite(d: np.ndarray, name: str) -> None:
+def check_finite(d: np.ndarray, name: str, first_row: int = 0, shape: Optional[Tuple[int, int]] = None) -> None:
     """Raise a one-line error naming the first NaN/inf entry of ``d``.
 
     Checked a block of rows at a time with a min/max reduction (NaN propagates through both), so
-    no Q x G boolean array is allocated.
+    no Q x G boolean array is allocated. ``d`` may be the rows from ``first_row`` on of a matrix
+    of ``shape`` (the message then names the matrix's row and shape).
     """
     step = max(1, (1 << 22) // max(d.shape[1], 1))
     for s in range(0, d.shape[0], step):
@@ -64,7 +65,9 @@ def check_finite(d: np.ndarray, name: str) -> None:
             continue
         r, c = (int(v[0]) for v in np.nonzero(~np.isfinite(block)))
         count = sum(int((~np.isfinite(d[t : t + step])).sum()) for t in range(s, d.shape[0], step))
-        raise AttnReidError(f"{name} (shape {tuple(d.shape)}) has {count} NaN/inf value(s), first at [{r + s}, {c}]")
+        where = "" if first_row == 0 and shape is None else f" in rows {first_row}..{first_row + d.shape[0] - 1}"
+        raise AttnReidError(f"{name} (shape {tuple(shape or d.shape)}) has {count} NaN/inf value(s){where}, "
+                            f"first at [{first_row + r + s}, {c}]")
 
 
 def _ids(x: ArrayLike, name: str, expected: int) -> np.ndarray:
@@ -104,11 +107,13 @@ def check_rank_inputs(
     q_camids: Optional[ArrayLike],
     g_camids: Optional[ArrayLike],
     names: Optional[Mapping[str, str]] = None,
+    finite: bool = True,
 ):
     """Validate the evaluator's inputs; return them as numpy arrays (a tensor is copied to the CPU).
 
     Every problem raises :class:`AttnReidError` with one line naming the array (``names`` maps the
-    argument names to what the user calls them, e.g. npz keys) and its shape.
+    argument names to what the user calls them, e.g. npz keys) and its shape. ``finite=False``
+    leaves the NaN/inf check to the caller (who checks each block as it is ranked).
     """
     n = dict(_NAMES, **(names or {}))
     d = as_numpy(distmat)
@@ -120,7 +125,8 @@ def check_rank_inputs(
         raise AttnReidError(f"{n['distmat']} has shape {tuple(d.shape)}: the gallery is empty")
     if d.dtype.kind != "f":
         d = d.astype(np.float32)
-    check_finite(d, n["distmat"])
+    if finite:
+        check_finite(d, n["distmat"])
     return (d,) + check_ids(d.shape[0], d.shape[1], q_pids, g_pids, q_camids, g_camids, names)
 
 
@@ -187,33 +193,46 @@ def _sort_rows(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+def _masked_copy(dist: np.ndarray, junk: np.ndarray, removed: Optional[Tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """A contiguous float32 copy of ``dist`` with the removed gallery entries at +inf: the junk
+    columns and the ``(row, column)`` pairs of ``removed`` (same identity, same camera)."""
+    d = np.array(dist, dtype=np.float32, order="C", copy=True)
+    if junk.size:
+        d[:, junk] = np.inf
+    if removed is not None:
+        d[removed] = np.inf
+    return d
+
+
 def _chunk_ranks(
     dist: np.ndarray,
     q_pids: np.ndarray,
     q_camids: Optional[np.ndarray],
     gallery: _Gallery,
+    keep_masked: bool = False,
 ):
     """Ranks (1-based, in the filtered list) of every true match of each query of a chunk.
 
     Returns ``(ranks, positive, masked)``: ``ranks`` c x M sorted ascending with padding set to a
-    huge value, ``positive`` the matching c x M mask (true matches, also sorted first), and
-    ``masked`` the chunk's distances with removed gallery entries set to +inf.
+    huge value, ``positive`` the matching c x M mask (true matches, also sorted first), and, with
+    ``keep_masked``, ``masked`` the chunk's distances with removed gallery entries set to +inf
+    (else None). ``dist`` is only read.
     """
     c, g = dist.shape
-    d = np.array(dist, dtype=np.float32, order="C", copy=True)  # contiguous, ours
-    if gallery.junk.size:
-        d[:, gallery.junk] = np.inf
     cand = gallery.candidates(q_pids)
     has = cand >= 0
     safe = np.maximum(cand, 0)
     positive = has.copy()
+    removed = None
     if q_camids is not None:
         same_cam = has & (gallery.camids[safe] == q_camids[:, None])
         positive &= ~same_cam
         rows, slots = np.nonzero(same_cam)
-        d[rows, cand[rows, slots]] = np.inf
-    thresh = np.where(positive, np.take_along_axis(d, safe, axis=1), np.float32(np.inf))
-    srt = _sort_rows(d.copy())
+        removed = (rows, cand[rows, slots])
+    srt = _masked_copy(dist, gallery.junk, removed)  # sorted in place below: the chunk's one copy
+    thresh = np.where(positive, np.take_along_axis(srt, safe, axis=1), np.float32(np.inf))
+    masked = srt.copy() if keep_masked else None
+    _sort_rows(srt)
     left = np.empty(thresh.shape, dtype=np.int64)
     for r in range(c):  # one binary search per true match, row by row (numpy has no batched form)
         left[r] = np.searchsorted(srt[r], thresh[r], side="left")
@@ -227,10 +246,22 @@ def _chunk_ranks(
         col = np.arange(g)
         for s in range(0, tie_r.size, 256):
             r, sl = tie_r[s : s + 256], tie_s[s : s + 256]
-            before = (d[r] == thresh[r, sl][:, None]) & (col[None, :] < cand[r, sl][:, None])
+            rows_d = masked[r] if masked is not None else _masked_rows(dist, r, gallery.junk, removed)
+            before = (rows_d == thresh[r, sl][:, None]) & (col[None, :] < cand[r, sl][:, None])
             rank[r, sl] += before.sum(axis=1)
     ranks = np.sort(np.where(positive, rank, _BIG), axis=1)
-    return ranks, ranks < _BIG, d
+    return ranks, ranks < _BIG, masked
+
+
+def _masked_rows(dist: np.ndarray, rows: np.ndarray, junk: np.ndarray,
+                 removed: Optional[Tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """:func:`_masked_copy` of the listed rows of ``dist`` only (``rows`` may repeat)."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    part = None
+    if removed is not None:
+        sel = np.isin(removed[0], unique)
+        part = (np.searchsorted(unique, removed[0][sel]), removed[1][sel])
+    return _masked_copy(dist[unique], junk, part)[inverse]
 
 
 def _ap_inp(ranks: np.ndarray, positive: np.ndarray):
@@ -472,7 +503,7 @@ def evaluate_cuhk03_chunks(chunks: Iterable, qp: np.ndarray, gp: np.ndarray, qc:
         block = as_numpy(block)
         c = block.shape[0]
         rows = slice(start, start + c)
-        ranks, positive, masked = _chunk_ranks(block, qp[rows], qc[rows], gallery)
+        ranks, positive, masked = _chunk_ranks(block, qp[rows], qc[rows], gallery, keep_masked=True)
         ap, inp, valid = _ap_inp(ranks, positive)
         kept = np.isfinite(masked)
         is_match = gp[None, :] == qp[rows][:, None]

@@ -62,6 +62,8 @@ from attnreid.evaluation.options import RERANK_INPUTS, RankingOptions
 from attnreid.evaluation.rank import _default_chunk
 
 _BUDGET = 1 << 24  # elements per temporary block (64 MB in float32)
+# The sparse phases hold several int64 arrays per element of their blocks: blocks an eighth as large.
+_SPARSE_SHARE = 8
 _MERGE_EVERY = 8  # candidate neighbour sets kept per row strip before they are merged
 
 
@@ -165,7 +167,7 @@ def _neighbours(feats: torch.Tensor, k: int):
             update(ai, a, block, b)
             if b != a:
                 mirror = tbuf[: block.numel()].view(fb.shape[0], fa.shape[0])
-                mirror.copy_(block.T)
+                _transpose_into(mirror, block)
                 update(bi, b, mirror, a)
     del buf, tbuf
     top = torch.empty((n, k), dtype=torch.int64, device=dev)
@@ -180,6 +182,13 @@ def _sq_distances(feats: torch.Tensor, sq: torch.Tensor, rows: slice, cols: slic
     """Squared distances of the listed rows to the listed columns, as :func:`_neighbours` computes them."""
     block = torch.addmm(sq[cols].unsqueeze(0), feats[rows], feats[cols].T, beta=1.0, alpha=-2.0)
     return block.add_(sq[rows].unsqueeze(1)).clamp_(min=0.0)
+
+
+def _transpose_into(out: torch.Tensor, block: torch.Tensor, strip: int = 64) -> None:
+    """``out[:] = block.T``, a strip of ``block``'s rows at a time: about twice as fast as one
+    strided copy on a CPU (each strip's columns stay in cache)."""
+    for i in range(0, block.shape[0], strip):
+        out[:, i : i + strip].copy_(block[i : i + strip].T)
 
 
 def _reciprocal(top: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
@@ -305,7 +314,7 @@ def _sparse_v(
     if k_qe != 1:
         qe_keys, qe_vals = [], []
         per_row = int((crow[1:] - crow[:-1]).max())
-        step = max(1, _BUDGET // (k_qe * max(per_row, 1)))
+        step = max(1, _BUDGET // _SPARSE_SHARE // (k_qe * max(per_row, 1)))
         for s in range(0, n, step):
             nb = top[s : s + step, :k_qe].reshape(-1)
             which, c_, v_ = _csr_rows(crow, cols, vals, nb)
@@ -339,7 +348,7 @@ def _jaccard_similarity(crow: torch.Tensor, cols: torch.Tensor, vals: torch.Tens
         if sel.numel() == 0:
             continue
         sl, v, base = slot[qc[sel]], qv[sel].unsqueeze(1), (which[sel] * num_g).unsqueeze(1)
-        per = max(1, _BUDGET // t_rows.shape[1])
+        per = max(1, _BUDGET // _SPARSE_SHARE // t_rows.shape[1])
         for t in range(0, sel.shape[0], per):
             mins = torch.minimum(t_vals.index_select(0, sl[t : t + per]), v[t : t + per])
             target = t_rows.index_select(0, sl[t : t + per]).add_(base[t : t + per])
