@@ -263,19 +263,19 @@ def bench_rerank() -> dict:
 MSMT = (11659, 82161, 512)
 
 
-def msmt_worker(variant: str, feats_path: str, ids_path: str) -> None:
+def msmt_worker(variant: str, feats_path: str, ids_path: str, num_q: str) -> None:
     """One MSMT-size variant on one thread; prints {time_s, peak_rss_mb, baseline_rss_mb, metrics}."""
     import torch
 
     torch.set_num_threads(1)
     f = np.load(feats_path)
     ids = np.load(ids_path)
-    num_q = MSMT[0]
+    num_q = int(num_q)
     qf, gf = f[:num_q], f[num_q:]
     pids, cams = ids["pids"], ids["cams"]
     args = (pids[:num_q], pids[num_q:], cams[:num_q], cams[num_q:])
     baseline = _rss_mb("VmRSS")
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     if variant == "stream":
         from attnreid.evaluation import RankingOptions, evaluate
 
@@ -285,12 +285,12 @@ def msmt_worker(variant: str, feats_path: str, ids_path: str) -> None:
         from attnreid.evaluation.rerank import re_ranking
 
         res = evaluate_rank(re_ranking(qf, gf), *args)
-    elapsed = time.perf_counter() - t
-    print(json.dumps({"time_s": elapsed, "peak_rss_mb": _rss_mb("VmHWM"), "baseline_rss_mb": baseline,
+    elapsed, cpu = time.perf_counter() - t, time.process_time() - cpu
+    print(json.dumps({"time_s": elapsed, "cpu_s": cpu, "peak_rss_mb": _rss_mb("VmHWM"), "baseline_rss_mb": baseline,
                       "metrics": {k: res[k] for k in ("mAP", "mINP", "rank1", "rank5", "cmc", "num_valid_queries")}}))
 
 
-def bench_msmt(baseline_src: str = "") -> dict:
+def bench_msmt(baseline_src: str = "", concurrent: bool = False) -> dict:
     num_q, num_g, dim = MSMT
     res = {"what": "k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3) + CMC/mAP/mINP at MSMT17 size, streamed over "
                    "query blocks; identity-correlated random features, random ids (3,060) and cameras (15)",
@@ -306,12 +306,20 @@ def bench_msmt(baseline_src: str = "") -> dict:
         np.savez(f"{tmp}/ids.npz", pids=pids, cams=cams)
         del f
         variants = [("stream", str(ROOT / "src"))] + ([("whole", baseline_src)] if baseline_src else [])
+        done = {}
+        running = []
         for name, src in variants:
-            cmd = [sys.executable, __file__, "--msmt-worker", name, f"{tmp}/feats.npy", f"{tmp}/ids.npz"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, PYTHONPATH=src))
+            cmd = [sys.executable, __file__, "--msmt-worker", name, f"{tmp}/feats.npy", f"{tmp}/ids.npz", str(num_q)]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=dict(env, PYTHONPATH=src))
+            running.append((name, src, proc))
+            if not concurrent:  # one after the other: wait for this one before starting the next
+                done[name] = proc.communicate()
+        for name, src, proc in running:
+            out, err = done[name] if name in done else proc.communicate()
             if proc.returncode != 0:
-                raise RuntimeError(f"{name} failed: {proc.stderr[-2000:]}")
-            res[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+                raise RuntimeError(f"{name} failed: {err[-2000:]}")
+            res[name] = json.loads(out.strip().splitlines()[-1])
             res[name]["source"] = src
             print(name, json.dumps(res[name]), flush=True)
     res["peak_rss_gb"] = round(res["stream"]["peak_rss_mb"] / 1024, 2)
@@ -319,12 +327,15 @@ def bench_msmt(baseline_src: str = "") -> dict:
     if "whole" in res:
         a, b = res["stream"]["metrics"], res["whole"]["metrics"]
         res["same_metrics"] = a == b
-        res["max_abs_diff_metrics"] = max(abs(np.asarray(a[k]) - np.asarray(b[k])).max() for k in a)
+        res["max_abs_diff_metrics"] = float(max(abs(np.asarray(a[k]) - np.asarray(b[k])).max() for k in a))
         res["time_ratio_stream_to_whole"] = round(res["stream"]["time_s"] / res["whole"]["time_s"], 3)
+        res["cpu_ratio_stream_to_whole"] = round(res["stream"]["cpu_s"] / res["whole"]["cpu_s"], 3)
         res["peak_ratio_stream_to_whole"] = round(res["stream"]["peak_rss_mb"] / res["whole"]["peak_rss_mb"], 3)
+    res["variants_ran"] = "concurrently, one process each" if concurrent and "whole" in res else "one after the other"
     res["note"] = ("peak RSS = VmHWM of each variant's own process (torch import and the 0.19 GB of features "
-                   "included); the Q x G float32 matrix alone would be 3.8 GB. Both variants ran one after the "
-                   "other on the same machine, one thread each.")
+                   "included); the Q x G float32 matrix alone would be 3.8 GB. time_s is wall time, cpu_s the "
+                   "process's CPU time (user + system; one thread, so the measure to compare on a machine "
+                   "shared with other jobs).")
     return res
 
 
@@ -439,7 +450,7 @@ def main(argv) -> None:
                argv[6] if len(argv) > 6 else "float32")
         return
     if argv[:1] == ["--msmt-worker"]:
-        msmt_worker(*argv[1:4])
+        msmt_worker(*argv[1:5])
         return
     import argparse
 
@@ -447,6 +458,7 @@ def main(argv) -> None:
     ap.add_argument("parts", nargs="*", help="rank, rerank, msmt, metrics (default: all)")
     ap.add_argument("--torchreid", default="", help="torchreid source checkout (metrics part)")
     ap.add_argument("--baseline-src", default="", help="an older attnreid src/ folder (msmt part)")
+    ap.add_argument("--concurrent", action="store_true", help="msmt: run both variants at once (compare cpu_s)")
     args = ap.parse_args(argv)
     parts = args.parts or ["rank", "rerank", "msmt", "metrics"]
     unknown = set(parts) - {"rank", "rerank", "msmt", "metrics"}
@@ -454,7 +466,7 @@ def main(argv) -> None:
         ap.error(f"unknown part(s): {', '.join(sorted(unknown))}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     for part, fn, name in (("rank", bench_rank, "evaluation_rank"), ("rerank", bench_rerank, "evaluation_rerank"),
-                           ("msmt", lambda: bench_msmt(args.baseline_src), "evaluation_rerank_msmt"),
+                           ("msmt", lambda: bench_msmt(args.baseline_src, args.concurrent), "evaluation_rerank_msmt"),
                            ("metrics", lambda: bench_metrics(args.torchreid), "evaluation_metrics_process")):
         if part not in parts:
             continue

@@ -196,6 +196,8 @@ def evaluate(
     q, g = matched_features(qf, gf, device, names)
     if q.shape[0] == 0:
         raise AttnReidError(f"{names[0]} have shape {tuple(q.shape)}: the query set is empty")
+    if g.shape[0] == 0:
+        raise AttnReidError(f"{names[1]} have shape {tuple(g.shape)}: the gallery is empty")
     if multi_query is not None:
         if q_camids is None:
             raise AttnReidError("multi-query evaluation needs query camera ids")

@@ -32,14 +32,15 @@ reproduce numbers reported with torchreid's re-ranking.
 
 Memory: square blocks of the N x N distances (on and above the diagonal; each also serves its
 mirror) are computed, used for the row maxima and each row's k1+1 best candidates (``topk``), and
-dropped, except that the query rows' Q x G block is kept as the output buffer; a row's candidates
-are merged into its top-(k1+1) once at the end. V is sparse: each row of V holds the expanded set,
-at most ``(k1+1) + (k1+1)(round(k1/2)+1)`` entries (252 for k1 = 20; typically tens); after query
-expansion a row holds at most k2 times that. The Jaccard term is accumulated only for the Q x G
-block: the gallery rows of V are inverted (column -> list of (gallery row, value)) into dense
-tables padded to a few widths per power of two, and each query entry (q, column, value) is
-min-ed against its column's table row and scatter-added into row q, a query chunk at a time.
-Nothing N x N is ever allocated.
+dropped; a row's candidates are merged into its top-(k1+1) once at the end. V is sparse: each
+row of V holds the expanded set, at most ``(k1+1) + (k1+1)(round(k1/2)+1)`` entries (252 for
+k1 = 20; typically tens); after query expansion a row holds at most k2 times that. The Jaccard
+term is computed only for the Q x G block: the gallery rows of V are inverted (column -> list of
+(gallery row, value)) into dense tables padded to a few widths per power of two, and each query
+entry (q, column, value) is min-ed against its column's table row and scatter-added into row q.
+The output is streamed (:func:`iter_re_ranking`): a block of query rows at a time, their
+distances to the gallery are computed again (one matrix product), combined with their Jaccard
+term and handed on, so neither the N x N nor the Q x G matrix is ever allocated.
 
 Threads: the block products and top-k selections use torch's intra-op threads; the sparse phases
 after them (many small gathers, sorts and scatters) run on one thread (see ``_one_cpu_thread``).
@@ -387,12 +388,13 @@ def iter_re_ranking(
     if q.shape[0] == 0 or g.shape[0] == 0:
         raise AttnReidError(f"re-ranking needs non-empty query and gallery sets, got {q.shape[0]} and {g.shape[0]}")
     dtype = torch.promote_types(q.dtype, g.dtype)
+    num_q = q.shape[0]
     feats = torch.cat([q.to(dtype), g.to(dtype)])
     del q, g
     if options.metric == "cosine":
         feats = torch.nn.functional.normalize(feats, dim=1)
     k1, lam = options.k1, options.lambda_value
-    num_q, n = qf.shape[0], feats.shape[0]
+    n = feats.shape[0]
     num_g = n - num_q
     dev = feats.device
     k = min(k1 + 1, n)
