@@ -74,10 +74,12 @@ def _plain_help(text: Optional[str]) -> Optional[str]:
     that the terminal wraps them, not the source's line breaks."""
     if not text:
         return text
+    paragraphs = [" ".join(p.split()) for p in inspect.cleandoc(text).split("\n\n")]
+    if not any("[" in p or "\\" in p for p in paragraphs):
+        return "\n\n".join(paragraphs)  # nothing rich would read as markup: no need to import it
     from rich.markup import escape
 
-    paragraphs = inspect.cleandoc(text).split("\n\n")
-    return "\n\n".join(escape(" ".join(p.split())) for p in paragraphs)
+    return "\n\n".join(escape(p) for p in paragraphs)
 
 
 def _tidy_params(callback) -> None:
