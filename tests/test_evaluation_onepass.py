@@ -272,3 +272,25 @@ def test_every_command_module_is_named_once():
         named = {n for n, m in cli.COMMANDS.items() if m == module}
         assert named <= set(json.loads(out)), module
     assert set(cli.COMMANDS) | {"version"} == {n for _, names in cli.PANELS for n in names}
+
+
+def test_eval_command_reads_the_checkpoint_once(monkeypatch, tmp_path, synthetic_root):
+    from attnreid.config import load_config, save_config, to_dict
+    from attnreid.engine.checkpoint import save_checkpoint
+    from attnreid.models import build_model
+
+    cfg = load_config(None, ["data.dataset=market1501", f"data.root={synthetic_root}", "data.height=64",
+                             "data.width=32", "data.workers=0", "model.name=baseline",
+                             "model.backbone.name=mobilenetv3_small", "train.device=cpu", "eval.bootstrap=10",
+                             "eval.backend=torch"])
+    save_config(cfg, tmp_path / "c.yaml")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 4)
+    ckpt = save_checkpoint(tmp_path / "c.pth", {"model": model.state_dict(), "config": to_dict(cfg),
+                                                "num_classes": 4, "epoch": 7, "step": 3, "metrics": {}})
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or real_load(f, *a, **k))
+    code, out, err = run_cli(["eval", tmp_path / "c.yaml", "--checkpoint", ckpt, "--json"])
+    assert code == 0, err
+    assert reads.count(str(ckpt)) == 1 and json.loads(out)["epoch"] == 7
