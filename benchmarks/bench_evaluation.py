@@ -1,6 +1,8 @@
-"""Evaluation benchmarks (issue 3): exact CMC/mAP and k-reciprocal re-ranking at real sizes.
+"""Evaluation benchmarks (issue 3, issue 29): exact CMC/mAP and k-reciprocal re-ranking at real sizes.
 
-    python benchmarks/bench_evaluation.py [rank] [rerank] [msmt]    (default: all three)
+    python benchmarks/bench_evaluation.py [rank] [rerank] [msmt] [metrics]   (default: all four)
+        [--torchreid DIR]        a torchreid source checkout, for the metrics part's Cython evaluator
+        [--baseline-src DIR]     an older attnreid src/ folder, for the msmt part's whole-matrix baseline
 
 - ``rank``: Market-1501 sizes (3,368 queries x 15,913 gallery) with the real pids and camera ids
   parsed from the file names in ``$ATTNREID_DATA/Market-1501-v15.09.15.zip`` (pid -1 dropped, 0000
@@ -8,16 +10,26 @@
   Times ``attnreid.evaluation.evaluate_rank`` against a numpy re-implementation of torchreid's
   Cython evaluator algorithm (``eval_market1501_cy``: full ``np.argsort``, ``Q x G`` match matrix,
   then a per-query loop; here the loop body uses numpy vector operations where the Cython uses C
-  loops). torchreid's Cython extension cannot be built here (no Cython, no network), so its
-  ``np.argsort`` + match-matrix preamble, which runs in numpy in the real evaluator too, is timed
-  separately as a lower bound of that evaluator's time.
+  loops); its ``np.argsort`` + match-matrix preamble, which runs in numpy in the real evaluator
+  too, is timed separately as a lower bound of that evaluator's time.
 - ``rerank``: all 19,281 Market images (dimension 512), ``attnreid.evaluation.re_ranking`` against
   the dense numpy transcription of the reference (``tests/test_evaluation_rerank.py``, numpy's
   default argsort as in the original), each in its own subprocess; time, peak RSS, max |difference|.
-- ``msmt``: MSMT17 size (11,659 + 82,161 images, dimension 512): time and peak RSS of
-  ``re_ranking`` (the dense reference would need ~35 GB per N x N float32 matrix).
+- ``msmt``: MSMT17 size (11,659 + 82,161 images, dimension 512, random ids and cameras): time and
+  peak RSS of re-ranking + evaluation streamed over query blocks (``protocols.evaluate`` with
+  re-ranking), one thread, each variant in its own process with the features read from a file
+  (their generation is not in the peak). With ``--baseline-src``, the same with that source's
+  ``re_ranking`` (the whole Q x G matrix) then ``evaluate_rank``, and the metrics of both compared.
+- ``metrics``: whole processes, ``python -m`` start to exit, on one Market-size distance matrix
+  (3,368 x 15,913 float32, real ids and cameras) saved as an npz: ``python -m attnreid metrics
+  FILE --json`` (with its 1,000-resample intervals, and with ``--bootstrap 0``) against a process
+  that loads the same npz and runs torchreid's Cython evaluator (``rank_cy.evaluate_cy``, built
+  from ``--torchreid``'s ``torchreid/metrics/rank_cylib/rank_cy.pyx`` in ``scratch/``, imported
+  alone: torchreid's package would import torch). Skipped, with the reason, without a checkout,
+  Cython or a C compiler. Alternated, ``METRICS_REPEATS`` times each; medians compared.
 
-Results go to ``benchmarks/results/evaluation_{rank,rerank,rerank_msmt}.json`` and are printed.
+Results go to ``benchmarks/results/evaluation_{rank,rerank,rerank_msmt,metrics_process}.json`` and
+are printed.
 """
 
 from __future__ import annotations
@@ -249,12 +261,206 @@ def bench_rerank() -> dict:
     return res
 
 
-def bench_msmt() -> dict:
-    res = {"what": "re_ranking at MSMT17 size, identity-correlated random features",
-           "num_query": 11659, "num_gallery": 82161, "dim": 512, "machine": machine()}
-    res["ours"] = run_worker("ours", 11659, 82161, 512)
-    res["within_16GB"] = res["ours"]["peak_rss_mb"] < 16 * 1024
-    res["note"] = "the Q x G float32 result alone is 3.8 GB; a dense N x N float32 array would be 35 GB"
+MSMT = (11659, 82161, 512)
+
+
+def msmt_worker(variant: str, feats_path: str, ids_path: str, num_q: str) -> None:
+    """One MSMT-size variant on one thread; prints {time_s, peak_rss_mb, baseline_rss_mb, metrics}."""
+    import torch
+
+    torch.set_num_threads(1)
+    f = np.load(feats_path)
+    ids = np.load(ids_path)
+    num_q = int(num_q)
+    qf, gf = f[:num_q], f[num_q:]
+    pids, cams = ids["pids"], ids["cams"]
+    args = (pids[:num_q], pids[num_q:], cams[:num_q], cams[num_q:])
+    baseline = _rss_mb("VmRSS")
+    t, cpu = time.perf_counter(), time.process_time()
+    if variant == "stream":
+        from attnreid.evaluation import RankingOptions, evaluate
+
+        res = evaluate(qf, gf, *args, ranking=RankingOptions(rerank=True))
+    else:  # the whole Q x G matrix, then the evaluator (an older attnreid on PYTHONPATH)
+        from attnreid.evaluation.rank import evaluate_rank
+        from attnreid.evaluation.rerank import re_ranking
+
+        res = evaluate_rank(re_ranking(qf, gf), *args)
+    elapsed, cpu = time.perf_counter() - t, time.process_time() - cpu
+    print(json.dumps({"time_s": elapsed, "cpu_s": cpu, "peak_rss_mb": _rss_mb("VmHWM"), "baseline_rss_mb": baseline,
+                      "metrics": {k: res[k] for k in ("mAP", "mINP", "rank1", "rank5", "cmc", "num_valid_queries")}}))
+
+
+def bench_msmt(baseline_src: str = "", concurrent: bool = False) -> dict:
+    num_q, num_g, dim = MSMT
+    res = {"what": "k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3) + CMC/mAP/mINP at MSMT17 size, streamed over "
+                   "query blocks; identity-correlated random features, random ids (3,060) and cameras (15)",
+           "num_query": num_q, "num_gallery": num_g, "dim": dim, "threads": 1, "machine": machine()}
+    rng = np.random.default_rng(17)
+    pids = rng.integers(1, 3060, num_q + num_g)
+    cams = rng.integers(0, 15, num_q + num_g)
+    f = features(pids, cams, dim, seed=17)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    scratch = ROOT / "scratch" if (ROOT / "scratch").is_dir() else None
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        np.save(f"{tmp}/feats.npy", f)
+        np.savez(f"{tmp}/ids.npz", pids=pids, cams=cams)
+        del f
+        variants = [("stream", str(ROOT / "src"))] + ([("whole", baseline_src)] if baseline_src else [])
+        done = {}
+        running = []
+        for name, src in variants:
+            cmd = [sys.executable, __file__, "--msmt-worker", name, f"{tmp}/feats.npy", f"{tmp}/ids.npz", str(num_q)]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=dict(env, PYTHONPATH=src))
+            running.append((name, src, proc))
+            if not concurrent:  # one after the other: wait for this one before starting the next
+                done[name] = proc.communicate()
+        for name, src, proc in running:
+            out, err = done[name] if name in done else proc.communicate()
+            if proc.returncode != 0:  # recorded, not raised: e.g. the whole-matrix variant killed for memory
+                why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+                res[name] = {"failed": why, "stderr_tail": err[-500:], "source": src}
+                print(name, "failed:", why, flush=True)
+                continue
+            res[name] = json.loads(out.strip().splitlines()[-1])
+            res[name]["source"] = src
+            print(name, json.dumps(res[name]), flush=True)
+    if "failed" in res["stream"]:
+        return res
+    res["peak_rss_gb"] = round(res["stream"]["peak_rss_mb"] / 1024, 2)
+    res["within_1_5GB"] = res["stream"]["peak_rss_mb"] <= 1.5 * 1024
+    if "whole" in res and "failed" not in res["whole"]:
+        a, b = res["stream"]["metrics"], res["whole"]["metrics"]
+        res["same_metrics"] = a == b
+        res["max_abs_diff_metrics"] = float(max(abs(np.asarray(a[k]) - np.asarray(b[k])).max() for k in a))
+        res["time_ratio_stream_to_whole"] = round(res["stream"]["time_s"] / res["whole"]["time_s"], 3)
+        res["cpu_ratio_stream_to_whole"] = round(res["stream"]["cpu_s"] / res["whole"]["cpu_s"], 3)
+        res["peak_ratio_stream_to_whole"] = round(res["stream"]["peak_rss_mb"] / res["whole"]["peak_rss_mb"], 3)
+    res["variants_ran"] = "concurrently, one process each" if concurrent and "whole" in res else "one after the other"
+    res["note"] = ("peak RSS = VmHWM of each variant's own process (torch import and the 0.19 GB of features "
+                   "included); the Q x G float32 matrix alone would be 3.8 GB. time_s is wall time, cpu_s the "
+                   "process's CPU time (user + system; one thread, so the measure to compare on a machine "
+                   "shared with other jobs).")
+    return res
+
+
+# --- metrics: whole processes, attnreid metrics vs torchreid's Cython evaluator ----------------------
+
+METRICS_REPEATS = 5
+CYTHON_RUNNER = """
+import json, sys, time
+import numpy as np
+from rank_cy import evaluate_cy
+z = np.load(sys.argv[1])
+cmc, mAP = evaluate_cy(z["distmat"], z["query_pids"], z["gallery_pids"], z["query_camids"], z["gallery_camids"], 50)
+print(json.dumps({"mAP": float(mAP), "cmc": [float(v) for v in cmc]}))
+"""
+BUILD = """
+import numpy as np
+from setuptools import Extension, setup
+from Cython.Build import cythonize
+setup(name="rank_cy", ext_modules=cythonize([Extension("rank_cy", ["rank_cy.pyx"], include_dirs=[np.get_include()])],
+      quiet=True), script_args=["build_ext", "--inplace", "-q"])
+"""
+
+
+def build_rank_cy(torchreid: str) -> tuple:
+    """Build torchreid's ``rank_cy`` in ``scratch/torchreid_rank_cy``; ``(folder, None)`` or ``(None, reason)``."""
+    if not torchreid:
+        return None, "no torchreid checkout given (--torchreid DIR or TORCHREID_SRC)"
+    pyx = Path(torchreid) / "torchreid" / "metrics" / "rank_cylib" / "rank_cy.pyx"
+    if not pyx.is_file():
+        return None, f"{pyx} not found"
+    try:
+        import Cython  # noqa: F401
+    except ImportError:
+        return None, "Cython is not installed (pip install cython)"
+    out = ROOT / "scratch" / "torchreid_rank_cy"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rank_cy.pyx").write_bytes(pyx.read_bytes())
+    (out / "cython_metrics.py").write_text(CYTHON_RUNNER)
+    proc = subprocess.run([sys.executable, "-c", BUILD], cwd=out, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None, f"building rank_cy failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+    return out, None
+
+
+def _timed(cmd, env, cwd=None) -> tuple:
+    """Wall time, CPU time (user + system, all threads) and the JSON output of one process."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
+    elapsed = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[2:4]} failed: {proc.stderr[-2000:]}")
+    return elapsed, cpu, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_metrics(torchreid: str = "") -> dict:
+    from attnreid.evaluation import compute_distance
+
+    qp, qc, gp, gc = market_ids()
+    res = {"what": "whole process, python -m start to exit: CMC (rank 50) + mAP from a Market-size distance "
+                   "matrix in an npz (3,368 x 15,913 float32, real ids and cameras, identity-correlated random "
+                   "512-d features), attnreid metrics vs torchreid's Cython evaluator on the same file",
+           "num_query": len(qp), "num_gallery": len(gp), "repeats": METRICS_REPEATS, "machine": machine()}
+    folder, reason = build_rank_cy(torchreid or os.environ.get("TORCHREID_SRC", ""))
+    if folder is None:
+        res["skipped"] = reason
+        print("metrics: skipped:", reason, flush=True)
+        return res
+    pids, cams = np.concatenate([qp, gp]), np.concatenate([qc, gc])
+    f = features(pids, cams, 512, seed=512)
+    dist = compute_distance(f[: len(qp)], f[len(qp):])
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    runs = {"attnreid": [], "attnreid_no_intervals": [], "torchreid_cython": []}
+    cpu = {k: [] for k in runs}
+    outputs = {}
+    scratch = ROOT / "scratch" if (ROOT / "scratch").is_dir() else None
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        path = f"{tmp}/market_distmat.npz"
+        np.savez(path, distmat=dist, query_pids=qp, gallery_pids=gp, query_camids=qc, gallery_camids=gc)
+        commands = {
+            "attnreid": ([sys.executable, "-m", "attnreid", "metrics", path, "--json"], None),
+            "attnreid_no_intervals": ([sys.executable, "-m", "attnreid", "metrics", path, "--json",
+                                       "--bootstrap", "0"], None),
+            "torchreid_cython": ([sys.executable, "-m", "cython_metrics", path], str(folder)),
+        }
+        for _ in range(METRICS_REPEATS):  # alternated, so that a change of load hits all alike
+            for name, (cmd, cwd) in commands.items():
+                elapsed, used, out = _timed(cmd, env, cwd)
+                runs[name].append(round(elapsed, 3))
+                cpu[name].append(round(used, 3))
+                outputs[name] = out
+                print(name, round(elapsed, 3), flush=True)
+    med = {k: float(np.median(v)) for k, v in runs.items()}
+    med_cpu = {k: float(np.median(v)) for k, v in cpu.items()}
+    ours, cy = outputs["attnreid"], outputs["torchreid_cython"]
+    res.update({
+        "runs_s": runs,
+        "median_s": med,
+        "ratio_attnreid_to_cython": round(med["attnreid"] / med["torchreid_cython"], 3),
+        "ratio_attnreid_no_intervals_to_cython": round(med["attnreid_no_intervals"] / med["torchreid_cython"], 3),
+        "cpu_s": cpu,
+        "median_cpu_s": med_cpu,
+        "cpu_ratio_attnreid_to_cython": round(med_cpu["attnreid"] / med_cpu["torchreid_cython"], 3),
+        "target_ratio": 0.35,
+        "mAP": ours["mAP"], "rank1": ours["rank1"],
+        "abs_diff_mAP_vs_cython": abs(ours["mAP"] - cy["mAP"]),
+        "max_abs_diff_cmc_vs_cython": float(np.abs(np.array(ours["cmc"]) - np.array(cy["cmc"])).max()),
+        "note": ("torchreid's evaluator keeps mAP and the CMC in float32 (its Cython declares them float), "
+                 "attnreid in float64: differences of order 1e-7 are that rounding. attnreid's process imports no "
+                 "torch (tests/test_evaluation_onepass.py checks it); the Cython process imports numpy and rank_cy "
+                 "only. The attnreid run includes its default 1,000-resample bootstrap intervals; "
+                 "attnreid_no_intervals is the same command with --bootstrap 0. Wall times (runs_s) are the "
+                 "target's measure; CPU times (cpu_s: user + system over all threads; attnreid sorts on "
+                 "the CPUs' threads, the Cython evaluator uses one) are steadier on a shared machine."),
+    })
     return res
 
 
@@ -263,10 +469,25 @@ def main(argv) -> None:
         worker(argv[1], int(argv[2]), int(argv[3]), int(argv[4]), argv[5] if len(argv) > 5 else "",
                argv[6] if len(argv) > 6 else "float32")
         return
-    parts = argv or ["rank", "rerank", "msmt"]
+    if argv[:1] == ["--msmt-worker"]:
+        msmt_worker(*argv[1:5])
+        return
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("parts", nargs="*", help="rank, rerank, msmt, metrics (default: all)")
+    ap.add_argument("--torchreid", default="", help="torchreid source checkout (metrics part)")
+    ap.add_argument("--baseline-src", default="", help="an older attnreid src/ folder (msmt part)")
+    ap.add_argument("--concurrent", action="store_true", help="msmt: run both variants at once (compare cpu_s)")
+    args = ap.parse_args(argv)
+    parts = args.parts or ["rank", "rerank", "msmt", "metrics"]
+    unknown = set(parts) - {"rank", "rerank", "msmt", "metrics"}
+    if unknown:
+        ap.error(f"unknown part(s): {', '.join(sorted(unknown))}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     for part, fn, name in (("rank", bench_rank, "evaluation_rank"), ("rerank", bench_rerank, "evaluation_rerank"),
-                           ("msmt", bench_msmt, "evaluation_rerank_msmt")):
+                           ("msmt", lambda: bench_msmt(args.baseline_src, args.concurrent), "evaluation_rerank_msmt"),
+                           ("metrics", lambda: bench_metrics(args.torchreid), "evaluation_metrics_process")):
         if part not in parts:
             continue
         res = fn()

@@ -63,7 +63,7 @@ def config(args, amp: str, seed: int):
 
 
 def metrics(qf, gf, q_ids, g_ids, protocol: str) -> dict:
-    m = evaluate(qf, gf, q_ids[0], g_ids[0], q_ids[1], g_ids[1], protocol=protocol, metric="euclidean_sq")
+    m = evaluate(qf, gf, q_ids[0], g_ids[0], q_ids[1], g_ids[1], protocol=protocol)
     return {"rank1": round(float(m["rank1"]), 4), "mAP": round(float(m["mAP"]), 4)}
 
 

@@ -10,7 +10,8 @@ import pytest  # noqa: E402
 # `python -m pytest -m numerics` runs them, and .ci/run runs them again on older CPUs' kernel
 # paths (docs/testing.md).
 NUMERICS_FILES = {
-    "test_backbones.py", "test_deploy.py", "test_deploy_export.py", "test_evaluation_properties.py",
+    "test_backbones.py", "test_deploy.py", "test_deploy_export.py", "test_evaluation_onepass.py",
+    "test_evaluation_properties.py",
     "test_evaluation_rank.py", "test_evaluation_rerank.py", "test_hacnn.py", "test_losses.py",
     "test_mhsanet.py", "test_paper_mutations.py", "test_precision.py",
 }

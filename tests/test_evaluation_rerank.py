@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from attnreid.errors import AttnReidError
+from attnreid.evaluation.options import RankingOptions
 from attnreid.evaluation.protocols import evaluate
 from attnreid.evaluation.rerank import re_ranking
 
@@ -156,7 +157,7 @@ def test_rerank_through_evaluate_uses_reranked_distances():
     qf, gf, qp, gp = clustered_features(9, num_q=30, num_g=120, ids=12, noise=0.9, with_pids=True)
     from attnreid.evaluation.rank import evaluate_rank
 
-    rr = evaluate(qf, gf, qp, gp, rerank=True, k1=10, k2=3)
+    rr = evaluate(qf, gf, qp, gp, ranking=RankingOptions(rerank=True, k1=10, k2=3))
     direct = evaluate_rank(re_ranking(qf, gf, k1=10, k2=3), qp, gp)
     assert rr["rerank"] is True and {k: rr[k] for k in direct} == direct
     assert rr["mAP"] != evaluate(qf, gf, qp, gp)["mAP"]
@@ -267,7 +268,7 @@ def test_torchreid_input_through_evaluate_and_the_metrics_cli(tmp_path):
     from attnreid.evaluation.rank import evaluate_rank
 
     expected = evaluate_rank(ref, qp, gp, qc, gc)
-    got = evaluate(qf, gf, qp, gp, qc, gc, rerank=True, rerank_input="torchreid")
+    got = evaluate(qf, gf, qp, gp, qc, gc, ranking=RankingOptions(rerank=True, rerank_input="torchreid"))
     assert got["mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
     path = tmp_path / "feats.npz"
     np.savez(path, query_features=qf, gallery_features=gf, query_pids=qp, gallery_pids=gp,

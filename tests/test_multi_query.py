@@ -14,6 +14,7 @@ from attnreid.config import load_config
 from attnreid.data.datasets import build_dataset
 from attnreid.engine.evaluator import evaluate_model
 from attnreid.errors import DataError
+from attnreid.evaluation.options import RankingOptions
 from attnreid.evaluation.protocols import evaluate
 from attnreid.inference.extract import extract_features
 
@@ -97,7 +98,7 @@ def test_eval_rerank_input_reaches_the_re_ranking(tmp_path):
     got = evaluate_model(model, ds, cfg, out_dir=tmp_path / "run")
     qf, qp, qc = extract_features(model, ds.query, cfg.data)
     gf, gp, gc = extract_features(model, ds.gallery, cfg.data)
-    expected = evaluate(qf, gf, qp, gp, qc, gc, rerank=True, k1=2, k2=1, rerank_input="torchreid")
+    expected = evaluate(qf, gf, qp, gp, qc, gc, ranking=RankingOptions(rerank=True, k1=2, k2=1, rerank_input="torchreid"))
     assert got["rerank_input"] == "torchreid" and got["mAP"] == pytest.approx(expected["mAP"])
     # the ranked lists written for the report carry torchreid's re-ranked distances, not Zhong's
     from attnreid.evaluation.rerank import re_ranking

@@ -32,10 +32,11 @@ def load_feature_file(path: str | Path, protocol: str = "market", metric: str = 
     Without ``query_paths`` the queries are named by their position, so two such files pair up
     only when they list the same identities and cameras in the same order.
     """
-    from attnreid.evaluation.npz import evaluate_npz  # torch (distances): only feature files need it
+    from attnreid.evaluation.npz import evaluate_npz
+    from attnreid.evaluation.options import RankingOptions
 
     path = Path(path)
-    res = evaluate_npz(path, protocol=protocol, metric=metric, per_query=True)
+    res = evaluate_npz(path, protocol=protocol, ranking=RankingOptions(metric=metric), per_query=True)
     arrays = res.pop("arrays")
     n_q = len(arrays["query_pids"])
     q_paths = [str(p) for p in arrays["query_paths"]] if "query_paths" in arrays else None

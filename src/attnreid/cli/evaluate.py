@@ -34,30 +34,34 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Folder for eval.json, eval_ranks.npz and the report."),
+    save_distmat: bool = typer.Option(
+        False, "--save-distmat", help="Also write each test set's Q x G (re-ranked) distances to distmat.npy "
+                                      "in --out (otherwise the matrix is never held whole)."),
 ) -> None:
     """Evaluate a checkpoint with each test set's protocol.
 
     Prints R1/R5/R10/mAP (R1/R3 for partial sets). With eval.datasets, every set is
     evaluated and shown in one table.
     """
-    from attnreid.engine.build import load_model, resolve_device  # torch: imported when the command runs, not for --help
-    from attnreid.engine.checkpoint import load_checkpoint
+    from attnreid.engine.build import load_model, resolve_device
     from attnreid.engine.evaluator import evaluate_datasets, evaluation_datasets
     from attnreid.inference.backend import check_backend
     from attnreid.viz.report import write_report
 
     if out is not None:
         check_output_path(out, "dir")
+    elif save_distmat:
+        raise AttnReidError("--save-distmat needs --out (the folder distmat.npy is written to)")
     extra_overrides = [f"eval.rerank_input={rerank_input}"] if rerank_input is not None else []
     extra_overrides += [f"eval.backend={backend}"] if backend is not None else []
     cfg = load_config(config, list(overrides or []) + extra_overrides)
     device = resolve_device(cfg.train.device)
     check_backend(cfg.eval.backend, device)  # before minutes of loading, not after
-    model, cfg = load_model(checkpoint, cfg, device=device)
+    model, cfg, meta = load_model(checkpoint, cfg, device=device, with_meta=True)
     datasets = evaluation_datasets(cfg)
-    epoch = load_checkpoint(checkpoint).get("epoch")
     metrics = evaluate_datasets(model, cfg, datasets, out_dir=out, device=device, rerank=rerank,
-                                extra={"checkpoint": str(checkpoint), "epoch": epoch}, progress=True)
+                                extra={"checkpoint": str(checkpoint), "epoch": meta.get("epoch")}, progress=True,
+                                save_distmat=save_distmat)
     report = None
     if out is not None:
         if not as_json:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -27,16 +28,21 @@ def metrics(
                                   help="Bootstrap resamples over queries for the intervals (0: none)."),
     level: float = typer.Option(DEFAULT_LEVEL, "--level", help="Confidence level of the intervals."),
     seed: int = typer.Option(DEFAULT_SEED, "--seed", help="Seed of the bootstrap draws."),
+    save_distmat: Optional[Path] = typer.Option(
+        None, "--save-distmat", help="Also write the Q x G (re-ranked) distances to this .npy file (atomically); "
+                                     "otherwise the matrix is never held whole."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """CMC, mAP and mINP (Market single-query protocol) from saved distances or features, with
     bootstrap intervals over queries (rank1_ci, mAP_ci, mINP_ci, cmc_ci in the JSON)."""
-    from attnreid.cli._util import print_json
+    from attnreid.cli._util import check_output_path, print_json
     from attnreid.evaluation.npz import evaluate_npz
     from attnreid.evaluation.stats import level_text, metric_text, with_intervals
 
-    res = evaluate_npz(file, protocol, metric, rerank, k1, k2, lambda_value, max_rank, per_query=True,
-                       rerank_input=rerank_input)
+    ranking = ranking_options(metric, rerank, k1, k2, lambda_value, rerank_input)
+    if save_distmat is not None:
+        check_output_path(save_distmat, "file", option="--save-distmat", suffix=".npy")
+    res = evaluate_npz(file, protocol, ranking, max_rank, per_query=True, save_distmat=save_distmat)
     res.pop("arrays")
     with_intervals(res, resamples, level, seed)
     res.pop("per_query")
@@ -54,3 +60,16 @@ def metrics(
     table.add_row("valid queries", str(res["num_valid_queries"]))
     table.add_row("skipped queries", str(res["num_skipped_queries"]))
     Console().print(table)
+
+
+def ranking_options(metric: str, rerank: bool, k1: int, k2: int, lambda_value: float, rerank_input: str):
+    """The command's ranking options, a bad value named by its option."""
+    from attnreid.errors import AttnReidError
+    from attnreid.evaluation.options import METRICS, RERANK_INPUTS, RankingOptions
+
+    if rerank_input not in RERANK_INPUTS:
+        raise AttnReidError(f"unknown --rerank-input {rerank_input!r}; expected one of {', '.join(RERANK_INPUTS)}")
+    if metric not in METRICS:
+        raise AttnReidError(f"unknown --metric {metric!r}; expected one of {', '.join(METRICS)}")
+    return RankingOptions(metric=metric, rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value,
+                          rerank_input=rerank_input)

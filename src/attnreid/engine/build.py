@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -56,9 +56,16 @@ def load_weights(model: nn.Module, state_dict: dict, source: str) -> None:
     load_state_dict_checked(model, state_dict, source)
 
 
+# Checkpoint entries that are training state, not metadata (load_model(with_meta=True) leaves them out).
+_TRAINING_STATE = ("model", "optimizer", "scheduler", "rng", "center_optimizer")
+
+
 def load_model(checkpoint: str | Path, cfg: Optional[Config] = None,
-               device: str | torch.device = "cpu") -> Tuple[nn.Module, Config]:
-    """Rebuild the checkpoint's model in eval mode.
+               device: str | torch.device = "cpu", with_meta: bool = False):
+    """Rebuild the checkpoint's model in eval mode; returns ``(model, cfg)``, with ``with_meta``
+    ``(model, cfg, meta)``: the checkpoint's other entries (``epoch``, ``step``,
+    ``num_classes``, ``metrics``, ``config``, ...; not the weights or optimiser state), so
+    that a caller reads the file once.
 
     With ``cfg`` given, its model section decides the architecture and the test feature
     (so one MHSA-Net checkpoint can be evaluated as MHSA-Net or MHSA-Net-star); a
@@ -85,6 +92,8 @@ def load_model(checkpoint: str | Path, cfg: Optional[Config] = None,
     model = build_model(cfg.model, num_classes)
     load_weights(model, state["model"], str(path))
     model.to(device).eval()
+    if with_meta:
+        return model, cfg, {k: v for k, v in state.items() if k not in _TRAINING_STATE}
     return model, cfg
 
 

@@ -34,10 +34,13 @@ ATTENTION_STATS_IMAGES = 128
 
 def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[str | Path] = None,
                    device: str | torch.device = "cpu", rerank: Optional[bool] = None,
-                   extra: Optional[Dict[str, Any]] = None, progress: bool = False) -> Dict[str, Any]:
-    """Features of query and gallery, then ``protocols.evaluate``; returns the metrics dict.
+                   extra: Optional[Dict[str, Any]] = None, progress: bool = False,
+                   save_distmat: bool = False) -> Dict[str, Any]:
+    """Features of query and gallery, then one ``protocols.evaluate`` pass (metrics, per-query
+    values and, with ``out_dir``, the ranked lists); returns the metrics dict.
 
-    ``rerank`` overrides ``cfg.eval.rerank``. ``extra`` entries are added to eval.json
+    ``rerank`` overrides ``cfg.eval.rerank``. ``save_distmat`` (with ``out_dir``) also writes the
+    Q x G (re-ranked) distances to ``out_dir/distmat.npy``. ``extra`` entries are added to eval.json
     (e.g. the checkpoint path and epoch). ``progress`` shows extraction and re-ranking
     progress on stderr (:mod:`attnreid.progress`). ``cfg.eval.multi_query`` replaces each
     query's feature by the mean over the dataset's ``gt_bbox`` images of its pid and camera
@@ -49,6 +52,7 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
     true match in the gallery) and ``num_unreadable_query`` / ``num_unreadable_gallery``
     count the images skipped because they could not be read.
     """
+    from attnreid.evaluation.options import RankingOptions
     from attnreid.evaluation.protocols import evaluate, multi_query_features
     from attnreid.progress import ProgressReporter
 
@@ -59,7 +63,8 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
     if multi_query and not dataset.extras.get("gt_bbox"):
         raise DataError(f"eval.multi_query needs Market-1501's gt_bbox folder, which dataset '{dataset.name}' "
                         f"does not have under {dataset.root}")
-    rerank = ev.rerank if rerank is None else rerank
+    ranking = RankingOptions.from_config(ev, rerank)
+    rerank = ranking.rerank
     channels_last = bool(cfg.train.channels_last)
     t0 = time.perf_counter()
     # The query set settles auto's backend and precision (checked against float32); the gallery reuses them.
@@ -81,12 +86,15 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
         qf = multi_query_features(qf, q_pids, q_camids, bf, b_pids, b_camids)
     t_extract = time.perf_counter() - t0
     label = f"{dataset.name}: re-ranking {len(q_items)} x {len(g_items)}" if rerank else f"{dataset.name}: ranking"
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    distmat_path = Path(out_dir) / "distmat.npy" if save_distmat and out_dir is not None else None
     with ProgressReporter(label, total=None, enabled=progress):
-        metrics = evaluate(qf, gf, q_pids, g_pids, q_camids, g_camids, protocol=dataset.protocol,
-                           metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value,
-                           rerank_input=ev.rerank_input, per_query=True)
+        metrics = evaluate(qf, gf, q_pids, g_pids, q_camids, g_camids, protocol=dataset.protocol, ranking=ranking,
+                           per_query=True, ranked_k=TOPK if out_dir is not None else 0, save_distmat=distmat_path)
     with_intervals(metrics, ev.bootstrap, ev.ci_level)
     per_query = metrics.pop("per_query")
+    ranked = metrics.pop("ranked", None)
     metrics = {k: _plain(v) for k, v in metrics.items()}
     metrics.update({
         "dataset": dataset.name,
@@ -94,9 +102,7 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
         "model": cfg.model.name,
         "test_feature": cfg.model.test_feature,
         "feature_dim": int(qf.shape[1]),
-        "metric": ev.metric,
-        "rerank": bool(rerank),
-        **({"rerank_input": ev.rerank_input} if rerank else {}),
+        **ranking.record(),  # metric, rerank (and rerank_input)
         "multi_query": multi_query,
         "num_query": len(q_items),
         "num_gallery": len(g_items),
@@ -111,9 +117,8 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
     if extra:
         metrics.update(extra)
     if out_dir is not None:
-        write_eval_files(Path(out_dir), metrics, q_items, g_items, qf, gf, q_pids, g_pids, q_camids, g_camids,
-                         metric=ev.metric, rerank=rerank, k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value,
-                         per_query=per_query, rerank_input=ev.rerank_input)
+        write_eval_files(Path(out_dir), metrics, q_items, g_items, q_pids, g_pids, q_camids, g_camids, ranked,
+                         per_query=per_query)
     return metrics
 
 
@@ -140,7 +145,7 @@ def evaluation_datasets(cfg: Any) -> list:
 def evaluate_datasets(model: nn.Module, cfg: Any, datasets: Optional[list] = None,
                       out_dir: Optional[str | Path] = None, device: str | torch.device = "cpu",
                       rerank: Optional[bool] = None, extra: Optional[Dict[str, Any]] = None,
-                      progress: bool = False) -> Dict[str, Any]:
+                      progress: bool = False, save_distmat: bool = False) -> Dict[str, Any]:
     """Evaluate on several test sets in one run (torchreid's ``targets``, fast-reid's ``DATASETS.TESTS``).
 
     ``datasets`` defaults to :func:`evaluation_datasets` (``eval.datasets``). The first set
@@ -160,7 +165,7 @@ def evaluate_datasets(model: nn.Module, cfg: Any, datasets: Optional[list] = Non
     for d in sets:
         sub = None if out_dir is None else (Path(out_dir) if len(sets) == 1 else Path(out_dir) / "datasets" / d.name)
         results.append(evaluate_model(model, d, cfg, out_dir=sub, device=device, rerank=rerank, extra=extra,
-                                      progress=progress))
+                                      progress=progress, save_distmat=save_distmat))
     primary = dict(results[0])
     if len(sets) > 1:
         primary["datasets"] = [{k: m[k] for k in SUMMARY_KEYS if k in m} for m in results]
@@ -232,71 +237,24 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def ranked_lists(qf: torch.Tensor, gf: torch.Tensor, metric: str, rerank: bool, k1: int, k2: int,
-                 lambda_value: float, k: int = TOPK, match: Optional[tuple] = None, rerank_input: str = "zhong"):
-    """Top-k gallery indices and distances per query (Q x k), ascending distance.
-
-    With ``match = (q_pids, g_pids, q_camids, g_camids, protocol)`` a third array is
-    returned: :func:`first_match_ranks` over the whole gallery.
-    """
-    from attnreid.evaluation.distance import compute_distance
-
-    if rerank:
-        from attnreid.evaluation.rerank import re_ranking
-
-        dist = torch.as_tensor(re_ranking(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric,
-                                          rerank_input=rerank_input))
-    else:
-        dist = torch.as_tensor(compute_distance(qf, gf, metric=metric))
-    k = min(k, dist.shape[1])
-    values, index = torch.topk(dist.float(), k, dim=1, largest=False, sorted=True)
-    out = (index.numpy().astype(np.int64), values.numpy().astype(np.float32))
-    return out + (first_match_ranks(dist, *match),) if match is not None else out
-
-
-def first_match_ranks(dist: torch.Tensor, q_pids, g_pids, q_camids, g_camids, protocol: str,
-                      chunk: int = 1024) -> np.ndarray:
-    """1-based rank of each query's first true match in its whole ranked gallery; 0 when it has none.
-
-    Same rules as the evaluation: under every protocol but ``partial``, gallery images of
-    the query's identity and camera are junk (neither counted nor ranked). The report
-    breaks ties between equally bad queries with it (the top-k lists alone cannot tell
-    a first match at rank 51 from one at rank 5000).
-    """
-    qp, gp = torch.as_tensor(np.asarray(q_pids)), torch.as_tensor(np.asarray(g_pids))
-    qc, gc = torch.as_tensor(np.asarray(q_camids)), torch.as_tensor(np.asarray(g_camids))
-    ranks = np.zeros(dist.shape[0], dtype=np.int64)
-    for start in range(0, dist.shape[0], chunk):
-        d = dist[start:start + chunk].float()
-        same = qp[start:start + chunk, None] == gp[None, :]
-        valid = torch.ones_like(same) if protocol == "partial" else ~(same & (qc[start:start + chunk, None] == gc[None, :]))
-        true = same & valid
-        best = torch.where(true, d, torch.full_like(d, float("inf"))).min(dim=1).values
-        before = ((d < best[:, None]) & valid).sum(dim=1) + 1
-        ranks[start:start + chunk] = torch.where(true.any(dim=1), before, torch.zeros_like(before)).numpy()
-    return ranks
-
-
-def write_eval_files(out_dir: Path, metrics: Dict[str, Any], query_items, gallery_items, qf, gf, q_pids, g_pids,
-                     q_camids, g_camids, metric: str, rerank: bool, k1: int, k2: int,
-                     lambda_value: float, per_query: Optional[Dict[str, np.ndarray]] = None,
-                     rerank_input: str = "zhong") -> None:
+def write_eval_files(out_dir: Path, metrics: Dict[str, Any], query_items, gallery_items, q_pids, g_pids,
+                     q_camids, g_camids, ranked: Dict[str, np.ndarray],
+                     per_query: Optional[Dict[str, np.ndarray]] = None) -> None:
     """``eval.json``, ``eval_ranks.npz`` (and, given ``per_query``, ``eval_per_query.npz``) in
     ``out_dir``, each written atomically.
 
-    ``query_items`` / ``gallery_items`` are the ``(path, pid, camid)`` of the rows of
-    ``qf`` / ``gf`` (the images evaluated, without any skipped unreadable ones).
+    ``query_items`` / ``gallery_items`` are the ``(path, pid, camid)`` of the evaluated rows (the
+    images evaluated, without any skipped unreadable ones); ``ranked`` is the evaluation pass's
+    ``"ranked"`` entry (``topk_index``, ``topk_dist``, ``first_match_rank``).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    topk_index, topk_dist, first_rank = ranked_lists(
-        qf, gf, metric, rerank, k1, k2, lambda_value,
-        match=(q_pids, g_pids, q_camids, g_camids, metrics.get("protocol", "market")), rerank_input=rerank_input)
     tmp = out_dir / f".eval_ranks.{os.getpid()}.tmp.npz"
     np.savez(tmp, query_paths=np.array([p for p, _, _ in query_items]),
              gallery_paths=np.array([p for p, _, _ in gallery_items]),
              query_pids=np.asarray(q_pids), gallery_pids=np.asarray(g_pids),
              query_camids=np.asarray(q_camids), gallery_camids=np.asarray(g_camids),
-             topk_index=topk_index, topk_dist=topk_dist, first_match_rank=first_rank)
+             topk_index=ranked["topk_index"], topk_dist=ranked["topk_dist"],
+             first_match_rank=ranked["first_match_rank"])
     os.replace(tmp, out_dir / "eval_ranks.npz")
     if per_query is not None:
         tmp = out_dir / f".eval_per_query.{os.getpid()}.tmp.npz"

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 from attnreid.errors import AttnReidError
+from attnreid.evaluation.options import RankingOptions
 
 _ID_KEYS = ("query_pids", "gallery_pids", "query_camids", "gallery_camids")
 _PATH_KEYS = ("query_paths", "gallery_paths")  # optional; `attnreid extract` writes them
@@ -76,54 +77,42 @@ def load_metrics_npz(path: Path, need_features: bool, need_cameras: bool = True)
     return arrays
 
 
-def evaluate_npz(file: Path, protocol: str = "market", metric: str = "euclidean_sq", rerank: bool = False,
-                 k1: int = 20, k2: int = 6, lambda_value: float = 0.3, max_rank: int = 50,
-                 per_query: bool = False, rerank_input: str = "zhong") -> Dict:
-    """Metrics of a metrics npz (:func:`load_metrics_npz`), as :func:`attnreid.evaluation.rank.evaluate_rank`
-    returns them; ``per_query`` adds the per-query arrays. The loaded arrays are under ``"arrays"``.
-    ``rerank_input`` is :func:`attnreid.evaluation.rerank.re_ranking`'s (zhong | torchreid)."""
-    from attnreid.evaluation.distance import METRICS, as_feature_tensor, compute_distance
-    from attnreid.evaluation.protocols import PROTOCOLS
-    from attnreid.evaluation.rank import evaluate_cuhk03_single_shot, evaluate_rank
+def evaluate_npz(file: Path, protocol: str = "market", ranking: Optional[RankingOptions] = None,
+                 max_rank: int = 50, per_query: bool = False, save_distmat: Optional[Path] = None) -> Dict:
+    """Metrics of a metrics npz (:func:`load_metrics_npz`) in one pass, as
+    :func:`attnreid.evaluation.protocols.evaluate` returns them; ``per_query`` adds the per-query
+    arrays, ``save_distmat`` writes the (re-ranked) Q x G distances to that ``.npy`` file. The loaded
+    arrays are under ``"arrays"``. ``ranking`` (default: squared Euclidean, no re-ranking) applies
+    to features; a stored ``distmat`` is used as it is (re-ranking needs the features)."""
+    from attnreid.evaluation.protocols import PROTOCOLS, evaluate, evaluate_blocks
+    from attnreid.evaluation.rank import _default_chunk, check_rank_inputs, iter_rank_chunks
 
     if protocol not in PROTOCOLS:
         raise AttnReidError(f"unknown --protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
-    from attnreid.evaluation.rerank import RERANK_INPUTS
-
-    if rerank_input not in RERANK_INPUTS:
-        raise AttnReidError(f"unknown --rerank-input {rerank_input!r}; expected one of {', '.join(RERANK_INPUTS)}")
-    if metric not in METRICS:
-        raise AttnReidError(f"unknown --metric {metric!r}; expected one of {', '.join(METRICS)}")
-    arrays = load_metrics_npz(file, need_features=rerank, need_cameras=protocol != "partial")
-    if rerank or "distmat" not in arrays:
-        qf = as_feature_tensor(arrays["query_features"], f"{file}: 'query_features'")
-        gf = as_feature_tensor(arrays["gallery_features"], f"{file}: 'gallery_features'")
-        if qf.shape[1] != gf.shape[1]:
-            raise AttnReidError(
-                f"{file}: 'query_features' has shape {tuple(qf.shape)} but 'gallery_features' has {tuple(gf.shape)} (dimensions differ)"
-            )
-        if rerank:
-            from attnreid.evaluation.rerank import re_ranking
-
-            distmat = re_ranking(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric,
-                                 rerank_input=rerank_input)
-        else:
-            distmat = compute_distance(qf, gf, metric)
-    else:
-        distmat = arrays["distmat"]
-    names = {
-        "distmat": f"{file}: 'distmat'",
-        "q_pids": "'query_pids'",
-        "g_pids": "'gallery_pids'",
-        "q_camids": "'query_camids'",
-        "g_camids": "'gallery_camids'",
-    }
+    ranking = ranking or RankingOptions()
+    arrays = load_metrics_npz(file, need_features=ranking.rerank, need_cameras=protocol != "partial")
     cams = (None, None) if protocol == "partial" else (arrays["query_camids"], arrays["gallery_camids"])
     ids = (arrays["query_pids"], arrays["gallery_pids"], *cams)
-    if protocol == "cuhk03_classic":
-        res = evaluate_cuhk03_single_shot(distmat, *ids, max_rank=max_rank, names=names, per_query=per_query)
+    if ranking.rerank or "distmat" not in arrays:
+        qf, gf = arrays["query_features"], arrays["gallery_features"]
+        if qf.shape[1] != gf.shape[1]:
+            raise AttnReidError(f"{file}: 'query_features' has shape {qf.shape} but 'gallery_features' has "
+                                f"{gf.shape} (dimensions differ)")
+        res = evaluate(arrays["query_features"], arrays["gallery_features"], *ids, protocol=protocol, ranking=ranking,
+                       max_rank=max_rank, per_query=per_query, save_distmat=save_distmat,
+                       names=(f"{file}: 'query_features'", f"{file}: 'gallery_features'"))
+        for key in ("protocol", "metric", "rerank"):  # the caller knows them; the output stays the metrics
+            res.pop(key)
     else:
-        res = evaluate_rank(distmat, *ids, max_rank=max_rank, names=names, per_query=per_query)
-
+        names = {
+            "distmat": f"{file}: 'distmat'",
+            "q_pids": "'query_pids'",
+            "g_pids": "'gallery_pids'",
+            "q_camids": "'query_camids'",
+            "g_camids": "'gallery_camids'",
+        }
+        d, *checked = check_rank_inputs(arrays["distmat"], *ids, names=names, finite=False)  # blocks checked below
+        res = evaluate_blocks(iter_rank_chunks(d, _default_chunk(d.shape[1])), tuple(checked), d.shape, protocol,
+                              max_rank, per_query=per_query, save_distmat=save_distmat, name=names["distmat"])
     res["arrays"] = arrays
     return res

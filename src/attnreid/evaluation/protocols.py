@@ -14,24 +14,30 @@
   crops, so **no camera filtering** is done (camera ids, if given, are ignored); Rank-1 and Rank-3
   are the reported numbers (mAP and the full CMC are returned too).
 
-Without re-ranking the distances are streamed in query chunks, so the Q x G matrix is never held.
+One pass: the distances (or the re-ranked distances) are produced a block of query rows at a
+time, and each block gives its queries' metrics, per-query values and, when asked, their top-k
+ranked lists before the next is computed, so the Q x G matrix is never held (``save_distmat``
+writes it to a file as the blocks pass). Each distance or re-ranked matrix is computed once per
+call. numpy features never import torch unless re-ranking is asked for.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from attnreid.errors import AttnReidError
-from attnreid.evaluation.distance import METRICS, as_feature_tensor, compute_distance, iter_distance_chunks
+from attnreid.evaluation.distance import ArrayLike, as_numpy, is_tensor, iter_distance_chunks, matched_features
+from attnreid.evaluation.options import RankingOptions
 from attnreid.evaluation.rank import (
-    ArrayLike,
     _default_chunk,
     _ids,
-    evaluate_cuhk03_single_shot,
-    evaluate_rank,
+    check_finite,
+    check_ids,
+    evaluate_cuhk03_chunks,
     evaluate_rank_chunks,
 )
 
@@ -45,33 +51,111 @@ def multi_query_features(
     group_features: ArrayLike,
     group_pids: ArrayLike,
     group_camids: ArrayLike,
-) -> torch.Tensor:
+):
     """Market-1501 multi-query: each query's feature becomes the mean of the group images with its
     pid and camera (Market's ``gt_bbox`` set, which contains the query images themselves).
 
-    A query whose (pid, camera) has no group image keeps its own feature. Returns Q x D.
+    A query whose (pid, camera) has no group image keeps its own feature. Returns Q x D, a
+    tensor on the query features' device for tensor input, else a numpy array.
     """
-    qf = as_feature_tensor(query_features, "query features")
-    gf = as_feature_tensor(group_features, "group features", qf.device).to(qf.dtype)
-    if gf.shape[1] != qf.shape[1]:
-        raise AttnReidError(f"group features have dimension {gf.shape[1]} but query features have {qf.shape[1]}")
-    dev = qf.device
-    qp = _ids(query_pids, "query_pids", qf.shape[0], dev)
-    qc = _ids(query_camids, "query_camids", qf.shape[0], dev)
-    gp = _ids(group_pids, "group_pids", gf.shape[0], dev)
-    gc = _ids(group_camids, "group_camids", gf.shape[0], dev)
-    if gf.shape[0] == 0:
-        return qf.clone()
-    cam_base = int(torch.cat([qc, gc]).max()) + 1
-    g_key = gp * cam_base + gc
-    keys, inverse = torch.unique(g_key, return_inverse=True)
-    sums = torch.zeros((len(keys), gf.shape[1]), dtype=gf.dtype, device=dev).index_add_(0, inverse, gf)
-    counts = torch.bincount(inverse, minlength=len(keys)).to(gf.dtype)
-    means = sums / counts.unsqueeze(1)
-    q_key = qp * cam_base + qc
-    pos = torch.searchsorted(keys, q_key).clamp_(max=len(keys) - 1)
-    found = keys[pos] == q_key
-    return torch.where(found.unsqueeze(1), means[pos], qf)
+    qf, gf = matched_features(query_features, group_features, names=("query features", "group features"))
+    tensor = is_tensor(qf)
+    q, g = as_numpy(qf), as_numpy(gf)
+    qp = _ids(query_pids, "query_pids", q.shape[0])
+    qc = _ids(query_camids, "query_camids", q.shape[0])
+    gp = _ids(group_pids, "group_pids", g.shape[0])
+    gc = _ids(group_camids, "group_camids", g.shape[0])
+    if g.shape[0] == 0:
+        out = q.copy()
+    else:
+        cam_base = int(np.concatenate([qc, gc]).max()) + 1
+        keys, inverse = np.unique(gp * cam_base + gc, return_inverse=True)
+        sums = np.zeros((len(keys), g.shape[1]), dtype=g.dtype)
+        np.add.at(sums, inverse, g)  # in group order, as a sequential index_add
+        means = sums / np.bincount(inverse, minlength=len(keys)).astype(g.dtype)[:, None]
+        q_key = qp * cam_base + qc
+        pos = np.minimum(np.searchsorted(keys, q_key), len(keys) - 1)
+        out = np.where((keys[pos] == q_key)[:, None], means[pos], q)
+    if tensor:
+        import torch
+
+        return torch.from_numpy(out).to(qf.device)
+    return out
+
+
+def ranked_blocks(q, g, ranking: RankingOptions, chunk_size: Optional[int] = None) -> Iterator[Tuple[int, Any]]:
+    """``(first_row, block)`` of the ranking distances of checked features (:func:`matched_features`):
+    plain distances (chunked) or re-ranked ones (:func:`attnreid.evaluation.rerank.iter_re_ranking`),
+    a block of query rows at a time."""
+    rows = chunk_size or _default_chunk(g.shape[0])
+    if ranking.rerank:
+        from attnreid.evaluation.rerank import iter_re_ranking
+
+        return iter_re_ranking(q, g, ranking, rows=rows)
+    return iter_distance_chunks(q, g, ranking.metric, rows)
+
+
+def checked_blocks(blocks: Iterable, name: str, shape: Tuple[int, int]) -> Iterator[Tuple[int, np.ndarray]]:
+    """The blocks as numpy arrays, each checked for NaN/inf (named as ``name`` of ``shape``)."""
+    for start, block in blocks:
+        block = as_numpy(block)
+        check_finite(block, name, start, shape)
+        yield start, block
+
+
+def save_rows(blocks: Iterable, path: Path, shape: Tuple[int, int]) -> Iterator[Tuple[int, np.ndarray]]:
+    """Pass the blocks on, writing their rows to the ``.npy`` file ``path`` as they pass.
+
+    The file is written atomically: to a temporary file of this process next to ``path``, made
+    durable and renamed over ``path`` once the last row is in; if the blocks stop early (an error),
+    the temporary file is removed and ``path`` is left as it was. Rows go straight to the file
+    (nothing is memory-mapped), so memory stays one block.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fh, rows = None, 0
+    try:
+        for start, block in blocks:
+            block = as_numpy(block)
+            if fh is None:
+                fh = open(tmp, "wb")
+                header = {"descr": np.lib.format.dtype_to_descr(block.dtype), "fortran_order": False,
+                          "shape": tuple(shape)}
+                np.lib.format.write_array_header_1_0(fh, header)
+            if start != rows:
+                raise AttnReidError(f"distance blocks out of order: row {start} after {rows} rows")
+            fh.write(np.ascontiguousarray(block).tobytes())
+            rows += block.shape[0]
+            yield start, block
+        if fh is None or rows != shape[0]:
+            raise AttnReidError(f"{path}: got {rows} distance rows, expected {shape[0]}")
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+        fh = None
+        os.replace(tmp, path)
+    finally:
+        if fh is not None:
+            fh.close()
+        if tmp.exists():
+            tmp.unlink()
+
+
+def evaluate_blocks(blocks: Iterable, ids: Tuple, shape: Tuple[int, int], protocol: str = "market",
+                    max_rank: int = 50, num_repeats: int = 10, seed: int = 0, per_query: bool = False,
+                    ranked_k: int = 0, save_distmat: Optional[Path] = None, name: str = "distance matrix") -> Dict:
+    """The protocol's metrics over ``(first_row, block)`` distance blocks in row order, consumed as
+    they come; ``ids`` = ``(q_pids, g_pids, q_camids, g_camids)`` as :func:`attnreid.evaluation.rank.check_ids`
+    returns them (cameras None for the partial protocol)."""
+    if protocol not in PROTOCOLS:
+        raise AttnReidError(f"unknown evaluation protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    blocks = checked_blocks(blocks, name, shape)
+    if save_distmat is not None:
+        blocks = save_rows(blocks, save_distmat, shape)
+    if protocol == "cuhk03_classic":
+        return evaluate_cuhk03_chunks(blocks, *ids, max_rank=max_rank, num_repeats=num_repeats, seed=seed,
+                                      per_query=per_query, ranked_k=ranked_k)
+    return evaluate_rank_chunks(blocks, *ids, max_rank=max_rank, per_query=per_query, ranked_k=ranked_k)
 
 
 def evaluate(
@@ -82,74 +166,52 @@ def evaluate(
     q_camids: Optional[ArrayLike] = None,
     g_camids: Optional[ArrayLike] = None,
     protocol: str = "market",
-    metric: str = "euclidean_sq",
-    rerank: bool = False,
-    k1: int = 20,
-    k2: int = 6,
-    lambda_value: float = 0.3,
+    ranking: Optional[RankingOptions] = None,
     max_rank: int = 50,
-    rerank_input: str = "zhong",
     multi_query: Optional[Tuple[ArrayLike, ArrayLike, ArrayLike]] = None,
     num_repeats: int = 10,
     seed: int = 0,
     chunk_size: Optional[int] = None,
-    device: Optional[Union[str, torch.device]] = None,
+    device: Optional[Any] = None,
     per_query: bool = False,
+    ranked_k: int = 0,
+    save_distmat: Optional[Path] = None,
+    names: Tuple[str, str] = ("query features", "gallery features"),
 ) -> Dict:
-    """Metrics of query features ``qf`` (Q x D) against gallery features ``gf`` (G x D).
+    """Metrics of query features ``qf`` (Q x D) against gallery features ``gf`` (G x D), in one pass.
 
-    Returns the dict of :func:`attnreid.evaluation.rank.evaluate_rank` (``mAP``, ``mINP``,
-    ``cmc``, ``rank1``, ``rank3``, ``rank5``, ``rank10``, ``num_valid_queries``,
-    ``num_skipped_queries``) plus ``protocol``, ``metric`` and ``rerank``; ``per_query=True`` adds
-    the per-query arrays (``"per_query"``, see :func:`attnreid.evaluation.rank.evaluate_rank`).
-    ``rerank_input`` (``zhong`` | ``torchreid``) is :func:`attnreid.evaluation.rerank.re_ranking`'s.
+    ``ranking`` (:class:`~attnreid.evaluation.options.RankingOptions`, default: squared Euclidean,
+    no re-ranking) says how the gallery is ranked. Returns the dict of
+    :func:`attnreid.evaluation.rank.evaluate_rank` (``mAP``, ``mINP``, ``cmc``, ``rank1``,
+    ``rank3``, ``rank5``, ``rank10``, ``num_valid_queries``, ``num_skipped_queries``) plus
+    ``protocol``, ``metric`` and ``rerank``; ``per_query=True`` adds the per-query arrays
+    (``"per_query"``), ``ranked_k > 0`` each query's top-k list and first-match rank
+    (``"ranked"``, see :func:`attnreid.evaluation.rank.evaluate_rank_chunks`), and
+    ``save_distmat`` writes the Q x G (re-ranked) distances to that ``.npy`` file (atomically).
+    numpy features are ranked in numpy; tensors on their device (``device`` moves them).
     """
     if protocol not in PROTOCOLS:
         raise AttnReidError(f"unknown evaluation protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
-    if metric not in METRICS:
-        raise AttnReidError(f"unknown distance metric {metric!r}; expected one of {', '.join(METRICS)}")
-    q = as_feature_tensor(qf, "query features", device)
-    g = as_feature_tensor(gf, "gallery features", q.device)
-    if q.shape[1] != g.shape[1]:
-        raise AttnReidError(f"query features have dimension {q.shape[1]} but gallery features have {g.shape[1]}")
+    ranking = ranking or RankingOptions()
+    q, g = matched_features(qf, gf, device, names)
     if q.shape[0] == 0:
-        raise AttnReidError(f"query features have shape {tuple(q.shape)}: the query set is empty")
+        raise AttnReidError(f"{names[0]} have shape {tuple(q.shape)}: the query set is empty")
+    if g.shape[0] == 0:
+        raise AttnReidError(f"{names[1]} have shape {tuple(g.shape)}: the gallery is empty")
     if multi_query is not None:
         if q_camids is None:
             raise AttnReidError("multi-query evaluation needs query camera ids")
         q = multi_query_features(q, q_pids, q_camids, *multi_query)
-    dtype = torch.promote_types(q.dtype, g.dtype)
-    q, g = q.to(dtype), g.to(dtype)
     if protocol == "partial":
         q_camids = g_camids = None
-
-    if rerank:
-        from attnreid.evaluation.rerank import re_ranking
-
-        distmat = re_ranking(q, g, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric, rerank_input=rerank_input)
-    elif protocol == "cuhk03_classic":
-        distmat = compute_distance(q, g, metric)
-    else:
-        distmat = None
-
-    if protocol == "cuhk03_classic":
-        res = evaluate_cuhk03_single_shot(
-            distmat, q_pids, g_pids, q_camids, g_camids, max_rank, num_repeats, seed, chunk_size, per_query=per_query
-        )
-    elif distmat is not None:
-        res = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, chunk_size, per_query=per_query)
-    else:
-        dev = q.device
-        qp = _ids(q_pids, "q_pids", q.shape[0], dev)
-        gp = _ids(g_pids, "g_pids", g.shape[0], dev)
-        if (q_camids is None) != (g_camids is None):
-            raise AttnReidError("give camera ids for both query and gallery, or for neither")
-        qc = None if q_camids is None else _ids(q_camids, "q_camids", q.shape[0], dev)
-        gc = None if g_camids is None else _ids(g_camids, "g_camids", g.shape[0], dev)
-        chunks = iter_distance_chunks(q, g, metric, chunk_size or _default_chunk(g.shape[0]))
-        res = evaluate_rank_chunks(chunks, qp, gp, qc, gc, max_rank, per_query=per_query)
-    res.update(protocol=protocol, metric=metric, rerank=bool(rerank))
+    shape = (int(q.shape[0]), int(g.shape[0]))
+    ids = check_ids(*shape, q_pids, g_pids, q_camids, g_camids)
+    name = "re-ranked distance matrix" if ranking.rerank else "distance matrix"
+    res = evaluate_blocks(ranked_blocks(q, g, ranking, chunk_size), ids, shape, protocol, max_rank, num_repeats,
+                          seed, per_query, ranked_k, save_distmat, name)
+    res.update(protocol=protocol, metric=ranking.metric, rerank=ranking.rerank)
     return res
 
 
-__all__: Sequence[str] = ("PROTOCOLS", "evaluate", "multi_query_features")
+__all__: Sequence[str] = ("PROTOCOLS", "evaluate", "evaluate_blocks", "multi_query_features", "ranked_blocks",
+                          "save_rows")

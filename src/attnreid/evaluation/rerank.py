@@ -32,14 +32,15 @@ reproduce numbers reported with torchreid's re-ranking.
 
 Memory: square blocks of the N x N distances (on and above the diagonal; each also serves its
 mirror) are computed, used for the row maxima and each row's k1+1 best candidates (``topk``), and
-dropped, except that the query rows' Q x G block is kept as the output buffer; a row's candidates
-are merged into its top-(k1+1) once at the end. V is sparse: each row of V holds the expanded set,
-at most ``(k1+1) + (k1+1)(round(k1/2)+1)`` entries (252 for k1 = 20; typically tens); after query
-expansion a row holds at most k2 times that. The Jaccard term is accumulated only for the Q x G
-block: the gallery rows of V are inverted (column -> list of (gallery row, value)) into dense
-tables padded to a few widths per power of two, and each query entry (q, column, value) is
-min-ed against its column's table row and scatter-added into row q, a query chunk at a time.
-Nothing N x N is ever allocated.
+dropped; a row's candidates are merged into its top-(k1+1) once at the end. V is sparse: each
+row of V holds the expanded set, at most ``(k1+1) + (k1+1)(round(k1/2)+1)`` entries (252 for
+k1 = 20; typically tens); after query expansion a row holds at most k2 times that. The Jaccard
+term is computed only for the Q x G block: the gallery rows of V are inverted (column -> list of
+(gallery row, value)) into dense tables padded to a few widths per power of two, and each query
+entry (q, column, value) is min-ed against its column's table row and scatter-added into row q.
+The output is streamed (:func:`iter_re_ranking`): a block of query rows at a time, their
+distances to the gallery are computed again (one matrix product), combined with their Jaccard
+term and handed on, so neither the N x N nor the Q x G matrix is ever allocated.
 
 Threads: the block products and top-k selections use torch's intra-op threads; the sparse phases
 after them (many small gathers, sorts and scatters) run on one thread (see ``_one_cpu_thread``).
@@ -51,16 +52,19 @@ Ties (equal distances) are ordered by index, as a stable sort orders them; the r
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-from attnreid.choices import METRICS, RERANK_INPUTS
 from attnreid.errors import AttnReidError
 from attnreid.evaluation.distance import ArrayLike, as_feature_tensor
+from attnreid.evaluation.options import RankingOptions
+from attnreid.evaluation.rank import _default_chunk
 
 _BUDGET = 1 << 24  # elements per temporary block (64 MB in float32)
+# The sparse phases hold several int64 arrays per element of their blocks: blocks an eighth as large.
+_SPARSE_SHARE = 8
 _MERGE_EVERY = 8  # candidate neighbour sets kept per row strip before they are merged
 
 
@@ -126,9 +130,9 @@ def _block_select(block: torch.Tensor, k: int):
     return vals, idx
 
 
-def _neighbours(feats: torch.Tensor, k: int, num_q: int):
-    """Top-k neighbours (N x k, by (distance, index)), row maxima of the
-    squared distances and the raw Q x G distance block, from square blocks of the N x N matrix.
+def _neighbours(feats: torch.Tensor, k: int):
+    """Top-k neighbours (N x k, by (distance, index)) and row maxima of the squared distances,
+    from square blocks of the N x N matrix.
 
     D is symmetric, so only blocks on and above the diagonal are computed; each also serves its
     mirror (half the matrix products). Each block contributes its rows' k best candidates
@@ -138,7 +142,6 @@ def _neighbours(feats: torch.Tensor, k: int, num_q: int):
     n, dev, dtype = feats.shape[0], feats.device, feats.dtype
     sq = (feats * feats).sum(dim=1)
     row_max = torch.zeros(n, dtype=dtype, device=dev)
-    qg = torch.empty((num_q, n - num_q), dtype=dtype, device=dev)
     size = max(1, int(_BUDGET**0.5))
     starts = list(range(0, n, size))
     cands = [[] for _ in starts]
@@ -153,9 +156,6 @@ def _neighbours(feats: torch.Tensor, k: int, num_q: int):
         found.append((v, i + c0))
         if len(found) >= _MERGE_EVERY:
             found[:] = [_merge(torch.cat([x[0] for x in found], 1), torch.cat([x[1] for x in found], 1), k)]
-        if r0 < num_q and c0 + block.shape[1] > num_q:
-            rq, cg = min(r1, num_q), max(c0, num_q)
-            qg[r0:rq, cg - num_q : c0 + block.shape[1] - num_q] = block[: rq - r0, cg - c0 :]
 
     for ai, a in enumerate(starts):
         fa = feats[a : a + size]
@@ -168,7 +168,7 @@ def _neighbours(feats: torch.Tensor, k: int, num_q: int):
             update(ai, a, block, b)
             if b != a:
                 mirror = tbuf[: block.numel()].view(fb.shape[0], fa.shape[0])
-                mirror.copy_(block.T)
+                _transpose_into(mirror, block)
                 update(bi, b, mirror, a)
     del buf, tbuf
     top = torch.empty((n, k), dtype=torch.int64, device=dev)
@@ -176,7 +176,20 @@ def _neighbours(feats: torch.Tensor, k: int, num_q: int):
         found = cands[strip]
         top[s : s + size] = _merge(torch.cat([x[0] for x in found], 1), torch.cat([x[1] for x in found], 1), k)[1]
         cands[strip] = None
-    return top, row_max, qg
+    return top, row_max
+
+
+def _sq_distances(feats: torch.Tensor, sq: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+    """Squared distances of the listed rows to the listed columns, as :func:`_neighbours` computes them."""
+    block = torch.addmm(sq[cols].unsqueeze(0), feats[rows], feats[cols].T, beta=1.0, alpha=-2.0)
+    return block.add_(sq[rows].unsqueeze(1)).clamp_(min=0.0)
+
+
+def _transpose_into(out: torch.Tensor, block: torch.Tensor, strip: int = 64) -> None:
+    """``out[:] = block.T``, a strip of ``block``'s rows at a time: about twice as fast as one
+    strided copy on a CPU (each strip's columns stay in cache)."""
+    for i in range(0, block.shape[0], strip):
+        out[:, i : i + strip].copy_(block[i : i + strip].T)
 
 
 def _reciprocal(top: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
@@ -252,23 +265,19 @@ def _gallery_buckets(g_rows: torch.Tensor, g_cols: torch.Tensor, g_vals: torch.T
     return bucket, slot, tables
 
 
-def _sparse_phases(
+def _sparse_v(
     feats: torch.Tensor,
     top: torch.Tensor,
     row_max: torch.Tensor,
-    out: torch.Tensor,
-    num_q: int,
     k: int,
     k_half: int,
     k_qe: int,
-    lambda_value: float,
     squared: bool = False,
-) -> torch.Tensor:
-    """Steps 2-6 of the module docstring from the neighbour table; ``out`` (the row-scaled Q x G
-    distances, already squared when ``squared``) is overwritten with the re-ranked distances and
-    returned. ``squared``: the weights use ``R**2`` (``rerank_input="torchreid"``)."""
+):
+    """Steps 2-4 of the module docstring from the neighbour table: the sparse rows of V after
+    query expansion, as CSR (``crow``, ``cols``, ``vals``). ``squared``: the weights use ``R**2``
+    (``rerank_input="torchreid"``)."""
     n, dtype, dev = feats.shape[0], feats.dtype, feats.device
-    num_g = n - num_q
     # k-reciprocal sets (Eq. 4) and their expansion (Eq. 6), in row chunks: the members of each
     # row's expanded set are collected as keys row * N + column, made unique (and row-major) once.
     recip = _reciprocal(top, k, max(1, _BUDGET // (k * k)))
@@ -306,7 +315,7 @@ def _sparse_phases(
     if k_qe != 1:
         qe_keys, qe_vals = [], []
         per_row = int((crow[1:] - crow[:-1]).max())
-        step = max(1, _BUDGET // (k_qe * max(per_row, 1)))
+        step = max(1, _BUDGET // _SPARSE_SHARE // (k_qe * max(per_row, 1)))
         for s in range(0, n, step):
             nb = top[s : s + step, :k_qe].reshape(-1)
             which, c_, v_ = _csr_rows(crow, cols, vals, nb)
@@ -319,38 +328,107 @@ def _sparse_phases(
         del key, qe_vals
         crow = _to_csr(rows, n)
         del rows
+    return crow, cols, vals
 
-    # Jaccard distance (Eq. 11) for the Q x G block: sum over the columns shared by a query row
-    # and a gallery row of min(V[q, col], V[g, col]). Each query entry (q, col, v) is paired with
-    # the column's gallery list (one row of a padded table), min-ed and scatter-added into q's row.
-    g0 = int(crow[num_q])
-    g_rows = torch.repeat_interleave(torch.arange(num_g, device=dev), crow[num_q + 1 :] - crow[num_q:-1])
-    bucket, slot, tables = _gallery_buckets(g_rows, cols[g0:], vals[g0:], n)
-    del g_rows
-    q_chunk = max(1, min(num_q, _BUDGET // num_g))
-    acc_buf = torch.empty(q_chunk * num_g, dtype=dtype, device=dev)
+
+def _jaccard_similarity(crow: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, gallery, s: int, e: int,
+                        acc: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``s / (2 - s)`` (= 1 - d_J, Eq. 11) of query rows ``s..e`` against every gallery row, in ``acc``.
+
+    ``s`` sums, over the columns a query row and a gallery row share, min(V[q, col], V[g, col]).
+    Each query entry (q, col, v) is paired with the column's gallery list (one row of a padded
+    table, :func:`_gallery_buckets`), min-ed and scatter-added into q's row.
+    """
+    bucket, slot, tables = gallery
+    num_g = acc.shape[1]
+    flat = acc.view(-1).zero_()
+    which, qc, qv = _csr_rows(crow, cols, vals, torch.arange(s, e, device=acc.device))
+    qb = bucket[qc]
+    for b, (t_rows, t_vals) in enumerate(tables):
+        sel = torch.nonzero(qb == b).flatten()
+        if sel.numel() == 0:
+            continue
+        sl, v, base = slot[qc[sel]], qv[sel].unsqueeze(1), (which[sel] * num_g).unsqueeze(1)
+        per = max(1, _BUDGET // _SPARSE_SHARE // t_rows.shape[1])
+        for t in range(0, sel.shape[0], per):
+            mins = torch.minimum(t_vals.index_select(0, sl[t : t + per]), v[t : t + per])
+            target = t_rows.index_select(0, sl[t : t + per]).add_(base[t : t + per])
+            flat.index_add_(0, target.view(-1), mins.view(-1))
+    torch.sub(2.0, acc, out=den)
+    return acc.div_(den)
+
+
+def _check_options(options: RankingOptions) -> None:
+    # RankingOptions checks its values when built; a duck-typed stand-in is checked here.
+    RankingOptions(options.metric, True, options.k1, options.k2, options.lambda_value, options.rerank_input)
+
+
+def iter_re_ranking(
+    qf: ArrayLike,
+    gf: ArrayLike,
+    options: Optional[RankingOptions] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    rows: Optional[int] = None,
+) -> Iterator[Tuple[int, np.ndarray]]:
+    """Re-ranked distances of ``qf`` (Q x D) to ``gf`` (G x D), a block of query rows at a time.
+
+    Yields ``(first_row, block)``, ``block`` a numpy array of ``rows`` query rows x G (default:
+    about 8M distances, as the evaluator's chunks), float32 for float32 features, so that the
+    Q x G matrix is never held whole. Each block's distances come from one matrix product of its
+    rows, so another ``rows`` can change their last bits (as any change of product shape can). ``options`` give the metric, k1, k2, lambda and ``rerank_input`` (its ``rerank``
+    flag is not read). Runs on ``device`` (default: the features' device; ``"cuda"`` for a GPU).
+    See the module docstring for the formulation and the memory bound.
+    """
+    options = options or RankingOptions(rerank=True)
+    _check_options(options)
+    q = as_feature_tensor(qf, "query features", device)
+    g = as_feature_tensor(gf, "gallery features", q.device)
+    if q.shape[1] != g.shape[1]:
+        raise AttnReidError(f"query features have dimension {q.shape[1]} but gallery features have {g.shape[1]}")
+    if q.shape[0] == 0 or g.shape[0] == 0:
+        raise AttnReidError(f"re-ranking needs non-empty query and gallery sets, got {q.shape[0]} and {g.shape[0]}")
+    dtype = torch.promote_types(q.dtype, g.dtype)
+    num_q = q.shape[0]
+    feats = torch.cat([q.to(dtype), g.to(dtype)])
+    del q, g
+    if options.metric == "cosine":
+        feats = torch.nn.functional.normalize(feats, dim=1)
+    k1, lam = options.k1, options.lambda_value
+    n = feats.shape[0]
+    num_g = n - num_q
+    dev = feats.device
+    k = min(k1 + 1, n)
+    k_half = min(int(round(k1 / 2.0)) + 1, n)
+    k_qe = min(options.k2, n)
+
+    # Neighbours and row maxima from blocks of the N x N distances. Query expansion needs the
+    # k2 nearest, which can be more than the k1 + 1 the reciprocal sets use.
+    top, row_max = _neighbours(feats, max(k, k_qe))
+    squared = options.rerank_input == "torchreid"
+    with _one_cpu_thread(dev):
+        crow, cols, vals = _sparse_v(feats, top, row_max, k, k_half, k_qe, squared)
+        del top
+        # The gallery rows of V, inverted (column -> its (gallery row, value) list) for the Jaccard sums.
+        g0 = int(crow[num_q])
+        g_rows = torch.repeat_interleave(torch.arange(num_g, device=dev), crow[num_q + 1 :] - crow[num_q:-1])
+        gallery = _gallery_buckets(g_rows, cols[g0:], vals[g0:], n)
+        del g_rows
+    sq = (feats * feats).sum(dim=1)
+    step = max(1, min(num_q, rows or _default_chunk(num_g)))
+    acc_buf = torch.empty(step * num_g, dtype=dtype, device=dev)
     den_buf = torch.empty_like(acc_buf)
-    for s in range(0, num_q, q_chunk):
-        e = min(s + q_chunk, num_q)
-        acc = acc_buf[: (e - s) * num_g].zero_()
-        which, qc, qv = _csr_rows(crow, cols, vals, torch.arange(s, e, device=dev))
-        qb = bucket[qc]
-        for b, (t_rows, t_vals) in enumerate(tables):
-            sel = torch.nonzero(qb == b).flatten()
-            if sel.numel() == 0:
-                continue
-            sl, v, base = slot[qc[sel]], qv[sel].unsqueeze(1), (which[sel] * num_g).unsqueeze(1)
-            per = max(1, _BUDGET // t_rows.shape[1])
-            for t in range(0, sel.shape[0], per):
-                mins = torch.minimum(t_vals.index_select(0, sl[t : t + per]), v[t : t + per])
-                target = t_rows.index_select(0, sl[t : t + per]).add_(base[t : t + per])
-                acc.index_add_(0, target.view(-1), mins.view(-1))
-        acc = acc.view(e - s, num_g)
-        den = torch.sub(2.0, acc, out=den_buf[: acc.numel()].view(e - s, num_g))
-        jac_sim = acc.div_(den)  # s / (2 - s) = 1 - d_J
-        # d* = (1 - lambda) (1 - s / (2 - s)) + lambda d
-        out[s:e].mul_(lambda_value).add_(jac_sim, alpha=-(1.0 - lambda_value)).add_(1.0 - lambda_value)
-    return out
+    for s in range(0, num_q, step):
+        e = min(s + step, num_q)
+        # d* = (1 - lambda) (1 - s / (2 - s)) + lambda R, R the row-scaled distance (squared for torchreid)
+        out = _sq_distances(feats, sq, slice(s, e), slice(num_q, n)).div_(row_max[s:e].unsqueeze(1))
+        if squared:
+            out.square_()
+        with _one_cpu_thread(dev):
+            acc = acc_buf[: (e - s) * num_g].view(e - s, num_g)
+            jac_sim = _jaccard_similarity(crow, cols, vals, gallery, s, e, acc,
+                                          den_buf[: (e - s) * num_g].view(e - s, num_g))
+            out.mul_(lam).add_(jac_sim, alpha=-(1.0 - lam)).add_(1.0 - lam)
+        yield s, out.cpu().numpy()
 
 
 def re_ranking(
@@ -365,42 +443,11 @@ def re_ranking(
 ) -> np.ndarray:
     """Re-ranked Q x G distance matrix (numpy, float32 for float32 features) of ``qf`` vs ``gf``.
 
-    Runs on ``device`` (default: the features' device; pass ``"cuda"`` to use a GPU). See the
-    module docstring for the formulation, ``rerank_input`` (``zhong`` | ``torchreid``) and the
-    memory bound.
+    The blocks of :func:`iter_re_ranking`, put together (the same numbers). Runs on ``device``
+    (default: the features' device; pass ``"cuda"`` to use a GPU). See the module docstring for
+    the formulation, ``rerank_input`` (``zhong`` | ``torchreid``) and the memory bound.
     """
-    if metric not in METRICS:
-        raise AttnReidError(f"unknown distance metric {metric!r}; expected one of {', '.join(METRICS)}")
-    if rerank_input not in RERANK_INPUTS:
-        raise AttnReidError(f"unknown re-ranking input {rerank_input!r}; expected one of {', '.join(RERANK_INPUTS)}")
-    if k1 < 1 or k2 < 1:
-        raise AttnReidError(f"re-ranking needs k1 >= 1 and k2 >= 1, got k1={k1}, k2={k2}")
-    if not 0.0 <= lambda_value <= 1.0:
-        raise AttnReidError(f"re-ranking lambda must be in [0, 1], got {lambda_value}")
-    q = as_feature_tensor(qf, "query features", device)
-    g = as_feature_tensor(gf, "gallery features", q.device)
-    if q.shape[1] != g.shape[1]:
-        raise AttnReidError(f"query features have dimension {q.shape[1]} but gallery features have {g.shape[1]}")
-    if q.shape[0] == 0 or g.shape[0] == 0:
-        raise AttnReidError(f"re-ranking needs non-empty query and gallery sets, got {q.shape[0]} and {g.shape[0]}")
-    dtype = torch.promote_types(q.dtype, g.dtype)
-    feats = torch.cat([q.to(dtype), g.to(dtype)])
-    if metric == "cosine":
-        feats = torch.nn.functional.normalize(feats, dim=1)
-    num_q, n = q.shape[0], feats.shape[0]
-    dev = feats.device
-    k = min(k1 + 1, n)
-    k_half = min(int(round(k1 / 2.0)) + 1, n)
-    k_qe = min(k2, n)
-
-    # Neighbours, row maxima and the Q x G block, from blocks of the N x N distances. Query
-    # expansion needs the k2 nearest, which can be more than the k1 + 1 the reciprocal sets use.
-    top, row_max, out = _neighbours(feats, max(k, k_qe), num_q)
-    out /= row_max[:num_q].unsqueeze(1)
-    squared = rerank_input == "torchreid"
-    if squared:
-        out.square_()
-
-    with _one_cpu_thread(dev):
-        out = _sparse_phases(feats, top, row_max, out, num_q, k, k_half, k_qe, lambda_value, squared)
-    return out.cpu().numpy()
+    options = RankingOptions(metric=metric, rerank=True, k1=k1, k2=k2, lambda_value=lambda_value,
+                             rerank_input=rerank_input)
+    blocks = list(iter_re_ranking(qf, gf, options, device))
+    return np.concatenate([b for _, b in blocks]) if len(blocks) > 1 else blocks[0][1]

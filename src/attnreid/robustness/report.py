@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from attnreid.errors import AttnReidError
+from attnreid.evaluation.options import RankingOptions
 from attnreid.robustness.occlusion import OCCLUDER_KINDS, POSITIONS, QueryOccluder
 
 DEFAULT_LEVELS = (0, 10, 20, 30, 40, 50)
@@ -154,6 +155,7 @@ def evaluate_robustness(
     if not dataset.query or not dataset.gallery:
         raise AttnReidError(f"dataset '{dataset.name}' has an empty query or gallery split; nothing to evaluate")
     flip = bool(getattr(eval_cfg, "flip", False))
+    ranking = RankingOptions.from_config(eval_cfg)
 
     def features(m: ModelUnderTest, items):
         feats, pids, camids = extract(m.model, items, m.data_cfg, device=device, flip=flip, **(extract_options or {}))
@@ -170,9 +172,7 @@ def evaluate_robustness(
                 gf, gp, gc = gallery[m.label]
                 result = evaluate(
                     qf, gf, qp, gp, qc, gc,
-                    protocol=getattr(dataset, "protocol", "market"),
-                    metric=eval_cfg.metric, rerank=eval_cfg.rerank,
-                    k1=eval_cfg.k1, k2=eval_cfg.k2, lambda_value=eval_cfg.lambda_value,
+                    protocol=getattr(dataset, "protocol", "market"), ranking=ranking,
                 )
                 row = {"level": round(cond.level * 100, 6), "kind": cond.kind, "position": cond.position,
                        "coverage": round(coverage * 100, 3), **_metrics(result)}
