@@ -310,6 +310,23 @@ def _npy_header(fh: IO[bytes]):
     return np.lib.format.read_array_header_2_0(fh, max_header_size=MAX_NPY_HEADER)
 
 
+def npz_names(path: str | Path, what: str = "") -> List[str]:
+    """The array names an ``.npz`` file holds (nothing is decompressed); unreadable is one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return [i.filename[:-4] if i.filename.endswith(".npy") else i.filename for i in zf.infolist()]
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise DataError(f"{path}{what} is not a readable .npz file ({_reason(exc)})") from None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:120] if text else type(exc).__name__
+
+
 def load_npz(path: str | Path, keys: Optional[Iterable[str]] = None, what: str = "") -> Dict[str, Any]:
     """The arrays of an ``.npz`` file (all, or those of ``keys`` present), read safely.
 
@@ -349,6 +366,5 @@ def load_npz(path: str | Path, keys: Optional[Iterable[str]] = None, what: str =
     except AttnReidError:
         raise
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, KeyError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}{what} is not a readable .npz file ({reason})") from None
+        raise DataError(f"{path}{what} is not a readable .npz file ({_reason(exc)})") from None
     return out

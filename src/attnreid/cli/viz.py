@@ -32,6 +32,8 @@ def report(
     queries: Optional[str] = typer.Option(None, "--queries", help="Comma-separated query indices instead of the worst."),
     overlays: int = typer.Option(3, "--overlays", min=0, help="Attention overlays of that many of those queries."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the page's path."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into --out even if it holds files that are "
+                                                              "not an attnreid page."),
 ) -> None:
     """Write an HTML report (metrics table, CMC and training curves, ranked lists, attention)."""
     from attnreid.viz.report import write_report
@@ -40,7 +42,7 @@ def report(
         raise AttnReidError(f"--by must be 'ap' or 'first_hit', got {by!r}")
     check_output_path(out, "dir")
     page = write_report(run_dirs, out, title=title, topk=top_k, num_queries=worst,
-                        queries=_parse_queries(queries), worst_by=by, overlays=overlays)
+                        queries=_parse_queries(queries), worst_by=by, overlays=overlays, overwrite=overwrite)
     if json_out:
         from attnreid.cli._util import print_json
 
@@ -58,6 +60,8 @@ def explain(
     scale: str = typer.Option("map", "--scale", help="'map': each head's map to its own range; 'shared': one range."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (pages, beta per image)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into --out even if it holds files that are "
+                                                              "not an attnreid page."),
 ) -> None:
     """Draw the model's own attention over each image (MHSA-Net heads + beta; HA-CNN soft maps + regions)."""
     from attnreid.config import load_config
@@ -68,7 +72,8 @@ def explain(
     check_output_path(out, "dir")
     dev = device_option(device)
     cfg = load_config(config)
-    result = explain_files(cfg, checkpoint, [str(p) for p in images], out, scale=scale, device=dev)
+    result = explain_files(cfg, checkpoint, [str(p) for p in images], out, scale=scale, device=dev,
+                           overwrite=overwrite)
     if json_out:
         from attnreid.cli._util import print_json
 

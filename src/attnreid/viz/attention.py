@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from attnreid.errors import AttnReidError
-from attnreid.viz.page import CSS
+from attnreid.viz.page import CSS, GENERATOR_TAG, check_page_folder
 
 REGION_COLOURS = ["#00e5ff", "#ffea00", "#ff3d00", "#76ff03", "#d500f9", "#ffffff", "#2979ff", "#ff9100"]
 
@@ -233,12 +233,12 @@ def write_index(entries: Sequence[Dict[str, Any]], out_dir: str | Path, model_na
         f'<figure><img src="{e(Path(x["png"]).name)}" alt="attention of {e(x["image"])}">'
         f'<figcaption>{e(x["image"])}</figcaption></figure>' for x in entries)
     legend = LEGENDS.get(model_name, "")
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>attention: {e(model_name)}'
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{GENERATOR_TAG}<title>attention: {e(model_name)}'
             f'</title><style>{CSS}</style></head><body><h1>Attention of {e(model_name)}</h1>'
             f'<p class="meta">{e(legend)}</p>{body}</body></html>\n')
-    path = out_dir / "index.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+    from attnreid.safe_io import write_text_atomic
+
+    return write_text_atomic(out_dir / "index.html", page)
 
 
 LEGENDS = {
@@ -252,17 +252,21 @@ LEGENDS = {
 
 
 def explain_files(config: Any, checkpoint: str | Path, image_paths: Sequence[str], out_dir: str | Path,
-                  scale: str = "map", device: str = "cpu", prefix: str = "", index: bool = True) -> Dict[str, Any]:
+                  scale: str = "map", device: str = "cpu", prefix: str = "", index: bool = True,
+                  overwrite: bool = False) -> Dict[str, Any]:
     """``attnreid explain``: read the images, load the checkpoint's model with ``config``
     (None: the config saved in the checkpoint), write overlays and ``index.html``.
     Every image is read before the model is loaded, so a file that is not a picture
-    fails fast, in one line naming it."""
+    fails fast, in one line naming it. With ``index``, a folder holding files but no
+    attnreid page is refused unless ``overwrite`` (:func:`attnreid.viz.page.check_page_folder`)."""
     from attnreid.data.io import read_image
     from attnreid.data.transforms import build_transforms
     from attnreid.engine.build import load_model
 
     if not image_paths:
         raise AttnReidError("explain needs at least one image")
+    if index:
+        check_page_folder(Path(out_dir), overwrite)
     images = [(str(p), read_image(str(p))) for p in image_paths]
     model, cfg = load_model(checkpoint, config, device=device)
     d = cfg.data

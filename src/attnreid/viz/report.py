@@ -26,7 +26,7 @@ import yaml
 
 from attnreid.errors import DataError
 from attnreid.evaluation.stats import format_diff, format_p, level_text, metric_text, verdict
-from attnreid.viz.page import CSS
+from attnreid.viz.page import CSS, GENERATOR_TAG, check_page_folder
 
 ASSETS = "report_files"
 
@@ -308,7 +308,7 @@ def _attention_section(run: RunInfo, image_paths: List[str], slug: str, out_dir:
 def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Path, title: Optional[str] = None, *,
                  topk: int = 10, num_queries: int = 3, queries: Optional[Sequence[int]] = None,
                  worst_by: str = "ap", overlays: int = 3,
-                 image_reader: Optional[Callable[[str], Any]] = None) -> Path:
+                 image_reader: Optional[Callable[[str], Any]] = None, overwrite: bool = False) -> Path:
     """Write ``out_dir/index.html`` for the given run folders and return its path.
 
     ``queries``: query indices to draw ranked lists for; by default the ``num_queries``
@@ -318,7 +318,9 @@ def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Pat
     ``image_reader`` (path -> PIL image) defaults to :func:`attnreid.data.io.read_image`.
     With two or more evaluated runs on the same queries, the first two are compared
     query by query, and every run is compared with the first one statistically
-    (:func:`comparison_section`).
+    (:func:`comparison_section`). A folder that holds files but no attnreid page is refused
+    unless ``overwrite`` (:func:`attnreid.viz.page.check_page_folder`); the page is written
+    atomically.
     """
     from attnreid.viz import plots, ranking
 
@@ -331,6 +333,7 @@ def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Pat
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"report folder {out_dir} is a file; expected a folder (or a new path)")
+    check_page_folder(out_dir, overwrite)
     assets = out_dir / ASSETS
     assets.mkdir(parents=True, exist_ok=True)
     e = html.escape
@@ -413,12 +416,12 @@ def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Pat
 
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     page = (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">{GENERATOR_TAG}"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
         f"<title>{e(title)}</title><style>{CSS}</style></head><body>"
         f"<h1>{e(title)}</h1><p class=\"meta\">attnreid {e(__version__)} · {e(stamp)} · "
         f"{len(runs)} run(s)</p>\n" + "\n".join(parts) + "\n</body></html>\n"
     )
-    index = out_dir / "index.html"
-    index.write_text(page, encoding="utf-8")
-    return index
+    from attnreid.safe_io import write_text_atomic
+
+    return write_text_atomic(out_dir / "index.html", page)
