@@ -369,8 +369,11 @@ def write_new_shard(out: Path, **arrays: np.ndarray) -> Path:
 def read_shard(shard: Path, feature_dim: int, keys: Sequence[str] = ("features", "paths", "camids")) -> Dict[str, np.ndarray]:
     """A shard's arrays, checked: ``features`` n x ``feature_dim`` finite floats, ``paths`` n
     strings, ``camids`` n integers. Anything else is one line naming the shard and the key."""
-    z = load_npz(shard, keys, what=" (index shard)")
     fix = "delete it and re-run 'attnreid index build'"
+    try:
+        z = load_npz(shard, keys, what=" (index shard)")
+    except DataError as exc:
+        raise DataError(f"{exc}; {fix}") from None
     for key in keys:
         if key not in z:
             raise DataError(f"index shard {shard} has no '{key}' array; {fix}")
