@@ -51,7 +51,9 @@ def save_checkpoint_of(cfg_dict: dict, path: Path, num_classes: int = 4) -> Path
 
 def subprocess_env() -> dict:
     env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[2] / "src")
+    import attnreid
+
+    src = str(Path(attnreid.__file__).resolve().parents[1])  # the attnreid this test process imports
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     return env
