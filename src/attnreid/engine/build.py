@@ -94,7 +94,10 @@ def load_model(checkpoint: str | Path, cfg: Optional[Config] = None,
     if cfg is None:
         if not isinstance(saved, dict):
             raise CheckpointError(f"checkpoint {path} holds no config; pass the run's config file")
-        cfg = from_dict(saved, source=f"checkpoint {path}")
+        try:
+            cfg = from_dict(saved, source=f"checkpoint {path}")
+        except ConfigError as exc:  # name the checkpoint in every line, also a value out of bounds
+            raise CheckpointError(str(exc) if str(path) in str(exc) else f"checkpoint {path}: {exc}") from None
     elif isinstance(saved, dict):
         saved_name = saved["model"].get("name") if isinstance(saved.get("model"), dict) else None
         if saved_name and saved_name != cfg.model.name:

@@ -25,8 +25,9 @@ def check_page_folder(out_dir: Path, overwrite: bool = False) -> None:
     except OSError:
         ours = False
     if not ours:
-        what = "holds an index.html" if page.exists() else "is not empty"
-        raise AttnReidError(f"--out {out_dir} {what} that attnreid did not write; choose a new or empty folder, "
+        what = "holds an index.html that attnreid did not write" if page.exists() else \
+            "holds files but no attnreid page"
+        raise AttnReidError(f"--out {out_dir} {what}; choose a new or empty folder, "
                             f"or pass --overwrite to write into it anyway")
 
 
