@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import re
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -29,6 +30,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from attnreid.errors import ConfigError
+from attnreid.safe_io import MAX_YAML_DEPTH, MAX_YAML_VALUES, BoundedSafeLoader, YAMLTooLarge
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -359,8 +361,8 @@ UPPER_BOUNDS = {
     "data.synthetic.width": 4096,
     "data.synthetic.num_ids": 9999,
     "data.synthetic.images_per_id": 10000,
-    "data.batch_size": 65536,
-    "data.test_batch_size": 65536,
+    "data.batch_size": 4096,
+    "data.test_batch_size": 4096,
     "data.num_instances": 1024,
     "model.mhsanet.num_heads": 64,
     "model.mhsanet.attention_dim": 16384,
@@ -371,11 +373,12 @@ UPPER_BOUNDS = {
     "eval.k2": 10000,
     "eval.max_rank": 100000,
     "eval.bootstrap": 100000,
+    "train.threads": 1024,
 }
 MAX_HACNN_WIDTH = 8192  # each of model.hacnn.widths
 MAX_CONFIG_BYTES = 1 << 20  # a config file; the largest in configs/ is under 4 KiB
-MAX_CONFIG_VALUES = 100_000  # values a config may hold once YAML anchors / shared references are expanded
-MAX_CONFIG_DEPTH = 32  # nesting of mappings and lists (the schema has 3 levels)
+MAX_CONFIG_VALUES = MAX_YAML_VALUES  # values a config may hold once anchors / shared references are expanded
+MAX_CONFIG_DEPTH = MAX_YAML_DEPTH  # nesting of mappings and lists (the schema has 3 levels)
 for _k in ("loss.saffm_ce", "loss.saffm_triplet", "loss.rlm_ce", "loss.rlm_triplet",
            "loss.lambda_fdrt", "loss.lambda_ihtl", "loss.lambda_acm", "loss.lambda_attention_orth", "eval.lambda_value",
            "data.synthetic.occluded_query_share", "loss.global_triplet", "loss.center_weight"):
@@ -405,8 +408,9 @@ def _suggest(key: str) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-class _ConfigLoader(yaml.SafeLoader):
-    """YAML for config files and override values, with YAML 1.2's booleans: only true/false.
+class _ConfigLoader(BoundedSafeLoader):
+    """YAML for config files and override values, with YAML 1.2's booleans: only true/false,
+    and aliases bounded (:class:`attnreid.safe_io.BoundedSafeLoader`: no 'billion laughs').
 
     YAML 1.1 (PyYAML's default) also reads yes/no/on/off as booleans, which would turn
     ``amp: off`` or a list item ``no`` into ``False``. Boolean keys still accept those
@@ -421,45 +425,6 @@ _ConfigLoader.yaml_implicit_resolvers = {
 }
 _ConfigLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                       list("tTfF"))
-
-
-class _TooLarge(yaml.YAMLError):
-    """A YAML document whose aliases expand beyond MAX_CONFIG_VALUES values, or refer to themselves."""
-
-
-def _expanded_size(node: yaml.Node, memo: dict, active: set) -> int:
-    """How many values ``node`` holds once every alias is expanded (shared nodes counted each time)."""
-    key = id(node)
-    if key in memo:
-        return memo[key]
-    if key in active:
-        raise _TooLarge("it holds a recursive alias (an anchor used inside itself)")
-    if len(active) >= MAX_CONFIG_DEPTH:
-        raise _TooLarge(f"it nests more than {MAX_CONFIG_DEPTH} levels deep")
-    active.add(key)
-    children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
-        node.value if isinstance(node, yaml.SequenceNode) else []
-    size = 1
-    for child in children:
-        size += _expanded_size(child, memo, active)
-        if size > MAX_CONFIG_VALUES:
-            raise _TooLarge(f"its anchors and aliases expand to more than {MAX_CONFIG_VALUES} values")
-    active.discard(key)
-    memo[key] = size
-    return size
-
-
-def _bounded_single_data(self):
-    """``SafeLoader.get_single_data``, refusing a document that expands without bound
-    (nested anchors, 'billion laughs') before it is built."""
-    node = self.get_single_node()
-    if node is None:
-        return None
-    _expanded_size(node, {}, set())
-    return self.construct_document(node)
-
-
-_ConfigLoader.get_single_data = _bounded_single_data
 
 
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
@@ -480,7 +445,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     try:
         data = yaml.load(text, Loader=_ConfigLoader) or {}
-    except _TooLarge as exc:
+    except YAMLTooLarge as exc:
         raise ConfigError(f"config file {path} is refused: {exc}") from None
     except RecursionError:  # PyYAML composes nested nodes recursively
         raise ConfigError(f"config file {path} is refused: it nests more than {MAX_CONFIG_DEPTH} levels deep") from None
@@ -570,7 +535,7 @@ def parse_override_value(key: str, raw: str) -> Any:
         return ""
     try:
         return yaml.load(raw, Loader=_ConfigLoader)
-    except _TooLarge as exc:
+    except YAMLTooLarge as exc:
         raise ConfigError(f"override '{key}=...' is refused: {exc}") from None
     except RecursionError:
         raise ConfigError(f"override '{key}=...' is refused: it nests more than {MAX_CONFIG_DEPTH} levels deep") from None
@@ -623,6 +588,11 @@ _YAML_BOOL_WORDS = {"False": "off", "True": "on", "false": "off", "true": "on"} 
 
 def validate(cfg: Config) -> Config:
     """Check choices and ranges; raise ConfigError naming the first bad key."""
+    for key in _all_keys():
+        value = _get(cfg, key)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):  # NaN passes every < and >
+            raise ConfigError(f"config key '{key}' is {value}; it must be a finite number")
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value in _YAML_BOOL_WORDS and _YAML_BOOL_WORDS[value] in allowed:

@@ -36,6 +36,8 @@ import zlib
 from pathlib import Path
 from typing import IO, Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
+import yaml
+
 from attnreid.errors import AttnReidError, DataError
 
 LOCK_NAME = ".attnreid.lock"
@@ -48,6 +50,8 @@ _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)(?:\.[0-9a-f]{8})?\.tmp(?:\
 MAX_EXPANSION = 100
 EXPANSION_FLOOR = 64 << 20
 MAX_NPY_HEADER = 10_000  # numpy's own default bound on an .npy header
+MAX_YAML_VALUES = 100_000  # values a YAML document may hold once its aliases are expanded
+MAX_YAML_DEPTH = 32  # nesting of mappings and lists (a config has 3 levels)
 
 
 # -- atomic writes -----------------------------------------------------------------------
@@ -77,6 +81,23 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def check_replaceable(path: Path) -> None:
+    """One line when ``path`` exists and is not a regular file (a folder, a FIFO, a device such
+    as /dev/null): a rename would put a file in its place. A symlink is replaced by the new
+    file; what it pointed to is left alone."""
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise AttnReidError(f"cannot write {path}: {exc.strerror or exc}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a device, FIFO or socket)"
+        raise AttnReidError(f"{path} exists and is {kind}; attnreid writes only regular files there")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path; when the block ends normally, fsync it and rename it to ``path``.
@@ -86,6 +107,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     ``.npz`` or ``.onnx``).
     """
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path, suffix)
     try:
@@ -232,8 +254,12 @@ class FolderLock:
             import fcntl
         except ImportError:  # not a POSIX system: no locking
             return self
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            raise AttnReidError(f"cannot lock {self.what} {self.folder}: {self.path}: "
+                                f"{exc.strerror or type(exc).__name__}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -262,6 +288,50 @@ class FolderLock:
 
 
 # -- bounded reads -----------------------------------------------------------------------
+
+class YAMLTooLarge(yaml.YAMLError):
+    """A YAML document whose aliases expand beyond MAX_YAML_VALUES values, or refer to themselves."""
+
+
+def _expanded_size(node: yaml.Node, memo: dict, active: set) -> int:
+    """How many values ``node`` holds once every alias is expanded (shared nodes counted each time)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise YAMLTooLarge("it holds a recursive alias (an anchor used inside itself)")
+    if len(active) >= MAX_YAML_DEPTH:
+        raise YAMLTooLarge(f"it nests more than {MAX_YAML_DEPTH} levels deep")
+    active.add(key)
+    children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+        node.value if isinstance(node, yaml.SequenceNode) else []
+    size = 1
+    for child in children:
+        size += _expanded_size(child, memo, active)
+        if size > MAX_YAML_VALUES:
+            raise YAMLTooLarge(f"its anchors and aliases expand to more than {MAX_YAML_VALUES} values")
+    active.discard(key)
+    memo[key] = size
+    return size
+
+
+def _bounded_single_data(self):
+    """``SafeLoader.get_single_data``, refusing a document that expands without bound
+    (nested anchors, 'billion laughs') before it is built."""
+    node = self.get_single_node()
+    if node is None:
+        return None
+    _expanded_size(node, {}, set())
+    return self.construct_document(node)
+
+
+class BoundedSafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a document whose aliases expand beyond
+    :data:`MAX_YAML_VALUES` values, that nests deeper than :data:`MAX_YAML_DEPTH`, or that
+    holds a recursive alias (:class:`YAMLTooLarge`), before anything is built."""
+
+    get_single_data = _bounded_single_data
+
 
 def physical_memory() -> Optional[int]:
     """This machine's memory in bytes, or None where the system does not say."""
@@ -308,6 +378,25 @@ def _npy_header(fh: IO[bytes]):
     if version == (1, 0):
         return np.lib.format.read_array_header_1_0(fh, max_header_size=MAX_NPY_HEADER)
     return np.lib.format.read_array_header_2_0(fh, max_header_size=MAX_NPY_HEADER)
+
+
+MAX_JSON_BYTES = 256 << 20  # eval.json, meta.json and the like are kilobytes
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """A JSON file's value; too large, not UTF-8, invalid or nested too deep is one line
+    (``json`` recurses per nesting level: a file of 100,000 '[' would otherwise end in a traceback)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise DataError(f"{what} {path} is {_size(size)}; attnreid reads at most {_size(MAX_JSON_BYTES)}")
+        import json
+
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else _reason(exc)
+        raise DataError(f"{what} {path} cannot be read ({reason})") from None
 
 
 def npz_names(path: str | Path, what: str = "") -> List[str]:

@@ -317,6 +317,80 @@ def b_explain_foreign_folder(d, tiny, held):
     return ["explain", tiny["cfg"], query, "--checkpoint", tiny["ckpt"], "--out", d / "photos"]
 
 
+# -- hostile cases tried after the (docs/reliability.md lists what each found) -------
+
+def h_out_fifo(d, tiny, held):
+    import os
+
+    os.mkfifo(d / "fifo.npz")
+    return ["extract", tiny["cfg"], "--checkpoint", tiny["ckpt"], "--split", "query", "--out", d / "fifo.npz"]
+
+
+def h_nan_in_yaml(d, tiny, held):
+    (d / "nan.yaml").write_text(yaml.safe_dump(merge(TINY, {"data": {"random_erasing": float("nan")}})))
+    return ["train", d / "nan.yaml"]
+
+
+def h_workers(d, tiny, held):
+    return ["eval", tiny["cfg"], "--checkpoint", tiny["ckpt"], "data.workers=100000"]
+
+
+def h_threads(d, tiny, held):
+    return ["eval", tiny["cfg"], "--checkpoint", tiny["ckpt"], "train.threads=1000000000"]
+
+
+def h_sparse_image(d, tiny, held):
+    with open(d / "sparse.jpg", "wb") as fh:
+        fh.truncate(10 << 30)  # 10 GiB that take no disk
+    return ["explain", tiny["cfg"], d / "sparse.jpg", "--checkpoint", tiny["ckpt"], "--out", d / "x"]
+
+
+def h_checkpoint_bomb(d, tiny, held):
+    shutil.copy(tiny["ckpt"], d / "bomb.pth")
+    with zipfile.ZipFile(d / "bomb.pth", "a", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("bomb/data/999", b"\0" * (70 << 20))
+    return ["eval", tiny["cfg"], "--checkpoint", d / "bomb.pth"]
+
+
+def h_checkpoint_config_laughs(d, tiny, held):
+    state = torch.load(tiny["ckpt"], weights_only=True)
+    shared = [0.5]
+    for _ in range(25):  # 2^25 values once expanded, 26 lists in the file
+        shared = [shared, shared]
+    state["config"] = merge(state["config"], {"data": {"mean": shared}})
+    torch.save(state, d / "laughs.pth")
+    return ["export", d / "laughs.pth", "--out", d / "m.onnx"]
+
+
+def h_lock_is_a_folder(d, tiny, held):
+    (d / "run" / ".attnreid.lock").mkdir(parents=True)
+    return ["train", tiny["cfg"], "--out", d / "run"]
+
+
+def h_max_rank(d, tiny, held):
+    np.savez(d / "m.npz", distmat=np.ones((3, 4), np.float32), **_ids())
+    return ["metrics", d / "m.npz", "--max-rank", "10000000000"]
+
+
+def h_bootstrap(d, tiny, held):
+    np.savez(d / "m.npz", distmat=np.ones((3, 4), np.float32), **_ids())
+    return ["compare", d / "m.npz", d / "m.npz", "--bootstrap", "1000000000"]
+
+
+def h_batch_size(d, tiny, held):
+    return ["index", "build", tiny["gallery"], "--checkpoint", tiny["ckpt"], "--out", d / "idx",
+            "--batch-size", "1000000000"]
+
+
+def h_resume_past_the_end(d, tiny, held):
+    return _resume_row(d, tiny, lambda s: s.update(epoch=10 ** 18))
+
+
+def h_yaml_unhashable_key(d, tiny, held):
+    (d / "key.yaml").write_text("? [a, b]\n: c\n")
+    return ["train", d / "key.yaml"]
+
+
 SHARD_FIX = "delete it and re-run 'attnreid index build'"
 ROWS = [
     # 1. the gallery index
@@ -404,6 +478,29 @@ ROWS = [
     ("checkpoint config: an interpolation", b_ckpt_interpolation,
      "config key 'data.root' in checkpoint {d}/env.pth holds an interpolation '${{oc.env:HOME}}'; attnreid does "
      "not resolve ${{...}} (write the value itself)"),
+    # hostile cases tried after the issue's
+    ("hostile: --out is a FIFO", h_out_fifo,
+     "{d}/fifo.npz exists and is not a regular file (a device, FIFO or socket); attnreid writes only regular files "
+     "there"),
+    ("hostile: a NaN in a config", h_nan_in_yaml, "config key 'data.random_erasing' is nan; it must be a finite number"),
+    ("hostile: 100000 loader workers", h_workers, "config key 'data.workers' is 100000; it must be <= 64"),
+    ("hostile: 10^9 threads", h_threads, "config key 'train.threads' is 1000000000; it must be <= 1024"),
+    ("hostile: a sparse 10 GiB image", h_sparse_image,
+     "image {d}/sparse.jpg is 10737418240 bytes; attnreid reads images of at most 67108864 bytes"),
+    ("hostile: a checkpoint holding a zip bomb", h_checkpoint_bomb,
+     "checkpoint {d}/bomb.pth: member 'bomb/data/999' expands from … to 70.0 MiB, more than 100x (a decompression "
+     "bomb?); attnreid does not read it"),
+    ("hostile: a checkpoint config of shared references", h_checkpoint_config_laughs,
+     "config in checkpoint {d}/laughs.pth holds more than 100000 values; attnreid refuses it"),
+    ("hostile: the lock file is a folder", h_lock_is_a_folder,
+     "cannot lock run folder {d}/run: {d}/run/.attnreid.lock: Is a directory"),
+    ("hostile: metrics --max-rank 10^10", h_max_rank, "--max-rank is 10000000000; it must be in 1..100000"),
+    ("hostile: compare --bootstrap 10^9", h_bootstrap, "bootstrap resamples is 1000000000; it must be in 1..100000"),
+    ("hostile: index build --batch-size 10^9", h_batch_size, "batch_size is 1000000000; it must be in 1..4096"),
+    ("hostile: resume a checkpoint past its run's end", h_resume_past_the_end,
+     "checkpoint {d}/run/checkpoints/last.pth is at epoch 1000000000000000000, past train.epochs = 2; to extend the "
+     "run pass train.epochs=N with N >= 1000000000000000000"),
+    ("hostile: a YAML key that is a list", h_yaml_unhashable_key, "config file {d}/key.yaml is not valid YAML (line 1)"),
 ]
 
 

@@ -89,3 +89,57 @@ def test_report_writes_into_a_foreign_folder_only_with_overwrite(tmp_path):
     assert (site / "notes.txt").read_text() == "mine" and "attnreid report" in (site / "index.html").read_text()
     code, _, err = run_cli(args)  # now the folder holds attnreid's page: writing it again needs no flag
     assert code == 0, err
+
+
+# -- hostile cases tried after the issue's ------------------------------------------------
+
+
+def test_a_fifo_given_as_an_image_is_refused_not_waited_on(tiny, tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "query.jpg"
+    os.mkfifo(fifo)
+
+    def unblock():  # should the read block after all, a writer that closes at once ends it (as empty)
+        threading.Event().wait(60)
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+    threading.Thread(target=unblock, daemon=True).start()
+    code, _, err = run_cli(["explain", tiny["cfg"], fifo, "--checkpoint", tiny["ckpt"], "--out", tmp_path / "x"])
+    assert_one_line_error(code, err, f"image {fifo} is not a regular file")
+
+
+def test_an_out_that_is_a_symlink_is_replaced_not_written_through(tiny, tmp_path):
+    import os
+
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("precious")
+    link = tmp_path / "feats.npz"
+    os.symlink(target, link)
+    code, _, err = run_cli(["extract", tiny["cfg"], "--checkpoint", tiny["ckpt"], "--split", "query", "--out", link])
+    assert code == 0, err
+    assert target.read_text() == "precious" and not link.is_symlink()
+    assert "query_features" in np.load(link).files
+
+
+def test_report_survives_a_hostile_eval_json_and_log(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval.json").write_text("[" * 200_000 + "]" * 200_000)  # json recurses per level
+    code, _, err = run_cli(["report", run, "--out", tmp_path / "a"])
+    assert code == 0, err
+    assert "eval.json could not be parsed" in (tmp_path / "a" / "index.html").read_text()
+    (run / "eval.json").write_text('{"mAP": "high", "rank1": null, "cmc": [1, "x"], "cmc_ci": 3}')
+    (run / "log.jsonl").write_text('garbage\n{"type": "train", "epoch": "x", "loss": "NaN"}\n[1]\n'
+                                   + "[" * 100_000 + "\n")
+    (run / "config.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+                                     + "".join(f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+                                               for p, c in zip("abcdefgh", "bcdefghi"))
+                                     + "model: {name: *i}\n")
+    code, _, err = run_cli(["report", run, "--out", tmp_path / "b"])
+    assert code == 0, err
+    assert "config.yaml could not be parsed" in (tmp_path / "b" / "index.html").read_text()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 import threading
 import zipfile
 import zlib
@@ -67,6 +68,8 @@ def read_bytes(path: str) -> bytes:
     archive, member = split_zip_path(str(path))
     if archive is None:
         try:
+            if not stat.S_ISREG(os.stat(member).st_mode):  # a FIFO would block the read forever
+                raise DataError(f"image {path} is not a regular file; expected a JPEG/PNG image")
             with open(member, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
                 if size > MAX_IMAGE_BYTES:

@@ -69,6 +69,9 @@ class _Checked:
         self.batch, self.bad = batch, bad
 
 
+MAX_WORKERS = 64
+
+
 def resolve_workers(value: Union[int, str], cpus: Optional[int] = None) -> int:
     """``data.workers`` as a number of DataLoader processes.
 
@@ -85,6 +88,8 @@ def resolve_workers(value: Union[int, str], cpus: Optional[int] = None) -> int:
         return max(0, min(4, cpus - 1))
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"config key 'data.workers' is {value!r}; expected 'auto' or a number >= 0")
+    if value > MAX_WORKERS:  # each worker is a process: a typo must not fork thousands
+        raise ConfigError(f"config key 'data.workers' is {value}; it must be <= {MAX_WORKERS}")
     return value
 
 

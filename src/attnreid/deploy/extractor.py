@@ -37,6 +37,7 @@ from attnreid.errors import ConfigError, DataError
 from attnreid.precision import Precision
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
+MAX_BATCH = 4096  # as data.test_batch_size
 
 
 def config_fingerprint(cfg: Config) -> str:
@@ -98,8 +99,8 @@ class FeatureExtractor:
     def __init__(self, config_or_checkpoint: str | Path | Config, device: str | torch.device = "cpu",
                  batch_size: int = 64, flip: bool = False, checkpoint: Optional[str | Path] = None,
                  amp: Optional[str] = None, backend: Optional[str] = None):
-        if batch_size < 1:
-            raise ConfigError(f"batch_size is {batch_size}; it must be >= 1")
+        if not 1 <= batch_size <= MAX_BATCH:  # a batch's images are all in memory at once
+            raise ConfigError(f"batch_size is {batch_size}; it must be in 1..{MAX_BATCH}")
         self.device = _resolve_device(device)
         # bad values are refused before the checkpoint is read
         from attnreid.engine.inference import check_backend, inference_precision

@@ -39,8 +39,8 @@ import torch
 from attnreid.errors import AttnReidError, CheckpointError, DataError
 from attnreid.evaluation.distance import distance_block
 from attnreid.progress import ProgressReporter
-from attnreid.safe_io import (LOCK_NAME, FolderLock, fsync_dir, is_temp_name, load_npz, remove_stale_temps,
-                              temp_path, write_text_atomic)
+from attnreid.safe_io import (LOCK_NAME, FolderLock, fsync_dir, is_temp_name, load_npz, read_json,
+                              remove_stale_temps, temp_path, write_text_atomic)
 
 INDEX_VERSION = 1
 DEFAULT_CAMERA_REGEX = r"_c(\d+)"  # Market-1501 / DukeMTMC names: 0001_c1s1_001051_00.jpg
@@ -423,9 +423,9 @@ class GalleryIndex:
         if not meta_file.is_file():
             raise DataError(f"{path} is not an attnreid index (no meta.json); build one with 'attnreid index build'")
         try:
-            meta = json.loads(meta_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DataError(f"index meta file {meta_file} is corrupt") from None
+            meta = read_json(meta_file, "index meta file")
+        except DataError as exc:
+            raise DataError(f"{exc}; the index is corrupt") from None
         if not isinstance(meta, dict) or meta.get("version") != INDEX_VERSION:
             raise DataError(f"index {path} has an unsupported format version {meta.get('version') if isinstance(meta, dict) else None}")
         missing = [k for k in META_KEYS if k not in meta]

@@ -575,6 +575,9 @@ def _restore(path: Path, cfg: Config, model: nn.Module, criterion: nn.Module, op
         value = ckpt.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise CheckpointError(f"checkpoint {path}: '{key}' is {value!r}; expected a whole number >= 0")
+    if ckpt["epoch"] > cfg.train.epochs:
+        raise CheckpointError(f"checkpoint {path} is at epoch {ckpt['epoch']}, past train.epochs = "
+                              f"{cfg.train.epochs}; to extend the run pass train.epochs=N with N >= {ckpt['epoch']}")
     try:
         scheduler.load_state_dict(ckpt["scheduler"])
         if scaler is not None and "scaler" in ckpt:

@@ -12,7 +12,6 @@ queries would compare different tasks.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -21,7 +20,7 @@ import numpy as np
 
 from attnreid.errors import AttnReidError, DataError
 from attnreid.evaluation import stats
-from attnreid.safe_io import load_npz
+from attnreid.safe_io import load_npz, read_json
 
 PER_QUERY_FILE = "eval_per_query.npz"
 _PER_QUERY_KEYS = ("ap", "inp", "rank1", "valid")
@@ -62,8 +61,8 @@ def load_run(path: str | Path, label: Optional[str] = None) -> Evaluated:
     metrics: Dict[str, Any] = {}
     if (path / "eval.json").is_file():
         try:
-            metrics = json.loads((path / "eval.json").read_text())
-        except json.JSONDecodeError:
+            metrics = read_json(path / "eval.json", "eval.json")
+        except DataError:
             metrics = {}
     per_query = {k: arrays[k] for k in _PER_QUERY_KEYS + ("first_rank",) if k in arrays}
     sig = arrays.get("gallery_signature")

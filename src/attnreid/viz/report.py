@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +24,12 @@ from urllib.parse import quote
 import yaml
 
 from attnreid.errors import DataError
+from attnreid.safe_io import BoundedSafeLoader, read_json
 from attnreid.evaluation.stats import format_diff, format_p, level_text, metric_text, verdict
 from attnreid.viz.page import CSS, GENERATOR_TAG, check_page_folder
 
 ASSETS = "report_files"
+MAX_CONFIG_BYTES = 1 << 20  # a run's config.yaml is a few KiB
 
 # The papers' tables: Rank-1/5/10 and mAP (MHSA-Net Tables I-V, HA-CNN Tables 1-4); the
 # partial sets report Rank-1 and Rank-3 (MHSA-Net Table VI).
@@ -85,16 +86,16 @@ def read_run(path: str | Path, label: Optional[str] = None) -> RunInfo:
     if not known:
         raise DataError(f"{path} is not a run folder (no config.yaml, eval.json, log.jsonl or checkpoints/)")
     if (path / "config.yaml").is_file():
-        try:
-            cfg = yaml.safe_load((path / "config.yaml").read_text())
+        try:  # bounded: a hostile run folder's anchors must not expand into the page
+            cfg = yaml.load((path / "config.yaml").read_bytes()[:MAX_CONFIG_BYTES], Loader=BoundedSafeLoader)
             run.config = cfg if isinstance(cfg, dict) else None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError, OSError):
             run.notes.append("config.yaml could not be parsed")
     if (path / "eval.json").is_file():
         try:
-            ev = json.loads((path / "eval.json").read_text())
+            ev = read_json(path / "eval.json", "eval.json")
             run.eval = ev if isinstance(ev, dict) else None
-        except json.JSONDecodeError:
+        except DataError:
             run.notes.append("eval.json could not be parsed")
     from attnreid.viz.plots import read_log
 
@@ -119,6 +120,14 @@ def _labels(paths: Sequence[Path]) -> List[str]:
 
 def _slug(i: int, label: str) -> str:
     return f"run{i}_" + re.sub(r"[^A-Za-z0-9_-]+", "-", label)[:40]
+
+
+def _numbers(v: Any) -> bool:
+    """A non-empty list of finite numbers (eval.json is read from a folder, not trusted)."""
+    import math
+
+    return isinstance(v, list) and bool(v) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
 
 
 def _pct(v: Any) -> str:
@@ -342,8 +351,9 @@ def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Pat
 
     parts.append("<h2>Results</h2>")
     parts.append(metrics_tables(runs))
-    curves = {r.label: r.eval["cmc"] for r in runs if r.eval and isinstance(r.eval.get("cmc"), list) and r.eval["cmc"]}
-    bands = {r.label: r.eval["cmc_ci"] for r in runs if r.label in curves and isinstance(r.eval.get("cmc_ci"), list)}
+    curves = {r.label: r.eval["cmc"] for r in runs if r.eval and _numbers(r.eval.get("cmc"))}
+    bands = {r.label: r.eval["cmc_ci"] for r in runs if r.label in curves and isinstance(r.eval.get("cmc_ci"), list)
+             and all(isinstance(b, list) and _numbers(b) for b in r.eval["cmc_ci"])}
     if curves:
         png = plots.plot_cmc(curves, assets / "cmc.png", max_rank=20, bands=bands)
         parts.append(_img(png, out_dir, "CMC curves",

@@ -471,12 +471,14 @@ def generate_synthetic(
 
 def is_synthetic_folder(folder: Path) -> bool:
     """Whether ``folder`` (a real folder, not a link) holds a set this generator wrote."""
+    from attnreid.safe_io import read_json
+
     marker = folder / "synthetic.json"
-    if folder.is_symlink() or not folder.is_dir() or not marker.is_file() or marker.stat().st_size > (1 << 24):
+    if folder.is_symlink() or not folder.is_dir() or not marker.is_file():
         return False
     try:
-        meta = json.loads(marker.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+        meta = read_json(marker)
+    except DataError:
         return False
     return isinstance(meta, dict) and meta.get("generator") == "attnreid synthetic"
 
