@@ -30,6 +30,7 @@ import re
 import secrets
 import signal
 import socket
+import stat
 import threading
 import zipfile
 import zlib
@@ -85,8 +86,6 @@ def check_replaceable(path: Path) -> None:
     """One line when ``path`` exists and is not a regular file (a folder, a FIFO, a device such
     as /dev/null): a rename would put a file in its place. A symlink is replaced by the new
     file; what it pointed to is left alone."""
-    import stat
-
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
