@@ -70,8 +70,16 @@ def parse_margin(value, key: str) -> Margin:
     return number
 
 
+MAX_WORKERS = 64
+
+
 def check_workers(value) -> Union[int, str]:
-    """``data.workers``: ``auto`` or a number >= 0 (:func:`attnreid.data.loader.resolve_workers` resolves it)."""
-    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+    """``data.workers``: ``auto`` or a number in 0..MAX_WORKERS (:func:`attnreid.data.loader.resolve_workers`
+    resolves it)."""
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"config key 'data.workers' is {value!r}; expected 'auto' or a number >= 0")
+    if value > MAX_WORKERS:  # each worker is a process: a typo must not fork thousands
+        raise ConfigError(f"config key 'data.workers' is {value}; it must be <= {MAX_WORKERS}")
     return value

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import re
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -31,6 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 from attnreid import choices
 from attnreid.errors import ConfigError
 from attnreid.models.registry import feature_choices, get_spec, model_names
+from attnreid.safe_io import MAX_YAML_DEPTH, MAX_YAML_VALUES, BoundedSafeLoader, YAMLTooLarge
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -352,7 +354,32 @@ UPPER_BOUNDS = {
     "loss.label_smoothing": 1.0,
     "eval.lambda_value": 1.0,
     "eval.ci_level": 0.999,
+    # Sizes, bounded so that no config (a checkpoint's included) can ask for terabytes:
+    # far above any re-ID setting (384 x 128 images, K = 8 heads, 512-d features, batch 128).
+    "data.height": 4096,
+    "data.width": 4096,
+    "data.synthetic.height": 4096,
+    "data.synthetic.width": 4096,
+    "data.synthetic.num_ids": 9999,
+    "data.synthetic.images_per_id": 10000,
+    "data.batch_size": 4096,
+    "data.test_batch_size": 4096,
+    "data.num_instances": 1024,
+    "model.mhsanet.num_heads": 64,
+    "model.mhsanet.attention_dim": 16384,
+    "model.mhsanet.embed_dim": 16384,
+    "model.hacnn.num_regions": 64,
+    "model.hacnn.embed_dim": 16384,
+    "eval.k1": 10000,
+    "eval.k2": 10000,
+    "eval.max_rank": 100000,
+    "eval.bootstrap": 100000,
+    "train.threads": 1024,
 }
+MAX_HACNN_WIDTH = 8192  # each of model.hacnn.widths
+MAX_CONFIG_BYTES = 1 << 20  # a config file; the largest in configs/ is under 4 KiB
+MAX_CONFIG_VALUES = MAX_YAML_VALUES  # values a config may hold once anchors / shared references are expanded
+MAX_CONFIG_DEPTH = MAX_YAML_DEPTH  # nesting of mappings and lists (the schema has 3 levels)
 for _k in ("loss.saffm_ce", "loss.saffm_triplet", "loss.rlm_ce", "loss.rlm_triplet",
            "loss.lambda_fdrt", "loss.lambda_ihtl", "loss.lambda_acm", "loss.lambda_attention_orth", "eval.lambda_value",
            "data.synthetic.occluded_query_share", "loss.global_triplet", "loss.center_weight"):
@@ -382,8 +409,9 @@ def _suggest(key: str) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-class _ConfigLoader(yaml.SafeLoader):
-    """YAML for config files and override values, with YAML 1.2's booleans: only true/false.
+class _ConfigLoader(BoundedSafeLoader):
+    """YAML for config files and override values, with YAML 1.2's booleans: only true/false,
+    and aliases bounded (:class:`attnreid.safe_io.BoundedSafeLoader`: no 'billion laughs').
 
     YAML 1.1 (PyYAML's default) also reads yes/no/on/off as booleans, which would turn
     ``amp: off`` or a list item ``no`` into ``False``. Boolean keys still accept those
@@ -406,8 +434,22 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"config file {path} inherits from itself through _base_")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is {size} bytes; attnreid reads config files of at most "
+                          f"{MAX_CONFIG_BYTES} bytes")
     try:
-        data = yaml.load(path.read_text(), Loader=_ConfigLoader) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.load(text, Loader=_ConfigLoader) or {}
+    except YAMLTooLarge as exc:
+        raise ConfigError(f"config file {path} is refused: {exc}") from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise ConfigError(f"config file {path} is refused: it nests more than {MAX_CONFIG_DEPTH} levels deep") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -494,6 +536,10 @@ def parse_override_value(key: str, raw: str) -> Any:
         return ""
     try:
         return yaml.load(raw, Loader=_ConfigLoader)
+    except YAMLTooLarge as exc:
+        raise ConfigError(f"override '{key}=...' is refused: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"override '{key}=...' is refused: it nests more than {MAX_CONFIG_DEPTH} levels deep") from None
     except yaml.YAMLError:
         raise ConfigError(f"override '{key}={raw}' is not a valid value (YAML)") from None
 
@@ -543,6 +589,11 @@ _YAML_BOOL_WORDS = {"False": "off", "True": "on", "false": "off", "true": "on"} 
 
 def validate(cfg: Config) -> Config:
     """Check choices and ranges; raise ConfigError naming the first bad key."""
+    for key in _all_keys():
+        value = _get(cfg, key)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):  # NaN passes every < and >
+            raise ConfigError(f"config key '{key}' is {value}; it must be a finite number")
     registered = {"model.name": model_names(), "model.test_feature": feature_choices()}
     for key, allowed in {**registered, **CHOICES}.items():
         value = _get(cfg, key)
@@ -571,6 +622,9 @@ def validate(cfg: Config) -> Config:
             f"'data.num_instances' ({cfg.data.num_instances}) for PK sampling"
         )
     choices.check_workers(cfg.data.workers)
+    widths = cfg.model.hacnn.widths
+    if not widths or any(w < 1 or w > MAX_HACNN_WIDTH for w in widths):
+        raise ConfigError(f"config key 'model.hacnn.widths' is {widths}; each must be in 1..{MAX_HACNN_WIDTH}")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise ConfigError("config keys 'data.mean' and 'data.std' need 3 values (RGB)")
     if any(s <= 0 for s in cfg.data.std):
@@ -610,8 +664,43 @@ def _migrate_bools(data: dict) -> dict:
     return data
 
 
+def check_plain(data: Any, source: str, prefix: str = "", budget: Optional[List[int]] = None,
+                active: Optional[set] = None) -> None:
+    """Refuse, in one line naming the key, what a config may not hold, before OmegaConf reads it:
+
+    - an interpolation (``${...}``, e.g. ``${oc.env:SECRET}``): attnreid resolves none, in YAML
+      files, overrides or checkpoints, so no value is ever read from the environment;
+    - more than :data:`MAX_CONFIG_VALUES` values counting shared references each time, or a
+      container inside itself (a crafted checkpoint's config can hold both).
+    """
+    budget = [MAX_CONFIG_VALUES] if budget is None else budget
+    active = set() if active is None else active
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ConfigError(f"config in {source} holds more than {MAX_CONFIG_VALUES} values; attnreid refuses it")
+    if isinstance(data, str):
+        if "${" in data:
+            raise ConfigError(f"config key '{prefix.rstrip('.') or '?'}' in {source} holds an interpolation "
+                              f"{data[:80]!r}; attnreid does not resolve ${{...}} (write the value itself)")
+        return
+    if not isinstance(data, (dict, list, tuple)):
+        return
+    if id(data) in active:
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '?'}' in {source} contains itself")
+    if len(active) >= MAX_CONFIG_DEPTH:
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '?'}' in {source} nests more than "
+                          f"{MAX_CONFIG_DEPTH} levels deep")
+    active.add(id(data))
+    items = data.items() if isinstance(data, dict) else enumerate(data)
+    for k, v in items:
+        check_plain(v, source, f"{prefix}{k}." if isinstance(data, dict) else f"{prefix.rstrip('.')}[{k}].",
+                    budget, active)
+    active.discard(id(data))
+
+
 def from_dict(data: dict, source: str = "a config dict") -> Config:
-    """Build a validated Config from a (possibly partial) nested dict."""
+    """Build a validated Config from a (possibly partial) nested dict (see :func:`check_plain`)."""
+    check_plain(data, source)
     _check_keys(data, "", source)
     data = _migrate_bools(copy.deepcopy(data))
     try:
@@ -632,8 +721,6 @@ def to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the effective config as YAML (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    from attnreid.safe_io import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

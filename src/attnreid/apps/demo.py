@@ -56,6 +56,7 @@ from attnreid.evaluation import stats
 from attnreid.evaluation.paired import compare_evaluated, load_run
 from attnreid.models.registry import get_spec
 from attnreid.viz.report import write_report
+from attnreid.safe_io import write_text_atomic
 
 MODEL_ROWS = ("baseline", "mhsanet", "hacnn")
 # Share of the training time each model gets. Baseline and MHSA-Net get equal shares: at
@@ -173,7 +174,7 @@ def run_demo(minutes: float = 6.0, out_dir: str | Path = "runs/demo", models: Se
                    "minutes": minutes, "seeds": seeds})
     console.print(f"total {result['seconds']:.0f} s; runs in {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out_dir / "demo.json", json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -162,8 +162,9 @@ def extract_cmd(
             arrays.update({f"{s}_features": feats.numpy(), f"{s}_pids": pids, f"{s}_camids": camids,
                            f"{s}_paths": np.array([items[i][0] for i in index.tolist()])})
     arrays.update({k: np.array(v) for k, v in how.record().items()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **arrays)
+    from attnreid.safe_io import savez_atomic
+
+    savez_atomic(out, **arrays)  # a failed or interrupted extract leaves an existing --out as it was
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items() if k.endswith("features"))
     print(f"wrote {out}: {shapes}")
 

@@ -23,7 +23,7 @@ def metrics(
                                      help="zhong (Zhong et al., the paper's) or torchreid (squares squared distances, as torchreid's engine)."),
     metric: str = typer.Option("euclidean_sq", "--metric", help="Distance of the features: euclidean_sq or cosine."),
     protocol: str = typer.Option("market", "--protocol", help="market, cuhk03_classic or partial (no camera filtering)."),
-    max_rank: int = typer.Option(50, "--max-rank", help="Length of the CMC curve."),
+    max_rank: int = typer.Option(50, "--max-rank", help="Length of the CMC curve (1 to 100000)."),
     resamples: int = typer.Option(DEFAULT_RESAMPLES, "--bootstrap", min=0,
                                   help="Bootstrap resamples over queries for the intervals (0: none)."),
     level: float = typer.Option(DEFAULT_LEVEL, "--level", help="Confidence level of the intervals."),
@@ -39,6 +39,10 @@ def metrics(
     from attnreid.evaluation.npz import evaluate_npz
     from attnreid.evaluation.stats import level_text, metric_text, with_intervals
 
+    if not 1 <= max_rank <= 100_000:  # the CMC arrays grow with it
+        from attnreid.errors import AttnReidError
+
+        raise AttnReidError(f"--max-rank is {max_rank}; it must be in 1..100000")
     ranking = ranking_options(metric, rerank, k1, k2, lambda_value, rerank_input)
     if save_distmat is not None:
         check_output_path(save_distmat, "file", option="--save-distmat", suffix=".npy")

@@ -18,12 +18,9 @@ from attnreid.models import get_spec
 def without_weights(model_cfg):
     """A copy of ``model_cfg`` with the backbone's ImageNet (or file) weights switched off:
     inspecting a model never downloads or reads weights."""
-    import copy
+    from attnreid.engine.build import without_initial_weights
 
-    model_cfg = copy.deepcopy(model_cfg)
-    model_cfg.backbone.pretrained = False
-    model_cfg.backbone.weights = None
-    return model_cfg
+    return without_initial_weights(model_cfg)
 
 
 def model_info(cfg, num_classes: int = 751) -> dict:

@@ -53,17 +53,22 @@ def train_cmd(
         else:
             cfg = load_config(config, args)
         result = train(cfg, run_dir, resume=resume, overwrite=overwrite)
-    except KeyboardInterrupt:  # while reading the data or building the model: nothing new to save
+    except KeyboardInterrupt as exc:  # while reading the data or building the model: nothing new to save
+        from attnreid.safe_io import Terminated
+
         last = run_dir / "checkpoints" / "last.pth"
         hint = f"continue with: {resume_command(run_dir)}" if last.is_file() else "nothing was saved"
+        sigterm = isinstance(exc, Terminated)
         if speak:
-            print(f"interrupted; {hint}", file=sys.stderr)
-        raise typer.Exit(130)
+            print(f"{'terminated (SIGTERM)' if sigterm else 'interrupted'}; {hint}", file=sys.stderr)
+        raise typer.Exit(143 if sigterm else 130)
     if result["status"] == "interrupted":
+        sigterm = result.get("signal") == "SIGTERM"
         if speak:
-            print(f"interrupted: saved {result['checkpoint']} after {result['epoch']} epochs ({result['step']} steps); "
-                  f"continue with: {resume_command(run_dir)}", file=sys.stderr)
-        raise typer.Exit(130)
+            print(f"{'terminated (SIGTERM)' if sigterm else 'interrupted'}: saved {result['checkpoint']} after "
+                  f"{result['epoch']} epochs ({result['step']} steps); continue with: {resume_command(run_dir)}",
+                  file=sys.stderr)
+        raise typer.Exit(143 if sigterm else 130)
     if speak:
         print(f"{result['status']}: {result['epoch']} epochs, {result['step']} steps in {result['train_seconds']:.0f} s "
               f"({result['img_per_s']:.1f} img/s, {100 * result['data_wait']:.0f}% waiting for data); "

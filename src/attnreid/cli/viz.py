@@ -33,6 +33,8 @@ def report(
     queries: Optional[str] = typer.Option(None, "--queries", help="Comma-separated query indices instead of the worst."),
     overlays: int = typer.Option(3, "--overlays", min=0, help="Attention overlays of that many of those queries."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the page's path."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into --out even if it holds files that are "
+                                                              "not an attnreid page."),
 ) -> None:
     """Write an HTML report (metrics table, CMC and training curves, ranked lists, attention)."""
     from attnreid.viz.report import write_report  # torch: imported when the command runs, not for --help
@@ -41,7 +43,7 @@ def report(
         raise AttnReidError(f"--by must be 'ap' or 'first_hit', got {by!r}")
     check_output_path(out, "dir")
     page = write_report(run_dirs, out, title=title, topk=top_k, num_queries=worst,
-                        queries=_parse_queries(queries), worst_by=by, overlays=overlays)
+                        queries=_parse_queries(queries), worst_by=by, overlays=overlays, overwrite=overwrite)
     if json_out:
         print_json({"report": str(page)})
     else:
@@ -57,19 +59,24 @@ def explain(
     scale: str = typer.Option("map", "--scale", help="'map': each head's map to its own range; 'shared': one range."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (pages, beta per image)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into --out even if it holds files that are "
+                                                              "not an attnreid page."),
 ) -> None:
     """Draw the model's own attention over each image (MHSA-Net heads + beta; HA-CNN soft maps + regions)."""
     from attnreid.engine.build import load_model  # torch: imported when the command runs, not for --help
     from attnreid.viz.attention import explain, read_images
+    from attnreid.viz.page import check_page_folder
 
     if scale not in ("map", "shared"):
         raise AttnReidError(f"--scale must be 'map' or 'shared', got {scale!r}")
     check_output_path(out, "dir")
     dev = device_option(device)
     cfg = load_config(config)
+    check_page_folder(out, overwrite)  # before the model and images: refused at once
     pictures = read_images([str(p) for p in images])  # before the model: a bad image fails fast
     model, cfg = load_model(checkpoint, cfg, device=dev)
-    result = explain(model, pictures, out, cfg.data, scale=scale, device=dev)
+    result = explain(model, pictures, out, cfg.data, scale=scale, device=dev,
+                     overwrite=overwrite)
     if json_out:
         print_json(result)
     else:

@@ -15,17 +15,24 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 import threading
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from PIL import Image, UnidentifiedImageError
 
 from attnreid.errors import DataError
+from attnreid.safe_io import check_member_size
 
 ZIP_SEP = "::"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")  # .tif: Occluded-REID's release
+# Bounds checked before an image is read or decoded. A re-ID crop is ~10 KB and 128 x 64 px;
+# these leave room for whole photos (explain, FeatureExtractor) and stop a "1 GiB JPEG".
+MAX_IMAGE_BYTES = 64 << 20
+MAX_IMAGE_PIXELS = 50_000_000  # about 7000 x 7000; Pillow's own MAX_IMAGE_PIXELS is 89 M
 
 _zip_handles: Dict[Tuple[int, str], zipfile.ZipFile] = {}
 _zip_lock = threading.Lock()
@@ -61,17 +68,26 @@ def read_bytes(path: str) -> bytes:
     archive, member = split_zip_path(str(path))
     if archive is None:
         try:
-            return Path(member).read_bytes()
+            if not stat.S_ISREG(os.stat(member).st_mode):  # a FIFO would block the read forever
+                raise DataError(f"image {path} is not a regular file; expected a JPEG/PNG image")
+            with open(member, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size > MAX_IMAGE_BYTES:
+                    raise DataError(f"image {path} is {size} bytes; attnreid reads images of at most "
+                                    f"{MAX_IMAGE_BYTES} bytes")
+                return fh.read()
         except FileNotFoundError:
             raise DataError(f"image not found: {path}") from None
         except OSError as exc:
             raise DataError(f"cannot read image {path}: {exc.strerror or exc}") from None
     handle = _open_zip(archive)
     try:
-        return handle.read(member)
+        info = handle.getinfo(member)
+        check_member_size(f"image {path}", info, MAX_IMAGE_BYTES)  # the declared size, before reading
+        return handle.read(info)
     except KeyError:
         raise DataError(f"image not found: {path} (no such member in the zip archive)") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
 
 
@@ -87,8 +103,14 @@ def read_image(path: str) -> Image.Image:
     if not data:
         raise DataError(f"image {path} is empty (0 bytes); expected a JPEG/PNG image")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise DataError(f"image {path} is {img.width} x {img.height} pixels; attnreid decodes images of "
+                                f"at most {MAX_IMAGE_PIXELS} pixels")
             return img.convert("RGB")
+    except Image.DecompressionBombError:  # over twice Pillow's own pixel limit, refused at open
+        raise DataError(f"image {path} declares more pixels than Pillow's limit (a decompression bomb?); "
+                        f"attnreid decodes images of at most {MAX_IMAGE_PIXELS} pixels") from None
     except UnidentifiedImageError:
         raise DataError(f"image {path} cannot be decoded (not a known image format); "
                         f"expected a JPEG/PNG image") from None

@@ -71,6 +71,8 @@ class _Checked:
         self.batch, self.bad = batch, bad
 
 
+
+
 def resolve_workers(value: Union[int, str], cpus: Optional[int] = None) -> int:
     """``data.workers`` as a number of DataLoader processes.
 

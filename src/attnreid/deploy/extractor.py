@@ -39,6 +39,9 @@ from attnreid.inference.backend import (Inference, announce, check_backend, infe
                                         run_features, settle_inference)
 from attnreid.precision import Precision
 
+MAX_BATCH = 4096  # as data.test_batch_size
+
+
 
 def _resolve_device(device: str | torch.device) -> torch.device:
     return device if isinstance(device, torch.device) else resolve_device(str(device))
@@ -83,8 +86,8 @@ class FeatureExtractor:
     def __init__(self, config_or_checkpoint: Any, device: str | torch.device = "cpu",
                  batch_size: int = 64, flip: bool = False, checkpoint: Optional[str | Path] = None,
                  amp: Optional[str] = None, backend: Optional[str] = None):
-        if batch_size < 1:
-            raise ConfigError(f"batch_size is {batch_size}; it must be >= 1")
+        if not 1 <= batch_size <= MAX_BATCH:  # a batch's images are all in memory at once
+            raise ConfigError(f"batch_size is {batch_size}; it must be in 1..{MAX_BATCH}")
         self.device = _resolve_device(device)
         # bad values are refused before the checkpoint is read
         if amp is not None:

@@ -8,7 +8,11 @@ An index is a folder::
     INDEX/faiss/*.faiss      cached faiss indexes (rebuilt when the gallery grows)
 
 Shards are written as the build goes (atomically), so an interrupted build resumes where
-it stopped: a re-run skips every image already in a shard. The meta records
+it stopped: a re-run skips every image already in a shard. A new shard takes the number
+after the highest one present and never replaces an existing file, so deleting a corrupt
+shard and re-running re-indexes exactly its images. One build at a time writes an index
+(a lock, :class:`attnreid.safe_io.FolderLock`); a second is refused in one line. Shards are
+checked when read (feature size, finite values, keys and lengths). The meta records
 :func:`~attnreid.engine.build.config_fingerprint`, so a query model whose features
 are not comparable (other model, variant, feature size or input size) is refused.
 
@@ -19,6 +23,7 @@ Distances: ``euclidean_sq`` (squared Euclidean, the papers' test distance) or ``
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -35,6 +40,8 @@ from attnreid.choices import METRICS
 from attnreid.errors import AttnReidError, CheckpointError, DataError
 from attnreid.evaluation.distance import distance_block
 from attnreid.progress import ProgressReporter
+from attnreid.safe_io import (LOCK_NAME, FolderLock, fsync_dir, is_temp_name, load_npz, read_json,
+                              remove_stale_temps, temp_path, write_text_atomic)
 
 INDEX_VERSION = 1
 DEFAULT_CAMERA_REGEX = r"_c(\d+)"  # Market-1501 / DukeMTMC names: 0001_c1s1_001051_00.jpg
@@ -149,10 +156,23 @@ class FaissParams:
         return self.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
 
 
-def faiss_cache_name(kind: str, metric: str, params: FaissParams, n: int) -> str:
-    """File name of a cached faiss index: changes with the gallery size and the build parameters."""
+def vectors_fingerprint(x: np.ndarray) -> str:
+    """A short hash of a float32 matrix's shape and bytes: what a cached faiss index was built from."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(repr(x.shape).encode())
+    h.update(np.ascontiguousarray(x, dtype=np.float32).data)
+    return h.hexdigest()
+
+
+def faiss_cache_prefix(kind: str, metric: str, params: FaissParams, n: int) -> str:
     extra = {"flat": "", "ivf": f"-nlist{params.ivf_nlist(n)}", "hnsw": f"-m{params.hnsw_m}-efc{params.ef_construction}"}
-    return f"{kind}{extra.get(kind, '')}-{metric}-{n}.faiss"
+    return f"{kind}{extra.get(kind, '')}-{metric}-"
+
+
+def faiss_cache_name(kind: str, metric: str, params: FaissParams, n: int, fingerprint: str) -> str:
+    """File name of a cached faiss index: changes with the build parameters and with the vectors
+    themselves (``fingerprint``, :func:`vectors_fingerprint`), not only with their number."""
+    return f"{faiss_cache_prefix(kind, metric, params, n)}{n}-{fingerprint}.faiss"
 
 
 class FaissSearcher:
@@ -164,7 +184,9 @@ class FaissSearcher:
     """
 
     def __init__(self, features: torch.Tensor | np.ndarray, metric: str, kind: str = "flat",
-                 params: Optional[FaissParams] = None, cache: Optional[Path] = None):
+                 params: Optional[FaissParams] = None, cache_dir: Optional[Path] = None):
+        """``cache_dir``: where the built index is kept (IVF/HNSW), named by :func:`faiss_cache_name`,
+        so that a cache is only ever reused for the very same vectors."""
         if kind not in FAISS_KINDS:
             raise AttnReidError(f"unknown faiss index {kind!r}; expected one of: {', '.join(FAISS_KINDS)}")
         faiss = import_faiss()
@@ -172,16 +194,41 @@ class FaissSearcher:
         self.params = dataclasses.replace(params) if params else FaissParams()
         x = self._prepare(features)
         self.ntotal = x.shape[0]
-        if cache is not None and cache.is_file():
-            self.index = faiss.read_index(str(cache))
-        else:
+        cache = None
+        if cache_dir is not None:
+            cache = Path(cache_dir) / faiss_cache_name(kind, metric, self.params, len(x), vectors_fingerprint(x))
+        self.index = self._read_cache(cache, x.shape) if cache is not None else None
+        if self.index is None:
             self.index = self._build(x)
             if cache is not None:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_name(cache.name + ".tmp")
-                faiss.write_index(self.index, str(tmp))
-                os.replace(tmp, cache)
+                self._write_cache(cache, faiss_cache_prefix(kind, metric, self.params, len(x)))
         self.tune(self.params.nprobe, self.params.ef_search)
+
+    def _read_cache(self, cache: Path, shape: Tuple[int, ...]):
+        """The cached index, or None when absent, unreadable or not of these vectors' size (rebuilt then)."""
+        if not cache.is_file():
+            return None
+        try:
+            index = self.faiss.read_index(str(cache))
+        except (RuntimeError, MemoryError):
+            return None
+        return index if (index.ntotal, index.d) == tuple(shape) else None
+
+    def _write_cache(self, cache: Path, prefix: str) -> None:
+        """Keep the index (atomically) and drop the caches of older vectors with these parameters."""
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temp_path(cache)
+            try:
+                self.faiss.write_index(self.index, str(tmp))
+                os.replace(tmp, cache)
+            finally:
+                tmp.unlink(missing_ok=True)
+            for old in cache.parent.glob(f"{prefix}*.faiss"):
+                if old != cache:
+                    old.unlink(missing_ok=True)
+        except (OSError, RuntimeError):
+            pass  # a cache that cannot be written (read-only index) costs a rebuild next time, nothing else
 
     def tune(self, nprobe: int, ef_search: int) -> None:
         """Set the search-time knobs (IVF cells visited, HNSW candidate list); no rebuild needed."""
@@ -275,19 +322,77 @@ def compile_camera_regex(regex: Optional[str]) -> Optional[str]:
     return regex or None
 
 
-def _write_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+SHARD_RE = re.compile(r"^shard-(\d+)\.npz$")
+META_KEYS = ("model", "feature_dim", "config_hash", "metric")  # what search needs from meta.json
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2))
+
+
+def _shard_number(path: Path) -> int:
+    m = SHARD_RE.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def write_new_shard(out: Path, **arrays: np.ndarray) -> Path:
+    """Write a shard under the number after the highest present; never replace an existing file.
+
+    The name is claimed with a hard link, which fails when the name exists, so even a writer
+    without the lock could not overwrite a shard; a taken number moves on to the next.
+    """
+    number = max((_shard_number(p) for p in GalleryIndex.shard_files(out)), default=-1) + 1
+    tmp = temp_path(out / "shard.npz")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        while True:
+            target = out / f"shard-{number:05d}.npz"
+            try:
+                os.link(tmp, target)
+                fsync_dir(out)
+                return target
+            except FileExistsError:
+                number += 1
+            except OSError:  # no hard links on this file system: the lock keeps other writers out
+                if target.exists():
+                    number += 1
+                    continue
+                os.replace(tmp, target)
+                fsync_dir(out)
+                return target
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_shard(shard: Path, feature_dim: int, keys: Sequence[str] = ("features", "paths", "camids")) -> Dict[str, np.ndarray]:
+    """A shard's arrays, checked: ``features`` n x ``feature_dim`` finite floats, ``paths`` n
+    strings, ``camids`` n integers. Anything else is one line naming the shard and the key."""
+    fix = "delete it and re-run 'attnreid index build'"
+    try:
+        z = load_npz(shard, keys, what=" (index shard)")
+    except DataError as exc:
+        raise DataError(f"{exc}; {fix}") from None
+    for key in keys:
+        if key not in z:
+            raise DataError(f"index shard {shard} has no '{key}' array; {fix}")
+    n = len(z["paths"]) if "paths" in z else len(z[keys[0]])
+    if "paths" in z and (z["paths"].ndim != 1 or z["paths"].dtype.kind != "U"):
+        raise DataError(f"index shard {shard}: 'paths' is {z['paths'].dtype} of shape {z['paths'].shape}, "
+                        f"not a list of file names; {fix}")
+    if "camids" in z and (z["camids"].shape != (n,) or z["camids"].dtype.kind not in "iu"):
+        raise DataError(f"index shard {shard}: 'camids' is {z['camids'].dtype} of shape {z['camids'].shape}, "
+                        f"not {n} integers; {fix}")
+    f = z.get("features")
+    if f is not None:
+        if f.ndim != 2 or f.dtype.kind != "f" or f.shape != (n, feature_dim):
+            raise DataError(f"index shard {shard}: 'features' is {f.dtype} of shape {f.shape}, but the index "
+                            f"holds {feature_dim}-d float features ({n} rows here); {fix}")
+        if not np.isfinite(f).all():
+            raise DataError(f"index shard {shard} holds non-finite (NaN/inf) features; {fix}")
+    return z
 
 
 def model_meta(extractor) -> Dict[str, Any]:
@@ -319,16 +424,25 @@ class GalleryIndex:
         if not meta_file.is_file():
             raise DataError(f"{path} is not an attnreid index (no meta.json); build one with 'attnreid index build'")
         try:
-            meta = json.loads(meta_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DataError(f"index meta file {meta_file} is corrupt") from None
+            meta = read_json(meta_file, "index meta file")
+        except DataError as exc:
+            raise DataError(f"{exc}; the index is corrupt") from None
         if not isinstance(meta, dict) or meta.get("version") != INDEX_VERSION:
             raise DataError(f"index {path} has an unsupported format version {meta.get('version') if isinstance(meta, dict) else None}")
+        missing = [k for k in META_KEYS if k not in meta]
+        if missing:
+            raise DataError(f"index meta file {meta_file} has no '{missing[0]}'; rebuild the index into a new folder")
+        dim = meta["feature_dim"]
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise DataError(f"index meta file {meta_file}: 'feature_dim' is {dim!r}; expected a whole number >= 1")
+        if meta["metric"] not in ("euclidean_sq", "cosine"):
+            raise DataError(f"index meta file {meta_file}: 'metric' is {meta['metric']!r}; expected euclidean_sq or cosine")
         return meta
 
     @staticmethod
     def shard_files(path: Path) -> List[Path]:
-        return sorted(path.glob("shard-*.npz"))
+        """The shards, in number order (``shard-<n>.npz``)."""
+        return sorted((p for p in Path(path).glob("shard-*.npz") if SHARD_RE.match(p.name)), key=_shard_number)
 
     @classmethod
     def load(cls, path: str | Path) -> "GalleryIndex":
@@ -336,18 +450,13 @@ class GalleryIndex:
         meta = cls.read_meta(path)
         feats, paths, cams = [], [], []
         for shard in cls.shard_files(path):
-            try:
-                with np.load(shard, allow_pickle=False) as z:
-                    feats.append(z["features"])
-                    paths.extend(z["paths"].tolist())
-                    cams.append(z["camids"])
-            except (OSError, ValueError, KeyError):
-                raise DataError(f"index shard {shard} is corrupt; delete it and re-run 'attnreid index build'") from None
+            z = read_shard(shard, meta["feature_dim"])
+            feats.append(z["features"])
+            paths.extend(z["paths"].tolist())
+            cams.append(z["camids"])
         if not feats:
             raise DataError(f"index {path} holds no features yet; run 'attnreid index build' first")
         features = torch.from_numpy(np.concatenate(feats).astype(np.float32, copy=False))
-        if features.shape[1] != meta["feature_dim"]:
-            raise DataError(f"index {path} has {features.shape[1]}-d features but its meta says {meta['feature_dim']}")
         return cls(path, meta, features, paths, torch.from_numpy(np.concatenate(cams).astype(np.int64)))
 
     def __len__(self) -> int:
@@ -370,9 +479,8 @@ class GalleryIndex:
         if backend == "faiss":
             params = faiss_params or FaissParams()
             # flat needs no training, so only IVF/HNSW are worth caching on disk
-            cache = None if faiss_index == "flat" else self.path / "faiss" / faiss_cache_name(
-                faiss_index, metric, params, len(self))
-            searcher = FaissSearcher(self.features, metric, faiss_index, params, cache)
+            cache_dir = None if faiss_index == "flat" else self.path / "faiss"
+            searcher = FaissSearcher(self.features, metric, faiss_index, params, cache_dir)
             return searcher.search(query, k, query_cams, gallery_cams)
         raise AttnReidError(f"unknown search backend {backend!r}; expected torch or faiss")
 
@@ -394,7 +502,9 @@ def build_index(extractor, images_dir: str | Path, out: str | Path, camera_regex
     Images already in a shard are skipped; unreadable images are skipped, listed in the
     result and in ``skipped.json`` (and tried again on the next run), never fatal. A
     shard is written every ``shard_size`` images, so an interrupted run loses at most
-    that much work. Returns a summary dict (``images``, ``added``, ``already_indexed``,
+    that much work. The folder is locked while the build runs: a second build into it is
+    refused in one line. A model that gives non-finite features is refused (what came
+    before it is kept). Returns a summary dict (``images``, ``added``, ``already_indexed``,
     ``skipped`` list of ``{"path", "error"}``, ``num_vectors``, ``seconds``).
     """
     t0 = time.perf_counter()
@@ -403,44 +513,69 @@ def build_index(extractor, images_dir: str | Path, out: str | Path, camera_regex
     images = list_images(images_dir)
     if not images:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {images_dir}")
+    _check_index_folder(out)
+    with FolderLock(out, "index"):
+        remove_stale_temps([out, out / "faiss"])
+        meta, done = _open_index(out, extractor, camera_regex, images_dir)
+        todo = [p for p in images if str(p) not in done]
+        added, skipped = _index_images(extractor, todo, out, camera_regex, shard_size, progress,
+                                       f"indexing {Path(images_dir).name}", meta)
+    return {"index": str(out), "images": len(images), "added": added, "already_indexed": len(images) - len(todo),
+            "skipped": skipped, "num_vectors": meta["num_vectors"], "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _check_index_folder(out: Path) -> None:
+    """``out`` must be an index, an empty folder or a new path (checked before it is locked)."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; expected an index folder (or a new path)")
+    if out.is_dir() and not (out / "meta.json").is_file():
+        if any(e.name != LOCK_NAME and not is_temp_name(e.name) for e in out.iterdir()):
+            raise DataError(f"--out {out} exists and is not an attnreid index; choose an empty or new folder")
+
+
+def _open_index(out: Path, extractor, camera_regex: Optional[str], images_dir: str | Path) -> Tuple[Dict[str, Any], set]:
+    """The index's meta (written now for a new index) and the paths its shards already hold."""
     done: set = set()
-    if (out / "meta.json").is_file():
-        meta = GalleryIndex.read_meta(out)
-        check_compatible(meta, extractor, out)
-        if meta.get("camera_regex") != camera_regex:
-            raise AttnReidError(f"index {out} was built with --camera-regex {meta.get('camera_regex')!r}, "
-                                f"not {camera_regex!r}; use the same one or another --out")
-        for shard in GalleryIndex.shard_files(out):
-            with np.load(shard, allow_pickle=False) as z:
-                done.update(z["paths"].tolist())
-    elif out.exists() and any(out.iterdir()):
-        raise DataError(f"--out {out} exists and is not an attnreid index; choose an empty or new folder")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
+    if not (out / "meta.json").is_file():
+        _check_index_folder(out)
         meta = {"version": INDEX_VERSION, **model_meta(extractor), "camera_regex": camera_regex,
                 "images_dir": str(Path(images_dir).resolve()), "num_vectors": 0}
         _write_json(out / "meta.json", meta)
-    todo = [p for p in images if str(p) not in done]
-    next_shard = len(GalleryIndex.shard_files(out))
+        return meta, done
+    meta = GalleryIndex.read_meta(out)
+    check_compatible(meta, extractor, out)
+    if meta.get("camera_regex") != camera_regex:
+        raise AttnReidError(f"index {out} was built with --camera-regex {meta.get('camera_regex')!r}, "
+                            f"not {camera_regex!r}; use the same one or another --out")
+    for shard in GalleryIndex.shard_files(out):
+        done.update(read_shard(shard, meta["feature_dim"], keys=("paths",))["paths"].tolist())
+    meta["num_vectors"] = len(done)
+    return meta, done
+
+
+def _index_images(extractor, todo: List[Path], out: Path, camera_regex: Optional[str], shard_size: int,
+                  progress: bool, label: str, meta: Dict[str, Any]) -> Tuple[int, List[Dict[str, str]]]:
+    """Extract ``todo`` into new shards; keep ``meta`` (``num_vectors``, inference) and
+    ``skipped.json`` up to date, also when interrupted. Returns ``(added, skipped)``."""
     skipped: List[Dict[str, str]] = []
     buf_f: List[torch.Tensor] = []
     buf_p: List[str] = []
     added = 0
 
     def flush() -> None:
-        nonlocal buf_f, buf_p, next_shard, added
+        nonlocal buf_f, buf_p, added
         if not buf_p:
             return
         feats = torch.cat(buf_f).numpy().astype(np.float32)
         cams = np.array([parse_camera(p, camera_regex) for p in buf_p], dtype=np.int64)
-        _write_npz(out / f"shard-{next_shard:05d}.npz", features=feats, paths=np.array(buf_p), camids=cams)
-        next_shard += 1
+        write_new_shard(out, features=feats, paths=np.array(buf_p), camids=cams)
         added += len(buf_p)
         buf_f, buf_p = [], []
 
     extractor.expect(len(todo))  # auto's onnxruntime threshold counts the images still to index
-    bar = ProgressReporter(f"indexing {Path(images_dir).name}", total=len(todo), enabled=progress)
+    bar = ProgressReporter(label, total=len(todo), enabled=progress)
     finished = False
+    already = meta["num_vectors"]
     try:
         for start in range(0, len(todo), extractor.batch_size):
             chunk = todo[start:start + extractor.batch_size]
@@ -452,7 +587,14 @@ def build_index(extractor, images_dir: str | Path, out: str | Path, camera_regex
                 except (AttnReidError, OSError, ValueError) as exc:
                     skipped.append({"path": str(p), "error": str(exc)})
             if tensors:
-                buf_f.append(extractor.forward_batch(torch.stack(tensors)))
+                feats = extractor.forward_batch(torch.stack(tensors))
+                bad = (~torch.isfinite(feats).all(dim=1)).nonzero().flatten().tolist()
+                if bad:
+                    flush()  # keep what was good before this batch
+                    raise DataError(f"the model gave non-finite (NaN/inf) features for {paths[bad[0]]} "
+                                    f"({len(bad)} of this batch of {len(paths)}); nothing of this batch was added to "
+                                    f"{out} (check the checkpoint {extractor.checkpoint}, or try --amp off)")
+                buf_f.append(feats)
                 buf_p.extend(paths)
             if len(buf_p) >= shard_size:
                 flush()
@@ -462,12 +604,11 @@ def build_index(extractor, images_dir: str | Path, out: str | Path, camera_regex
     finally:
         bar.close(ok=finished)
         _write_json(out / "skipped.json", skipped)
-        meta["num_vectors"] = len(done) + added
+        meta["num_vectors"] = already + added
         if extractor.inference is not None:  # as settled by this (latest) build
             meta.update(extractor.inference.record())
         _write_json(out / "meta.json", meta)
-    return {"index": str(out), "images": len(images), "added": added, "already_indexed": len(images) - len(todo),
-            "skipped": skipped, "num_vectors": meta["num_vectors"], "seconds": round(time.perf_counter() - t0, 3)}
+    return added, skipped
 
 
 # -- queries -----------------------------------------------------------------------------
@@ -496,6 +637,10 @@ def search_images(index: GalleryIndex, extractor, queries: Sequence[str | Path],
                 raise DataError(f"query {q} has no camera id in its name (regex {regex!r}); "
                                 f"cannot exclude same-camera images")
     feats = extractor([str(q) for q in queries])
+    bad = (~torch.isfinite(feats).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        raise DataError(f"the model gave non-finite (NaN/inf) features for query {queries[bad[0]]}; "
+                        f"its distances would be meaningless (check the checkpoint, or try --amp off)")
     qc = torch.tensor(cams, dtype=torch.long) if exclude_same_camera else None
     dist, idx = index.search(feats, k, qc, backend, faiss_index, faiss_params)
     out = []

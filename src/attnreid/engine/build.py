@@ -60,6 +60,28 @@ def load_weights(model: nn.Module, state_dict: dict, source: str) -> None:
 _TRAINING_STATE = ("model", "optimizer", "scheduler", "rng", "center_optimizer")
 
 
+def without_initial_weights(model_cfg: Any) -> Any:
+    """``model_cfg`` with the backbone's initial weights switched off (``pretrained: false``,
+    ``weights: null``): a checkpoint's own weights replace them, so rebuilding a trained model
+    never downloads a file, opens a weights path or imports a package of weights."""
+    backbone = dataclasses.replace(model_cfg.backbone, pretrained=False, weights=None)
+    return dataclasses.replace(model_cfg, backbone=backbone)
+
+
+def _check_fits(model_cfg: Any, num_classes: int, weights: dict, source: str) -> None:
+    """Refuse, before anything is allocated, a checkpoint whose config builds another network
+    than its weights (e.g. a ``num_classes`` of 10^9 next to a 751-row classifier): the model is
+    built on torch's ``meta`` device (shapes, no storage) and its tensor shapes compared."""
+    from attnreid.models import build_model
+
+    with torch.device("meta"):
+        shell = build_model(model_cfg, num_classes)
+    own = shell.state_dict()
+    given = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in weights.items()}
+    if set(own) != set(given) or any(tuple(own[k].shape) != tuple(given[k].shape) for k in own):
+        load_weights(shell, weights, source)  # raises the one-line reason; loads nothing
+
+
 def load_model(checkpoint: str | Path, cfg: Optional[Config] = None,
                device: str | torch.device = "cpu", with_meta: bool = False):
     """Rebuild the checkpoint's model in eval mode; returns ``(model, cfg)``, with ``with_meta``
@@ -70,7 +92,10 @@ def load_model(checkpoint: str | Path, cfg: Optional[Config] = None,
     With ``cfg`` given, its model section decides the architecture and the test feature
     (so one MHSA-Net checkpoint can be evaluated as MHSA-Net or MHSA-Net-star); a
     checkpoint of another model name is refused in one line. Without ``cfg``, the
-    config saved in the checkpoint is used.
+    config saved in the checkpoint is used (read without resolving interpolations, and
+    within the config's bounds: attnreid.config.from_dict). The backbone is built without
+    its initial weights (:func:`without_initial_weights`): loading a trained checkpoint
+    needs neither the network nor the ImageNet weights file it was trained from.
     """
     from attnreid.models import build_model
 
@@ -80,16 +105,22 @@ def load_model(checkpoint: str | Path, cfg: Optional[Config] = None,
     if cfg is None:
         if not isinstance(saved, dict):
             raise CheckpointError(f"checkpoint {path} holds no config; pass the run's config file")
-        cfg = from_dict(saved, source=f"checkpoint {path}")
+        try:
+            cfg = from_dict(saved, source=f"checkpoint {path}")
+        except ConfigError as exc:  # name the checkpoint in every line, also a value out of bounds
+            raise CheckpointError(str(exc) if str(path) in str(exc) else f"checkpoint {path}: {exc}") from None
     elif isinstance(saved, dict):
-        saved_name = (saved.get("model") or {}).get("name")
+        saved_name = saved["model"].get("name") if isinstance(saved.get("model"), dict) else None
         if saved_name and saved_name != cfg.model.name:
             raise CheckpointError(
                 f"checkpoint {path} holds a '{saved_name}' model but the config asks for '{cfg.model.name}'")
     num_classes = state.get("num_classes")
-    if not isinstance(num_classes, int):
-        raise CheckpointError(f"checkpoint {path} does not record 'num_classes'")
-    model = build_model(cfg.model, num_classes)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise CheckpointError(f"checkpoint {path} does not record 'num_classes' as a whole number >= 1 "
+                              f"(it holds {num_classes!r})")
+    model_cfg = without_initial_weights(cfg.model)
+    _check_fits(model_cfg, num_classes, state["model"], str(path))
+    model = build_model(model_cfg, num_classes)
     load_weights(model, state["model"], str(path))
     model.to(device).eval()
     if with_meta:

@@ -4,14 +4,16 @@ A checkpoint is a plain dict (keys in docs/design.md: ``model``, ``config``,
 ``num_classes``, ``epoch``, ``step``, ``optimizer``, ``scheduler``, ``rng``, ``metrics``,
 ``version``). It is written to a temporary file in the same folder, fsynced and renamed
 over the target, so a crash or Ctrl-C mid-write never leaves a half-written
-``last.pth``. It is read with ``torch.load(weights_only=True)``: a checkpoint can hold
-tensors, numbers, strings, lists and dicts, never code. That is why the RNG states are
-stored as tensors and lists rather than numpy objects.
+``last.pth``. SIGINT and SIGTERM that arrive during the write are held until it is done
+(:func:`attnreid.safe_io.deferred_signals`), so Ctrl-C, pressed once or twice, never
+abandons a write half-way. It is read with ``torch.load(weights_only=True)``: a checkpoint
+can hold tensors, numbers, strings, lists and dicts, never code. That is why the RNG states
+are stored as tensors and lists rather than numpy objects. Before reading, the archive's
+declared sizes are checked (no decompression bombs, nothing larger than the machine's memory).
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import zipfile
@@ -21,34 +23,22 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-from attnreid.errors import CheckpointError
+from attnreid.errors import AttnReidError, CheckpointError
+from attnreid.safe_io import atomic_open, check_zip_members, deferred_signals
 
 CHECKPOINT_VERSION = 1
 
 
 def save_checkpoint(path: str | Path, state: Dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically (temp file, fsync, rename); return the path."""
+    """Write ``state`` to ``path`` atomically (temp file, fsync, rename); return the path.
+
+    A signal (Ctrl-C, SIGTERM) during the write is delivered once the write is done; any
+    other failure (disk full) removes the temporary file and leaves the previous ``path``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
+    with deferred_signals():
+        with atomic_open(path, "wb") as fh:
             torch.save({"version": CHECKPOINT_VERSION, **state}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Whatever interrupted the write (disk full, Ctrl-C), the previous file stays intact.
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory; the rename is already done
     return path
 
 
@@ -65,6 +55,13 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt (not a torch.save archive)")
     try:
+        with zipfile.ZipFile(path) as zf:
+            check_zip_members(path, zf)
+    except AttnReidError as exc:
+        raise CheckpointError(f"checkpoint {exc}") from None
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__})") from None
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only" in str(exc).lower():
@@ -78,6 +75,11 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({first[:120]})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"checkpoint {path} is not an attnreid checkpoint (no 'model' entry)")
+    weights = state["model"]
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in weights.items()):
+        raise CheckpointError(f"checkpoint {path}: its 'model' entry is not a state dict (names to tensors), "
+                              f"but {type(weights).__name__}")
     return state
 
 

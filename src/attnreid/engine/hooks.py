@@ -21,8 +21,30 @@ from typing import Any, Dict, Optional
 
 from attnreid.errors import AttnReidError
 
-RUN_FILES = ("config.yaml", "log.jsonl", "eval.json", "eval_ranks.npz")
-RUN_DIRS = ("checkpoints", "tensorboard", "report")
+# What attnreid writes in a run folder, and nothing else: --overwrite deletes exactly these
+# (a user's own files, also inside these folders, stay). A pattern is a glob relative to the run folder.
+EVAL_FILES = ("eval.json", "eval_ranks.npz", "eval_per_query.npz")
+RUN_FILES = ("config.yaml", "log.jsonl") + EVAL_FILES
+RUN_DIRS = ("checkpoints", "tensorboard", "report", "datasets", "robustness")
+RUN_OUTPUTS = RUN_FILES + (
+    "checkpoints/last.pth", "checkpoints/best.pth",
+    "tensorboard/events.out.tfevents.*",
+    "report/index.html", "report/report_files",  # viz.report: the page and its pictures folder
+    *(f"datasets/*/{n}" for n in EVAL_FILES),  # eval.datasets: one folder per test set
+    "robustness/robustness.json", "robustness/robustness.png",  # attnreid robustness's default --out
+)
+
+
+def run_outputs(run_dir: Path) -> list:
+    """The files and folders of ``RUN_OUTPUTS`` present in ``run_dir``, plus attnreid's leftover
+    temporary files in its folders (``safe_io.temp_path`` names)."""
+    from attnreid.safe_io import is_temp_name
+
+    found = [p for pattern in RUN_OUTPUTS for p in sorted(run_dir.glob(pattern))]
+    for folder in [run_dir, *(run_dir / d for d in RUN_DIRS), *sorted(run_dir.glob("datasets/*"))]:
+        if folder.is_dir():
+            found += [p for p in sorted(folder.iterdir()) if is_temp_name(p.name) and p.is_file()]
+    return found
 
 
 class NonFiniteLossError(AttnReidError):

@@ -23,6 +23,7 @@ Run folder (docs/design.md): ``config.yaml``, ``log.jsonl``, ``checkpoints/last.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import time
@@ -40,16 +41,18 @@ from attnreid.distributed import (DistContext, broadcast_parameters, mark_loop_s
                                   wrap_ddp)
 from attnreid.engine.build import build_eval_dataset, load_weights, resolve_device
 from attnreid.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from attnreid.engine.hooks import (RUN_DIRS, RUN_FILES, BudgetHook, CheckpointHook, DiagnosticsHook, EvalHook, Hook,
-                                   LoggingHook, NonFiniteLossError, NonFiniteLossGuard, Progress, RunLogger)
+from attnreid.engine.hooks import (RUN_DIRS, BudgetHook, CheckpointHook, DiagnosticsHook, EvalHook, Hook,
+                                   LoggingHook, NonFiniteLossError, NonFiniteLossGuard, Progress, RunLogger,
+                                   run_outputs)
 from attnreid.engine.optim import WarmupStepScheduler, build_optimizer, center_optimizer, step_centers
 from attnreid.errors import AttnReidError, CheckpointError, DataError
 from attnreid.losses.center import center_parameters
 from attnreid.models.registry import get_spec
 from attnreid.precision import Precision, resolve_precision
+from attnreid.safe_io import FolderLock, Terminated, deferred_signals, remove_stale_temps, sigterm_as_interrupt
 
-__all__ = ["DistContext", "Hook", "NonFiniteLossError", "TrainState", "Trainer", "prepare_run_dir", "run_config",
-           "train", "train_step"]
+__all__ = ["DistContext", "Hook", "NonFiniteLossError", "TrainState", "Trainer", "check_run_folder", "prepare_run_dir",
+           "run_config", "train", "train_step"]
 
 
 @dataclass
@@ -82,24 +85,43 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_run_folder(run_dir: Path) -> None:
+    """One line when ``run_dir`` cannot be a run folder: it is a file, or lies under one."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DataError(f"output folder {run_dir} is a file; expected a folder (or a new path)")
+    parent = run_dir.parent
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise DataError(f"output folder {run_dir} cannot be created: {parent} is a file, not a folder")
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder unless told to resume or overwrite it."""
+    """Refuse to mix two runs in one folder unless told to resume or overwrite it.
+
+    ``overwrite`` deletes what a previous run wrote (engine.hooks.RUN_OUTPUTS: config, log,
+    checkpoints, evaluation files, report, TensorBoard events) and nothing else; a user's
+    own files, also inside ``checkpoints/``, stay.
+    """
     if resume and overwrite:
         raise AttnReidError("--resume and --overwrite cannot be used together")
+    check_run_folder(run_dir)
     if resume:
         last = run_dir / "checkpoints" / "last.pth"
         if not last.is_file():
             raise CheckpointError(f"nothing to resume in {run_dir}: {last} not found")
         return
-    held = [n for n in RUN_FILES + RUN_DIRS if (run_dir / n).exists()]
+    held = run_outputs(run_dir) if run_dir.is_dir() else []
     if held:
         if not overwrite:
             raise AttnReidError(
-                f"output folder {run_dir} already holds a run ({held[0]}); pass --resume to continue it "
-                f"or --overwrite to replace it")
-        for name in held:
-            p = run_dir / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+                f"output folder {run_dir} already holds a run ({held[0].relative_to(run_dir)}); pass --resume to "
+                f"continue it or --overwrite to replace it")
+        for p in held:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        for folder in [*sorted(run_dir.glob("datasets/*")), *(run_dir / d for d in RUN_DIRS)]:
+            with contextlib.suppress(OSError):  # only folders left empty; a user's files keep theirs
+                folder.rmdir()
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -360,17 +382,38 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
 
     ``dataset`` / ``eval_dataset`` (ReIDDataset-like objects) replace the sets the config
     names, e.g. a subset of a benchmark for a smoke test.
+
+    The run folder is locked for the whole run (:class:`attnreid.safe_io.FolderLock`): a
+    second run into it is refused in one line, and the lock dies with its process. SIGTERM
+    acts like Ctrl-C (``status: interrupted``, ``signal: SIGTERM``). Temporary files that
+    killed writes left in the folder are removed at the start.
     """
+    run_dir = Path(out_dir)
+    dist = DistContext.from_env()
+    lock = None
+    if dist.is_main:
+        prepare_run_dir(run_dir, resume, overwrite=False) if resume else check_run_folder(run_dir)
+        lock = FolderLock(run_dir, "run folder").acquire()
+    try:
+        with sigterm_as_interrupt():
+            if dist.is_main:
+                remove_stale_temps([run_dir, *(run_dir / d for d in RUN_DIRS), *run_dir.glob("datasets/*")])
+                prepare_run_dir(run_dir, resume, overwrite)  # under the lock: no other run can slip in
+            dist.barrier()
+            return _train(cfg, run_dir, dist, resume, hooks, quiet, dataset, eval_dataset)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, run_dir: Path, dist: DistContext, resume: bool, hooks: Sequence[Hook], quiet: bool,
+           dataset: Any, eval_dataset: Any) -> Dict[str, Any]:
+    """:func:`train` once its run folder is locked and prepared."""
     from attnreid.data.datasets import build_dataset_from_config
     from attnreid.data.loader import build_train_loader
     from attnreid.losses import build_criterion
     from attnreid.models import build_model
 
-    run_dir = Path(out_dir)
-    dist = DistContext.from_env()
-    if dist.is_main:
-        prepare_run_dir(run_dir, resume, overwrite)
-    dist.barrier()
     tc = cfg.train
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
@@ -455,11 +498,13 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: boo
         # the ranks leave together: one that tears its process group down while rank 0 still
         # writes the last checkpoint aborted the job at the end of a good run
         dist.barrier()
-    except KeyboardInterrupt:
-        path = checkpoints.save_last(gather_rng=False)
-        saved = load_checkpoint(path) if path is not None else {"epoch": state.epochs_done, "step": state.step}
-        logger.write({"type": "interrupted", "epoch": saved["epoch"], "step": saved["step"]})
-        return {"status": "interrupted", "epoch": int(saved["epoch"]), "step": int(saved["step"]),
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (safe_io.Terminated)
+        how = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
+        with deferred_signals(deliver=False):  # more presses while the resumable checkpoint is written are moot
+            path = checkpoints.save_last(gather_rng=False)
+            saved = load_checkpoint(path) if path is not None else {"epoch": state.epochs_done, "step": state.step}
+            logger.write({"type": "interrupted", "signal": how, "epoch": saved["epoch"], "step": saved["step"]})
+        return {"status": "interrupted", "signal": how, "epoch": int(saved["epoch"]), "step": int(saved["step"]),
                 "run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoints" / "last.pth")}
     finally:
         progress.close()
@@ -492,20 +537,25 @@ def _restore(path: Path, cfg: Config, model: nn.Module, criterion: nn.Module, op
     which is dropped, and the centres start afresh.
     """
     ckpt = load_checkpoint(path)
-    saved_name = (ckpt.get("config") or {}).get("model", {}).get("name")
+    saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    saved_name = saved["model"].get("name") if isinstance(saved.get("model"), dict) else None
     if saved_name and saved_name != cfg.model.name:
         raise CheckpointError(f"checkpoint {path} holds a '{saved_name}' model but the config asks for '{cfg.model.name}'")
     load_weights(model, ckpt["model"], str(path))
     missing = [k for k in ("optimizer", "scheduler", "rng") if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} holds no {missing[0]} state, so it cannot be resumed")
+    for key in ("optimizer", "scheduler", "rng", "criterion", "center_optimizer", "scaler"):
+        if key in ckpt and not isinstance(ckpt[key], dict):
+            raise CheckpointError(f"checkpoint {path}: its '{key}' entry is a {type(ckpt[key]).__name__}, "
+                                  f"not the state (a dict) a resume needs")
     notes: List[str] = []
     optimizer_state = ckpt["optimizer"]
     centers = center_parameters(criterion)
     if "criterion" in ckpt:
         try:
             criterion.load_state_dict(ckpt["criterion"])
-        except RuntimeError as exc:
+        except (RuntimeError, TypeError, AttributeError) as exc:
             first = str(exc).strip().splitlines()[0]
             raise CheckpointError(f"checkpoint {path}: criterion state (the center loss's centres, "
                                   f"loss.center_weight) does not fit ({first[:160]})") from None
@@ -515,30 +565,51 @@ def _restore(path: Path, cfg: Config, model: nn.Module, criterion: nn.Module, op
         notes.append(f"note: {path} predates saving the center loss's centres: they start afresh")
     try:
         optimizer.load_state_dict(optimizer_state)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({exc})") from None
     if center_opt is not None and "center_optimizer" in ckpt:
         try:
             center_opt.load_state_dict(ckpt["center_optimizer"])
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise CheckpointError(f"checkpoint {path}: center-loss optimizer state does not fit ({exc})") from None
-    scheduler.load_state_dict(ckpt["scheduler"])
-    if scaler is not None and "scaler" in ckpt:
-        scaler.load_state_dict(ckpt["scaler"])
-    state.epochs_done = state.epoch = int(ckpt["epoch"])
-    state.step = state.epoch_start_step = int(ckpt["step"])
-    metrics = dict(ckpt.get("metrics") or {})
-    state.best = dict(metrics.pop("best", state.best))
+    for key in ("epoch", "step"):
+        value = ckpt.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"checkpoint {path}: '{key}' is {value!r}; expected a whole number >= 0")
+    if ckpt["epoch"] > cfg.train.epochs:
+        raise CheckpointError(f"checkpoint {path} is at epoch {ckpt['epoch']}, past train.epochs = "
+                              f"{cfg.train.epochs}; to extend the run pass train.epochs=N with N >= {ckpt['epoch']}")
+    try:
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: its schedule state does not fit ({type(exc).__name__}: {exc})") from None
+    state.epochs_done = state.epoch = ckpt["epoch"]
+    state.step = state.epoch_start_step = ckpt["step"]
+    metrics = ckpt.get("metrics") if isinstance(ckpt.get("metrics"), dict) else {}
+    metrics = dict(metrics)
+    best = metrics.pop("best", state.best)
+    state.best = dict(best) if isinstance(best, dict) else state.best
     state.metrics = metrics
     per_rank = ckpt.get("rng_ranks")
     if isinstance(per_rank, list) and len(per_rank) == dist.world_size:
-        restore_rng_state(per_rank[dist.rank])
+        _restore_rng(per_rank[dist.rank], path)
     elif dist.is_main:
-        restore_rng_state(ckpt["rng"])
+        _restore_rng(ckpt["rng"], path)
     else:
         seed = np.random.SeedSequence([cfg.train.seed, dist.rank, state.epochs_done]).generate_state(1)[0]
         seed_everything(int(seed))
     return notes
+
+
+def _restore_rng(rng: Any, path: Path) -> None:
+    """:func:`restore_rng_state`, with a malformed state as one line naming the checkpoint."""
+    try:
+        restore_rng_state(rng)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path}: its RNG state ('rng') is not valid ({first})") from None
 
 
 def _without_trailing_params(optimizer_state: Dict[str, Any], n: int, fits: int) -> Dict[str, Any]:

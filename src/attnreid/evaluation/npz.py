@@ -9,7 +9,6 @@ Every problem is one line naming the file and the key.
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -21,35 +20,30 @@ _PATH_KEYS = ("query_paths", "gallery_paths")  # optional; `attnreid extract` wr
 
 
 def load_metrics_npz(path: Path, need_features: bool, need_cameras: bool = True) -> Dict:
-    """Read and check the arrays of a metrics npz; every problem is one line naming the key."""
-    import numpy as np
+    """Read and check the arrays of a metrics npz; every problem is one line naming the key.
 
-    if not path.is_file():
-        raise AttnReidError(f"{path}: no such file")
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise AttnReidError(f"{path} is not a readable .npz file ({type(exc).__name__})") from None
-    if not hasattr(npz, "files"):
-        raise AttnReidError(f"{path} holds a single array, not an .npz archive of named arrays")
-    try:
-        keys = set(npz.files)
-        needed = _ID_KEYS if need_cameras else _ID_KEYS[:2]
-        for key in needed:
-            if key not in keys:
-                raise AttnReidError(f"{path}: missing key '{key}' (has: {', '.join(sorted(keys)) or 'nothing'})")
-        has_feats = "query_features" in keys and "gallery_features" in keys
-        if need_features and not has_feats:
-            missing = "query_features" if "query_features" not in keys else "gallery_features"
-            raise AttnReidError(f"{path}: --rerank needs features; missing key '{missing}'")
-        if not has_feats and "distmat" not in keys:
-            raise AttnReidError(f"{path}: missing key 'distmat' (or both 'query_features' and 'gallery_features')")
-        try:
-            arrays = {k: npz[k] for k in keys if k in _ID_KEYS + _PATH_KEYS + ("distmat", "query_features", "gallery_features")}
-        except ValueError as exc:  # object arrays need pickle, which is refused
-            raise AttnReidError(f"{path}: an array could not be read without pickle ({exc})") from None
-    finally:
-        npz.close()
+    Read with :func:`attnreid.safe_io.load_npz` (declared sizes checked before reading, no
+    pickle, a corrupt file is one line). Identities and cameras must be integers, paths
+    strings, features and distances numbers (finite: checked where they are used), features
+    at least one number per image.
+    """
+    from attnreid.safe_io import load_npz, npz_names
+
+    path = Path(path)
+    keys = set(npz_names(path))
+    needed = _ID_KEYS if need_cameras else _ID_KEYS[:2]
+    for key in needed:
+        if key not in keys:
+            raise AttnReidError(f"{path}: missing key '{key}' (has: {', '.join(sorted(keys)) or 'nothing'})")
+    has_feats = "query_features" in keys and "gallery_features" in keys
+    if need_features and not has_feats:
+        missing = "query_features" if "query_features" not in keys else "gallery_features"
+        raise AttnReidError(f"{path}: --rerank needs features; missing key '{missing}'")
+    if not has_feats and "distmat" not in keys:
+        raise AttnReidError(f"{path}: missing key 'distmat' (or both 'query_features' and 'gallery_features')")
+    wanted = list(_ID_KEYS + _PATH_KEYS) + (["query_features", "gallery_features"] if has_feats else ["distmat"])
+    arrays = load_npz(path, wanted)
+    _check_kinds(path, arrays)
     for key in _ID_KEYS + _PATH_KEYS:
         if key in arrays and arrays[key].ndim != 1:
             raise AttnReidError(f"{path}: '{key}' must be 1-D, got shape {arrays[key].shape}")
@@ -75,6 +69,25 @@ def load_metrics_npz(path: Path, need_features: bool, need_cameras: bool = True)
     if len(arrays["query_pids"]) == 0:
         raise AttnReidError(f"{path}: 'query_pids' is empty: the query set is empty")
     return arrays
+
+
+def _check_kinds(path: Path, arrays: Dict) -> None:
+    """Each array of the kind its key needs (before anything computes with it)."""
+    import numpy as np
+
+    for key, arr in arrays.items():
+        kind = arr.dtype.kind
+        whole = kind == "f" and bool(np.isfinite(arr).all()) and bool((arr == np.round(arr)).all())
+        if key in _ID_KEYS and kind not in "iub" and not whole:
+            raise AttnReidError(f"{path}: '{key}' holds {arr.dtype} values; expected integer ids")
+        if key in _PATH_KEYS and kind not in "US":
+            raise AttnReidError(f"{path}: '{key}' holds {arr.dtype} values; expected file names (strings)")
+        if key in ("distmat", "query_features", "gallery_features"):
+            if kind not in "fiu":
+                raise AttnReidError(f"{path}: '{key}' holds {arr.dtype} values; expected numbers")
+            if key != "distmat" and (arr.ndim != 2 or arr.shape[1] == 0):
+                raise AttnReidError(f"{path}: '{key}' has shape {arr.shape}; expected one row of at least "
+                                    f"one number per image")
 
 
 def evaluate_npz(file: Path, protocol: str = "market", ranking: Optional[RankingOptions] = None,

@@ -12,7 +12,6 @@ queries would compare different tasks.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -21,6 +20,7 @@ import numpy as np
 
 from attnreid.errors import AttnReidError, DataError
 from attnreid.evaluation import stats
+from attnreid.safe_io import load_npz, read_json
 
 PER_QUERY_FILE = "eval_per_query.npz"
 _PER_QUERY_KEYS = ("ap", "inp", "rank1", "valid")
@@ -47,19 +47,22 @@ def load_run(path: str | Path, label: Optional[str] = None) -> Evaluated:
     if not file.is_file():
         raise DataError(f"{path}: no {PER_QUERY_FILE} in this run folder (evaluate it again with this version: "
                         f"attnreid eval CONFIG --checkpoint CKPT --out {path})")
-    try:
-        with np.load(file, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{file} is not a readable .npz file ({type(exc).__name__})") from None
+    arrays = load_npz(file)
     missing = [k for k in ("query_paths", "query_pids", "query_camids") + _PER_QUERY_KEYS if k not in arrays]
     if missing:
         raise DataError(f"{file}: missing key '{missing[0]}'")
+    n = len(arrays["query_paths"]) if arrays["query_paths"].ndim == 1 else -1
+    for key, kinds in (("query_paths", "US"), ("query_pids", "iu"), ("query_camids", "iu"), ("ap", "f"),
+                       ("inp", "f"), ("rank1", "fiub"), ("valid", "b")):
+        a = arrays[key]
+        if a.ndim != 1 or len(a) != n or a.dtype.kind not in kinds:
+            raise DataError(f"{file}: '{key}' is {a.dtype} of shape {a.shape}; expected {max(n, 0)} "
+                            f"{'names' if kinds == 'US' else 'values'} of kind {kinds!r}, one per query")
     metrics: Dict[str, Any] = {}
     if (path / "eval.json").is_file():
         try:
-            metrics = json.loads((path / "eval.json").read_text())
-        except json.JSONDecodeError:
+            metrics = read_json(path / "eval.json", "eval.json")
+        except DataError:
             metrics = {}
     per_query = {k: arrays[k] for k in _PER_QUERY_KEYS + ("first_rank",) if k in arrays}
     sig = arrays.get("gallery_signature")
@@ -94,10 +97,24 @@ def align(a: Evaluated, b: Evaluated) -> Evaluated:
                      {k: np.asarray(v)[order] for k, v in b.per_query.items()}, b.gallery_signature, b.metrics)
 
 
+def check_per_query(side: Evaluated) -> None:
+    """Per-query AP and rank-1 of the valid queries must be numbers in [0, 1]: a NaN would make
+    every statistic NaN, which a test reads as "no significant difference"."""
+    valid = np.asarray(side.per_query["valid"], dtype=bool)
+    for key in ("ap", "rank1"):
+        v = np.asarray(side.per_query[key], dtype=np.float64)[valid]
+        bad = ~(np.isfinite(v) & (v >= 0) & (v <= 1))
+        if bad.any():
+            raise DataError(f"{side.source}: '{key}' of {int(bad.sum())} valid queries is NaN or outside [0, 1] "
+                            f"(e.g. {v[bad][0]}); it cannot be compared (evaluate the run again)")
+
+
 def compare_evaluated(a: Evaluated, b: Evaluated, resamples: int = stats.DEFAULT_RESAMPLES,
                       level: float = stats.DEFAULT_LEVEL, seed: int = stats.DEFAULT_SEED) -> Dict[str, Any]:
     """:func:`attnreid.evaluation.stats.compare` of two aligned sides, with labels and the verdict."""
     b = align(a, b)
+    for side in (a, b):
+        check_per_query(side)
     result = stats.compare(a.per_query, b.per_query, resamples, level, seed)
     result.update(A=a.label, B=b.label, A_source=str(a.source), B_source=str(b.source),
                   verdict=stats.verdict(result))

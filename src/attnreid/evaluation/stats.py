@@ -51,9 +51,12 @@ ASYMMETRY_RATIO = 1.5
 CI_KEYS = {"rank1": "rank1", "mAP": "ap", "mINP": "inp"}
 
 
+MAX_RESAMPLES = 100_000  # the arrays of resampled means (and CMCs) grow with it
+
+
 def _check_options(resamples: int, level: float) -> None:
-    if int(resamples) < 1:
-        raise AttnReidError(f"bootstrap resamples is {resamples}; it must be >= 1")
+    if not 1 <= int(resamples) <= MAX_RESAMPLES:
+        raise AttnReidError(f"bootstrap resamples is {resamples}; it must be in 1..{MAX_RESAMPLES}")
     if not 0.0 < float(level) < 1.0:
         raise AttnReidError(f"confidence level is {level}; it must be in (0, 1), e.g. 0.95")
 

@@ -37,6 +37,7 @@ from torch import nn
 from attnreid.errors import AttnReidError
 from attnreid.models.baseline import BNNeckClassifier
 from attnreid.models.registry import spec_of
+from attnreid.safe_io import atomic_path
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 7  # torch.onnx's oldest (TorchScript exporter)
@@ -221,7 +222,9 @@ def export_onnx(model: nn.Module, out: str | Path, input_size: Sequence[int], op
 
     ``metadata`` (e.g. model name, config hash, mean/std) is stored as the ONNX model's
     ``metadata_props``. A relative difference >= ``tolerance`` raises a one-line
-    :class:`AttnReidError` (the file is left in place for inspection).
+    :class:`AttnReidError`. The file is written under a temporary name next to ``out`` and
+    renamed to ``out`` only once it is exported and verified: a failed or rejected export
+    leaves an existing ``out`` as it was.
     """
     out = Path(out)
     model = model.eval()
@@ -234,47 +237,50 @@ def export_onnx(model: nn.Module, out: str | Path, input_size: Sequence[int], op
     has_maps = spec.attention is not None if spec is not None else hasattr(model, "forward_attention")
     if attention and not has_maps:
         raise AttnReidError(f"model '{name}' has no attention maps to export; drop --attention")
-    out.parent.mkdir(parents=True, exist_ok=True)
     wrapper = ExportWrapper(model, attention).eval()
     example = torch.randn(EXPORT_BATCH, 3, *input_size)
     names = wrapper.output_names(example)
     t0 = time.perf_counter()
     errors = []
     exporter = None
-    for label, fn in _exporters(opset):
-        try:
-            with _quiet_exporter(), _without_classifiers(model):
-                fn(wrapper, example, out, opset, names)
-        except Exception as exc:  # any exporter failure: try the other one, then report both
-            errors.append(f"{label}: {_first_line(exc)}")
-            continue
-        written = file_opset(out)
-        if written != opset:
-            errors.append(f"{label}: wrote opset {written}")
-            continue
-        exporter = label
-        break
-    if exporter is None:
-        out.unlink(missing_ok=True)
-        raise AttnReidError(f"ONNX export of '{name}' at opset {opset} failed ({'; '.join(errors)})")
-    if metadata:
-        _write_metadata(out, metadata)
-    report: Dict[str, Any] = {"onnx": str(out), "model": name, "exporter": exporter, "opset": opset,
-                              "inputs": ["images"], "outputs": names, "export_batch": EXPORT_BATCH,
-                              "input_size": list(input_size), "export_seconds": round(time.perf_counter() - t0, 2)}
-    if check:
-        report.update(verify_onnx(out, model, input_size, attention, tolerance))
+    with atomic_path(out, suffix=".onnx") as tmp:  # renamed to `out` only if every step below succeeds
+        for label, fn in _exporters(opset):
+            try:
+                with _quiet_exporter(), _without_classifiers(model):
+                    fn(wrapper, example, tmp, opset, names)
+            except Exception as exc:  # any exporter failure: try the other one, then report both
+                errors.append(f"{label}: {_first_line(exc)}")
+                continue
+            written = file_opset(tmp)
+            if written != opset:
+                errors.append(f"{label}: wrote opset {written}")
+                continue
+            exporter = label
+            break
+        if exporter is None:
+            raise AttnReidError(f"ONNX export of '{name}' at opset {opset} failed ({'; '.join(errors)}); "
+                                f"{out} is unchanged")
+        if metadata:
+            _write_metadata(tmp, metadata)
+        report: Dict[str, Any] = {"onnx": str(out), "model": name, "exporter": exporter, "opset": opset,
+                                  "inputs": ["images"], "outputs": names, "export_batch": EXPORT_BATCH,
+                                  "input_size": list(input_size),
+                                  "export_seconds": round(time.perf_counter() - t0, 2)}
+        if check:
+            report.update(verify_onnx(tmp, model, input_size, attention, tolerance, name=out))
     return report
 
 
 def verify_onnx(path: str | Path, model: nn.Module, input_size: Sequence[int], attention: bool = False,
-                tolerance: float = REL_TOLERANCE) -> Dict[str, Any]:
-    """:func:`check_onnx`, raising one line when the relative difference is >= ``tolerance``."""
+                tolerance: float = REL_TOLERANCE, name: Optional[str | Path] = None) -> Dict[str, Any]:
+    """:func:`check_onnx`, raising one line when the relative difference is >= ``tolerance``
+    (``name``: the file to name in it, when ``path`` is a temporary file on its way there)."""
     diff = check_onnx(path, model, input_size, attention)
     if diff["rel_diff"] >= tolerance:
-        raise AttnReidError(f"ONNX check failed for {path}: onnxruntime differs from PyTorch by "
+        kept = f"; {name} is unchanged" if name is not None else ""
+        raise AttnReidError(f"ONNX check failed for {name or path}: onnxruntime differs from PyTorch by "
                             f"{diff['rel_diff']:.2e} relative (max abs {diff['max_abs_diff']:.2e}); "
-                            f"tolerance {tolerance:.0e}")
+                            f"tolerance {tolerance:.0e}{kept}")
     return diff
 
 

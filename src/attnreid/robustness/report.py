@@ -327,10 +327,9 @@ def write_report(report: Dict[str, Any], out_dir: str | Path) -> Tuple[Path, Pat
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise AttnReidError(f"cannot create the output folder {out_dir}: {exc.strerror}") from None
-    json_path = out_dir / "robustness.json"
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(json_path)
+    from attnreid.safe_io import write_text_atomic
+
+    json_path = write_text_atomic(out_dir / "robustness.json", json.dumps(report, indent=2))
     return json_path, plot_report(report, out_dir / "robustness.png")
 
 

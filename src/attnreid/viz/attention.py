@@ -31,7 +31,7 @@ from attnreid.data.transforms import build_transforms
 from attnreid.errors import AttnReidError
 from attnreid.evaluation.attention_stats import beta_entropy, beta_entropy_max, head_overlap
 from attnreid.models.registry import MODELS, find_spec
-from attnreid.viz.page import CSS
+from attnreid.viz.page import CSS, GENERATOR_TAG, check_page_folder
 
 REGION_COLOURS = ["#00e5ff", "#ffea00", "#ff3d00", "#76ff03", "#d500f9", "#ffffff", "#2979ff", "#ff9100"]
 
@@ -236,12 +236,12 @@ def write_index(entries: Sequence[Dict[str, Any]], out_dir: str | Path, model_na
         f'<figure><img src="{e(Path(x["png"]).name)}" alt="attention of {e(x["image"])}">'
         f'<figcaption>{e(x["image"])}</figcaption></figure>' for x in entries)
     legend = LEGENDS.get(attention_kind(model_name), "")
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>attention: {e(model_name)}'
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{GENERATOR_TAG}<title>attention: {e(model_name)}'
             f'</title><style>{CSS}</style></head><body><h1>Attention of {e(model_name)}</h1>'
             f'<p class="meta">{e(legend)}</p>{body}</body></html>\n')
-    path = out_dir / "index.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+    from attnreid.safe_io import write_text_atomic
+
+    return write_text_atomic(out_dir / "index.html", page)
 
 
 # By what the model's forward_attention returns (its registry entry's ``attention``).
@@ -271,10 +271,13 @@ def read_images(image_paths: Sequence[str]) -> List[Tuple[str, Image.Image]]:
 
 def explain(model: torch.nn.Module, images: Sequence[Tuple[str, Image.Image]], out_dir: str | Path, data: Any,
             scale: str = "map", device: str | torch.device = "cpu", prefix: str = "",
-            index: bool = True) -> Dict[str, Any]:
+            index: bool = True, overwrite: bool = False) -> Dict[str, Any]:
     """``attnreid explain``: overlays of ``images`` (from :func:`read_images`) as ``model`` (eval
     mode, on ``device``) sees them, and ``index.html``. ``data`` is the model's data config
-    (``height``, ``width``, ``mean``, ``std``: its test transform)."""
+    (``height``, ``width``, ``mean``, ``std``: its test transform). With ``index``, a folder holding
+    files but no attnreid page is refused unless ``overwrite`` (:func:`attnreid.viz.page.check_page_folder`)."""
+    if index:
+        check_page_folder(Path(out_dir), overwrite)
     transform = build_transforms(data.height, data.width, data.mean, data.std, train=False, flip=False,
                                  random_erasing=0.0)
     entries = explain_images(model, images, out_dir, data.height, data.width, transform, scale=scale, device=device,

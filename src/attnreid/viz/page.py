@@ -1,8 +1,35 @@
-"""The style sheet every attnreid HTML page shares (the report and the attention index).
+"""What every attnreid HTML page shares (the report and the attention index): the style sheet,
+the generator tag, and the rule for the folder a page is written to.
 
 Its own module so that ``viz.report`` (which draws attention overlays) and ``viz.attention``
 (whose index page uses the style) do not import each other.
 """
+
+from pathlib import Path
+
+from attnreid.errors import AttnReidError
+
+GENERATOR_TAG = '<meta name="generator" content="attnreid">'  # marks a page attnreid wrote
+
+
+def check_page_folder(out_dir: Path, overwrite: bool = False) -> None:
+    """Refuse, in one line, to write a page into a folder attnreid did not write: one that holds
+    files but no ``index.html`` with :data:`GENERATOR_TAG` (a user's own page, a folder of photos).
+    A new or empty folder, or an earlier attnreid page, is fine; ``overwrite`` allows any folder."""
+    out_dir = Path(out_dir)
+    if overwrite or not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    page = out_dir / "index.html"
+    try:
+        ours = page.is_file() and GENERATOR_TAG in page.read_text(encoding="utf-8", errors="replace")[:4096]
+    except OSError:
+        ours = False
+    if not ours:
+        what = "holds an index.html that attnreid did not write" if page.exists() else \
+            "holds files but no attnreid page"
+        raise AttnReidError(f"--out {out_dir} {what}; choose a new or empty folder, "
+                            f"or pass --overwrite to write into it anyway")
+
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;

@@ -37,17 +37,25 @@ def read_log(path: str | Path) -> List[dict]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(errors="replace").splitlines():
+    with open(path, "rb") as fh:  # a log over MAX_LOG_BYTES: its newest records (memory stays bounded)
+        size = fh.seek(0, 2)
+        fh.seek(max(0, size - MAX_LOG_BYTES))
+        text = fh.read().decode("utf-8", errors="replace")
+    lines = text.splitlines()[1 if size > MAX_LOG_BYTES else 0:]  # the first may be cut
+    for line in lines:
         line = line.strip()
         if not line:
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # half-written, or nested without end
             continue
         if isinstance(obj, dict):
             records.append(obj)
     return records
+
+
+MAX_LOG_BYTES = 256 << 20
 
 
 def _finite(v) -> bool:

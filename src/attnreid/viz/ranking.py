@@ -39,11 +39,12 @@ def load_ranks(path: str | Path) -> Dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"ranked-list file not found: {path}")
+    from attnreid.safe_io import load_npz
+
     try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except Exception as exc:  # numpy raises several types for a damaged zip
-        raise DataError(f"ranked-list file {path} cannot be read ({type(exc).__name__})") from None
+        data = load_npz(path)
+    except DataError as exc:
+        raise DataError(f"ranked-list file {exc}") from None
     missing = [k for k in RANK_KEYS if k not in data]
     if missing:
         raise DataError(f"ranked-list file {path} lacks key(s): {', '.join(missing)}")
@@ -53,6 +54,9 @@ def load_ranks(path: str | Path) -> Dict[str, np.ndarray]:
             or len(data["gallery_pids"]) != g:
         raise DataError(f"ranked-list file {path} has inconsistent shapes (topk_index "
                         f"{data['topk_index'].shape}, {q} queries, {g} gallery images)")
+    for key in ("topk_index", "query_pids", "gallery_pids", "query_camids", "gallery_camids"):
+        if key in data and data[key].dtype.kind not in "iu":
+            raise DataError(f"ranked-list file {path}: '{key}' holds {data[key].dtype} values; expected integers")
     if data["topk_index"].size and (data["topk_index"].min() < 0 or data["topk_index"].max() >= g):
         raise DataError(f"ranked-list file {path}: topk_index points outside the {g} gallery images")
     return data

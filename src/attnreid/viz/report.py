@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +28,12 @@ from attnreid.errors import AttnReidError, DataError
 from attnreid.evaluation.paired import PER_QUERY_FILE, compare_evaluated, load_run
 from attnreid.evaluation.stats import format_diff, format_p, level_text, metric_text, verdict
 from attnreid.models.registry import find_spec
+from attnreid.safe_io import BoundedSafeLoader, read_json
 from attnreid.viz import ranking
-from attnreid.viz.page import CSS
+from attnreid.viz.page import CSS, GENERATOR_TAG, check_page_folder
 
 ASSETS = "report_files"
+MAX_CONFIG_BYTES = 1 << 20  # a run's config.yaml is a few KiB
 
 # The papers' tables: Rank-1/5/10 and mAP (MHSA-Net Tables I-V, HA-CNN Tables 1-4); the
 # partial sets report Rank-1 and Rank-3 (MHSA-Net Table VI).
@@ -89,16 +90,16 @@ def read_run(path: str | Path, label: Optional[str] = None) -> RunInfo:
     if not known:
         raise DataError(f"{path} is not a run folder (no config.yaml, eval.json, log.jsonl or checkpoints/)")
     if (path / "config.yaml").is_file():
-        try:
-            cfg = yaml.safe_load((path / "config.yaml").read_text())
+        try:  # bounded: a hostile run folder's anchors must not expand into the page
+            cfg = yaml.load((path / "config.yaml").read_bytes()[:MAX_CONFIG_BYTES], Loader=BoundedSafeLoader)
             run.config = cfg if isinstance(cfg, dict) else None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError, OSError):
             run.notes.append("config.yaml could not be parsed")
     if (path / "eval.json").is_file():
         try:
-            ev = json.loads((path / "eval.json").read_text())
+            ev = read_json(path / "eval.json", "eval.json")
             run.eval = ev if isinstance(ev, dict) else None
-        except json.JSONDecodeError:
+        except DataError:
             run.notes.append("eval.json could not be parsed")
     from attnreid.viz.plots import read_log  # matplotlib: imported when a report is written
 
@@ -123,6 +124,14 @@ def _labels(paths: Sequence[Path]) -> List[str]:
 
 def _slug(i: int, label: str) -> str:
     return f"run{i}_" + re.sub(r"[^A-Za-z0-9_-]+", "-", label)[:40]
+
+
+def _numbers(v: Any) -> bool:
+    """A non-empty list of finite numbers (eval.json is read from a folder, not trusted)."""
+    import math
+
+    return isinstance(v, list) and bool(v) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
 
 
 def _pct(v: Any) -> str:
@@ -311,7 +320,7 @@ def _attention_section(run: RunInfo, image_paths: List[str], slug: str, out_dir:
 def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Path, title: Optional[str] = None, *,
                  topk: int = 10, num_queries: int = 3, queries: Optional[Sequence[int]] = None,
                  worst_by: str = "ap", overlays: int = 3,
-                 image_reader: Optional[Callable[[str], Any]] = None) -> Path:
+                 image_reader: Optional[Callable[[str], Any]] = None, overwrite: bool = False) -> Path:
     """Write ``out_dir/index.html`` for the given run folders and return its path.
 
     ``queries``: query indices to draw ranked lists for; by default the ``num_queries``
@@ -321,7 +330,9 @@ def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Pat
     ``image_reader`` (path -> PIL image) defaults to :func:`attnreid.data.io.read_image`.
     With two or more evaluated runs on the same queries, the first two are compared
     query by query, and every run is compared with the first one statistically
-    (:func:`comparison_section`).
+    (:func:`comparison_section`). A folder that holds files but no attnreid page is refused
+    unless ``overwrite`` (:func:`attnreid.viz.page.check_page_folder`); the page is written
+    atomically.
     """
     from attnreid.viz import plots  # matplotlib: imported when a report is written
 
@@ -334,6 +345,7 @@ def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Pat
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"report folder {out_dir} is a file; expected a folder (or a new path)")
+    check_page_folder(out_dir, overwrite)
     assets = out_dir / ASSETS
     assets.mkdir(parents=True, exist_ok=True)
     e = html.escape
@@ -342,8 +354,9 @@ def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Pat
 
     parts.append("<h2>Results</h2>")
     parts.append(metrics_tables(runs))
-    curves = {r.label: r.eval["cmc"] for r in runs if r.eval and isinstance(r.eval.get("cmc"), list) and r.eval["cmc"]}
-    bands = {r.label: r.eval["cmc_ci"] for r in runs if r.label in curves and isinstance(r.eval.get("cmc_ci"), list)}
+    curves = {r.label: r.eval["cmc"] for r in runs if r.eval and _numbers(r.eval.get("cmc"))}
+    bands = {r.label: r.eval["cmc_ci"] for r in runs if r.label in curves and isinstance(r.eval.get("cmc_ci"), list)
+             and all(isinstance(b, list) and _numbers(b) for b in r.eval["cmc_ci"])}
     if curves:
         png = plots.plot_cmc(curves, assets / "cmc.png", max_rank=20, bands=bands)
         parts.append(_img(png, out_dir, "CMC curves",
@@ -414,12 +427,12 @@ def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Pat
 
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     page = (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">{GENERATOR_TAG}"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
         f"<title>{e(title)}</title><style>{CSS}</style></head><body>"
         f"<h1>{e(title)}</h1><p class=\"meta\">attnreid {e(__version__)} · {e(stamp)} · "
         f"{len(runs)} run(s)</p>\n" + "\n".join(parts) + "\n</body></html>\n"
     )
-    index = out_dir / "index.html"
-    index.write_text(page, encoding="utf-8")
-    return index
+    from attnreid.safe_io import write_text_atomic
+
+    return write_text_atomic(out_dir / "index.html", page)
