@@ -1,7 +1,7 @@
 """Command line: a thin shell over the Python API.
 
 Each area registers its commands in its own module (``data``, ``metrics``, ``model``,
-``train``, ``evaluate``, ``viz``, ``deploy``, ``robustness``); this module orders them
+``train``, ``evaluate``, ``viz``, ``deploy``, ``robustness``, ``doctor``); this module orders them
 into the groups of ``attnreid --help``. :func:`main` turns every
 :class:`~attnreid.errors.AttnReidError` into one line on stderr and exit status 2.
 """
@@ -17,7 +17,7 @@ from typer.core import TyperCommand
 from typer.models import OptionInfo, ParameterInfo
 
 from attnreid.cli._app import Command, OrderedGroup, app
-from attnreid.cli import compare, data, deploy, evaluate, metrics, model, robustness, train, viz  # noqa: F401  (register commands)
+from attnreid.cli import compare, data, deploy, doctor, evaluate, metrics, model, robustness, train, viz  # noqa: F401,E501  (register commands)
 from attnreid.errors import AttnReidError
 
 
@@ -38,7 +38,7 @@ PANELS = (
     ("Train and evaluate", ("train", "eval", "extract", "metrics", "demo")),
     ("Analysis", ("compare", "report", "explain", "robustness", "model-info")),
     ("Deploy", ("export", "index", "search")),
-    ("Other", ("version",)),
+    ("Other", ("doctor", "version")),
 )
 
 

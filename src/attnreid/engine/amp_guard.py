@@ -39,7 +39,7 @@ from attnreid.engine.hooks import Hook
 from attnreid.precision import KernelCheck, Precision, check_bf16_kernel
 
 CHECKED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-CHECK_CALLS = 3  # per distinct layer shape; the faults seen so far show on every call
+CHECK_CALLS = 2  # per distinct layer shape (the first compared with float32); the faults measured so far show on every call
 DOCS = "docs/training.md#bf16-kernel-faults"
 
 
