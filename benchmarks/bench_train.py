@@ -19,9 +19,10 @@ Models (``--models``):
   the earlier float32 rows (paper input sizes, NCHW).
 
 ``--amps`` takes ``off``, ``bf16`` and ``bf16-guard``: bf16 with the bf16 kernel-fault
-guard of ``train()`` (engine/amp_guard.py): the per-step check and its snapshots in every
-step, and the one-off layer check at the start, timed separately as ``layer_check_s``
-(issue 25; the guard must cost at most 10 % of bf16's speed). ``--repeat N`` runs the
+guard of ``train()`` (engine/amp_guard.py): the one-off layer check at the start, timed
+separately as ``layer_check_s``, then timed steps that alternate between guarded (the
+per-step check and its snapshots) and plain bf16 steps, reported in ``paired`` (issue 25:
+the guard must cost at most 10 % of bf16's speed). ``--repeat N`` runs the
 list of variants N times in turn (A B A B ...), so that variants compared with each other
 see the same load on a shared machine.
 
@@ -107,17 +108,19 @@ def bench(name: str, root: Path, device: torch.device, steps: int, warmup: int, 
     precision = resolve_precision(amp.removesuffix("-guard"), device)
     guard = AmpGuard(precision, check=guarded)
     guard.attach(model, [criterion])
-    check_s = None
+    check_s = check_cpu_s = None
     if guarded:  # what train() does before its first step
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         guard.check_layers((batch, 3, cfg.data.height, cfg.data.width), channels_last, device)
-        check_s = round(time.perf_counter() - t0, 2)
-    run = guard.run_step if guarded else (lambda step: step(precision.autocast, None))
+        check_s, check_cpu_s = round(time.perf_counter() - t0, 2), round(time.process_time() - c0, 2)
+    plain = lambda step: step(precision.autocast, None)  # noqa: E731
 
     state = TrainState()
     load_before = load()
     data_s = step_s = warm_s = 0.0
     images = timed = epoch = 0
+    cpu_s = 0.0  # this process's CPU time in the timed steps (data loading excluded)
+    paired = {True: [0, 0.0, 0.0], False: [0, 0.0, 0.0]}  # guarded variant: images, wall s, CPU s of guarded / plain
     it = None
     t_prev = time.perf_counter()
     for i in range(warmup + steps):
@@ -136,12 +139,22 @@ def bench(name: str, root: Path, device: torch.device, steps: int, warmup: int, 
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.as_tensor(batch_[1]).to(device)
-        run(lambda autocast, check: train_step(net, criterion, optimizer, x, y, autocast, None, 0.0, params, state,
+        # The guarded variant alternates guarded and plain steps, so that the two are timed
+        # under the same load (a shared machine's load drifts between variants).
+        use_guard = guarded and i % 2 == 0
+        t_step, c_step = time.perf_counter(), time.process_time()
+        (guard.run_step if use_guard else plain)(
+            lambda autocast, check: train_step(net, criterion, optimizer, x, y, autocast, None, 0.0, params, state,
                                                check=check))
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t_end = time.perf_counter()
+        t_end, c_end = time.perf_counter(), time.process_time()
+        if i >= warmup and guarded:
+            paired[use_guard][0] += x.shape[0]
+            paired[use_guard][1] += t_end - t_step
+            paired[use_guard][2] += c_end - c_step
         if i >= warmup:
+            cpu_s += c_end - c_step
             data_s += t_data - t_prev
             step_s += t_end - t_prev
             images += x.shape[0]
@@ -152,11 +165,23 @@ def bench(name: str, root: Path, device: torch.device, steps: int, warmup: int, 
     row = {"model": name, "device": str(device), "batch": batch, "steps_timed": timed, "workers": workers,
            "img_per_s": round(images / step_s, 2), "seconds_per_step": round(step_s / timed, 3),
            "data_wait_share": round(data_s / step_s, 4), "input": [cfg.data.height, cfg.data.width],
+           # images per second of this process's CPU time in the steps: on a saturated shared machine
+           # (wall time several times the CPU time) the better estimate of an idle machine's speed
+           # with one thread
+           "cpu_img_per_s": round(images / max(cpu_s, 1e-9), 2), "cpu_s_per_step": round(cpu_s / timed, 3),
            "amp": amp.removesuffix("-guard"), "guard": guarded, "precision": precision.describe(), "channels_last": channels_last, "compile": compile_,
            "threads": torch.get_num_threads(), "load_average_before": load_before, "load_average_after": load(),
            "warmup_steps": warmup}
     if guarded:
-        row.update(layer_check_s=check_s, float32_layers=list(guard.pinned), faults=guard.faults)
+        with_, without = (paired[k][0] / max(paired[k][1], 1e-9) for k in (True, False))
+        cpu_with, cpu_without = (paired[k][0] / max(paired[k][2], 1e-9) for k in (True, False))
+        row.update(layer_check_s=check_s, layer_check_cpu_s=check_cpu_s, float32_layers=list(guard.pinned), faults=guard.faults,
+                   paired={"guarded_img_per_s": round(with_, 2), "plain_img_per_s": round(without, 2),
+                           "ratio": round(with_ / without, 3), "cpu_guarded_img_per_s": round(cpu_with, 2),
+                           "cpu_plain_img_per_s": round(cpu_without, 2), "cpu_ratio": round(cpu_with / cpu_without, 3),
+                           "steps_each": timed // 2,
+                           "note": "alternating guarded and plain bf16 steps in one process (data wait excluded), "
+                                   "by wall time and by this process's CPU time; img_per_s above mixes both"})
     if compile_:
         row["compile_s"] = round(warm_s - warmup * step_s / timed, 1)  # warm-up steps minus their steady cost
     row["loaded"] = max(row["load_average_before"][0], row["load_average_after"][0]) > 1
@@ -183,9 +208,12 @@ def ratios(rows: list) -> list:
             continue
         extra = f", compile {r['compile_s']} s" if r.get("compile") else ""
         plain = base.get(of(r, "bf16"))
-        if r.get("guard") and plain is not None:
-            extra += (f", {r['img_per_s'] / plain['img_per_s']:.3f}x plain bf16 "
-                      f"(layer check {r['layer_check_s']} s once)")
+        if r.get("guard") and r.get("paired"):
+            extra += (f", guarded steps {r['paired']['ratio']:.3f}x (CPU time: {r['paired']['cpu_ratio']:.3f}x) "
+                      f"the plain bf16 steps between them (layer check {r['layer_check_s']} s once)")
+        elif r.get("guard") and plain is not None:
+            extra += f", {r['img_per_s'] / plain['img_per_s']:.3f}x plain bf16 (layer check {r['layer_check_s']} s once)"
+
         lines.append(f"{r['model']:28s} amp={r['amp']:4s} guard={bool(r.get('guard'))!s:5s} "
                      f"compile={bool(r.get('compile'))!s:5s} repeat {r.get('repeat', 0)}: "
                      f"{r['img_per_s'] / ref['img_per_s']:.2f}x eager fp32{extra}")

@@ -188,9 +188,10 @@ def worker(rank: int, port: int, root: str, out: str, step_cases: List[Tuple[Lis
        one DDP step on this rank's first PK batch; saves the batch, every rank's labels, the
        gradients and the weights to ``out/stepI_rankN.pt``.
     2. :func:`attnreid.engine.trainer.train` once per entry of ``runs`` (``out_dir``,
-       ``overrides``, ``resume``, ``fault``: see :func:`injected_fault`), recording what this rank printed (``printedN.txt``), what
-       it wrote under the run folders (``writesN.txt``), the returned dicts
-       (``resultsN.json``) and :func:`error_prefix` once training ran (``error_prefixN.txt``).
+       ``overrides``, ``resume``, ``fault``: see :func:`injected_fault`), recording what this
+       rank printed (``printedN.txt``), what it wrote under the run folders (``writesN.txt``),
+       the returned dicts (``resultsN.json``) and :func:`error_prefix` once training ran
+       (``error_prefixN.txt``).
     """
     import torch
     from torch import nn

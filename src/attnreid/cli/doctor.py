@@ -172,7 +172,8 @@ def _print(r: Dict[str, Any]) -> None:
         print(f"bf16 kernel self-check: not run ({sc['why']})")
     else:
         verdict = "ok" if sc["ok"] else "FAULT: some bf16 kernels are wrong on this machine"
-        print(f"bf16 kernel self-check ({len(sc['layers'])} layers x {sc['calls']} calls, {sc['seconds']} s): {verdict}")
+        print(f"bf16 kernel self-check ({len(sc['layers'])} layers x {sc['calls']} calls, {sc['seconds']} s): "
+              f"{verdict}")
         for row in sc["layers"]:
             shape = "x".join(map(str, row["shape"]))
             what = "ok" if row["ok"] else (f"FAULT ({row['nonfinite_forward']} non-finite, {row['wrong_forward']} "
@@ -182,7 +183,8 @@ def _print(r: Dict[str, Any]) -> None:
         if not sc["ok"]:
             print("  training checks its model's own layers and runs the faulty ones in float32 "
                   "(docs/training.md#bf16-kernel-faults)")
-    print("optional packages: " + ", ".join(f"{k} {v}" if v else f"{k} not installed" for k, v in r["packages"].items()))
+    print("optional packages: " + ", ".join(f"{k} {v}" if v else f"{k} not installed"
+                                            for k, v in r["packages"].items()))
     inf = r["inference_auto"]
     for size, row in inf.items():
         if size != "precision":
@@ -207,7 +209,9 @@ def doctor_cmd(
                                      help="Run the bf16 kernel self-check (a few seconds) when amp: auto picks bf16."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
-    """What to know before a long run, and what a bug report should contain: versions, CPU and
-    its bf16 kernels, the precision and inference backend `auto` picks, optional packages, data roots."""
+    """Check this machine before a long run; paste the output into bug reports.
+
+    Versions, the CPU and its bf16 kernels (a self-check), the precision and inference backend
+    that auto picks and why, optional packages, and the data roots found."""
     r = report(list(root or []), check=self_check_)
     print_json(r) if as_json else _print(r)

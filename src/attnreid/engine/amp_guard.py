@@ -39,7 +39,9 @@ from attnreid.engine.hooks import Hook
 from attnreid.precision import KernelCheck, Precision, check_bf16_kernel
 
 CHECKED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-CHECK_CALLS = 2  # per distinct layer shape (the first compared with float32); the faults measured so far show on every call
+# Calls per distinct layer and shape (the first also in float32): the faults measured so far
+# show on every call.
+CHECK_CALLS = 2
 DOCS = "docs/training.md#bf16-kernel-faults"
 
 
@@ -78,7 +80,8 @@ def layer_inputs(model: nn.Module, input_shape: Sequence[int], channels_last: bo
                 seen[name].append(key)
         return hook
 
-    handles = [m.register_forward_pre_hook(record(n)) for n, m in model.named_modules() if isinstance(m, CHECKED_LAYERS)]
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in model.named_modules()
+               if isinstance(m, CHECKED_LAYERS)]
     buffers = [b.clone() for b in model.buffers()]
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -188,8 +191,9 @@ class AmpGuard(Hook):
             failed = [n for names in every for n in names]
         new = [n for n in dict.fromkeys(failed) if n not in self.pinned]
         self._pin(new)
-        return {"type": "amp_check", "layers": layers, "shapes": len(checks), "calls": CHECK_CALLS, "float32_layers": list(self.pinned), "new": new,
-                "faults": [c.to_dict() for c in checks if not c.ok], "seconds": round(time.perf_counter() - t0, 2)}
+        return {"type": "amp_check", "layers": layers, "shapes": len(checks), "calls": CHECK_CALLS,
+                "float32_layers": list(self.pinned), "new": new, "faults": [c.to_dict() for c in checks if not c.ok],
+                "seconds": round(time.perf_counter() - t0, 2)}
 
     # ---- the trainer's hook
     def before_train(self, state: Any) -> None:
