@@ -18,12 +18,21 @@ Models (``--models``):
 - ``mhsanet_resnet50_384x128``, ``hacnn_160x64`` with ``--no-channels-last --amps off``:
   the earlier float32 rows (paper input sizes, NCHW).
 
+``--amps`` takes ``off``, ``bf16`` and ``bf16-guard``: bf16 with the bf16 kernel-fault
+guard of ``train()`` (engine/amp_guard.py): the one-off layer check at the start, timed
+separately as ``layer_check_s``, then timed steps that alternate between guarded (the
+per-step check and its snapshots) and plain bf16 steps, reported in ``paired`` (issue 25:
+the guard must cost at most 10 % of bf16's speed). ``--repeat N`` runs the
+list of variants N times in turn (A B A B ...), so that variants compared with each other
+see the same load on a shared machine.
+
 Every variant (model x amp x compile) runs in its own subprocess with a time limit, so a
 compilation that takes longer than the machine allows is recorded as such. Rows of
 variants not re-measured are kept from the existing result file, each with the machine
 it came from.
 
-    python benchmarks/bench_train.py [--steps 4] [--batch 32] [--threads 2] [--amps off,bf16] [--compile]
+    python benchmarks/bench_train.py [--steps 4] [--batch 32] [--threads 2] [--amps off,bf16,bf16-guard] [--compile]
+                                     [--repeat N]
     python benchmarks/bench_train.py --quick     # a self-check in about a minute: writes scratch/train_cpu_quick.json
 
 Writes benchmarks/results/train_cpu.json (``--out``; and train_cuda.json on a GPU).
@@ -73,6 +82,7 @@ def bench(name: str, root: Path, device: torch.device, steps: int, warmup: int, 
     from attnreid.config import load_config
     from attnreid.data.datasets import build_dataset_from_config
     from attnreid.data.loader import build_train_loader
+    from attnreid.engine.amp_guard import AmpGuard
     from attnreid.engine.compiled import compile_for_training
     from attnreid.engine.optim import build_optimizer
     from attnreid.engine.trainer import TrainState, train_step
@@ -94,12 +104,23 @@ def bench(name: str, root: Path, device: torch.device, steps: int, warmup: int, 
     params = [p for g in optimizer.param_groups for p in g["params"]]
     model.train()
     net = compile_for_training(model, "on" if compile_ else "off", device, quiet=True)
-    precision = resolve_precision(amp, device)
+    guarded = amp.endswith("-guard")
+    precision = resolve_precision(amp.removesuffix("-guard"), device)
+    guard = AmpGuard(precision, check=guarded)
+    guard.attach(model, [criterion])
+    check_s = check_cpu_s = None
+    if guarded:  # what train() does before its first step
+        t0, c0 = time.perf_counter(), time.process_time()
+        guard.check_layers((batch, 3, cfg.data.height, cfg.data.width), channels_last, device)
+        check_s, check_cpu_s = round(time.perf_counter() - t0, 2), round(time.process_time() - c0, 2)
+    plain = lambda step: step(precision.autocast, None)  # noqa: E731
 
     state = TrainState()
     load_before = load()
     data_s = step_s = warm_s = 0.0
     images = timed = epoch = 0
+    cpu_s = 0.0  # this process's CPU time in the timed steps (data loading excluded)
+    paired = {True: [0, 0.0, 0.0], False: [0, 0.0, 0.0]}  # guarded variant: images, wall s, CPU s of guarded / plain
     it = None
     t_prev = time.perf_counter()
     for i in range(warmup + steps):
@@ -118,11 +139,22 @@ def bench(name: str, root: Path, device: torch.device, steps: int, warmup: int, 
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.as_tensor(batch_[1]).to(device)
-        train_step(net, criterion, optimizer, x, y, precision.autocast, None, 0.0, params, state)
+        # The guarded variant alternates guarded and plain steps, so that the two are timed
+        # under the same load (a shared machine's load drifts between variants).
+        use_guard = guarded and i % 2 == 0
+        t_step, c_step = time.perf_counter(), time.process_time()
+        (guard.run_step if use_guard else plain)(
+            lambda autocast, check: train_step(net, criterion, optimizer, x, y, autocast, None, 0.0, params, state,
+                                               check=check))
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t_end = time.perf_counter()
+        t_end, c_end = time.perf_counter(), time.process_time()
+        if i >= warmup and guarded:
+            paired[use_guard][0] += x.shape[0]
+            paired[use_guard][1] += t_end - t_step
+            paired[use_guard][2] += c_end - c_step
         if i >= warmup:
+            cpu_s += c_end - c_step
             data_s += t_data - t_prev
             step_s += t_end - t_prev
             images += x.shape[0]
@@ -133,9 +165,23 @@ def bench(name: str, root: Path, device: torch.device, steps: int, warmup: int, 
     row = {"model": name, "device": str(device), "batch": batch, "steps_timed": timed, "workers": workers,
            "img_per_s": round(images / step_s, 2), "seconds_per_step": round(step_s / timed, 3),
            "data_wait_share": round(data_s / step_s, 4), "input": [cfg.data.height, cfg.data.width],
-           "amp": amp, "precision": precision.describe(), "channels_last": channels_last, "compile": compile_,
+           # images per second of this process's CPU time in the steps: on a saturated shared machine
+           # (wall time several times the CPU time) the better estimate of an idle machine's speed
+           # with one thread
+           "cpu_img_per_s": round(images / max(cpu_s, 1e-9), 2), "cpu_s_per_step": round(cpu_s / timed, 3),
+           "amp": amp.removesuffix("-guard"), "guard": guarded, "precision": precision.describe(), "channels_last": channels_last, "compile": compile_,
            "threads": torch.get_num_threads(), "load_average_before": load_before, "load_average_after": load(),
            "warmup_steps": warmup}
+    if guarded:
+        with_, without = (paired[k][0] / max(paired[k][1], 1e-9) for k in (True, False))
+        cpu_with, cpu_without = (paired[k][0] / max(paired[k][2], 1e-9) for k in (True, False))
+        row.update(layer_check_s=check_s, layer_check_cpu_s=check_cpu_s, float32_layers=list(guard.pinned), faults=guard.faults,
+                   paired={"guarded_img_per_s": round(with_, 2), "plain_img_per_s": round(without, 2),
+                           "ratio": round(with_ / without, 3), "cpu_guarded_img_per_s": round(cpu_with, 2),
+                           "cpu_plain_img_per_s": round(cpu_without, 2), "cpu_ratio": round(cpu_with / cpu_without, 3),
+                           "steps_each": timed // 2,
+                           "note": "alternating guarded and plain bf16 steps in one process (data wait excluded), "
+                                   "by wall time and by this process's CPU time; img_per_s above mixes both"})
     if compile_:
         row["compile_s"] = round(warm_s - warmup * step_s / timed, 1)  # warm-up steps minus their steady cost
     row["loaded"] = max(row["load_average_before"][0], row["load_average_after"][0]) > 1
@@ -144,25 +190,44 @@ def bench(name: str, root: Path, device: torch.device, steps: int, warmup: int, 
 
 
 def key(r: dict) -> tuple:
-    return (r["model"], r["device"], r.get("amp", "off"), bool(r.get("channels_last")), bool(r.get("compile")))
+    return (r["model"], r["device"], r.get("amp", "off"), bool(r.get("guard")), bool(r.get("channels_last")),
+            bool(r.get("compile")), r.get("repeat", 0))
 
 
 def ratios(rows: list) -> list:
     """bf16 (and compiled) images/s over eager float32 of the same model and layout, one line each."""
     lines = []
-    base = {(r["model"], bool(r.get("channels_last"))): r for r in rows
-            if r.get("img_per_s") and r.get("amp", "off") == "off" and not r.get("compile")}
+    def of(r, amp, guard=False):
+        return (r["model"], bool(r.get("channels_last")), r.get("repeat", 0), amp, guard)
+
+    base = {of(r, r.get("amp", "off"), bool(r.get("guard"))): r for r in rows
+            if r.get("img_per_s") and not r.get("compile")}
     for r in rows:
-        ref = base.get((r["model"], bool(r.get("channels_last"))))
+        ref = base.get(of(r, "off"))
         if ref is None or r is ref or not r.get("img_per_s"):
             continue
         extra = f", compile {r['compile_s']} s" if r.get("compile") else ""
-        lines.append(f"{r['model']:28s} amp={r['amp']:4s} compile={bool(r.get('compile'))!s:5s}: "
+        plain = base.get(of(r, "bf16"))
+        if r.get("guard") and r.get("paired"):
+            extra += (f", guarded steps {r['paired']['ratio']:.3f}x (CPU time: {r['paired']['cpu_ratio']:.3f}x) "
+                      f"the plain bf16 steps between them (layer check {r['layer_check_s']} s once)")
+        elif r.get("guard") and plain is not None:
+            extra += f", {r['img_per_s'] / plain['img_per_s']:.3f}x plain bf16 (layer check {r['layer_check_s']} s once)"
+
+        lines.append(f"{r['model']:28s} amp={r['amp']:4s} guard={bool(r.get('guard'))!s:5s} "
+                     f"compile={bool(r.get('compile'))!s:5s} repeat {r.get('repeat', 0)}: "
                      f"{r['img_per_s'] / ref['img_per_s']:.2f}x eager fp32{extra}")
     return lines
 
 
-def run_variant(args, name: str, amp: str, compile_: bool, root: Path) -> dict:
+def run_variant(args, name: str, amp: str, compile_: bool, root: Path, repeat: int = 0) -> dict:
+    row = _run_variant(args, name, amp, compile_, root)
+    if args.repeat > 1:
+        row["repeat"] = repeat
+    return row
+
+
+def _run_variant(args, name: str, amp: str, compile_: bool, root: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--models", name, "--amps", amp, "--root", str(root),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
            "--workers", str(args.workers), "--threads", str(args.threads)]
@@ -181,7 +246,8 @@ def run_variant(args, name: str, amp: str, compile_: bool, root: Path) -> dict:
         error = f"exit code {proc.returncode}: " + " | ".join(tail)
     except subprocess.TimeoutExpired:
         error = f"did not finish within {limit} s ({args.warmup} warm-up + {args.steps} timed steps)"
-    return {"model": name, "device": "cpu", "batch": args.batch, "amp": amp, "channels_last": args.channels_last,
+    return {"model": name, "device": "cpu", "batch": args.batch, "amp": amp.removesuffix("-guard"),
+            "guard": amp.endswith("-guard"), "channels_last": args.channels_last,
             "compile": compile_, "img_per_s": None, "error": error[-1500:], "threads": args.threads,
             "load_average_before": start, "load_average_after": load(), "machine": machine_record()}
 
@@ -194,7 +260,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--models", default=",".join(TABLE), help="comma-separated subset of: " + ", ".join(MODELS))
-    ap.add_argument("--amps", default="off,bf16")
+    ap.add_argument("--amps", default="off,bf16", help="comma-separated: off, bf16, bf16-guard")
+    ap.add_argument("--repeat", type=int, default=1, help="run the list of variants this many times in turn")
     ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     ap.add_argument("--compile", action="store_true",
                     help="also torch.compile the step (models: " + ", ".join(COMPILE_MODELS) + ")")
@@ -240,13 +307,14 @@ def main() -> None:
     rows = []
     compile_amps = [a for a in args.compile_amps.split(",") if a]
     for n in names:
-        for compile_ in ([False, True] if args.compile and n in COMPILE_MODELS else [False]):
-            for amp in (compile_amps if compile_ else amps):
-                r = run_variant(args, n, amp, compile_, root)
-                rows.append(r)
-                speed = f"{r['img_per_s']:8.2f} img/s" if r["img_per_s"] is not None else f"failed: {r['error']}"
-                print(f"{n:28s} amp={amp:4s} compile={compile_!s:5s} channels_last={args.channels_last!s:5s}: {speed}",
-                      flush=True)
+        for repeat in range(args.repeat):
+            for compile_ in ([False, True] if args.compile and n in COMPILE_MODELS else [False]):
+                for amp in (compile_amps if compile_ else amps):
+                    r = run_variant(args, n, amp, compile_, root, repeat)
+                    rows.append(r)
+                    speed = f"{r['img_per_s']:8.2f} img/s" if r["img_per_s"] is not None else f"failed: {r['error']}"
+                    print(f"{n:28s} amp={amp:10s} compile={compile_!s:5s} channels_last={args.channels_last!s:5s}"
+                          f" repeat {repeat}: {speed}", flush=True)
     out_file = args.out or RESULTS / "train_cpu.json"
     kept = []
     if out_file.is_file() and not args.quick:
@@ -259,6 +327,7 @@ def main() -> None:
                 kept.append(r)
     out = {"machine": machine, "load_average_end": load(), "rows": kept + rows,
            "settings": {"steps": args.steps, "warmup": args.warmup, "batch": args.batch, "threads": args.threads,
+                        "repeat": args.repeat,
                         "workers": args.workers, "channels_last": args.channels_last, "quick": args.quick},
            "note": ("CPU numbers from a 2-core machine shared with other jobs (each row's load_average; loaded = "
                     "1-minute load above 1); random-init weights, synthetic images resized to the input sizes. "

@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 WORLD = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -83,20 +83,30 @@ def _join_group(rank: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
 
 
-def freeze_batchnorm(model) -> None:
+def freeze_batchnorm(model, size) -> None:
     """BatchNorm in eval mode (running statistics), the rest in training mode.
 
     With batch statistics every rank normalises its share with its own mean and variance,
     so no averaging of gradients could reproduce the combined batch; with running
     statistics each image's forward pass depends on that image alone and the equivalence
-    is exact in principle.
+    is exact in principle. The statistics are first measured on a fixed noise batch of
+    ``size`` (H, W), the same in every process: a random-init network with the default
+    statistics (mean 0, variance 1) lets the activations fade (MobileNetV3's features were
+    equal to 1e-8 for all images), and then every triplet distance is 0, the batch-hard
+    mining has nothing to choose and the comparison would test nothing.
     """
+    import torch
     from torch import nn
 
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the one calibration batch
     model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
+    with torch.no_grad():
+        model(torch.randn(16, 3, *size, generator=torch.Generator().manual_seed(0)))
+    for m in norms:
+        m.eval()
 
 
 def one_step(model, criterion, optimizer, images, pids, center_weight: float = 0.0) -> Dict[str, object]:
@@ -131,19 +141,57 @@ def build_step_criterion(cfg, model, num_classes: int, seed: int):
     return build_criterion(cfg.loss, cfg.model, **sizes)
 
 
-def worker(rank: int, port: int, root: str, out: str, step_cases: List[List[str]], runs: List[dict]) -> None:
+def share_anchor_across_ranks(images, rank: int) -> None:
+    """Make rank 1's first image rank 0's first image (each keeps its own label): that image is
+    then, at distance 0, the hardest negative of rank 0's first anchor, but only where the
+    triplets are mined over both ranks' images together."""
+    import torch.distributed as dist
+
+    first = images[:1].clone()
+    dist.broadcast(first, src=0)
+    if rank == 1:
+        images[0] = first[0]
+
+
+@contextlib.contextmanager
+def injected_fault(rank: int, fault: Optional[dict]):
+    """On ``fault["rank"]``, the model's backbone returns inf on its ``fault["at"]``-th training
+    forward under autocast (tests/helpers.py FaultOnCall); elsewhere nothing changes."""
+    if not fault or fault["rank"] != rank:
+        yield
+        return
+    import attnreid.models as models
+    from helpers import FaultOnCall
+
+    real = models.build_model
+
+    def build(cfg, num_classes):
+        model = real(cfg, num_classes)
+        model.backbone.register_forward_hook(FaultOnCall(at=fault["at"]))
+        return model
+
+    models.build_model = build
+    try:
+        yield
+    finally:
+        models.build_model = real
+
+
+def worker(rank: int, port: int, root: str, out: str, step_cases: List[Tuple[List[str], bool]],
+           runs: List[dict]) -> None:
     """Everything the 2-rank tests need from one process group (one spawn: starting processes
     is the slow part).
 
     0. :func:`all_gather_with_grad` on a small tensor, :func:`all_gather_labels` on unequal
        shares and :func:`error_prefix` before any training (``out/gatherN.pt``).
-    1. Per entry of ``step_cases`` (a list of overrides), one DDP step on this rank's first
-       PK batch; saves the batch, every rank's labels, the gradients and the weights to
-       ``out/stepI_rankN.pt``.
+    1. Per entry of ``step_cases`` (overrides, and whether to :func:`share_anchor_across_ranks`),
+       one DDP step on this rank's first PK batch; saves the batch, every rank's labels, the
+       gradients and the weights to ``out/stepI_rankN.pt``.
     2. :func:`attnreid.engine.trainer.train` once per entry of ``runs`` (``out_dir``,
-       ``overrides``, ``resume``), recording what this rank printed (``printedN.txt``), what
-       it wrote under the run folders (``writesN.txt``), the returned dicts
-       (``resultsN.json``) and :func:`error_prefix` once training ran (``error_prefixN.txt``).
+       ``overrides``, ``resume``, ``fault``: see :func:`injected_fault`), recording what this
+       rank printed (``printedN.txt``), what it wrote under the run folders (``writesN.txt``),
+       the returned dicts (``resultsN.json``) and :func:`error_prefix` once training ran
+       (``error_prefixN.txt``).
     """
     import torch
     from torch import nn
@@ -171,16 +219,18 @@ def worker(rank: int, port: int, root: str, out: str, step_cases: List[List[str]
     torch.save({"gathered": gathered.detach(), "grad": x.grad, "error_prefix": error_prefix(), "unequal": unequal},
                os.path.join(out, f"gather{rank}.pt"))
 
-    for case, overrides in enumerate(step_cases):
+    for case, (overrides, share_anchor) in enumerate(step_cases):
         cfg = load_config(BASE_CONFIG, tiny_overrides(Path(root), *overrides))
         dataset = build_dataset(cfg.data.dataset, cfg.data.root)
         loader = build_train_loader(cfg.data, dataset, seed=cfg.train.seed, rank=rank, world_size=WORLD)
         images, pids = next(iter(loader))[:2]
         pids = torch.as_tensor(pids)
+        if share_anchor:
+            share_anchor_across_ranks(images, rank)
         every_pid = all_gather_labels(pids)
         torch.manual_seed(0)
         model = build_model(cfg.model, dataset.num_train_pids)
-        freeze_batchnorm(model)
+        freeze_batchnorm(model, (cfg.data.height, cfg.data.width))
         criterion = build_step_criterion(cfg, model, dataset.num_train_pids, seed=100 + rank)
         broadcast_parameters(center_parameters(criterion))  # as train() does
         net = nn.parallel.DistributedDataParallel(model)
@@ -196,7 +246,8 @@ def worker(rank: int, port: int, root: str, out: str, step_cases: List[List[str]
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
         for r in runs:
             cfg = load_config(BASE_CONFIG, tiny_overrides(Path(root), *r["overrides"]))
-            results.append(train(cfg, r["out_dir"], resume=r.get("resume", False)))
+            with injected_fault(rank, r.get("fault")):
+                results.append(train(cfg, r["out_dir"], resume=r.get("resume", False)))
     Path(out, f"printed{rank}.txt").write_text(printed.getvalue())
     Path(out, f"error_prefix{rank}.txt").write_text(str(error_prefix()))
     Path(out, f"results{rank}.json").write_text(json.dumps(results, default=str))

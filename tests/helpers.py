@@ -29,3 +29,30 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert len(lines) == 1, f"expected one line, got: {err!r}"
     for n in needles:
         assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+
+
+class FaultOnCall:
+    """A forward hook that injects a bf16 kernel fault: from the ``at``-th call under autocast
+    (1-based, counting only calls with gradients on, i.e. training steps and kernel checks),
+    for ``times`` calls, the module's output becomes inf. ``any_precision``: count and fault
+    float32 calls too (a divergence, not a kernel fault). It counts what it saw."""
+
+    def __init__(self, at: int, times: int = 1, any_precision: bool = False):
+        self.at, self.times, self.any_precision = at, times, any_precision
+        self.calls = self.autocast_calls = self.float32_training_calls = self.fired = 0
+
+    def __call__(self, module, args, output):
+        import torch
+
+        if not torch.is_grad_enabled():  # shape recording, evaluation
+            return None
+        autocast = torch.is_autocast_enabled(output.device.type)
+        self.autocast_calls += autocast
+        self.float32_training_calls += not autocast
+        if not (autocast or self.any_precision):
+            return None
+        self.calls += 1
+        if self.at <= self.calls < self.at + self.times:
+            self.fired += 1
+            return output + float("inf")  # still in the graph, as a faulty kernel's output is
+        return None

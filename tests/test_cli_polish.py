@@ -300,7 +300,7 @@ def test_eval_shows_progress_on_stderr_and_keeps_stdout_clean(small, monkeypatch
 
 COMMANDS = [[], ["data"], ["data", "stats"], ["data", "synth"], ["train"], ["eval"], ["extract"], ["metrics"],
             ["demo"], ["report"], ["explain"], ["robustness"], ["model-info"], ["export"], ["index"],
-            ["index", "build"], ["search"], ["version"]]
+            ["index", "build"], ["search"], ["doctor"], ["version"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "attnreid")

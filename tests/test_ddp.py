@@ -122,13 +122,15 @@ def test_error_prefix_and_main_process_from_torchrun_environment(monkeypatch):
 SGD = ["optim.name=sgd", "optim.momentum=0", "optim.weight_decay=0", "optim.lr=0.5", "data.flip=false"]
 TINY_MHSANET = ["model.name=mhsanet", "model.mhsanet.num_heads=2", "model.mhsanet.attention_dim=16",
                 "model.mhsanet.embed_dim=32"]
-# (overrides, whether one DDP step must equal one process on the combined batch)
+# (overrides, whether one DDP step must equal one process on the combined batch, whether rank 1's
+# first image is rank 0's: ddp_helpers.share_anchor_across_ranks)
 STEP_CASES = [
-    ([*SGD], True),  # baseline: cross-entropy only
-    ([*SGD, *TINY_MHSANET, "loss.gather_triplets=true"], True),  # every MHSA-Net term, mined over both ranks
-    ([*SGD, *TINY_MHSANET, "loss.gather_triplets=false"], False),  # mined within each rank's share
+    ([*SGD], True, False),  # baseline: cross-entropy only
+    ([*SGD, *TINY_MHSANET, "loss.gather_triplets=true"], True, False),  # every MHSA-Net term, mined over both ranks
+    # mined within each rank's share: rank 0's first anchor has its hardest negative on rank 1, by construction
+    ([*SGD, *TINY_MHSANET, "loss.gather_triplets=false"], False, True),
     # BoT's center loss: the centres are outside DDP, broadcast from rank 0 and their gradients averaged
-    ([*SGD, "model.bnneck=true", "loss.center_weight=0.5"], True),
+    ([*SGD, "model.bnneck=true", "loss.center_weight=0.5"], True, False),
 ]
 # Two epochs of two steps; flips draw from each rank's RNG, so resuming must restore every rank's.
 RUN_OVERRIDES = ["train.max_steps_per_epoch=2", "data.flip=true", "data.epoch_mode=images"]
@@ -137,14 +139,16 @@ RUN_OVERRIDES = ["train.max_steps_per_epoch=2", "data.flip=true", "data.epoch_mo
 @pytest.fixture(scope="module")
 def spawned(synthetic_root, tmp_path_factory):
     """One 2-rank process group: one DDP step per STEP_CASES entry, then run B = 1 epoch and
-    ``resume`` to 2 epochs, then run C, an MHSA-Net whose 'saffm' classifier has no loss
-    (see :func:`ddp_helpers.worker`)."""
+    ``resume`` to 2 epochs, then run C, an MHSA-Net whose 'saffm' classifier has no loss, then
+    run D in bf16 with a kernel fault injected on rank 1 at step 2 (see :func:`ddp_helpers.worker`)."""
     base = tmp_path_factory.mktemp("ddp_spawned")
     runs = [{"out_dir": str(base / "B"), "overrides": [*RUN_OVERRIDES, "train.epochs=1"]},
             {"out_dir": str(base / "B"), "overrides": [*RUN_OVERRIDES, "train.epochs=2"], "resume": True},
             {"out_dir": str(base / "C"),
-             "overrides": [*RUN_OVERRIDES, *TINY_MHSANET, "loss.saffm_ce=0", "train.epochs=1"]}]
-    mp.spawn(worker, args=(free_port(), str(synthetic_root), str(base), [c for c, _ in STEP_CASES], runs),
+             "overrides": [*RUN_OVERRIDES, *TINY_MHSANET, "loss.saffm_ce=0", "train.epochs=1"]},
+            {"out_dir": str(base / "D"), "overrides": [*RUN_OVERRIDES, "train.amp=bf16", "train.epochs=1"],
+             "fault": {"rank": 1, "at": 2}}]
+    mp.spawn(worker, args=(free_port(), str(synthetic_root), str(base), [(c, s) for c, _, s in STEP_CASES], runs),
              nprocs=WORLD, join=True)
     return base
 
@@ -195,7 +199,9 @@ def test_one_ddp_step_equals_one_process_on_the_combined_batch(spawned, syntheti
     wrong scale). Cross-entropy is a mean over images, so the ranks' mean gradient is the
     combined batch's. Batch-hard mining (triplet on p* and z, IHTL) is not per image: with
     ``loss.gather_triplets=true`` each rank mines over the gathered batch and the step is
-    again the combined batch's; with ``false`` it is not, and the test must see that. The
+    again the combined batch's; with ``false`` it is not, and the test must see that: that
+    case's batch puts rank 0's first image on rank 1 too, with another label, so that its
+    hardest negative lies on the other rank by construction. The
     center loss's centres live outside DDP: each rank draws other ones, so they must be
     broadcast from rank 0 and their gradients averaged for the centres to step as one
     process's on the combined batch.
@@ -204,20 +210,21 @@ def test_one_ddp_step_equals_one_process_on_the_combined_batch(spawned, syntheti
     from attnreid.engine.optim import build_optimizer
     from attnreid.models import build_model
 
-    overrides, equal = STEP_CASES[case]
+    overrides, equal, shared = STEP_CASES[case]
     ranks = [torch.load(spawned / f"step{case}_rank{r}.pt", weights_only=True) for r in range(WORLD)]
     # The ranks drew disjoint identities from the sampler, as seen through the live process group.
     every = ranks[0]["every_pid"].tolist()
     assert every == ranks[1]["every_pid"].tolist() == ranks[0]["pids"].tolist() + ranks[1]["pids"].tolist()
     assert not set(every[:4]) & set(every[4:])
 
+    assert torch.equal(ranks[0]["images"][0], ranks[1]["images"][0]) == shared
     cfg = load_config(BASE_CONFIG, tiny_overrides(synthetic_root, *overrides))
     num_classes = int(ranks[0]["num_classes"])
 
     def reference(images, pids):
         torch.manual_seed(0)
         model = build_model(cfg.model, num_classes)
-        freeze_batchnorm(model)
+        freeze_batchnorm(model, (cfg.data.height, cfg.data.width))
         criterion = build_step_criterion(cfg, model, num_classes, seed=100)  # rank 0's centres
         return one_step(model, criterion, build_optimizer(cfg.optim, [model, criterion]), images, pids,
                         cfg.loss.center_weight)
@@ -230,11 +237,32 @@ def test_one_ddp_step_equals_one_process_on_the_combined_batch(spawned, syntheti
         assert len(r["centers"]) == len(combined["centers"]) == ("loss.center_weight=0.5" in overrides)
         differ += [f"centers{i}" for i, c in enumerate(combined["centers"]) if not _close(r["centers"][i], c)]
         assert (not differ) == equal, (rank, differ[:5])
+    rank_mean = (ranks[0]["loss"] + ranks[1]["loss"]) / 2
+    if equal:
+        assert abs(combined["loss"] - rank_mean) <= 1e-5 * abs(combined["loss"])
+    else:
+        # Mining over more images finds every anchor's hardest negative at least as near, and
+        # rank 0's first anchor's at distance 0: the combined batch's loss is larger.
+        assert combined["loss"] > rank_mean
     if case == 0:
-        assert abs(combined["loss"] - (ranks[0]["loss"] + ranks[1]["loss"]) / 2) <= 1e-5 * abs(combined["loss"])
         # The comparison can tell: one rank's share alone gives other gradients.
         alone = reference(ranks[0]["images"], ranks[0]["pids"])
         assert not all(_close(alone["grads"][n], g) for n, g in combined["grads"].items())
+
+
+def test_a_bf16_fault_on_one_rank_reruns_the_step_on_every_rank(spawned):
+    """Run D: rank 1's backbone returns inf at step 2 under bf16. Both ranks must re-run that
+    step in float32 (a rank that applied it would leave the other waiting in DDP's all-reduce),
+    and only rank 0 says so."""
+    results = [json.loads((spawned / f"results{r}.json").read_text())[3] for r in range(WORLD)]
+    assert [(r["status"], r["step"], r["amp_guard"]["faults"]) for r in results] == [("completed", 2, 1)] * WORLD
+    log = [json.loads(l) for l in (spawned / "D" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["type"] == "amp_fault"] == [2]
+    assert (spawned / "printed0.txt").read_text().count("bf16 kernel fault at epoch 1 step 2") == 1
+    from attnreid.engine.checkpoint import load_checkpoint
+
+    weights = load_checkpoint(spawned / "D" / "checkpoints" / "last.pth")["model"]
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values() if w.is_floating_point())
 
 
 def test_ddp_finds_unused_parameters_only_when_a_classifier_has_no_loss(spawned, torchrun_run):

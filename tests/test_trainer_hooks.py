@@ -195,7 +195,7 @@ def test_sigint_then_the_printed_resume_hint_completes_the_run(synthetic_root, t
                                                "batch_size": 8, "num_instances": 2, "workers": 1},
                                       "model": {"name": "baseline", "backbone": {"name": "mobilenetv3_small"}},
                                       "train": {"epochs": 3, "max_steps_per_epoch": 40, "eval_every": 0,
-                                                "log_every": 1, "device": "cpu", "threads": 1}}))
+                                                "log_every": 1, "device": "cpu", "threads": 1, "amp": "off"}}))
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "attnreid", "train", str(config), f"data.root={synthetic_root}", "--out", str(run)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=tmp_path,

@@ -209,7 +209,7 @@ def test_auto_on_a_cpu_without_bf16_changes_nothing(synthetic_root, tmp_path, mo
     for var in ("DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
         monkeypatch.delenv(var, raising=False)
     seen = _record_forward_dtypes(monkeypatch)
-    auto = train(tiny_cfg(synthetic_root), tmp_path / "auto", quiet=True)
+    auto = train(tiny_cfg(synthetic_root, "train.amp=auto"), tmp_path / "auto", quiet=True)
     assert seen["forward"] == {torch.float32}
     off = train(tiny_cfg(synthetic_root, "train.amp='off'"), tmp_path / "off", quiet=True)
     run = [r for r in _log(tmp_path / "auto") if r["type"] == "run"][0]

@@ -211,6 +211,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto | off | bf16 | fp16; auto = bf16 where the CUDA device or CPU runs it natively (precision.py)
+    # bf16 kernel faults (engine/amp_guard.py): a bf16 step with a non-finite loss or gradient is
+    # re-run in float32; after this many such steps the run trains in float32 for good (0 = never).
+    amp_fallback_after: int = 3
     # torch.compile (inductor) the model for the training steps: auto | off | on. auto = on for
     # CUDA devices only; on the CPU compilation took minutes and has not been shown to pay
     # (benchmarks/bench_train.py --compile measures it). Checkpoints hold the plain model.
@@ -342,6 +345,7 @@ LOWER_BOUNDS = {
     "train.max_minutes": (0.0, True),
     "train.max_steps_per_epoch": (0, True),
     "train.threads": (0, True),
+    "train.amp_fallback_after": (0, True),
     "eval.k1": (1, True),
     "eval.k2": (1, True),
     "eval.max_rank": (1, True),

@@ -141,3 +141,101 @@ def resolve_precision(amp: str, device: torch.device | str, key: str = "train.am
     if capped is not None:
         return Precision(amp, None, dt, f"bf16 kernels disabled by {capped}")
     return Precision(amp, None, dt, "CPU has neither AMX nor AVX512-BF16")
+
+
+# ---- the bf16 kernel self-check (issue 25) ----------------------------------------------------
+#
+# oneDNN's AMX kernels of torch 2.13 return inf/NaN for some convolution shapes, now and
+# then (docs/training.md, "bf16 kernel faults"). The check below runs one layer on its
+# input shape in bf16 autocast, forward and backward, many times on fresh inputs, and
+# counts the calls whose output or gradients are not finite; the first call is also
+# compared with float32, so a kernel that returns finite garbage is caught when it does
+# so every time. The trainer uses it to find the layer behind a faulted step
+# (engine/amp_guard.py), `attnreid doctor` on a few representative shapes.
+
+#: Relative error of a bf16 output against float32 above which the kernel counts as wrong
+#: (bf16 rounding gives about 0.5 %; a wrong kernel gives order 1).
+REL_ERROR_LIMIT = 0.05
+
+
+@dataclass
+class KernelCheck:
+    """What :func:`check_bf16_kernel` found for one layer on one input shape."""
+
+    name: str
+    shape: tuple
+    channels_last: bool
+    calls: int = 0
+    compared: int = 0  # calls whose output was compared with float32
+    nonfinite_forward: int = 0  # calls whose bf16 output held inf/NaN
+    wrong_forward: int = 0  # compared calls with a finite output further than REL_ERROR_LIMIT from float32
+    nonfinite_backward: int = 0  # calls (finite output) whose input or weight gradient held inf/NaN
+    rel_error: float = 0.0  # the worst ||bf16 - fp32|| / ||fp32|| of a finite compared output
+
+    @property
+    def faults(self) -> int:
+        return self.nonfinite_forward + self.wrong_forward + self.nonfinite_backward
+
+    @property
+    def ok(self) -> bool:
+        return self.faults == 0
+
+    def describe(self) -> str:
+        layout = ", channels_last" if self.channels_last else ""
+        shape = "x".join(str(s) for s in self.shape)
+        if self.ok:
+            return f"{self.name} on {shape}{layout}: ok ({self.calls} calls, relative error {self.rel_error:.1g})"
+        return (f"{self.name} on {shape}{layout}: FAULT in {self.faults} of {self.calls} calls "
+                f"({self.nonfinite_forward} non-finite outputs, {self.wrong_forward} wrong of {self.compared} "
+                f"compared with float32, {self.nonfinite_backward} non-finite gradients)")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "channels_last": self.channels_last,
+                "calls": self.calls, "compared": self.compared, "nonfinite_forward": self.nonfinite_forward,
+                "wrong_forward": self.wrong_forward, "nonfinite_backward": self.nonfinite_backward,
+                "rel_error": self.rel_error, "ok": self.ok}
+
+
+def _all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
+
+
+def check_bf16_kernel(module: torch.nn.Module, shape: tuple, calls: int = 3, channels_last: bool = False,
+                      backward: bool = True, compare: int = 1, name: str = "", seconds: Optional[float] = None,
+                      generator: Optional[torch.Generator] = None, device: torch.device | str = "cpu") -> KernelCheck:
+    """Run ``module`` on ``calls`` fresh inputs of ``shape`` (ReLU of a normal draw, as after a
+    block) in bf16 autocast, with the backward pass when ``backward``; the first ``compare``
+    calls are also run in float32 and compared. ``seconds`` stops earlier. Draws from
+    ``generator`` (not the global RNG) and never touches the module's ``.grad`` fields
+    (gradients come from ``torch.autograd.grad``)."""
+    import time
+
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(0) if generator is None else generator
+    result = KernelCheck(name or type(module).__name__, tuple(int(s) for s in shape), channels_last)
+    weights = [p for p in module.parameters(recurse=False) if p.requires_grad] if backward else []
+    t0 = time.perf_counter()
+    for i in range(calls):
+        x = torch.relu(torch.randn(shape, generator=generator)).to(device)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(backward)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            y = module(x)
+        result.calls += 1
+        finite = _all_finite([y])
+        result.nonfinite_forward += not finite
+        if finite and i < compare:
+            with torch.no_grad():
+                ref = module(x.detach()).float()
+                err = float((y.detach().float() - ref).norm() / ref.norm().clamp_min(1e-12))
+            result.compared += 1
+            result.rel_error = max(result.rel_error, err)
+            result.wrong_forward += not err <= REL_ERROR_LIMIT
+        if finite and backward:
+            g = torch.randn(y.shape, generator=generator).to(device=device, dtype=y.dtype)
+            grads = torch.autograd.grad(y, [x, *weights], grad_outputs=g, allow_unused=True)
+            result.nonfinite_backward += not _all_finite(grads)
+        if seconds is not None and time.perf_counter() - t0 > seconds:
+            break
+    return result

@@ -1,7 +1,7 @@
 """Command line: a thin shell over the Python API.
 
 Each area registers its commands in its own module (``data``, ``metrics``, ``model``,
-``train``, ``evaluate``, ``viz``, ``deploy``, ``robustness``; :data:`COMMANDS` says which);
+``train``, ``evaluate``, ``viz``, ``deploy``, ``robustness``, ``doctor``; :data:`COMMANDS` says which);
 this module orders them into the groups of ``attnreid --help``. The modules are loaded
 lazily: a command line loads only the module of the command it names (all of them for
 ``--help`` or a name to correct), so ``attnreid --version`` and ``attnreid metrics`` never
@@ -39,6 +39,7 @@ COMMANDS = {
     "export": "deploy",
     "index": "deploy",
     "search": "deploy",
+    "doctor": "doctor",
 }
 
 
@@ -65,7 +66,7 @@ PANELS = (
     ("Train and evaluate", ("train", "eval", "extract", "metrics", "demo")),
     ("Analysis", ("compare", "report", "explain", "robustness", "model-info")),
     ("Deploy", ("export", "index", "search")),
-    ("Other", ("version",)),
+    ("Other", ("doctor", "version")),
 )
 
 

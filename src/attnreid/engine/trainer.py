@@ -39,6 +39,7 @@ from attnreid.config import Config, load_config, save_config, to_dict
 from attnreid.data.splits import hold_out_validation, limit_identities
 from attnreid.distributed import (DistContext, broadcast_parameters, mark_loop_started, unused_classifiers,
                                   wrap_ddp)
+from attnreid.engine.amp_guard import AmpGuard
 from attnreid.engine.build import build_eval_dataset, load_weights, resolve_device
 from attnreid.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from attnreid.engine.hooks import (RUN_DIRS, BudgetHook, CheckpointHook, DiagnosticsHook, EvalHook, Hook,
@@ -157,7 +158,8 @@ def to_float32(outputs: Any) -> Any:
 
 def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                pids: torch.Tensor, autocast_ctx, scaler, grad_clip: float, params: Sequence[torch.Tensor],
-               state: TrainState, center_opt: Optional[torch.optim.Optimizer] = None, center_weight: float = 0.0):
+               state: TrainState, center_opt: Optional[torch.optim.Optimizer] = None, center_weight: float = 0.0,
+               check=None):
     """One optimiser step; returns ``(total loss, terms)`` (the NaN/inf check is a hook).
 
     Only the model's forward runs under ``autocast_ctx``; its outputs are cast to float32
@@ -169,6 +171,9 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
     :func:`~attnreid.engine.optim.step_centers` (on the unweighted loss's gradient, averaged
     over the ranks under DDP, through the same loss scaler). ``params`` (what
     ``grad_clip`` clips) are the main optimiser's, so the clip never sees the centres.
+
+    ``check(total)`` (the bf16 step guard, engine/amp_guard.py) is asked after the backward
+    pass; when it says False no optimiser steps and None is returned.
     """
     with autocast_ctx():
         outputs = model(images)
@@ -182,6 +187,8 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
         if scaler is not None:
             scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if check is not None and not check(total.detach()):
+        return None
     if scaler is not None:
         scaler.step(optimizer)
     else:
@@ -221,6 +228,8 @@ class Trainer:
         for h in hooks:
             h.trainer = self
             self.hooks.append(h)
+        # the bf16 kernel-fault guard, when one is among the hooks: it also wraps each step
+        self.amp_guard: Optional[AmpGuard] = next((h for h in self.hooks if isinstance(h, AmpGuard)), None)
 
     def call(self, event: str) -> None:
         for h in self.hooks:
@@ -275,9 +284,14 @@ class Trainer:
         pids = torch.as_tensor(batch[1]).to(self.device, non_blocking=True)
         if tc.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        total, terms = train_step(self.net, self.criterion, self.optimizer, images, pids, self.precision.autocast,
-                                  self.scaler, self.cfg.optim.grad_clip, self.params, s,
-                                  center_opt=self.center_opt, center_weight=self.cfg.loss.center_weight)
+
+        def one_step(autocast, check):
+            return train_step(self.net, self.criterion, self.optimizer, images, pids, autocast, self.scaler,
+                              self.cfg.optim.grad_clip, self.params, s, center_opt=self.center_opt,
+                              center_weight=self.cfg.loss.center_weight, check=check)
+
+        guard = self.amp_guard
+        total, terms = guard.run_step(one_step) if guard is not None else one_step(self.precision.autocast, None)
         s.step += 1
         s.epoch_steps += 1
         # The whole step's loss, averaged over the ranks: what log.jsonl shows, and a NaN on
@@ -308,6 +322,8 @@ class Trainer:
                 out["rng_ranks"] = rank_rngs
             if self.scaler is not None:
                 out["scaler"] = self.scaler.state_dict()
+            if self.amp_guard is not None:
+                out["amp_guard"] = self.amp_guard.state_dict()
         return out
 
     def save(self, name: str, full: bool, gather_rng: bool = True, **kwargs: Any) -> Optional[Path]:
@@ -446,11 +462,13 @@ def _train(cfg: Config, run_dir: Path, dist: DistContext, resume: bool, hooks: S
     # fp16's narrow range needs loss scaling; bf16 has float32's range and does not.
     scaler = torch.amp.GradScaler("cuda") if precision.dtype == torch.float16 and device.type == "cuda" else None
 
+    amp_guard = AmpGuard(precision, tc.amp_fallback_after)  # bf16 kernel faults (engine/amp_guard.py)
+
     state = TrainState(run_dir=run_dir)
     notes: List[str] = []
     if resume:
         notes = _restore(run_dir / "checkpoints" / "last.pth", cfg, model, criterion, optimizer, center_opt,
-                         scheduler, scaler, state, dist)
+                         scheduler, scaler, state, dist, amp_guard)
     # DDP makes the ranks' model weights rank 0's, but the criterion is not wrapped: its centres
     # were drawn from each rank's own seed (or come fresh from an old checkpoint).
     broadcast_parameters(center_parameters(criterion))
@@ -481,7 +499,7 @@ def _train(cfg: Config, run_dir: Path, dist: DistContext, resume: bool, hooks: S
     logging = LoggingHook({"train_ids": num_classes, "train_images": len(dataset.train),
                            "val_ids": cfg.data.val_ids, "epoch_mode": cfg.data.epoch_mode})
     checkpoints = CheckpointHook()
-    loop_hooks: List[Hook] = [NonFiniteLossGuard(), logging]
+    loop_hooks: List[Hook] = [NonFiniteLossGuard(), logging, amp_guard]
     if get_spec(cfg.model.name).head_diagnostics:
         loop_hooks.append(DiagnosticsHook(cfg.loss.acm_gamma, cfg.loss.fdrt_form))
     loop_hooks.append(EvalHook(eval_dataset, val_dataset, tc.eval_every))
@@ -515,7 +533,7 @@ def _train(cfg: Config, run_dir: Path, dist: DistContext, resume: bool, hooks: S
         "status": status, "epoch": state.epochs_done, "step": state.step, "run_dir": str(run_dir),
         "best_val_mAP": state.best["mAP"] if val_dataset is not None else None,
         "best_epoch": state.best["epoch"] if val_dataset is not None else None,
-        "precision": precision.name,
+        "precision": precision.name, "amp_guard": amp_guard.state_dict(),
         "train_seconds": round(time.perf_counter() - t_run, 2),
         "img_per_s": round(logging.img_per_s(), 2),
         "data_wait": round(logging.data_wait(), 4),
@@ -525,7 +543,7 @@ def _train(cfg: Config, run_dir: Path, dist: DistContext, resume: bool, hooks: S
 
 def _restore(path: Path, cfg: Config, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
              center_opt: Optional[torch.optim.Optimizer], scheduler: WarmupStepScheduler, scaler: Any,
-             state: TrainState, dist: DistContext) -> List[str]:
+             state: TrainState, dist: DistContext, amp_guard: Optional[AmpGuard] = None) -> List[str]:
     """Load ``last.pth`` into the model, criterion (centres), optimisers, schedule, scaler, RNGs
     and ``state``; return the notes to print (an old checkpoint's fresh centres).
 
@@ -585,6 +603,8 @@ def _restore(path: Path, cfg: Config, model: nn.Module, criterion: nn.Module, op
             scaler.load_state_dict(ckpt["scaler"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"checkpoint {path}: its schedule state does not fit ({type(exc).__name__}: {exc})") from None
+    if amp_guard is not None:
+        amp_guard.load_state_dict(ckpt.get("amp_guard") or {})
     state.epochs_done = state.epoch = ckpt["epoch"]
     state.step = state.epoch_start_step = ckpt["step"]
     metrics = ckpt.get("metrics") if isinstance(ckpt.get("metrics"), dict) else {}
