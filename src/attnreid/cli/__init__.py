@@ -17,7 +17,7 @@ from typer.core import TyperCommand
 from typer.models import OptionInfo, ParameterInfo
 
 from attnreid.cli._app import Command, OrderedGroup, app
-from attnreid.cli import compare, data, deploy, evaluate, metrics, model, robustness, train, viz  # noqa: F401  (register commands)
+from attnreid.cli import calibrate, compare, data, deploy, evaluate, metrics, model, robustness, train, viz  # noqa: F401  (register commands)
 from attnreid.errors import AttnReidError
 
 
@@ -37,7 +37,7 @@ PANELS = (
     ("Data", ("data",)),
     ("Train and evaluate", ("train", "eval", "extract", "metrics", "demo")),
     ("Analysis", ("compare", "report", "explain", "robustness", "model-info")),
-    ("Deploy", ("export", "index", "search")),
+    ("Deploy", ("calibrate", "export", "index", "search")),
     ("Other", ("version",)),
 )
 

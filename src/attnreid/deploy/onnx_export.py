@@ -14,7 +14,14 @@ opset 18 or newer whatever it is asked (below 18 it keeps 18), so an older opset
 exported with the TorchScript exporter (opsets 7 to 20); every file's opset is read back
 and one that differs from the requested opset is never kept. Then :func:`check_onnx` runs
 the file in onnxruntime on a random batch whose size differs from the export batch (so a
-batch size frozen into the graph is caught) and compares every output with PyTorch.
+batch size frozen into the graph is caught) and compares every output with PyTorch;
+``attnreid export`` checks batches of 1, 7 and 64 (:data:`CONTRACT_BATCHES`): a BatchNorm
+left in training mode (torchreid issue 585) makes the outputs depend on the batch, and a
+reshape that baked the export batch fails or differs at the other sizes.
+
+:func:`inference_contract` is what the file's metadata says about its input and output
+(docs/deployment.md, "The inference contract"): a program that reads it (examples/onnx_only.py)
+needs nothing else to compute the same features.
 """
 
 from __future__ import annotations
@@ -44,7 +51,55 @@ TORCHSCRIPT_MAX_OPSET = 20
 GRID_SAMPLE_OPSET = 16  # GridSample entered the ONNX standard in opset 16
 EXPORT_BATCH = 2
 CHECK_BATCH = 3
+CONTRACT_BATCHES = (1, 7, 64)  # what `attnreid export` verifies: one, an odd size, a large batch
 REL_TOLERANCE = 1e-4
+CONTRACT_VERSION = 1
+
+
+def inference_contract(model_name: str, feature_dim: int, input_size: Sequence[int], mean: Sequence[float],
+                       std: Sequence[float], l2_normalized: bool, metric: str, config_hash: str,
+                       weights_hash: str) -> Dict[str, str]:
+    """The ONNX metadata of an exported model: everything a runtime needs to feed it and read it.
+
+    Normalisation stays outside the graph (the graph takes what ``FeatureExtractor.preprocess``
+    returns), as BoxMOT's and deep-sort's ONNX embedders feed their models: a caller that
+    normalises and a graph that normalises again would give wrong features silently
+    (fast-reid issue 177). Values are strings; lists are JSON.
+    """
+    import json
+
+    height, width = (int(v) for v in input_size)
+    return {
+        "attnreid_contract": str(CONTRACT_VERSION),
+        "input_name": "images",
+        "input_dtype": "float32",
+        "input_layout": "NCHW",
+        "input_shape": f"[batch, 3, {height}, {width}]",
+        "input_height": str(height),
+        "input_width": str(width),
+        "input_channel_order": "RGB",
+        "input_resize": "bilinear, anti-aliased when shrinking (Pillow BILINEAR on float pixels), to exactly "
+                        f"{height}x{width}; the aspect ratio is not kept, nothing is padded",
+        "input_scale": repr(1.0 / 255.0),
+        "input_value_range": "RGB pixels 0..255 times input_scale (0..1), then (x - input_mean) / input_std per channel",
+        "input_mean": json.dumps([float(m) for m in mean]),
+        "input_std": json.dumps([float(s) for s in std]),
+        "normalization": "outside the graph",
+        "output_name": "feature",
+        "output_shape": f"[batch, {int(feature_dim)}]",
+        "output_dim": str(int(feature_dim)),
+        "output_l2_normalized": "true" if l2_normalized else "false",
+        "metric": metric,
+        "dynamic_batch": "true",
+        # the names attnreid recorded before the contract, kept for readers of older files
+        "model": model_name,
+        "feature_dim": str(int(feature_dim)),
+        "config_hash": config_hash,
+        "weights_hash": weights_hash,
+        "input_size": f"{height}x{width}",
+        "mean": str([float(m) for m in mean]),
+        "std": str([float(s) for s in std]),
+    }
 
 
 def flatten_outputs(outputs: Dict[str, Any]) -> List[Tuple[str, torch.Tensor]]:
@@ -195,7 +250,10 @@ def check_onnx(path: str | Path, model: nn.Module, input_size: Sequence[int], at
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the same CPU budget as the PyTorch side
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    try:
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    except Exception as exc:  # onnxruntime reports a shape baked into the graph as a runtime failure
+        raise AttnReidError(f"ONNX file {path} fails in onnxruntime at batch {batch}: {_first_line(exc)}") from None
     names = [o.name for o in session.get_outputs()]
     if len(got) != len(refs):
         raise AttnReidError(f"ONNX file {path} has {len(got)} outputs but the model gives {len(refs)}")
@@ -217,12 +275,14 @@ def check_onnx(path: str | Path, model: nn.Module, input_size: Sequence[int], at
 
 def export_onnx(model: nn.Module, out: str | Path, input_size: Sequence[int], opset: Optional[int] = None,
                 attention: bool = False, check: bool = True, tolerance: float = REL_TOLERANCE,
-                metadata: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                metadata: Optional[Dict[str, Any]] = None,
+                check_batches: Sequence[int] = (CHECK_BATCH,)) -> Dict[str, Any]:
     """Export ``model`` (eval mode) to ``out`` and verify it; return a report dict.
 
-    ``metadata`` (e.g. model name, config hash, mean/std) is stored as the ONNX model's
-    ``metadata_props``. A relative difference >= ``tolerance`` raises a one-line
-    :class:`AttnReidError` (the file is left in place for inspection).
+    ``metadata`` (e.g. :func:`inference_contract`) is stored as the ONNX model's
+    ``metadata_props``. The file is compared with PyTorch at each of ``check_batches``; a
+    relative difference >= ``tolerance`` raises a one-line :class:`AttnReidError` (the file
+    is left in place for inspection).
     """
     out = Path(out)
     model = model.eval()
@@ -262,19 +322,25 @@ def export_onnx(model: nn.Module, out: str | Path, input_size: Sequence[int], op
                               "inputs": ["images"], "outputs": names, "export_batch": EXPORT_BATCH,
                               "input_size": list(input_size), "export_seconds": round(time.perf_counter() - t0, 2)}
     if check:
-        report.update(verify_onnx(out, model, input_size, attention, tolerance))
+        report.update(verify_onnx(out, model, input_size, attention, tolerance, check_batches))
     return report
 
 
 def verify_onnx(path: str | Path, model: nn.Module, input_size: Sequence[int], attention: bool = False,
-                tolerance: float = REL_TOLERANCE) -> Dict[str, Any]:
-    """:func:`check_onnx`, raising one line when the relative difference is >= ``tolerance``."""
-    diff = check_onnx(path, model, input_size, attention)
-    if diff["rel_diff"] >= tolerance:
-        raise AttnReidError(f"ONNX check failed for {path}: onnxruntime differs from PyTorch by "
-                            f"{diff['rel_diff']:.2e} relative (max abs {diff['max_abs_diff']:.2e}); "
-                            f"tolerance {tolerance:.0e}")
-    return diff
+                tolerance: float = REL_TOLERANCE, batches: Sequence[int] = (CHECK_BATCH,)) -> Dict[str, Any]:
+    """:func:`check_onnx` at each batch size, raising one line when a relative difference is >=
+    ``tolerance``. Returns the worst batch's numbers, plus ``check_batches`` and ``per_batch``."""
+    per_batch = {}
+    for batch in batches:
+        diff = check_onnx(path, model, input_size, attention, batch=batch)
+        per_batch[int(batch)] = {"max_abs_diff": diff["max_abs_diff"], "rel_diff": diff["rel_diff"]}
+        if diff["rel_diff"] >= tolerance:
+            raise AttnReidError(f"ONNX check failed for {path} at batch {batch}: onnxruntime differs from PyTorch "
+                                f"by {diff['rel_diff']:.2e} relative (max abs {diff['max_abs_diff']:.2e}); "
+                                f"tolerance {tolerance:.0e}")
+        if diff["rel_diff"] >= max(v["rel_diff"] for v in per_batch.values()):
+            worst = diff
+    return {**worst, "check_batches": [int(b) for b in batches], "per_batch": per_batch}
 
 
 def _write_metadata(path: Path, metadata: Dict[str, Any]) -> None:
