@@ -179,6 +179,7 @@ def test_onnx_only_reproduces_extract(exported):
         assert cos.mean() >= 0.9999, (batch, cos.min(), cos.mean())
 
 
+@pytest.mark.filterwarnings("ignore")  # the legacy exporter's deprecation notices
 def test_example_refuses_a_model_without_contract(tmp_path):
     path = tmp_path / "plain.onnx"
     torch.onnx.export(torch.nn.Flatten(), (torch.randn(1, 3, 4, 4),), str(path), dynamo=False,

@@ -230,6 +230,29 @@ def test_crops_without_cameras_check_train_evaluate(synthetic_root, tmp_path):
     from attnreid.data.datasets import base
 
     base._warned_cameras.clear()  # once per process: the CLI runs in this one
-    code, out, err = run_cli(["eval", config, "--checkpoint", tmp_path / "run" / "checkpoints" / "best.pth", "--json"])
+    best = tmp_path / "run" / "checkpoints" / "best.pth"
+    code, out, err = run_cli(["eval", config, "--checkpoint", best, "--json"])
     assert code == 0 and json.loads(out)["num_valid_queries"] == saved["num_query"], err
     assert "not comparable" in err
+    folder_metrics = json.loads(out)
+
+    # the same crops as a list file (camid empty), evaluated as a second data set: the same numbers
+    rows = [(str(Path(p).relative_to(root)), pid, "", split) for split in ("query", "gallery")
+            for p, pid, _ in getattr(build_dataset("folder", root), split)]
+    lst = write_list(root / "crops.tsv", rows, sep="\t")
+    code, out, err = run_cli(["eval", config, "eval.dataset=list", f"eval.root={lst}", "--checkpoint", best, "--json"])
+    assert code == 0, err
+    as_list = json.loads(out)
+    assert as_list["dataset"] == "list" and as_list["mAP"] == pytest.approx(folder_metrics["mAP"], abs=1e-6)
+
+    # extract keeps the pseudo-cameras, so `attnreid metrics` scores the file like eval
+    code, _, err = run_cli(["extract", config, "--checkpoint", best, "--split", "query", "--split", "gallery",
+                            "--out", tmp_path / "f.npz"])
+    assert code == 0, err
+    code, out, err = run_cli(["metrics", tmp_path / "f.npz", "--json"])
+    assert code == 0 and json.loads(out)["mAP"] == pytest.approx(folder_metrics["mAP"], abs=1e-4), err
+
+    # robustness runs on it too
+    code, out, err = run_cli(["robustness", config, "--checkpoint", best, "--levels", "0,30", "--kinds", "block",
+                              "--positions", "top", "--out", tmp_path / "rob", "--json"])
+    assert code == 0, err

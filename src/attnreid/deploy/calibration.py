@@ -190,8 +190,8 @@ def resolve_threshold(cal: Optional[Dict[str, Any]], fpr: Optional[float], thres
     if threshold is not None:
         return float(threshold), {"threshold": float(threshold), "source": "given"}
     if cal is None:
-        raise AttnReidError(f"--fpr needs a calibration, and {where} has none: run 'attnreid calibrate' and "
-                            f"rebuild the index, or give --threshold")
+        raise AttnReidError(f"--fpr needs a calibration, and {where} has none: run 'attnreid calibrate' (an index "
+                            f"gets it from 'index build'), or give --threshold")
     t, point = threshold_for(cal, float(fpr))
     return t, {**point, "source": "calibration"}
 

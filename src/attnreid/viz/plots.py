@@ -220,18 +220,22 @@ def plot_calibration(cal: Mapping, out_path: str | Path, title: Optional[str] = 
     fig, (ax_r, ax_d) = plt.subplots(1, 2, figsize=(10.0, 4.0), dpi=100)
     ax_r.plot(x, [100 * t for t in tpr], color="C0")
     ax_d.plot(x, [100 * max(1 - t, floor) for t in tpr], color="C0")
-    for p in cal.get("operating_points") or []:
+    for i, p in enumerate(cal.get("operating_points") or []):
         px = max(p["fpr"], floor)
         lo, hi = p["tpr_ci"]
+        th = "inf" if p["threshold"] is None else f"{p['threshold']:.4g}"
         ax_r.errorbar([px], [100 * p["tpr"]], yerr=[[100 * (p["tpr"] - lo)], [100 * (hi - p["tpr"])]], fmt="o",
-                      color="C3", markersize=4, capsize=3)
-        th = p["threshold"]
-        ax_r.annotate(f"FPR {p['target_fpr']:.0e}: d < {th:.3g}" if th is not None else f"FPR {p['target_fpr']:.0e}",
-                      (px, 100 * p["tpr"]), textcoords="offset points", xytext=(6, -12), fontsize=7)
+                      color=f"C{i + 1}", markersize=4, capsize=3,
+                      label=f"FPR {p['target_fpr']:.0e}: d < {th}, TPR {100 * p['tpr']:.1f} %")
+        ax_d.plot([px], [100 * max(1 - p["tpr"], floor)], "o", color=f"C{i + 1}", markersize=4)
+    if cal.get("operating_points"):
+        ax_r.legend(fontsize=7, loc="upper left")
     if cal.get("eer") is not None:
-        ax_d.plot([max(cal["eer"], floor)], [100 * max(cal["eer"], floor)], "s", color="C3", markersize=5,
+        ax_d.plot([max(cal["eer"], floor)], [100 * max(cal["eer"], floor)], "s", color="k", markersize=5,
                   label=f"EER {100 * cal['eer']:.2f} %")
-        ax_d.legend(fontsize=8, loc="upper right")
+        ax_d.legend(fontsize=8, loc="lower left")
+    fnr = [1 - t for t in tpr if 1 - t > 0]
+    ax_d.set_ylim(100 * min(fnr) / 2 if fnr else 100 * floor, 150)
     for ax in (ax_r, ax_d):
         ax.set_xscale("log")
         ax.set_xlabel("false-positive rate (different people accepted)")
