@@ -112,16 +112,22 @@ def test_calibration_file_records_feature_metric_and_data(setup):
     assert cal["bootstrap"] == {"unit": "identity", "resamples": 300, "level": 0.95, "seed": 0}
 
 
-def test_unknown_people_get_no_match_at_the_calibrated_rate(setup, tmp_path):
+@pytest.fixture(scope="module")
+def index(setup):
+    """The enrolled people's gallery, indexed with the calibration beside the checkpoint."""
+    out = setup["root"] / "idx"
+    code, stdout, err = run_cli(["index", "build", setup["gallery"], "--checkpoint", setup["ckpt"], "--out", out,
+                                 "--json"])
+    assert code == 0, err
+    assert json.loads(stdout)["calibration"] == str(setup["ckpt"].parent / "calibration.json")
+    return out
+
+
+def test_unknown_people_get_no_match_at_the_calibrated_rate(setup, index):
     cal = setup["calibration"]
     point = next(p for p in cal["operating_points"] if p["target_fpr"] == TARGET)
-    code, out, err = run_cli(["index", "build", setup["gallery"], "--checkpoint", setup["ckpt"],
-                              "--out", tmp_path / "idx", "--json"])
-    assert code == 0, err
-    assert json.loads(out)["calibration"] == str(setup["ckpt"].parent / "calibration.json")
     size = len(list(setup["gallery"].iterdir()))
-    code, out, err = run_cli(["search", tmp_path / "idx", *setup["probes"], "--fpr", TARGET, "--top-k", size,
-                              "--json"])
+    code, out, err = run_cli(["search", index, *setup["probes"], "--fpr", TARGET, "--top-k", size, "--json"])
     assert code == 0, err
     result = json.loads(out)
     assert result["threshold"] == point["threshold"]
@@ -149,9 +155,9 @@ def test_unknown_people_get_no_match_at_the_calibrated_rate(setup, tmp_path):
     assert abs(no_match - (1 - point["fpr"])) <= Z * se
 
 
-def test_python_api_verify_and_index_search(setup, tmp_path):
+def test_python_api_verify_and_index_search(setup, index):
     from attnreid import FeatureExtractor
-    from attnreid.deploy.index import GalleryIndex, build_index
+    from attnreid.deploy.index import GalleryIndex
 
     ext = FeatureExtractor(setup["ckpt"], amp="off")
     t = next(p["threshold"] for p in setup["calibration"]["operating_points"] if p["target_fpr"] == TARGET)
@@ -162,19 +168,23 @@ def test_python_api_verify_and_index_search(setup, tmp_path):
     assert verdict.distance == pytest.approx(float(((f[0] - f[1]) ** 2).sum()), rel=1e-5)
     both = ext.verify([a, a], [b, c], threshold=1e9)
     assert [v.same for v in both] == [True, True] and both[0].fpr is None
-    build_index(ext, setup["gallery"], tmp_path / "idx", progress=False,
-                calibration=setup["ckpt"].parent / "calibration.json")
-    index = GalleryIndex.load(tmp_path / "idx")
-    dist, idx, match = index.search(ext([a, c]), 5, fpr=TARGET)
+    gallery = GalleryIndex.load(index)
+    dist, idx, match = gallery.search(ext([a, c]), 5, fpr=TARGET)
     assert match.shape == (2, 5) and torch.equal(match, dist < t)
 
 
-def test_index_refuses_a_calibration_of_other_features(setup, tmp_path):
+def test_index_refuses_a_calibration_of_other_features(setup, index, tmp_path):
     other = random_checkpoint(tmp_path / "other.pth", setup["cfg"], [], seed=1)  # same config, other weights
     cal = setup["ckpt"].parent / "calibration.json"
     code, _, err = run_cli(["index", "build", setup["gallery"], "--checkpoint", other, "--calibration", cal,
                             "--out", tmp_path / "idx"])
     assert_one_line_error(code, err, "calibration", "weights_hash", "does not fit")
+    # nor does a search with other weights use the index's calibration, nor a resumed build add them
+    code, _, err = run_cli(["search", index, setup["probes"][0], "--fpr", TARGET, "--checkpoint", other])
+    assert_one_line_error(code, err, "calibration", "weights_hash", "does not fit")
+    code, _, err = run_cli(["index", "build", setup["gallery"], "--checkpoint", other, "--calibration", "",
+                            "--out", index])
+    assert_one_line_error(code, err, str(index), "other weights")
     cosine = tmp_path / "cosine.json"
     code, _, err = run_cli(["calibrate", setup["config"], "--checkpoint", setup["ckpt"], "--metric", "cosine",
                             "--resamples", 20, "--out", cosine, "data.val_ids=20"])
@@ -188,7 +198,11 @@ def test_index_refuses_a_calibration_of_other_features(setup, tmp_path):
 
 
 def test_search_messages(setup, tmp_path):
-    code, out, err = run_cli(["index", "build", setup["gallery"], "--checkpoint", setup["ckpt"], "--calibration", "",
+    few = tmp_path / "few"
+    few.mkdir()
+    for f in sorted(setup["gallery"].iterdir())[:4]:
+        shutil.copy(f, few / f.name)
+    code, out, err = run_cli(["index", "build", few, "--checkpoint", setup["ckpt"], "--calibration", "",
                               "--out", tmp_path / "idx"])
     assert code == 0 and "calibration:" not in out, err
     probe = setup["probes"][0]

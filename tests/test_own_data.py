@@ -256,3 +256,14 @@ def test_crops_without_cameras_check_train_evaluate(synthetic_root, tmp_path):
     code, out, err = run_cli(["robustness", config, "--checkpoint", best, "--levels", "0,30", "--kinds", "block",
                               "--positions", "top", "--out", tmp_path / "rob", "--json"])
     assert code == 0, err
+
+    # and calibrate, on the validation split and on a named set (here the list of the test people)
+    code, out, err = run_cli(["calibrate", config, "data.val_ids=2", "--checkpoint", best, "--resamples", 20,
+                              "--json", "--out", tmp_path / "val_cal.json"])
+    assert code == 0, err
+    assert json.loads(out)["data"]["positive_rule"] == "same identity, different file (no camera ids)"
+    code, out, err = run_cli(["calibrate", config, "--checkpoint", best, "--dataset", "list", "--root", lst,
+                              "--resamples", 20, "--json", "--out", tmp_path / "list_cal.json"])
+    assert code == 0, err
+    cal = json.loads(out)
+    assert cal["data"]["split"] == "query+gallery" and cal["images"] == len(rows)

@@ -443,6 +443,9 @@ def build_index(extractor, images_dir: str | Path, out: str | Path, camera_regex
     if (out / "meta.json").is_file():
         meta = GalleryIndex.read_meta(out)
         check_compatible(meta, extractor, out)
+        if meta.get("weights_hash") not in (None, extractor.weights_fingerprint):  # its calibration would not fit
+            raise CheckpointError(f"index {out} was built with other weights ({meta.get('checkpoint')}); "
+                                  f"use that checkpoint or another --out")
         if meta.get("camera_regex") != camera_regex:
             raise AttnReidError(f"index {out} was built with --camera-regex {meta.get('camera_regex')!r}, "
                                 f"not {camera_regex!r}; use the same one or another --out")
@@ -531,6 +534,11 @@ def search_images(index: GalleryIndex, extractor, queries: Sequence[str | Path],
     decide = fpr is not None or threshold is not None
     t = index.threshold(fpr, threshold)[0] if decide else None  # before any image is read
     index.check_model(extractor)
+    if fpr is not None:  # the calibrated threshold holds for the weights it was measured with
+        from attnreid.deploy.calibration import check_fits
+
+        check_fits(index.calibration, model_meta(extractor), f"the query model ({extractor.checkpoint})",
+                   f"of index {index.path}")
     regex = index.meta.get("camera_regex")
     cams = [parse_camera(q, regex) for q in queries]
     if exclude_same_camera:

@@ -330,16 +330,16 @@ def verify_onnx(path: str | Path, model: nn.Module, input_size: Sequence[int], a
                 tolerance: float = REL_TOLERANCE, batches: Sequence[int] = (CHECK_BATCH,)) -> Dict[str, Any]:
     """:func:`check_onnx` at each batch size, raising one line when a relative difference is >=
     ``tolerance``. Returns the worst batch's numbers, plus ``check_batches`` and ``per_batch``."""
-    per_batch = {}
+    diffs = []
     for batch in batches:
         diff = check_onnx(path, model, input_size, attention, batch=batch)
-        per_batch[int(batch)] = {"max_abs_diff": diff["max_abs_diff"], "rel_diff": diff["rel_diff"]}
         if diff["rel_diff"] >= tolerance:
             raise AttnReidError(f"ONNX check failed for {path} at batch {batch}: onnxruntime differs from PyTorch "
                                 f"by {diff['rel_diff']:.2e} relative (max abs {diff['max_abs_diff']:.2e}); "
                                 f"tolerance {tolerance:.0e}")
-        if diff["rel_diff"] >= max(v["rel_diff"] for v in per_batch.values()):
-            worst = diff
+        diffs.append(diff)
+    per_batch = {str(d["check_batch"]): {k: d[k] for k in ("max_abs_diff", "rel_diff")} for d in diffs}
+    worst = max(diffs, key=lambda d: d["rel_diff"])
     return {**worst, "check_batches": [int(b) for b in batches], "per_batch": per_batch}
 
 
