@@ -13,7 +13,7 @@ NUMERICS_FILES = {
     "test_backbones.py", "test_deploy.py", "test_deploy_export.py", "test_evaluation_onepass.py",
     "test_evaluation_properties.py",
     "test_evaluation_rank.py", "test_evaluation_rerank.py", "test_hacnn.py", "test_losses.py",
-    "test_mhsanet.py", "test_paper_mutations.py", "test_precision.py",
+    "test_mhsanet.py", "test_paper_mutations.py", "test_precision.py", "test_onnx_contract.py",
 }
 KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS")
 

@@ -30,7 +30,7 @@ def market_copy(synthetic_root: Path, tmp_path: Path) -> Path:
 def test_registry_names():
     assert set(DATASETS) == {
         "market1501", "dukemtmcreid", "cuhk03_labeled", "cuhk03_detected", "occluded_duke",
-        "p_dukemtmc", "partial_reid", "partial_ilids", "occluded_reid", "msmt17", "synthetic",
+        "p_dukemtmc", "partial_reid", "partial_ilids", "occluded_reid", "msmt17", "synthetic", "folder", "list",
     }
 
 

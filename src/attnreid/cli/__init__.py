@@ -39,6 +39,7 @@ COMMANDS = {
     "export": "deploy",
     "index": "deploy",
     "search": "deploy",
+    "calibrate": "calibrate",
     "doctor": "doctor",
 }
 
@@ -65,7 +66,7 @@ PANELS = (
     ("Data", ("data",)),
     ("Train and evaluate", ("train", "eval", "extract", "metrics", "demo")),
     ("Analysis", ("compare", "report", "explain", "robustness", "model-info")),
-    ("Deploy", ("export", "index", "search")),
+    ("Deploy", ("calibrate", "export", "index", "search")),
     ("Other", ("doctor", "version")),
 )
 

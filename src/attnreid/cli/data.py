@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -13,14 +14,15 @@ from attnreid.data.datasets import build_dataset
 from attnreid.data.datasets.base import warn_bad
 from attnreid.data.datasets.synthetic import generate_synthetic
 
-data_app = typer.Typer(help="Dataset statistics and the synthetic data set.", no_args_is_help=True)
+data_app = typer.Typer(help="Dataset statistics, checks and the synthetic data set.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
 @data_app.command("stats")
 def stats(
     name: str = typer.Argument(..., help="Dataset: market1501, dukemtmcreid, cuhk03_labeled, cuhk03_detected, "
-                               "occluded_duke, p_dukemtmc, partial_reid, partial_ilids, occluded_reid, msmt17, synthetic."),
+                               "occluded_duke, p_dukemtmc, partial_reid, partial_ilids, occluded_reid, msmt17, synthetic, "
+                               "folder (your own crops), list (a .csv/.tsv list)."),
     root: Path = typer.Option(..., "--root", help="Data root (folder or .zip), as for torchreid."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {split: {images, ids, cams}}."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images",
@@ -42,7 +44,46 @@ def stats(
     print(f"{name} ({dataset.root})")
     print(f"{'split':<8} {'images':>8} {'ids':>6} {'cams':>5}")
     for split, s in result.items():
-        print(f"{split:<8} {s['images']:>8} {s['ids']:>6} {s['cams']:>5}")
+        print(f"{split:<8} {s['images']:>8} {s['ids']:>6} {'-' if s['cams'] is None else s['cams']:>5}")
+    if not dataset.cameras_known:
+        print("no camera ids: each file is its own camera (a query's own file is left out, same-camera matches count)")
+
+
+@data_app.command("check")
+def check(
+    root: Path = typer.Argument(..., help="Data root: a folder (train/, query/, gallery/), a .csv/.tsv list, "
+                                "or a benchmark's root with --dataset."),
+    dataset_name: Optional[str] = typer.Option(
+        None, "--dataset", help="Dataset kind (default: list for a .csv/.tsv file, folder otherwise), "
+        "e.g. market1501."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: the checks with counts and examples."),
+    min_height: int = typer.Option(32, "--min-height", help="Images lower than this (pixels) are tiny."),
+    min_width: int = typer.Option(16, "--min-width", help="Images narrower than this (pixels) are tiny."),
+    skip_bad_images: bool = typer.Option(True, "--skip-bad-images/--no-skip-bad-images",
+                                         help="Count bad files and unparsable names instead of stopping at the first."),
+) -> None:
+    """Find unreadable, tiny and duplicate images and identity problems in a data set (one table)."""
+    from attnreid.data.check import check_dataset
+    from attnreid.data.datasets import build_dataset
+
+    name = dataset_name or ("list" if root.suffix.lower() in (".csv", ".tsv") else "folder")
+    dataset = build_dataset(name, str(root), skip_bad_images=skip_bad_images)
+    report = check_dataset(dataset, min_height=min_height, min_width=min_width, progress=not as_json)
+    if as_json:
+        print_json(report)
+        return
+    images = report["images"] + len(dataset.bad_images)
+    print(f"{name} ({dataset.root}): {images} images, cameras {'known' if report['cameras_known'] else 'unknown'}")
+    print(f"{'check':<20} {'count':>7}  {'status':<6} example")
+    for key, c in report["checks"].items():
+        example = c["examples"][0] if c["examples"] else ""
+        if isinstance(example, dict):
+            example = " ".join(str(v) for v in example.values())
+        elif isinstance(example, list):
+            example = " = ".join(example)
+        count = "-" if c["count"] is None else c["count"]
+        print(f"{key:<20} {count:>7}  {c['status']:<6} {example}")
+    print(f"overall: {report['status']}" + (" (--json lists up to 5 examples of each)" if report["status"] != "ok" else ""))
 
 
 @data_app.command("synth")
@@ -76,4 +117,4 @@ def synth(
     print(f"read it with: attnreid data stats market1501 --root {out}")
 
 
-__all__ = ["data_app", "stats", "synth"]
+__all__ = ["check", "data_app", "stats", "synth"]

@@ -35,7 +35,8 @@ def export(
     """Export a model to ONNX (dynamic batch) and check it against PyTorch in onnxruntime."""
     from attnreid.deploy.extractor import FeatureExtractor  # torch: imported when the command runs, not for --help
     from attnreid.engine.build import CONFIG_SUFFIXES
-    from attnreid.inference.export import check_opset, export_onnx
+    from attnreid.errors import AttnReidError
+    from attnreid.inference.export import CONTRACT_BATCHES, check_opset, export_onnx, inference_contract
 
     if config.suffix.lower() in CONFIG_SUFFIXES and checkpoint is None:
         raise AttnReidError(f"export of {config} needs --checkpoint (the trained weights)")
@@ -43,17 +44,22 @@ def export(
     check_output_path(out, "file")
     ext = FeatureExtractor(config, checkpoint=checkpoint)
     d = ext.cfg.data
-    meta = {"model": ext.model_name, "feature_dim": ext.feature_dim, "config_hash": ext.fingerprint,
-            "metric": ext.metric, "input_size": f"{d.height}x{d.width}", "mean": list(d.mean), "std": list(d.std)}
+    meta = inference_contract(ext.model_name, ext.feature_dim, ext.input_size, d.mean, d.std,
+                              bool(ext.cfg.model.feature_norm), ext.metric, ext.fingerprint, ext.weights_fingerprint)
     report = export_onnx(ext.model, out, ext.input_size, opset=opset, attention=attention,
-                         tolerance=tolerance, metadata=meta)
+                         tolerance=tolerance, metadata=meta, check_batches=CONTRACT_BATCHES)
+    report["contract"] = meta
     if json_out:
         print_json(report)
         return
     print(f"wrote {report['onnx']} ({report['model']}, {report['exporter']} exporter, opset {report['opset']}, "
           f"outputs: {', '.join(report['outputs'])})")
-    print(f"check: onnxruntime vs PyTorch on a batch of {report['check_batch']}: max abs diff "
-          f"{report['max_abs_diff']:.2e}, relative {report['rel_diff']:.2e} (< {tolerance:.0e}: ok)")
+    worst = max(v["rel_diff"] for v in report["per_batch"].values())
+    print(f"check: onnxruntime vs PyTorch at batch {', '.join(map(str, report['check_batches']))}: max abs diff "
+          f"{report['max_abs_diff']:.2e}, relative {worst:.2e} (< {tolerance:.0e}: ok)")
+    print(f"contract: input '{meta['input_name']}' float32 NCHW RGB {meta['input_height']}x{meta['input_width']}, "
+          f"x/255 then (x - mean) / std outside the graph; output '{meta['output_name']}' {meta['output_dim']}-d, "
+          f"{'L2-normalised' if meta['output_l2_normalized'] == 'true' else 'not L2-normalised'} ({meta['metric']})")
 
 
 def _check_amp(amp: Optional[str]) -> None:
@@ -75,6 +81,9 @@ def index_build(
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N."),
     amp: Optional[str] = typer.Option(None, "--amp", help=AMP_HELP),
     backend: Optional[str] = typer.Option(None, "--backend", help=INFER_BACKEND_HELP),
+    calibration: Optional[str] = typer.Option(
+        None, "--calibration", help="calibration.json of this model for 'search --fpr' (default: the one beside the "
+        "checkpoint, when there is one; '' for none). One made with other features is refused."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
     """Extract features of every image in a folder into a resumable index."""
@@ -93,14 +102,21 @@ def index_build(
                                amp=amp, backend=backend)
     else:
         ext = FeatureExtractor(checkpoint, device=dev, batch_size=batch_size, flip=flip, amp=amp, backend=backend)
+    if calibration is None:
+        from attnreid.deploy.calibration import default_path
+
+        found = default_path(checkpoint)
+        calibration = str(found) if found.is_file() else ""
     summary = build_index(ext, images_dir, out, camera_regex=camera_regex, shard_size=shard_size,
-                          progress=not json_out)
+                          progress=not json_out, calibration=calibration or None)
     if json_out:
         print_json(summary)
         return
     print(f"index {summary['index']}: {summary['num_vectors']} images ({summary['added']} added, "
           f"{summary['already_indexed']} already indexed, {len(summary['skipped'])} skipped) "
           f"in {summary['seconds']:.1f} s")
+    if summary.get("calibration"):
+        print(f"calibration: {summary['calibration']} ('attnreid search --fpr' can decide same person or not)")
     for item in summary["skipped"]:
         print(f"skipped {item['path']}: {item['error']}")
 
@@ -122,6 +138,10 @@ def search(
     config: Optional[Path] = typer.Option(None, "--config", help="Config to go with --checkpoint."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N."),
     amp: Optional[str] = typer.Option(None, "--amp", help=AMP_HELP),
+    fpr: Optional[float] = typer.Option(
+        None, "--fpr", help="Mark each hit as a match when its distance is below the threshold the index's "
+        "calibration gives for this false-positive rate (e.g. 1e-3); 'no match' when none is."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="As --fpr, with a distance threshold."),
 ) -> None:
     """Rank the indexed gallery for each query image (distances: smaller is closer)."""
     from attnreid.deploy.extractor import FeatureExtractor  # torch: imported when the command runs, not for --help
@@ -134,6 +154,9 @@ def search(
         raise AttnReidError(f"--faiss-index is {faiss_index!r}; expected one of: {', '.join(FAISS_KINDS)}")
     dev = device_option(device)
     gallery = GalleryIndex.load(index)
+    decide = fpr is not None or threshold is not None
+    if decide:
+        gallery.threshold(fpr, threshold)  # a bad --fpr / missing calibration before the model loads
     ckpt = checkpoint or gallery.meta.get("checkpoint")
     if ckpt is None:
         raise AttnReidError(f"index {index} records no checkpoint; pass --checkpoint")
@@ -144,14 +167,23 @@ def search(
         ext = FeatureExtractor(ckpt, device=dev, flip=flip, amp=amp)
     results = search_images(gallery, ext, [str(q) for q in queries], k=top_k,
                             exclude_same_camera=exclude_same_camera, backend=backend, faiss_index=faiss_index,
-                            faiss_params=FaissParams(nprobe=nprobe, ef_search=ef_search))
+                            faiss_params=FaissParams(nprobe=nprobe, ef_search=ef_search), fpr=fpr,
+                            threshold=threshold)
     if json_out:
         print_json({"index": str(index), "metric": gallery.meta["metric"], "backend": backend,
-                    "faiss_index": faiss_index if backend == "faiss" else None, "top_k": top_k, "queries": results})
+                    "faiss_index": faiss_index if backend == "faiss" else None, "top_k": top_k,
+                    **({"fpr": fpr, "threshold": results[0]["threshold"]} if decide and results else {}),
+                    "queries": results})
         return
     metric = gallery.meta["metric"]
+    rule = ""
+    if decide and results:
+        rule = f"; match: distance < {results[0]['threshold']:.4g}" + (f" (calibrated FPR {fpr:g})" if fpr else "")
     for res in results:
         cam = f" (camera {res['camera']})" if res["camera"] >= 0 else ""
-        print(f"query {res['query']}{cam}: top {len(res['results'])} of {len(gallery)} by {metric}")
+        print(f"query {res['query']}{cam}: top {len(res['results'])} of {len(gallery)} by {metric}{rule}")
+        if decide and res["decision"] == "no match":
+            print("  no match")
         for r in res["results"]:
-            print(f"  {r['rank']:>4}  {r['distance']:.4f}  {r['path']}")
+            mark = ("  match" if r["match"] else "  -") if decide else ""
+            print(f"  {r['rank']:>4}  {r['distance']:.4f}  {r['path']}{mark}")

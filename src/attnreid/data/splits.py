@@ -11,6 +11,7 @@ evaluated like a benchmark's query/gallery:
 - per held-out identity, one image per camera (drawn with the same seed) is a query and
   every other image of that identity is in the gallery, so each query has a same-identity
   gallery image in another camera (Market protocol: same identity and camera is ignored);
+  a set without cameras (per-file pseudo-cameras) has one query per held-out identity;
 - the validation pids are the identities' training labels + 1 (0 is the Market
   distractor label), and the remaining training identities are relabelled 0..C-1.
 
@@ -42,6 +43,7 @@ def hold_out_validation(dataset: ReIDDataset, num_ids: int) -> Tuple[ReIDDataset
     if num_ids <= 0:
         return dataset, None
     groups = _by_pid(list(dataset.train))
+    # Without cameras (per-file pseudo-cameras) any identity with two images can be matched.
     eligible = sorted(pid for pid, items in groups.items() if len({cam for _, _, cam in items}) >= 2)
     if len(eligible) < num_ids or len(groups) - num_ids < 2:
         raise DataError(
@@ -56,7 +58,10 @@ def hold_out_validation(dataset: ReIDDataset, num_ids: int) -> Tuple[ReIDDataset
         by_cam: Dict[int, List[int]] = {}
         for i, (_, _, cam) in enumerate(items):
             by_cam.setdefault(cam, []).append(i)
-        chosen = {int(rng.choice(idx)) for _, idx in sorted(by_cam.items())}
+        if getattr(dataset, "cameras_known", True):
+            chosen = {int(rng.choice(idx)) for _, idx in sorted(by_cam.items())}
+        else:  # one query per identity: a query per pseudo-camera would leave no gallery
+            chosen = {int(rng.integers(len(items)))}
         for i, (path, _, cam) in enumerate(items):
             (query if i in chosen else gallery).append((path, pid + 1, cam))
     train = [item for item in dataset.train if item[1] not in held]
@@ -78,6 +83,9 @@ def _with_train(dataset: ReIDDataset, train: List[Item]) -> ReIDDataset:
     import copy
 
     out = copy.copy(dataset)
+    kept = sorted({pid for _, pid, _ in train})
+    source = getattr(dataset, "train_source_pids", None)
+    out.train_source_pids = [source[p] for p in kept] if source else kept
     out.train = relabel(train)
     return out
 
@@ -86,4 +94,6 @@ def _validation_set(dataset: ReIDDataset, num_ids: int, query: List[Item], galle
     val = ReIDDataset([], query, gallery, root=dataset.root)
     val.name = f"{dataset.name}-val{num_ids}"
     val.protocol = "market"
+    val.cameras_known = getattr(dataset, "cameras_known", True)
+    val.distractor_pid = None  # validation pids are training labels + 1, every one a person
     return val

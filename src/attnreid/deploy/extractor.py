@@ -24,7 +24,7 @@ are the ones ``attnreid eval`` computes.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Iterable, Iterator, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,16 @@ from attnreid.precision import Precision
 
 MAX_BATCH = 4096  # as data.test_batch_size
 
+
+
+class Verdict(NamedTuple):
+    """The answer of :meth:`FeatureExtractor.verify`: ``same`` when ``distance < threshold``;
+    ``fpr`` is the calibrated false-positive rate of that threshold (None for a given threshold)."""
+
+    same: bool
+    distance: float
+    threshold: float
+    fpr: Optional[float]
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -225,6 +235,59 @@ class FeatureExtractor:
         return torch.cat(feats)
 
     extract = __call__
+
+    # -- verification ----------------------------------------------------------------------
+
+    @property
+    def weights_fingerprint(self) -> str:
+        """A hash of the model's weights (:func:`attnreid.deploy.calibration.weights_fingerprint`)."""
+        if getattr(self, "_weights_hash", None) is None:
+            from attnreid.deploy.calibration import weights_fingerprint
+
+            self._weights_hash = weights_fingerprint(self.model)
+        return self._weights_hash
+
+    @property
+    def calibration(self) -> Optional[dict]:
+        """The calibration :meth:`verify` uses: set it, or ``calibration.json`` beside the checkpoint
+        is read on first use (it must have been made with this model's features)."""
+        if getattr(self, "_calibration", None) is None and self.checkpoint is not None:
+            from attnreid.deploy.calibration import default_path
+
+            if default_path(self.checkpoint).is_file():
+                self.calibration = default_path(self.checkpoint)
+        return getattr(self, "_calibration", None)
+
+    @calibration.setter
+    def calibration(self, value: "str | Path | dict | None") -> None:
+        from attnreid.deploy.calibration import check_fits, load_calibration
+        from attnreid.deploy.index import model_meta
+
+        cal = load_calibration(value) if isinstance(value, (str, Path)) else value
+        if cal is not None:
+            check_fits(cal, model_meta(self), f"this extractor's model ({self.checkpoint})",
+                       str(value) if isinstance(value, (str, Path)) else "given")
+        self._calibration = cal
+
+    def verify(self, a: Any, b: Any, fpr: Optional[float] = None, threshold: Optional[float] = None):
+        """Same person or not: ``a`` and ``b`` are two images (anything ``__call__`` takes) or two
+        equally long lists of them. The pair is the same person when its distance (the model's
+        metric) is below the threshold: ``threshold`` as given, or the calibration's for the
+        false-positive rate ``fpr`` (:attr:`calibration`). Returns a :class:`Verdict` (a list of
+        them for lists)."""
+        from attnreid.deploy.calibration import resolve_threshold
+
+        t, info = resolve_threshold(self.calibration if fpr is not None else None, fpr, threshold,
+                                    f"the checkpoint {self.checkpoint}")
+        single = not isinstance(a, (list, tuple))
+        fa, fb = self(a), self(b)
+        if fa.shape[0] != fb.shape[0]:
+            raise DataError(f"verify needs as many images in a as in b, got {fa.shape[0]} and {fb.shape[0]}")
+        if self.metric == "cosine":  # 1 - cos, from differences as the index computes its winners
+            fa, fb = torch.nn.functional.normalize(fa, dim=1), torch.nn.functional.normalize(fb, dim=1)
+        d = (fa - fb).pow(2).sum(1) * (0.5 if self.metric == "cosine" else 1.0)
+        out = [Verdict(float(x) < t, float(x), t, info.get("target_fpr")) for x in d.tolist()]
+        return out[0] if single else out
 
     def __repr__(self) -> str:
         return (f"FeatureExtractor(model={self.model_name!r}, feature_dim={self.feature_dim}, "

@@ -6,6 +6,8 @@ An index is a folder::
     INDEX/shard-00000.npz    features (n x D float32), paths (n,), camids (n,) -- one per chunk
     INDEX/skipped.json       images that could not be read in the latest build run
     INDEX/faiss/*.faiss      cached faiss indexes (rebuilt when the gallery grows)
+    INDEX/calibration.json   the model's calibration (attnreid calibrate), when the build had one:
+                             search(..., fpr=) marks each hit as the same person or not
 
 Shards are written as the build goes (atomically), so an interrupted build resumes where
 it stopped: a re-run skips every image already in a shard. A new shard takes the number
@@ -47,6 +49,7 @@ INDEX_VERSION = 1
 DEFAULT_CAMERA_REGEX = r"_c(\d+)"  # Market-1501 / DukeMTMC names: 0001_c1s1_001051_00.jpg
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 FAISS_KINDS = ("flat", "ivf", "hnsw")
+CALIBRATION_FILE = "calibration.json"
 
 
 # -- distances and exact search ----------------------------------------------------------
@@ -405,6 +408,7 @@ def model_meta(extractor) -> Dict[str, Any]:
         "flip": extractor.flip,
         "input_size": list(extractor.input_size),
         "checkpoint": extractor.checkpoint,
+        "weights_hash": extractor.weights_fingerprint,  # what a calibration must have been made with
         "precision": extractor.precision.describe(),  # informative only: bf16 and fp32 features are comparable
         "backend": extractor.backend,  # likewise: onnxruntime's features match PyTorch's float32
     }
@@ -413,8 +417,10 @@ def model_meta(extractor) -> Dict[str, Any]:
 class GalleryIndex:
     """An index folder read into memory: ``meta``, ``features`` (N x D), ``paths``, ``camids`` (N,)."""
 
-    def __init__(self, path: Path, meta: Dict[str, Any], features: torch.Tensor, paths: List[str], camids: torch.Tensor):
+    def __init__(self, path: Path, meta: Dict[str, Any], features: torch.Tensor, paths: List[str], camids: torch.Tensor,
+                 calibration: Optional[Dict[str, Any]] = None):
         self.path, self.meta, self.features, self.paths, self.camids = path, meta, features, paths, camids
+        self.calibration = calibration  # INDEX/calibration.json, checked against the model at build time
         self._norms: Optional[torch.Tensor] = None
 
     @staticmethod
@@ -457,7 +463,12 @@ class GalleryIndex:
         if not feats:
             raise DataError(f"index {path} holds no features yet; run 'attnreid index build' first")
         features = torch.from_numpy(np.concatenate(feats).astype(np.float32, copy=False))
-        return cls(path, meta, features, paths, torch.from_numpy(np.concatenate(cams).astype(np.int64)))
+        calibration = None
+        if (path / CALIBRATION_FILE).is_file():
+            from attnreid.deploy.calibration import load_calibration
+
+            calibration = load_calibration(path / CALIBRATION_FILE)
+        return cls(path, meta, features, paths, torch.from_numpy(np.concatenate(cams).astype(np.int64)), calibration)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -466,10 +477,27 @@ class GalleryIndex:
         """Refuse (one line) a query model whose features cannot be compared with the index's."""
         check_compatible(self.meta, extractor, self.path)
 
+    def threshold(self, fpr: Optional[float] = None, threshold: Optional[float] = None) -> Tuple[float, Dict[str, Any]]:
+        """The distance below which a hit is the same person: from the index's calibration for a
+        target false-positive rate ``fpr``, or ``threshold`` as given; with what it means."""
+        from attnreid.deploy.calibration import resolve_threshold
+
+        return resolve_threshold(self.calibration, fpr, threshold, f"index {self.path}")
+
     def search(self, query: torch.Tensor, k: int, query_cams: Optional[torch.Tensor] = None,
                backend: str = "torch", faiss_index: str = "flat",
-               faiss_params: Optional[FaissParams] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Top-k ``(distances, indices)`` of each query row; see :func:`exact_topk`."""
+               faiss_params: Optional[FaissParams] = None, fpr: Optional[float] = None,
+               threshold: Optional[float] = None):
+        """Top-k ``(distances, indices)`` of each query row; see :func:`exact_topk`.
+
+        With ``fpr`` (a false-positive rate the index's calibration knows) or ``threshold`` (a
+        distance), also a third Q x k boolean tensor: which hits are the same person
+        (distance below the threshold, :meth:`threshold`).
+        """
+        if fpr is not None or threshold is not None:
+            t, _ = self.threshold(fpr, threshold)
+            dist, idx = self.search(query, k, query_cams, backend, faiss_index, faiss_params)
+            return dist, idx, (dist < t) & (idx >= 0)
         metric = self.meta["metric"]
         gallery_cams = self.camids if query_cams is not None else None
         if backend == "torch":
@@ -496,7 +524,7 @@ def check_compatible(meta: Dict[str, Any], extractor, where: Path | str) -> None
 
 
 def build_index(extractor, images_dir: str | Path, out: str | Path, camera_regex: Optional[str] = DEFAULT_CAMERA_REGEX,
-                shard_size: int = 1024, progress: bool = True) -> Dict[str, Any]:
+                shard_size: int = 1024, progress: bool = True, calibration: Optional[str | Path] = None) -> Dict[str, Any]:
     """Index every image under ``images_dir`` into the folder ``out``, resuming a previous run.
 
     Images already in a shard are skipped; unreadable images are skipped, listed in the
@@ -505,11 +533,21 @@ def build_index(extractor, images_dir: str | Path, out: str | Path, camera_regex
     that much work. The folder is locked while the build runs: a second build into it is
     refused in one line. A model that gives non-finite features is refused (what came
     before it is kept). Returns a summary dict (``images``, ``added``, ``already_indexed``,
-    ``skipped`` list of ``{"path", "error"}``, ``num_vectors``, ``seconds``).
+    ``skipped`` list of ``{"path", "error"}``, ``num_vectors``, ``seconds``, ``calibration``).
+
+    ``calibration`` (a calibration.json of this model; see :func:`attnreid.deploy.calibration.check_fits`,
+    refused in one line when it was made with other features) is copied into the index once every
+    image is indexed.
     """
     t0 = time.perf_counter()
     out = Path(out)
     camera_regex = compile_camera_regex(camera_regex)
+    cal = None
+    if calibration is not None:
+        from attnreid.deploy.calibration import check_fits, load_calibration
+
+        cal = load_calibration(calibration)
+        check_fits(cal, model_meta(extractor), f"the index's model ({extractor.checkpoint})", str(calibration))
     images = list_images(images_dir)
     if not images:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {images_dir}")
@@ -520,8 +558,13 @@ def build_index(extractor, images_dir: str | Path, out: str | Path, camera_regex
         todo = [p for p in images if str(p) not in done]
         added, skipped = _index_images(extractor, todo, out, camera_regex, shard_size, progress,
                                        f"indexing {Path(images_dir).name}", meta)
+        if cal is not None:  # only once every image is indexed (an interrupted build raised above)
+            _write_json(out / CALIBRATION_FILE, cal)
+            meta["calibration"] = str(Path(calibration).resolve())
+            _write_json(out / "meta.json", meta)
     return {"index": str(out), "images": len(images), "added": added, "already_indexed": len(images) - len(todo),
-            "skipped": skipped, "num_vectors": meta["num_vectors"], "seconds": round(time.perf_counter() - t0, 3)}
+            "skipped": skipped, "num_vectors": meta["num_vectors"], "seconds": round(time.perf_counter() - t0, 3),
+            "calibration": meta.get("calibration")}
 
 
 def _check_index_folder(out: Path) -> None:
@@ -544,6 +587,9 @@ def _open_index(out: Path, extractor, camera_regex: Optional[str], images_dir: s
         return meta, done
     meta = GalleryIndex.read_meta(out)
     check_compatible(meta, extractor, out)
+    if meta.get("weights_hash") not in (None, extractor.weights_fingerprint):  # its calibration would not fit
+        raise CheckpointError(f"index {out} was built with other weights ({meta.get('checkpoint')}); "
+                              f"use that checkpoint or another --out")
     if meta.get("camera_regex") != camera_regex:
         raise AttnReidError(f"index {out} was built with --camera-regex {meta.get('camera_regex')!r}, "
                             f"not {camera_regex!r}; use the same one or another --out")
@@ -615,17 +661,28 @@ def _index_images(extractor, todo: List[Path], out: Path, camera_regex: Optional
 
 def search_images(index: GalleryIndex, extractor, queries: Sequence[str | Path], k: int = 10,
                   exclude_same_camera: bool = False, backend: str = "torch", faiss_index: str = "flat",
-                  faiss_params: Optional[FaissParams] = None) -> List[Dict[str, Any]]:
+                  faiss_params: Optional[FaissParams] = None, fpr: Optional[float] = None,
+                  threshold: Optional[float] = None) -> List[Dict[str, Any]]:
     """Rank the gallery for each query image with the index's model.
 
     Returns one dict per query: ``query``, ``camera``, ``results`` (list of ``rank``,
     ``path``, ``distance``, ``camera``), nearest first. With ``exclude_same_camera``,
     gallery images from the query's camera (parsed with the index's camera regex) are
     left out, as in the Market-1501 protocol; a query without a camera id is an error.
+    With ``fpr`` or ``threshold`` (:meth:`GalleryIndex.threshold`) every result gets ``match``
+    (its distance is below the threshold) and every query ``decision`` ("match" when its
+    nearest hit matches, else "no match") and ``threshold``.
     """
     if k < 1:
         raise AttnReidError(f"--top-k is {k}; it must be >= 1")
+    decide = fpr is not None or threshold is not None
+    t = index.threshold(fpr, threshold)[0] if decide else None  # before any image is read
     index.check_model(extractor)
+    if fpr is not None:  # the calibrated threshold holds for the weights it was measured with
+        from attnreid.deploy.calibration import check_fits
+
+        check_fits(index.calibration, model_meta(extractor), f"the query model ({extractor.checkpoint})",
+                   f"of index {index.path}")
     regex = index.meta.get("camera_regex")
     cams = [parse_camera(q, regex) for q in queries]
     if exclude_same_camera:
@@ -648,5 +705,10 @@ def search_images(index: GalleryIndex, extractor, queries: Sequence[str | Path],
         hits = [(d, i) for d, i in zip(drow, irow) if i >= 0]
         results = [{"rank": r + 1, "path": index.paths[i], "distance": float(d), "camera": int(index.camids[i])}
                    for r, (d, i) in enumerate(hits)]
-        out.append({"query": str(q), "camera": c, "results": results})
+        entry: Dict[str, Any] = {"query": str(q), "camera": c, "results": results}
+        if decide:
+            for r in results:
+                r["match"] = r["distance"] < t
+            entry.update(threshold=t, decision="match" if results and results[0]["match"] else "no match")
+        out.append(entry)
     return out

@@ -52,12 +52,14 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
     true match in the gallery) and ``num_unreadable_query`` / ``num_unreadable_gallery``
     count the images skipped because they could not be read.
     """
+    from attnreid.data.datasets.base import warn_unknown_cameras
     from attnreid.evaluation.options import RankingOptions
     from attnreid.evaluation.protocols import evaluate, multi_query_features
     from attnreid.progress import ProgressReporter
 
     if not dataset.query or not dataset.gallery:
         raise DataError(f"dataset '{dataset.name}' has an empty query or gallery set; nothing to evaluate")
+    warn_unknown_cameras(dataset)
     ev = cfg.eval
     multi_query = bool(getattr(ev, "multi_query", False))
     if multi_query and not dataset.extras.get("gt_bbox"):
@@ -104,6 +106,7 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
         "feature_dim": int(qf.shape[1]),
         **ranking.record(),  # metric, rerank (and rerank_input)
         "multi_query": multi_query,
+        "cameras_known": bool(getattr(dataset, "cameras_known", True)),
         "num_query": len(q_items),
         "num_gallery": len(g_items),
         "num_unreadable_query": q_bad,

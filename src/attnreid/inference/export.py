@@ -14,7 +14,14 @@ opset 18 or newer whatever it is asked (below 18 it keeps 18), so an older opset
 exported with the TorchScript exporter (opsets 7 to 20); every file's opset is read back
 and one that differs from the requested opset is never kept. Then :func:`check_onnx` runs
 the file in onnxruntime on a random batch whose size differs from the export batch (so a
-batch size frozen into the graph is caught) and compares every output with PyTorch.
+batch size frozen into the graph is caught) and compares every output with PyTorch;
+``attnreid export`` checks batches of 1, 7 and 64 (:data:`CONTRACT_BATCHES`): a BatchNorm
+left in training mode (torchreid issue 585) makes the outputs depend on the batch, and a
+reshape that baked the export batch fails or differs at the other sizes.
+
+:func:`inference_contract` is what the file's metadata says about its input and output
+(docs/deployment.md, "The inference contract"): a program that reads it (examples/onnx_only.py)
+needs nothing else to compute the same features.
 """
 
 from __future__ import annotations
@@ -46,7 +53,55 @@ DYNAMO_MIN_OPSET = 18  # the dynamo exporter writes nothing older
 TORCHSCRIPT_MAX_OPSET = 20
 EXPORT_BATCH = 2
 CHECK_BATCH = 3
+CONTRACT_BATCHES = (1, 7, 64)  # what `attnreid export` verifies: one, an odd size, a large batch
 REL_TOLERANCE = 1e-4
+CONTRACT_VERSION = 1
+
+
+def inference_contract(model_name: str, feature_dim: int, input_size: Sequence[int], mean: Sequence[float],
+                       std: Sequence[float], l2_normalized: bool, metric: str, config_hash: str,
+                       weights_hash: str) -> Dict[str, str]:
+    """The ONNX metadata of an exported model: everything a runtime needs to feed it and read it.
+
+    Normalisation stays outside the graph (the graph takes what ``FeatureExtractor.preprocess``
+    returns), as BoxMOT's and deep-sort's ONNX embedders feed their models: a caller that
+    normalises and a graph that normalises again would give wrong features silently
+    (fast-reid issue 177). Values are strings; lists are JSON.
+    """
+    import json
+
+    height, width = (int(v) for v in input_size)
+    return {
+        "attnreid_contract": str(CONTRACT_VERSION),
+        "input_name": "images",
+        "input_dtype": "float32",
+        "input_layout": "NCHW",
+        "input_shape": f"[batch, 3, {height}, {width}]",
+        "input_height": str(height),
+        "input_width": str(width),
+        "input_channel_order": "RGB",
+        "input_resize": "bilinear, anti-aliased when shrinking (Pillow BILINEAR on float pixels), to exactly "
+                        f"{height}x{width}; the aspect ratio is not kept, nothing is padded",
+        "input_scale": repr(1.0 / 255.0),
+        "input_value_range": "RGB pixels 0..255 times input_scale (0..1), then (x - input_mean) / input_std per channel",
+        "input_mean": json.dumps([float(m) for m in mean]),
+        "input_std": json.dumps([float(s) for s in std]),
+        "normalization": "outside the graph",
+        "output_name": "feature",
+        "output_shape": f"[batch, {int(feature_dim)}]",
+        "output_dim": str(int(feature_dim)),
+        "output_l2_normalized": "true" if l2_normalized else "false",
+        "metric": metric,
+        "dynamic_batch": "true",
+        # the names attnreid recorded before the contract, kept for readers of older files
+        "model": model_name,
+        "feature_dim": str(int(feature_dim)),
+        "config_hash": config_hash,
+        "weights_hash": weights_hash,
+        "input_size": f"{height}x{width}",
+        "mean": str([float(m) for m in mean]),
+        "std": str([float(s) for s in std]),
+    }
 
 
 def flatten_outputs(outputs: Dict[str, Any]) -> List[Tuple[str, torch.Tensor]]:
@@ -195,7 +250,10 @@ def check_onnx(path: str | Path, model: nn.Module, input_size: Sequence[int], at
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the same CPU budget as the PyTorch side
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    try:
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    except Exception as exc:  # onnxruntime reports a shape baked into the graph as a runtime failure
+        raise AttnReidError(f"ONNX file {path} fails in onnxruntime at batch {batch}: {_first_line(exc)}") from None
     names = [o.name for o in session.get_outputs()]
     if len(got) != len(refs):
         raise AttnReidError(f"ONNX file {path} has {len(got)} outputs but the model gives {len(refs)}")
@@ -217,12 +275,13 @@ def check_onnx(path: str | Path, model: nn.Module, input_size: Sequence[int], at
 
 def export_onnx(model: nn.Module, out: str | Path, input_size: Sequence[int], opset: Optional[int] = None,
                 attention: bool = False, check: bool = True, tolerance: float = REL_TOLERANCE,
-                metadata: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                metadata: Optional[Dict[str, Any]] = None,
+                check_batches: Sequence[int] = (CHECK_BATCH,)) -> Dict[str, Any]:
     """Export ``model`` (eval mode) to ``out`` and verify it; return a report dict.
 
-    ``metadata`` (e.g. model name, config hash, mean/std) is stored as the ONNX model's
-    ``metadata_props``. A relative difference >= ``tolerance`` raises a one-line
-    :class:`AttnReidError`. The file is written under a temporary name next to ``out`` and
+    ``metadata`` (e.g. :func:`inference_contract`) is stored as the ONNX model's
+    ``metadata_props``. The file is compared with PyTorch at each of ``check_batches``; a
+    relative difference >= ``tolerance`` raises a one-line :class:`AttnReidError`. The file is written under a temporary name next to ``out`` and
     renamed to ``out`` only once it is exported and verified: a failed or rejected export
     leaves an existing ``out`` as it was.
     """
@@ -267,21 +326,28 @@ def export_onnx(model: nn.Module, out: str | Path, input_size: Sequence[int], op
                                   "input_size": list(input_size),
                                   "export_seconds": round(time.perf_counter() - t0, 2)}
         if check:
-            report.update(verify_onnx(tmp, model, input_size, attention, tolerance, name=out))
+            report.update(verify_onnx(tmp, model, input_size, attention, tolerance, check_batches, name=out))
     return report
 
 
 def verify_onnx(path: str | Path, model: nn.Module, input_size: Sequence[int], attention: bool = False,
-                tolerance: float = REL_TOLERANCE, name: Optional[str | Path] = None) -> Dict[str, Any]:
-    """:func:`check_onnx`, raising one line when the relative difference is >= ``tolerance``
-    (``name``: the file to name in it, when ``path`` is a temporary file on its way there)."""
-    diff = check_onnx(path, model, input_size, attention)
-    if diff["rel_diff"] >= tolerance:
-        kept = f"; {name} is unchanged" if name is not None else ""
-        raise AttnReidError(f"ONNX check failed for {name or path}: onnxruntime differs from PyTorch by "
-                            f"{diff['rel_diff']:.2e} relative (max abs {diff['max_abs_diff']:.2e}); "
-                            f"tolerance {tolerance:.0e}{kept}")
-    return diff
+                tolerance: float = REL_TOLERANCE, batches: Sequence[int] = (CHECK_BATCH,),
+                name: Optional[str | Path] = None) -> Dict[str, Any]:
+    """:func:`check_onnx` at each batch size, raising one line when a relative difference is >=
+    ``tolerance`` (``name``: the file to name in it, when ``path`` is a temporary file on its way
+    there). Returns the worst batch's numbers, plus ``check_batches`` and ``per_batch``."""
+    kept = f"; {name} is unchanged" if name is not None else ""
+    diffs = []
+    for batch in batches:
+        diff = check_onnx(path, model, input_size, attention, batch=batch)
+        if diff["rel_diff"] >= tolerance:
+            raise AttnReidError(f"ONNX check failed for {name or path} at batch {batch}: onnxruntime differs from "
+                                f"PyTorch by {diff['rel_diff']:.2e} relative (max abs {diff['max_abs_diff']:.2e}); "
+                                f"tolerance {tolerance:.0e}{kept}")
+        diffs.append(diff)
+    per_batch = {str(d["check_batch"]): {k: d[k] for k in ("max_abs_diff", "rel_diff")} for d in diffs}
+    worst = max(diffs, key=lambda d: d["rel_diff"])
+    return {**worst, "check_batches": [int(b) for b in batches], "per_batch": per_batch}
 
 
 def _write_metadata(path: Path, metadata: Dict[str, Any]) -> None:

@@ -401,10 +401,11 @@ def run_robustness(
         dataset = copy.copy(dataset)
         dataset.train = []
         dataset = check_images(dataset, skip_bad_images=True)
-    if getattr(dataset, "bad_images", None):
-        from attnreid.data.datasets.base import warn_bad
+    from attnreid.data.datasets.base import warn_bad, warn_unknown_cameras
 
+    if getattr(dataset, "bad_images", None):
         warn_bad(dataset.bad_images)
+    warn_unknown_cameras(dataset)
     models = load_models(checkpoints, cfg, device)
     conditions = build_conditions(levels, kinds, positions)
     extract_options = {

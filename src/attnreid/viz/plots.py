@@ -213,3 +213,55 @@ def plot_training(records: Sequence[Mapping], out_path: str | Path, title: Optio
     fig.savefig(out_path)
     plt.close(fig)
     return out_path
+
+
+def plot_calibration(cal: Mapping, out_path: str | Path, title: Optional[str] = None) -> Path:
+    """ROC (TPR against FPR) and DET (FNR against FPR) of a calibration.json, both with a log FPR
+    axis, the operating points marked with their TPR intervals and the EER on the DET curve."""
+    roc = cal.get("roc") or {}
+    fpr, tpr = list(roc.get("fpr") or []), list(roc.get("tpr") or [])
+    if not fpr or len(fpr) != len(tpr):
+        raise DataError("plot_calibration needs a calibration with a ROC (roc.fpr, roc.tpr)")
+    out_path = Path(out_path)
+    floor = 0.5 / max(int(cal.get("negative_pairs") or 1), 1)  # where FPR 0 is drawn on the log axis
+    x = [max(f, floor) for f in fpr]
+    fig, (ax_r, ax_d) = plt.subplots(1, 2, figsize=(10.0, 4.0), dpi=100)
+    ax_r.plot(x, [100 * t for t in tpr], color="C0")
+    ax_d.plot(x, [100 * max(1 - t, floor) for t in tpr], color="C0")
+    for i, p in enumerate(cal.get("operating_points") or []):
+        px = max(p["fpr"], floor)
+        lo, hi = p["tpr_ci"]
+        th = "inf" if p["threshold"] is None else f"{p['threshold']:.4g}"
+        ax_r.errorbar([px], [100 * p["tpr"]], yerr=[[100 * (p["tpr"] - lo)], [100 * (hi - p["tpr"])]], fmt="o",
+                      color=f"C{i + 1}", markersize=4, capsize=3,
+                      label=f"FPR {p['target_fpr']:.0e}: d < {th}, TPR {100 * p['tpr']:.1f} %")
+        ax_d.plot([px], [100 * max(1 - p["tpr"], floor)], "o", color=f"C{i + 1}", markersize=4)
+    if cal.get("operating_points"):
+        ax_r.legend(fontsize=7, loc="upper left")
+    if cal.get("eer") is not None:
+        ax_d.plot([max(cal["eer"], floor)], [100 * max(cal["eer"], floor)], "s", color="k", markersize=5,
+                  label=f"EER {100 * cal['eer']:.2f} %")
+        ax_d.legend(fontsize=8, loc="lower left")
+    fnr = [1 - t for t in tpr if 1 - t > 0]
+    ax_d.set_ylim(100 * min(fnr) / 2 if fnr else 100 * floor, 150)
+    for ax in (ax_r, ax_d):
+        ax.set_xscale("log")
+        ax.set_xlabel("false-positive rate (different people accepted)")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_r.set_ylabel("true-positive rate (%)")
+    ax_r.set_title("ROC (bars: interval over identities)")
+    ax_d.set_yscale("log")
+    ax_d.set_ylabel("false-negative rate (%)")
+    ax_d.set_title("DET")
+    feature = cal.get("feature") or {}
+    data = cal.get("data") or {}
+    fig.suptitle(title or f"{feature.get('model', '?')} ({feature.get('metric', '?')}) on {data.get('dataset', '?')}: "
+                 f"{cal.get('identities', '?')} identities, {cal.get('positive_pairs', '?')} positive / "
+                 f"{cal.get('negative_pairs', '?')} negative pairs", fontsize=9)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out_path)
+    return out_path

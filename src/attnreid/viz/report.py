@@ -6,9 +6,10 @@ the sibling folder ``out_dir/report_files/``. The page fetches nothing from the 
 
 Per run it reads what the run folder holds (docs/design.md, Engine) and shows what is
 there: ``config.yaml`` (model, backbone, data set), ``eval.json`` (metrics table, CMC),
-``log.jsonl`` (training curves), ``eval_ranks.npz`` (ranked lists of the worst queries)
-and ``checkpoints/{best,last}.pth`` (attention overlays of those queries, for MHSA-Net
-and HA-CNN). A run that has not been evaluated yet is said to be so on the page.
+``log.jsonl`` (training curves), ``eval_ranks.npz`` (ranked lists of the worst queries),
+``checkpoints/{best,last}.pth`` (attention overlays of those queries, for MHSA-Net
+and HA-CNN) and ``checkpoints/calibration.json`` (``attnreid calibrate``: ROC/DET curves and
+thresholds). A run that has not been evaluated yet is said to be so on the page.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class RunInfo:
     log: List[dict] = field(default_factory=list)
     ranks_path: Optional[Path] = None
     checkpoint: Optional[Path] = None
+    calibration: Optional[dict] = None
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -86,7 +88,8 @@ def read_run(path: str | Path, label: Optional[str] = None) -> RunInfo:
     if not path.is_dir():
         raise DataError(f"run folder not found: {path}")
     run = RunInfo(path=path, label=label or path.name)
-    known = [p for p in ("config.yaml", "eval.json", "log.jsonl", "checkpoints") if (path / p).exists()]
+    known = [p for p in ("config.yaml", "eval.json", "log.jsonl", "checkpoints", "calibration.json")
+             if (path / p).exists()]
     if not known:
         raise DataError(f"{path} is not a run folder (no config.yaml, eval.json, log.jsonl or checkpoints/)")
     if (path / "config.yaml").is_file():
@@ -113,7 +116,41 @@ def read_run(path: str | Path, label: Optional[str] = None) -> RunInfo:
     candidates = [Path(evaluated), path / evaluated] if isinstance(evaluated, str) else []
     candidates += [path / "checkpoints" / "last.pth", path / "checkpoints" / "best.pth"]
     run.checkpoint = next((c for c in candidates if c.is_file()), None)
+    for cal in (path / "checkpoints" / "calibration.json", path / "calibration.json"):
+        if cal.is_file():
+            try:
+                run.calibration = json.loads(cal.read_text())
+            except json.JSONDecodeError:
+                run.notes.append(f"{cal.name} could not be parsed")
+            break
     return run
+
+
+def _calibration_section(run: RunInfo, slug: str, out_dir: Path) -> List[str]:
+    """ROC/DET plot and the thresholds of the run's calibration.json."""
+    from attnreid.viz import plots
+
+    cal = run.calibration or {}
+    e = html.escape
+    try:
+        png = plots.plot_calibration(cal, out_dir / ASSETS / f"{slug}_calibration.png", title=run.label)
+    except (DataError, KeyError, TypeError, ValueError):
+        return ['<p class="note">calibration.json is incomplete; run <code>attnreid calibrate</code> again.</p>']
+    data = cal.get("data") or {}
+    rows = "".join(
+        f"<tr><td>{p['target_fpr']:.0e}</td><td>{'inf' if p['threshold'] is None else format(p['threshold'], '.4g')}"
+        f" [{p['threshold_ci'][0]:.4g}, {p['threshold_ci'][1]:.4g}]</td><td>{100 * p['tpr']:.2f} "
+        f"[{100 * p['tpr_ci'][0]:.2f}, {100 * p['tpr_ci'][1]:.2f}]</td><td>{100 * p['fpr']:.3f} "
+        f"[{100 * p['fpr_ci'][0]:.3f}, {100 * p['fpr_ci'][1]:.3f}]</td></tr>"
+        for p in cal.get("operating_points") or [])
+    return ["<h3>Verification: same person or not</h3>",
+            f'<p class="meta">{e(str(data.get("dataset")))} {e(str(data.get("split")))}: {cal.get("identities")} '
+            f'identities, {cal.get("positive_pairs")} positive / {cal.get("negative_pairs")} negative pairs; EER '
+            f'{100 * cal.get("eer", float("nan")):.2f} %. A pair is the same person when its distance is below the '
+            f'threshold; intervals over resampled identities.</p>',
+            "<table><tr><th>target FPR</th><th>threshold [interval]</th><th>TPR % [interval]</th>"
+            f"<th>FPR % on new identities [interval]</th></tr>{rows}</table>",
+            _img(png, out_dir, f"ROC and DET of {run.label}", "ROC (left) and DET (right), log FPR axis.")]
 
 
 def _labels(paths: Sequence[Path]) -> List[str]:
@@ -383,6 +420,8 @@ def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Pat
                                                     "the evaluations during training."))
         elif not run.log:
             parts.append('<p class="meta">No training log (log.jsonl) in this run.</p>')
+        if run.calibration is not None:
+            parts.extend(_calibration_section(run, slug, out_dir))
         if run.eval is not None and run.ranks_path is None:
             parts.append('<p class="note">No eval_ranks.npz: ranked lists are not available for this run.</p>')
         if run.ranks_path is None:

@@ -13,6 +13,8 @@ from typing import Any, Dict, Type
 from attnreid.data.datasets.base import Item, ReIDDataset
 from attnreid.data.datasets.cuhk03 import CUHK03Detected, CUHK03Labeled
 from attnreid.data.datasets.dukemtmcreid import DukeMTMCreID
+from attnreid.data.datasets.folder import FolderDataset
+from attnreid.data.datasets.image_list import ListDataset
 from attnreid.data.datasets.market1501 import Market1501
 from attnreid.data.datasets.msmt17 import MSMT17
 from attnreid.data.datasets.occluded_duke import OccludedDuke
@@ -26,7 +28,7 @@ DATASETS: Dict[str, Type[ReIDDataset]] = {
     cls.name: cls
     for cls in (
         Market1501, DukeMTMCreID, CUHK03Labeled, CUHK03Detected, OccludedDuke, PDukeMTMC,
-        PartialREID, PartialILIDS, OccludedREID, MSMT17, SyntheticDataset,
+        PartialREID, PartialILIDS, OccludedREID, MSMT17, SyntheticDataset, FolderDataset, ListDataset,
     )
 }
 

@@ -5,6 +5,11 @@ lists of ``(path, pid, camid)``: ``path`` is a file path or ``"<zip>::<member>"`
 are 0-based, train pids are relabelled 0..C-1 (query/gallery keep the dataset's own pids
 so that distractors stay recognisable), junk images (pid -1) are dropped everywhere and
 distractors (pid 0) are kept in the gallery only.
+
+Sets without camera ids (``cameras_known = False``: the ``folder`` and ``list`` kinds when
+the names or the list carry none) give every distinct image file its own pseudo-camera
+(:func:`file_cameras`), so the Market protocol's same-(identity, camera) removal removes
+exactly a query's own file and same-camera matches count (docs/data.md).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from attnreid.data.io import Tree, is_image_name, join, open_trees
 from attnreid.errors import DataError
 
 Item = Tuple[str, int, int]
+Parsed = Tuple[str, int, Optional[int]]  # path, pid, camera (None: unknown), before with_cameras
 
 # <pid>_c<cam>..., the Market-1501 / DukeMTMC-reID / CUHK03-NP convention.
 MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
@@ -36,6 +42,10 @@ class ReIDDataset:
 
     name: str = "dataset"
     protocol: str = "market"
+    # False: the camids are per-file pseudo-cameras (file_cameras), not real cameras.
+    cameras_known: bool = True
+    # The label of distractor images (Market's 0000), which are no identity; None: every pid is one.
+    distractor_pid: Optional[int] = DISTRACTOR_PID
 
     def __init__(
         self,
@@ -46,6 +56,8 @@ class ReIDDataset:
         bad_images: Optional[List[Tuple[str, str]]] = None,
         extras: Optional[Dict[str, List[Item]]] = None,
     ):
+        # the dataset's own pid of each training label (relabel keeps their increasing order)
+        self.train_source_pids = sorted({pid for _, pid, _ in train})
         self.train = relabel(train)
         self.query = query
         self.gallery = gallery
@@ -61,9 +73,14 @@ class ReIDDataset:
     def num_train_cams(self) -> int:
         return len({cam for _, _, cam in self.train})
 
-    def stats(self) -> Dict[str, Dict[str, int]]:
-        """``{"train"|"query"|"gallery": {"images", "ids", "cams"}}``; distractors count as one id."""
-        return {split: split_stats(getattr(self, split)) for split in ("train", "query", "gallery")}
+    def stats(self) -> Dict[str, Dict[str, Optional[int]]]:
+        """``{"train"|"query"|"gallery": {"images", "ids", "cams"}}``; distractors count as one id;
+        ``cams`` is None when the set has no camera ids."""
+        out = {split: split_stats(getattr(self, split)) for split in ("train", "query", "gallery")}
+        if not self.cameras_known:
+            for s in out.values():
+                s["cams"] = None
+        return out
 
     def __repr__(self) -> str:
         s = self.stats()
@@ -71,7 +88,7 @@ class ReIDDataset:
         return f"<{type(self).__name__} {self.name} {parts} (images/ids/cams)>"
 
 
-def split_stats(items: Sequence[Item]) -> Dict[str, int]:
+def split_stats(items: Sequence[Item]) -> Dict[str, Optional[int]]:
     return {
         "images": len(items),
         "ids": len({pid for _, pid, _ in items}),
@@ -84,6 +101,32 @@ def relabel(items: Iterable[Item]) -> List[Item]:
     items = list(items)
     mapping = {pid: i for i, pid in enumerate(sorted({pid for _, pid, _ in items}))}
     return [(path, mapping[pid], cam) for path, pid, cam in items]
+
+
+def file_cameras(splits: Sequence[List[Tuple[str, int]]]) -> List[List[Item]]:
+    """``(path, pid)`` lists -> ``(path, pid, camid)`` lists where camid numbers the distinct files.
+
+    The protocol for sets without cameras: one pseudo-camera per file, numbered over all
+    the lists together (in sorted path order), so a file in both query and gallery has one
+    camid and the same-(pid, camid) rule removes exactly that file from its own ranking.
+    """
+    numbers = {path: i for i, path in enumerate(sorted({p for items in splits for p, _ in items}))}
+    return [[(p, pid, numbers[p]) for p, pid in items] for items in splits]
+
+
+def with_cameras(splits: Dict[str, List[Parsed]], where: str) -> Tuple[Dict[str, List[Item]], bool]:
+    """Real cameras when every image has one, per-file pseudo-cameras when none has; else one line."""
+    every = [item for items in splits.values() for item in items]
+    with_cam = next((p for p, _, c in every if c is not None), None)
+    without = next((p for p, _, c in every if c is None), None)
+    if with_cam is not None and without is not None:
+        raise DataError(f"{where}: some images have a camera id in their name (e.g. {with_cam}) and some do not "
+                        f"(e.g. {without}); give every image a camera (..._c<N>...) or none")
+    if without is None:
+        return {s: [(p, pid, int(c)) for p, pid, c in items] for s, items in splits.items()}, True
+    names = list(splits)
+    lists = file_cameras([[(p, pid) for p, pid, _ in splits[s]] for s in names])
+    return dict(zip(names, lists)), False
 
 
 class BadImages:
@@ -225,3 +268,25 @@ def warn_bad(bad_images: List[Tuple[str, str]], out: Callable[[str], None] = lam
     """List skipped files on stderr (used by the CLI when skip_bad_images is set)."""
     for path, reason in bad_images:
         out(f"skipped: {path} ({reason})")
+
+
+_warned_cameras: set = set()
+
+
+def camera_warning(dataset) -> Optional[str]:
+    """The one-line warning for a set without camera ids (None for a set with cameras)."""
+    if getattr(dataset, "cameras_known", True):
+        return None
+    return (f"warning: dataset {dataset.root} has no camera ids: a query's own file is left out, but "
+            f"same-camera matches count, so its numbers are not comparable with the benchmarks' "
+            f"cross-camera numbers (docs/data.md)")
+
+
+def warn_unknown_cameras(dataset, out: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> None:
+    """Print :func:`camera_warning` once per data root and process (not again for periodic evaluations
+    or for the validation split held out of the same data)."""
+    text = camera_warning(dataset)
+    key = str(getattr(dataset, "root", ""))
+    if text is not None and key not in _warned_cameras:
+        _warned_cameras.add(key)
+        out(text)

@@ -46,6 +46,7 @@ def parse_list(tree: Tree, list_rel: str, image_dir: str) -> List[Item]:
 
 class MSMT17(ReIDDataset):
     name = "msmt17"
+    distractor_pid = None  # pid 0 is an ordinary identity
 
     def __init__(self, root: str, skip_bad_images: bool = False):
         for tree in open_trees(str(root), ("msmt",)):
