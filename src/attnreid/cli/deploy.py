@@ -8,7 +8,8 @@ from typing import List, Optional
 import typer
 
 from attnreid.cli._app import app
-from attnreid.cli._util import check_output_path, device_option, print_json
+from attnreid.cli._util import (CHECKPOINT_HELP, MODEL_HELP, OVERRIDES_HELP, check_output_path, device_option,
+                                interrupted, print_json, resolve_model)
 
 DEFAULT_CAMERA_REGEX = r"_c(\d+)"  # same as attnreid.deploy.index (not imported: keeps --help fast)
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")  # attnreid.precision.AMP_CHOICES (not imported: keeps --help fast)
@@ -23,8 +24,9 @@ app.add_typer(index_app, name="index")
 
 @app.command("export")
 def export(
-    config: Path = typer.Argument(..., help="Config YAML of the model (or a checkpoint, whose saved config is used)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Trained weights (required with a config)."),
+    model: Path = typer.Argument(..., help=MODEL_HELP),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
     out: Path = typer.Option(..., "--out", help="ONNX file to write."),
     attention: bool = typer.Option(False, "--attention/--no-attention",
                                    help="Also output the attention maps (extra graph outputs)."),
@@ -33,15 +35,13 @@ def export(
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Export a model to ONNX (dynamic batch) and check it against PyTorch in onnxruntime."""
-    from attnreid.deploy.extractor import CONFIG_SUFFIXES, FeatureExtractor
+    from attnreid.deploy.extractor import FeatureExtractor
     from attnreid.deploy.onnx_export import check_opset, export_onnx
-    from attnreid.errors import AttnReidError
 
-    if config.suffix.lower() in CONFIG_SUFFIXES and checkpoint is None:
-        raise AttnReidError(f"export of {config} needs --checkpoint (the trained weights)")
     check_opset(opset)
     check_output_path(out, "file")
-    ext = FeatureExtractor(config, checkpoint=checkpoint)
+    source = resolve_model(model, overrides, checkpoint)
+    ext = FeatureExtractor(source.cfg, checkpoint=source.checkpoint)
     d = ext.cfg.data
     meta = {"model": ext.model_name, "feature_dim": ext.feature_dim, "config_hash": ext.fingerprint,
             "metric": ext.metric, "input_size": f"{d.height}x{d.width}", "mean": list(d.mean), "std": list(d.std)}
@@ -66,7 +66,8 @@ def _check_amp(amp: Optional[str]) -> None:
 @index_app.command("build")
 def index_build(
     images_dir: Path = typer.Argument(..., help="Folder of gallery images (searched recursively)."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Trained model checkpoint."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="The model: a run folder or a checkpoint (.pth)."),
     out: Path = typer.Option(..., "--out", help="Index folder (created; an existing one is resumed)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Config overriding the checkpoint's (test feature)."),
     camera_regex: str = typer.Option(DEFAULT_CAMERA_REGEX, "--camera-regex",
@@ -91,13 +92,14 @@ def index_build(
         raise AttnReidError(f"--backend is {backend!r}; expected one of: {', '.join(INFER_BACKENDS)}")
     check_output_path(out, "dir")
     dev = device_option(device)
-    if config is not None:
-        ext = FeatureExtractor(config, checkpoint=checkpoint, device=dev, batch_size=batch_size, flip=flip,
-                               amp=amp, backend=backend)
-    else:
-        ext = FeatureExtractor(checkpoint, device=dev, batch_size=batch_size, flip=flip, amp=amp, backend=backend)
-    summary = build_index(ext, images_dir, out, camera_regex=camera_regex, shard_size=shard_size,
-                          progress=not json_out)
+    source = _model_option(checkpoint, config, overrides)
+    ext = FeatureExtractor(source.cfg, checkpoint=source.checkpoint, device=dev, batch_size=batch_size, flip=flip,
+                           amp=amp, backend=backend)
+    try:
+        summary = build_index(ext, images_dir, out, camera_regex=camera_regex, shard_size=shard_size,
+                              progress=not json_out)
+    except KeyboardInterrupt:
+        interrupted(f"the images indexed so far are kept in {out}; run the same command again to index the rest")
     if json_out:
         print_json(summary)
         return
@@ -106,6 +108,13 @@ def index_build(
           f"in {summary['seconds']:.1f} s")
     for item in summary["skipped"]:
         print(f"skipped {item['path']}: {item['error']}")
+
+
+def _model_option(checkpoint: Path, config: Optional[Path], overrides: Optional[List[str]] = None):
+    """``--checkpoint`` (a run folder or a checkpoint) and an optional ``--config`` -> the model's source."""
+    if config is not None:
+        return resolve_model(config, overrides, checkpoint)
+    return resolve_model(checkpoint, overrides)
 
 
 @app.command("search")
@@ -120,8 +129,8 @@ def search(
     faiss_index: str = typer.Option("flat", "--faiss-index", help="faiss index: flat (exact), ivf or hnsw."),
     nprobe: int = typer.Option(32, "--nprobe", help="IVF cells visited per query."),
     ef_search: int = typer.Option(128, "--ef-search", help="HNSW candidate list size."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
-                                              help="Query model (default: the checkpoint the index was built with)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Query model, a run folder or a checkpoint "
+                                              "(default: the checkpoint the index was built with)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Config to go with --checkpoint."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N."),
     amp: Optional[str] = typer.Option(None, "--amp", help=AMP_HELP),
@@ -142,10 +151,8 @@ def search(
     if ckpt is None:
         raise AttnReidError(f"index {index} records no checkpoint; pass --checkpoint")
     flip = bool(gallery.meta.get("flip", False))
-    if config is not None:
-        ext = FeatureExtractor(config, checkpoint=ckpt, device=dev, flip=flip, amp=amp)
-    else:
-        ext = FeatureExtractor(ckpt, device=dev, flip=flip, amp=amp)
+    source = _model_option(Path(ckpt), config)
+    ext = FeatureExtractor(source.cfg, checkpoint=source.checkpoint, device=dev, flip=flip, amp=amp)
     results = search_images(gallery, ext, [str(q) for q in queries], k=top_k,
                             exclude_same_camera=exclude_same_camera, backend=backend, faiss_index=faiss_index,
                             faiss_params=FaissParams(nprobe=nprobe, ef_search=ef_search))

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from attnreid.cli._app import app
-from attnreid.cli._util import check_output_path, print_json
+from attnreid.cli._util import CHECKPOINT_HELP, MODEL_HELP, OVERRIDES_HELP, check_output_path, interrupted, print_json, resolve_model
 from attnreid.cli.train import _metrics_line
 from attnreid.errors import AttnReidError
 
@@ -19,10 +19,10 @@ BACKEND_HELP = ("eval.backend: auto (onnxruntime for big CPU jobs when installed
 
 @app.command("eval")
 def eval_cmd(
-    config: Path = typer.Argument(..., help="YAML config of the model and the evaluation set."),
+    model: Path = typer.Argument(..., help=MODEL_HELP + " Its config also names the evaluation set."),
     overrides: Optional[List[str]] = typer.Argument(
         None, help="KEY=VALUE overrides, e.g. eval.datasets=[market1501,dukemtmcreid]."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="A .pth written by attnreid train."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
     rerank: Optional[bool] = typer.Option(
         None, "--rerank/--no-rerank", show_default=False,
         help="k-reciprocal re-ranking (k1, k2, lambda from eval.*). Default: eval.rerank."),
@@ -34,12 +34,11 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(
         None, "--out", help="Folder for eval.json, eval_ranks.npz and the report."),
 ) -> None:
-    """Evaluate a checkpoint with each test set's protocol.
+    """Evaluate a trained model with each test set's protocol.
 
     Prints R1/R5/R10/mAP (R1/R3 for partial sets). With eval.datasets, every set is
     evaluated and shown in one table.
     """
-    from attnreid.config import load_config
     from attnreid.engine.build import load_model, resolve_device
     from attnreid.engine.checkpoint import load_checkpoint
     from attnreid.engine.evaluator import evaluate_datasets, evaluation_datasets
@@ -50,7 +49,8 @@ def eval_cmd(
         check_output_path(out, "dir")
     extra_overrides = [f"eval.rerank_input={rerank_input}"] if rerank_input is not None else []
     extra_overrides += [f"eval.backend={backend}"] if backend is not None else []
-    cfg = load_config(config, list(overrides or []) + extra_overrides)
+    source = resolve_model(model, list(overrides or []) + extra_overrides, checkpoint)
+    cfg, checkpoint = source.cfg, source.checkpoint
     device = resolve_device(cfg.train.device)
     check_backend(cfg.eval.backend, device)  # before minutes of loading, not after
     model, cfg = load_model(checkpoint, cfg, device=device)
@@ -103,9 +103,9 @@ def datasets_table(rows: List[dict]) -> str:
 
 @app.command("extract")
 def extract_cmd(
-    config: Path = typer.Argument(..., help="YAML config of the model (and data set for --split)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE overrides."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="A .pth written by attnreid train."),
+    model: Path = typer.Argument(..., help=MODEL_HELP + " Its config also names the data set for --split."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
     split: Optional[List[str]] = typer.Option(
         None, "--split", help="query, gallery or train; repeat for several."),
     folder: Optional[Path] = typer.Option(None, "--folder", help="Extract every image under this folder."),
@@ -120,7 +120,6 @@ def extract_cmd(
     """
     import numpy as np
 
-    from attnreid.config import load_config
     from attnreid.engine.build import build_eval_dataset, load_model, resolve_device
     from attnreid.engine.extract import extract_with_precision, folder_items
     from attnreid.engine.inference import check_backend
@@ -132,7 +131,9 @@ def extract_cmd(
         if s not in SPLITS:
             raise AttnReidError(f"--split is {s!r}; expected one of: {', '.join(SPLITS)}")
     check_output_path(out, "file", suffix=".npz")
-    cfg = load_config(config, list(overrides or []) + ([f"eval.backend={backend}"] if backend is not None else []))
+    source = resolve_model(model, list(overrides or []) + ([f"eval.backend={backend}"] if backend is not None else []),
+                           checkpoint)
+    cfg, checkpoint = source.cfg, source.checkpoint
     device = resolve_device(cfg.train.device)
     check_backend(cfg.eval.backend, device)
     model, cfg = load_model(checkpoint, cfg, device=device)
@@ -178,7 +179,11 @@ def demo_cmd(
     from attnreid.apps.demo import run_demo
 
     check_output_path(out, "dir")
-    result = run_demo(minutes=minutes, out_dir=out, models=[m.strip() for m in models.split(",") if m.strip()],
-                      quiet=as_json, seeds=seeds, threads=threads)
+    try:
+        result = run_demo(minutes=minutes, out_dir=out, models=[m.strip() for m in models.split(",") if m.strip()],
+                          quiet=as_json, seeds=seeds, threads=threads)
+    except KeyboardInterrupt:
+        interrupted(f"the runs finished so far are under {out}; running 'attnreid demo' again starts over "
+                    "(reusing the generated data set)")
     if as_json:
         print_json(result)

@@ -35,6 +35,7 @@ def metrics(
     from attnreid.evaluation.npz import evaluate_npz
     from attnreid.evaluation.stats import level_text, metric_text, with_intervals
 
+    _refuse_run_files(file)
     res = evaluate_npz(file, protocol, metric, rerank, k1, k2, lambda_value, max_rank, per_query=True,
                        rerank_input=rerank_input)
     res.pop("arrays")
@@ -54,3 +55,20 @@ def metrics(
     table.add_row("valid queries", str(res["num_valid_queries"]))
     table.add_row("skipped queries", str(res["num_skipped_queries"]))
     Console().print(table)
+
+
+RUN_RECORDS = ("eval_per_query.npz", "eval_ranks.npz", "eval.json")
+
+
+def _refuse_run_files(file: Path) -> None:
+    """A run folder or one of its records holds no features or distances: say where its metrics
+    are and how to write a file this command reads."""
+    from attnreid.errors import DataError
+
+    run = file if file.is_dir() else file.parent if file.name in RUN_RECORDS else None
+    if run is None:
+        return
+    what = f"{file} is a run folder" if file.is_dir() else f"{file} is a run's record, without features or distances"
+    raise DataError(f"{what}: its metrics are in {run / 'eval.json'} ('attnreid report' and 'attnreid compare' "
+                    f"read the run); for this command write features with: attnreid extract {run} --split query "
+                    f"--split gallery --out feats.npz")

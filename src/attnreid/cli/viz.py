@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from attnreid.cli._app import app
-from attnreid.cli._util import check_output_path, device_option
+from attnreid.cli._util import CHECKPOINT_HELP, MODEL_HELP, check_output_path, device_option, resolve_model
 from attnreid.errors import AttnReidError
 
 
@@ -51,24 +51,26 @@ def report(
 
 @app.command("explain")
 def explain(
-    config: Path = typer.Argument(..., help="The run's config file (e.g. RUN/config.yaml)."),
-    images: List[Path] = typer.Argument(..., help="Images to explain (files or zip::member paths)."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint of an mhsanet or hacnn model."),
+    model: Path = typer.Argument(..., help=MODEL_HELP + " An mhsanet or hacnn model."),
+    images: List[str] = typer.Argument(..., help="Images to explain (files or zip::member paths), then any KEY=VALUE "
+                                       "overrides of the model's config."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
     out: Path = typer.Option(..., "--out", help="Folder for one PNG per image and an index.html."),
     scale: str = typer.Option("map", "--scale", help="'map': each head's map to its own range; 'shared': one range."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (pages, beta per image)."),
 ) -> None:
     """Draw the model's own attention over each image (MHSA-Net heads + beta; HA-CNN soft maps + regions)."""
-    from attnreid.config import load_config
+    from attnreid.engine.model_source import split_models_and_overrides
     from attnreid.viz.attention import explain_files
 
     if scale not in ("map", "shared"):
         raise AttnReidError(f"--scale must be 'map' or 'shared', got {scale!r}")
     check_output_path(out, "dir")
     dev = device_option(device)
-    cfg = load_config(config)
-    result = explain_files(cfg, checkpoint, [str(p) for p in images], out, scale=scale, device=dev)
+    paths, overrides = split_models_and_overrides(images)
+    source = resolve_model(model, overrides, checkpoint)
+    result = explain_files(source.cfg, source.checkpoint, paths, out, scale=scale, device=dev)
     if json_out:
         from attnreid.cli._util import print_json
 

@@ -51,6 +51,7 @@ import torch
 
 from attnreid.errors import AttnReidError, ConfigError
 from attnreid.precision import Precision, resolve_precision
+from attnreid.text import plural, the_first
 
 # Features of a path "match" float32 when their mean cosine with eager float32 is at least this.
 MATCH_MEAN_COSINE = 0.999
@@ -105,10 +106,10 @@ def settle(precision: Precision, forward: Callable[[], torch.Tensor]) -> Precisi
     if cos >= MATCH_MEAN_COSINE:
         return Precision(precision.name, precision.dtype, precision.device_type,
                          f"{precision.reason}; matches float32 on this model: mean cosine {cos:.5f} "
-                         f"on the first {n} images")
+                         f"on {the_first(n, 'image')}")
     return Precision("off", None, precision.device_type,
                      f"{precision.reason}, but {precision.name} features differ from float32 on this model: "
-                     f"mean cosine {cos:.5f} < {MATCH_MEAN_COSINE} on the first {n} images")
+                     f"mean cosine {cos:.5f} < {MATCH_MEAN_COSINE} on {the_first(n, 'image')}")
 
 
 def settle_for(model: torch.nn.Module, precision: Precision, forward: Callable[[], torch.Tensor]) -> Precision:
@@ -234,12 +235,12 @@ def resolve_inference(amp: "str | Precision | Inference", backend: str, device: 
     elif device.type != "cpu":
         why = f"the device is {device.type}"
     elif num_images is None or num_images < ONNXRUNTIME_MIN_IMAGES:
-        what = "an unknown number of images" if num_images is None else f"{num_images} images"
+        what = "an unknown number of images" if num_images is None else plural(num_images, "image")
         why = f"{what} (< {ONNXRUNTIME_MIN_IMAGES}): too few for an ONNX export to pay"
     elif not onnxruntime_available():
         why = note = f"onnxruntime is not installed ({ONNX_INSTALL})"
     else:
-        return Inference("auto", "auto", precision, f"{backend_key}=auto: {num_images} images")
+        return Inference("auto", "auto", precision, f"{backend_key}=auto: {plural(num_images, 'image')}")
     return Inference("auto", "torch", precision, f"{backend_key}=auto, not onnxruntime: {why}", note)
 
 
@@ -340,11 +341,11 @@ def _settle_auto(model: torch.nn.Module, choice: Inference, images: torch.Tensor
     n = images.shape[0]
     if cos < MATCH_MEAN_COSINE:
         return fallback(f"its features differ from PyTorch fp32: mean cosine {cos:.5f} < {MATCH_MEAN_COSINE} "
-                        f"on the first {n} images")
+                        f"on {the_first(n, 'image')}")
     return dataclasses.replace(choice, backend="onnxruntime", session=session,
                                precision=Precision("off", None, "cpu", _ORT_PRECISION_REASON),
-                               reason=f"{choice.reason}; mean cosine {cos:.5f} with PyTorch fp32 on the first {n} "
-                                      f"images; export {seconds:.1f} s")
+                               reason=f"{choice.reason}; mean cosine {cos:.5f} with PyTorch fp32 on {the_first(n, 'image')}; "
+                                      f"export {seconds:.1f} s")
 
 
 def run_features(model: torch.nn.Module, choice: Inference, images: torch.Tensor,
