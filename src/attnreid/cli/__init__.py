@@ -95,6 +95,10 @@ _arrange()
 
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point of the ``attnreid`` console script."""
+    from attnreid.cli._util import PipeSafeStream
+
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = PipeSafeStream(sys.stdout), PipeSafeStream(sys.stderr)  # `... | head` keeps working
     try:
         app(args=argv, prog_name="attnreid")
     except AttnReidError as exc:
@@ -104,6 +108,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         if prefix is not None:
             print(f"{prefix}: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    finally:
+        sys.stdout, sys.stderr = streams
 
 
 __all__ = ["PANELS", "app", "main"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Optional
+
 import typer
 
 from attnreid.cli._app import app
@@ -27,7 +30,11 @@ def stats(
     from attnreid.data.datasets import build_dataset
     from attnreid.data.datasets.base import warn_bad
 
+    generated = _synthetic_to_generate(root) if name == "synthetic" else None
     dataset = build_dataset(name, str(root), skip_bad_images=skip_bad_images)
+    if generated is not None:  # stats reads a data set; this one did not exist and was written: say so
+        print(f"note: the synthetic set was not under {root}; generated it with the default parameters in "
+              f"{generated} ('attnreid data synth' writes one with chosen parameters)", file=sys.stderr)
     if check_images:
         from attnreid.data.loader import check_images as check
 
@@ -41,6 +48,23 @@ def stats(
     print(f"{'split':<8} {'images':>8} {'ids':>6} {'cams':>5}")
     for split, s in result.items():
         print(f"{split:<8} {s['images']:>8} {s['ids']:>6} {s['cams']:>5}")
+
+
+def _synthetic_to_generate(root: Path) -> Optional[Path]:
+    """The folder ``data stats synthetic`` will generate under ``root``, or None if it exists."""
+    import inspect
+
+    from attnreid.data.datasets.synthetic import MARKET_FOLDER, SyntheticDataset, synthetic_folder_name
+
+    defaults = {k: v.default for k, v in inspect.signature(SyntheticDataset).parameters.items()
+                if k not in ("root", "skip_bad_images")}
+    folder = root / synthetic_folder_name(**defaults)
+    return None if (folder / MARKET_FOLDER / "synthetic.json").is_file() else folder
+
+
+# What `data synth` calls generate_synthetic's parameters, for its error messages.
+SYNTH_OPTIONS = {"num_ids": "--ids", "images_per_id": "--images-per-id", "num_cameras": "--cameras",
+                 "height": "--height x --width", "occluded_query_share": "--occluded-query-share"}
 
 
 @data_app.command("synth")
@@ -61,8 +85,9 @@ def synth(
     import time
 
     from attnreid.data.datasets import build_dataset
-    from attnreid.data.datasets.synthetic import generate_synthetic
+    from attnreid.data.datasets.synthetic import check_parameters, generate_synthetic
 
+    check_parameters(ids, images_per_id, cameras, height, width, occluded_query_share, names=SYNTH_OPTIONS)
     check_output_path(out, "dir")
     start = time.perf_counter()
     folder = generate_synthetic(out, ids, images_per_id, cameras, height, width, occluded_query_share, seed,
