@@ -154,6 +154,17 @@ def test_bad_model_arguments_are_one_line(model, tmp_path):
     (empty_run / "config.yaml").write_text(Path(model["config"]).read_text())
     code, _, err = run_cli(["eval", empty_run])
     assert_one_line_error(code, err, "has no checkpoints/last.pth")
+    code, _, err = run_cli(["eval", model["run"] / "checkpoints"])
+    assert_one_line_error(code, err, "holds checkpoints", f"or the run folder {model['run']}")
+    code, _, err = run_cli(["index", "build", tmp_path, "--checkpoint", model["config"], "--out", tmp_path / "i"])
+    assert_one_line_error(code, err, "is a config: give it with --config")
+
+
+def test_unknown_dataset_gets_a_suggestion(tmp_path):
+    for typed in ("Market1501", "market", "DukeMTMC-reID"):
+        code, _, err = run_cli(["data", "stats", typed, "--root", tmp_path])
+        assert_one_line_error(code, err, f"unknown dataset '{typed}'", "did you mean '")
+    assert "did you mean 'market1501'" in run_cli(["data", "stats", "Market1501", "--root", tmp_path])[2]
 
 
 def test_train_given_a_run_or_checkpoint_says_what_to_do(model):

@@ -49,7 +49,9 @@ TINY = ["data.dataset=market1501", "data.height=64", "data.width=32", "data.batc
         "model.backbone.pretrained=false", "model.backbone.weights=null", "model.mhsanet.num_heads=2",
         "model.hacnn.widths=[16,32,48]", "model.hacnn.embed_dim=128", "train.epochs=1",
         "train.max_steps_per_epoch=2", "train.eval_every=0", "train.device=cpu", "train.threads=1",
-        "eval.dataset=", "eval.root=", "eval.datasets=[]"]
+        "eval.dataset=", "eval.root=", "eval.datasets=[]",
+        # float32: what a docs example shows must not hang on a CPU's bf16 kernels (issue 25)
+        "train.amp=off", "eval.amp=off"]
 
 
 @dataclass

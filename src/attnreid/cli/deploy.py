@@ -112,6 +112,12 @@ def index_build(
 
 def _model_option(checkpoint: Path, config: Optional[Path], overrides: Optional[List[str]] = None):
     """``--checkpoint`` (a run folder or a checkpoint) and an optional ``--config`` -> the model's source."""
+    from attnreid.engine.model_source import CONFIG_SUFFIXES
+    from attnreid.errors import AttnReidError
+
+    if checkpoint.suffix.lower() in CONFIG_SUFFIXES:
+        raise AttnReidError(f"--checkpoint {checkpoint} is a config: give it with --config, and the weights (a run "
+                            "folder or a .pth) with --checkpoint")
     if config is not None:
         return resolve_model(config, overrides, checkpoint)
     return resolve_model(checkpoint, overrides)

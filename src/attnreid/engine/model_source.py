@@ -66,6 +66,9 @@ def resolve_model(source: str | Path, overrides: Sequence[str] = (), checkpoint:
         raise AttnReidError(f"{src} not found (expected a run folder, a checkpoint or a .yaml config)")
     if src.is_dir():
         if not is_run_dir(src):
+            if is_run_dir(src.parent) and any(src.glob("*.pth")):  # RUN/checkpoints
+                raise AttnReidError(f"{src} holds checkpoints: name one ({src / 'last.pth'}) or the run folder "
+                                    f"{src.parent}")
             raise AttnReidError(f"{src} is a folder but not a run folder (no {RUN_CONFIG} or checkpoints/)")
         if ckpt is None:
             ckpt = src / RUN_CHECKPOINT
