@@ -42,7 +42,7 @@ def test_demo_tiny_budget(tmp_path):
     res = json.loads(out)
     assert res["num_queries"] == result["num_query"]
     assert res["mAP"]["diff"] == pytest.approx(result["comparisons"]["MHSA-Net"]["mAP"]["diff"])
-    assert res["verdict"] in ("A better", "B better", "no significant difference")
+    assert res["verdict"] in ("mhsanet better", "baseline better", "no significant difference")
 
 
 def test_demo_bad_options():
@@ -118,9 +118,9 @@ def test_compare_cli_on_two_feature_files(tmp_path):
     code, out, err = run_cli(["compare", good, bad, "--json"])
     assert code == 0, err
     res = json.loads(out)
-    assert res["verdict"] == "A better" and res["num_queries"] == 120 and res["mAP"]["ci"][0] > 0
+    assert res["verdict"] == "good.npz better" and res["winner"] == "A" and res["num_queries"] == 120 and res["mAP"]["ci"][0] > 0
     code, out, _ = run_cli(["compare", bad, good])
-    assert out.strip().splitlines()[-1] == "verdict: B better (decided on mAP)"
+    assert out.strip().splitlines()[-1] == "verdict: good.npz better (decided on mAP)"
     code, out, _ = run_cli(["compare", good, good])
     assert "verdict: no significant difference" in out and "p = 1.00" in out
     fewer = _feature_file(tmp_path / "fewer.npz", 0.6, drop=5)

@@ -339,7 +339,7 @@ def test_bad_jpeg_is_skipped_when_asked(tiny, tmp_path, kind):
     bad = _first_query(root)
     bad.write_bytes(b"" if kind == "zero-byte" else b"\xff\xd8\xff\xe0 definitely not a JPEG body")
     code, out, err = run_cli(["robustness", tiny["cfg"], "data.skip_bad_images=true", "--checkpoint", tiny["ckpt"],
-                              "--root", root, "--levels", "0,20", "--kinds", "block", "--positions", "top",
+                              "--root", root, "--levels", "0,0.2", "--kinds", "block", "--positions", "top",
                               "--out", tmp_path / "out", "--json"])
     assert code == 0, err
     assert "Traceback" not in err and bad.name in err, "the skipped file is listed on stderr"
@@ -351,7 +351,7 @@ def test_query_identities_without_gallery_match_are_counted(tmp_path):
     root = _market_folder(tmp_path / "data", no_match=(6, 8))
     cfg = _write_config(tmp_path / "c.yaml", data={"dataset": "market1501", "root": str(root)})
     ckpt = _save_tiny_checkpoint(tmp_path / "c.pth", cfg)
-    code, out, err = run_cli(["robustness", cfg, "--checkpoint", ckpt, "--levels", "0,30", "--kinds", "erasing",
+    code, out, err = run_cli(["robustness", cfg, "--checkpoint", ckpt, "--levels", "0,0.3", "--kinds", "erasing",
                               "--positions", "side", "--out", tmp_path / "out", "--json"])
     assert code == 0, err
     for row in json.loads(out)["models"][0]["conditions"]:

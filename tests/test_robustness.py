@@ -205,8 +205,9 @@ def _nn_evaluate(qf, gf, qp, gp, qc, gc, **kw):
 
 
 def test_parsers_name_the_option():
-    assert parse_levels("0,10, 20%,10") == [0.0, 0.1, 0.2]
-    for bad, needle in (("0,x", "'x' is not a number"), ("0,120", "outside 0..100"), (",", "at least one")):
+    assert parse_levels("0,0.1, 20%,10%") == [0.0, 0.1, 0.2]
+    for bad, needle in (("0,x", "'x' is not a number"), ("0,120%", "outside 0%..100%"), ("0,10", "ambiguous"),
+                        (",", "at least one")):
         with pytest.raises(AttnReidError, match=needle) as info:
             parse_levels(bad)
         assert "--levels" in str(info.value)
@@ -292,7 +293,7 @@ def test_cli_on_synthetic_set_two_models(synthetic_root, tmp_path):
     cfg_path = tmp_path / "eval.yaml"
     cfg_path.write_text(yaml.safe_dump({"data": {**data, "workers": 0}, "train": {"device": "cpu", "threads": 1}}))
     out = tmp_path / "out"
-    args = ["robustness", cfg_path, "--checkpoint", a, b, "--levels", "0,20,40", "--kinds", "block,person",
+    args = ["robustness", cfg_path, "--checkpoint", a, b, "--levels", "0,0.2,40%", "--kinds", "block,person",
             "--positions", "top,side", "--seed", "3", "--out", out]
     code, text, err = run_cli(args)
     assert code == 0, err
@@ -332,7 +333,7 @@ def test_cli_generates_a_synthetic_set_by_name(tmp_path):
         "num_ids": 6, "images_per_id": 4, "num_cameras": 2, "height": 64, "width": 32}},
         "train": {"device": "cpu", "threads": 1}}))
     code, stdout, err = run_cli(["robustness", cfg_path, "--checkpoint", ckpt, "--dataset", "synthetic",
-                                 "--root", tmp_path / "syn", "--levels", "0,30", "--kinds", "erasing",
+                                 "--root", tmp_path / "syn", "--levels", "0,0.3", "--kinds", "erasing",
                                  "--positions", "bottom", "--json"])
     assert code == 0, err
     report = json.loads(stdout)

@@ -29,7 +29,7 @@ def trained(synthetic_root, tmp_path_factory):
     run = base / "run"
     code, out, err = run_cli(["train", config, "--out", run])
     assert code == 0, err
-    assert "completed: 1 epochs, 2 steps" in out and "R1" in out and "mAP" in out
+    assert "completed: 1 epoch, 2 steps" in out and "R1" in out and "mAP" in out
     return config, run
 
 

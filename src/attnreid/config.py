@@ -403,7 +403,33 @@ def _all_keys(cls=Config, prefix: str = "") -> List[str]:
     return keys
 
 
+# torchreid's config names (its default_config.py) for what this schema calls otherwise: a user
+# coming from torchreid gets the key here, not the nearest spelling.
+TORCHREID_KEYS = {
+    "data.sources": "data.dataset", "data.targets": "eval.datasets", "data.save_dir": "the --out option",
+    "data.combineall": None, "data.transforms": "data.flip / data.random_erasing",
+    "model.pretrained": "model.backbone.pretrained", "model.load_weights": "--checkpoint",
+    "train.optim": "optim.name", "train.lr": "optim.lr", "train.weight_decay": "optim.weight_decay",
+    "train.max_epoch": "train.epochs", "train.batch_size": "data.batch_size",
+    "train.lr_scheduler": "optim.milestones (step schedule) and optim.warmup_epochs",
+    "train.stepsize": "optim.milestones", "train.gamma": "optim.gamma", "train.print_freq": "train.print_every",
+    "train.fixbase_epoch": "model.backbone.frozen_stages", "sampler.num_instances": "data.num_instances",
+    "sampler.train_sampler": "data.epoch_mode", "loss.name": "the loss weights loss.* (every term is on by default)",
+    "loss.softmax.label_smooth": "loss.label_smoothing", "loss.triplet.margin": "loss.triplet_margin",
+    "test.batch_size": "data.test_batch_size", "test.dist_metric": "eval.metric", "test.rerank": "eval.rerank",
+    "test.eval_freq": "train.eval_every", "test.evaluate": "the attnreid eval command",
+    "test.normalize_feature": "model.feature_norm", "test.ranks": "eval.max_rank",
+}
+
+
 def _suggest(key: str) -> str:
+    if key in TORCHREID_KEYS:
+        here = TORCHREID_KEYS[key]
+        return f"; that is torchreid's name, attnreid's is {here}" if here else \
+            f"; torchreid's {key} has no counterpart (one training set per run)"
+    by_lower = {k.lower(): k for k in _all_keys() + sorted(_sections())}
+    if key.lower() in by_lower:  # DATA.ROOT: the right key in the wrong case
+        return f"; did you mean '{by_lower[key.lower()]}'?"
     close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
     if not close:
         leaf = key.rsplit(".", 1)[-1]
@@ -443,8 +469,11 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
         raise ConfigError(f"config file {path} is {size} bytes; attnreid reads config files of at most "
                           f"{MAX_CONFIG_BYTES} bytes")
     try:
-        text = path.read_bytes().decode("utf-8")
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
+        if b"\0" in raw:  # binary, e.g. a checkpoint given where a config is expected
+            raise ConfigError(f"config file {path} is not a YAML text file (binary data: a checkpoint?)") from None
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
@@ -479,11 +508,15 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
+def _sections() -> set:
+    """Every dotted prefix of a key: ``data``, ``data.synthetic``, ``model.backbone`` ..."""
+    return {".".join(k.split(".")[:i]) for k in _all_keys() for i in range(1, k.count(".") + 1)}
+
+
 def _check_keys(data: Any, prefix: str, source: str) -> None:
     """Reject unknown keys with the closest valid one, before OmegaConf sees them."""
     valid = set(_all_keys())
-    sections = {k.rsplit(".", 1)[0] for k in valid if "." in k}
-    sections |= {".".join(k.split(".")[:i]) for k in valid for i in range(1, k.count(".") + 1)}
+    sections = _sections()
     if not isinstance(data, dict):
         return
     for k, v in data.items():
@@ -639,17 +672,36 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> Config:
-    """Build a validated :class:`Config` from an optional YAML file and KEY=VALUE overrides."""
-    data: dict = {}
+def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None,
+                base: Optional[dict] = None, base_source: str = "the base config") -> Config:
+    """Build a validated :class:`Config` from an optional YAML file and KEY=VALUE overrides.
+
+    ``base`` (a config dict, e.g. the one a checkpoint saved; ``base_source`` names it in
+    errors) is filled in first; the file and then the overrides go over it.
+    """
+    data: dict = copy.deepcopy(base) if base else {}
+    if base:
+        _check_keys(data, "", base_source)
     if path is not None:
-        data = _read_yaml(Path(path))
-        _check_keys(data, "", str(path))
+        from_file = _read_yaml(Path(path))
+        _check_keys(from_file, "", str(path))
+        data = _deep_merge(data, from_file)
     items = list(overrides or [])
+    _check_override_keys(items)
     over = _parse_overrides(items)
     _check_keys(over, "", "the command-line overrides")
     _check_override_types(over, items)
-    return from_dict(_deep_merge(data, over), source=str(path) if path else "the overrides")
+    source = str(path) if path else base_source if base else "the overrides"
+    return from_dict(_deep_merge(data, over), source=source)
+
+
+def _check_override_keys(items: List[str]) -> None:
+    """An unknown key, named in full as typed (``DATA.ROOT``, not just its first part ``DATA``)."""
+    valid = set(_all_keys()) | _sections()
+    for item in items:
+        key = item.split("=", 1)[0].strip()
+        if "=" in item and key and key not in valid and key not in REMOVED_KEYS:
+            raise ConfigError(f"unknown config key '{key}' in the command-line overrides{_suggest(key)}")
 
 
 # Keys that were booleans before they became choices: True/False still mean these

@@ -10,7 +10,8 @@ comparison is refused in one line (:func:`attnreid.evaluation.paired.align`).
 
 The statistics are :func:`attnreid.evaluation.stats.compare`: per-query AP and rank-1 hit
 differences, a paired bootstrap interval of the mean difference and an exact sign test; the
-verdict ("A better", "B better" or "no significant difference") is decided on mAP.
+verdict ("<A> better" or "<B> better", naming the run or file, or "no significant difference") is
+decided on mAP; ``winner`` in the result says ``A``, ``B`` or None.
 """
 
 from __future__ import annotations

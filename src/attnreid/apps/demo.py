@@ -55,8 +55,9 @@ from attnreid.errors import AttnReidError
 from attnreid.evaluation import stats
 from attnreid.evaluation.paired import compare_evaluated, load_run
 from attnreid.models.registry import get_spec
-from attnreid.viz.report import write_report
 from attnreid.safe_io import write_text_atomic
+from attnreid.text import plural
+from attnreid.viz.report import write_report
 
 MODEL_ROWS = ("baseline", "mhsanet", "hacnn")
 # Share of the training time each model gets. Baseline and MHSA-Net get equal shares: at
@@ -132,10 +133,8 @@ def run_demo(minutes: float = 6.0, out_dir: str | Path = "runs/demo", models: Se
     (``train.seed`` 0..N-1, ``minutes`` each) into ``out_dir/seed<k>/`` and adds the mean ± sd
     over seeds and how often the verdict agreed.
     """
-    from rich.console import Console
-
     t_start = time.perf_counter()
-    console = Console(quiet=quiet, highlight=False)
+    console = demo_console(quiet)
     unknown = [m for m in models if m not in MODEL_ROWS]
     if unknown or not models:
         raise AttnReidError(f"--models has {unknown or 'nothing'}; choose from {', '.join(MODEL_ROWS)}")
@@ -178,6 +177,17 @@ def run_demo(minutes: float = 6.0, out_dir: str | Path = "runs/demo", models: Se
     return result
 
 
+def demo_console(quiet: bool = False, file: Any = None):
+    """The demo's console: long lines are never cut into 80 columns when piped (``soft_wrap``:
+    the terminal wraps them, a pipe gets them whole), and tables keep their own width."""
+    from rich.console import Console
+
+    console = Console(quiet=quiet, highlight=False, soft_wrap=True, file=file)
+    if not console.is_terminal:
+        console = Console(quiet=quiet, highlight=False, soft_wrap=True, file=file, width=200)
+    return console
+
+
 def _configs(out_dir: Path, num_ids: int, images_per_id: int, threads: int, overrides: Sequence[str],
              seed: int) -> Dict[str, Config]:
     configs = demo_configs(out_dir / "data", num_ids, images_per_id, threads, seed)
@@ -209,9 +219,11 @@ def _run_seed(configs: Mapping[str, Config], dataset: Any, models: Sequence[str]
         run = out_dir / "runs" / name
         console.print(f"training {name} for up to {60 * train_minutes:.0f} s ...")
         result = train(cfg, run, overwrite=True, quiet=True)
-        console.print(f"  {name}: {result['epoch']} epochs, {result['step']} steps, {result['img_per_s']:.1f} img/s "
-                      f"({result.get('precision', 'fp32')}), {result['status']}")
-        rows.append(_row(name, "default", result, run))
+        if result["status"] == "interrupted":  # train() saved last.pth and returned; the demo stops here
+            raise KeyboardInterrupt
+        console.print(f"  {name}: {plural(result['epoch'], 'epoch')}, {plural(result['step'], 'step')}, "
+                      f"{result['img_per_s']:.1f} img/s ({result['precision']} training), {result['status']}")
+        rows.append(_row(name, "default", result, run, _inference_precision(run / "eval.json")))
         # the paper's named variants of the test feature (MHSA-Net*: p*), from the same weights
         for feature in get_spec(name).test_features[1:]:
             if not feature.label:
@@ -223,7 +235,9 @@ def _run_seed(configs: Mapping[str, Config], dataset: Any, models: Sequence[str]
             save_config(variant_cfg, variant_run / "config.yaml")
             m = evaluate_model(model, dataset, variant_cfg, out_dir=variant_run,
                                extra={"checkpoint": str(run / "checkpoints" / "last.pth"), "epoch": result["epoch"]})
-            rows.append(_row(name, feature.name, dict(result, **m), variant_run))
+            # the variant's row: the same training, its own evaluation (whose "precision" is the inference one)
+            variant = {**result, **m, "precision": result["precision"]}
+            rows.append(_row(name, feature.name, variant, variant_run, m.get("precision")))
 
     comparisons = _compare_to_baseline(rows)
     verdict = demo_verdict(rows, comparisons.get(label(*VERDICT_ROW)))
@@ -253,12 +267,30 @@ def label(name: str, feature: str = "default") -> str:
     return spec.label if feature == "default" else spec.feature(feature).label
 
 
-def _row(name: str, feature: str, result: Dict[str, Any], run: Path) -> Dict[str, Any]:
+def _inference_precision(eval_json: Path) -> Optional[str]:
+    """The precision the evaluation ran at, as its eval.json records it."""
+    try:
+        return json.loads(eval_json.read_text()).get("precision")
+    except (OSError, ValueError):
+        return None
+
+
+def _short_precision(text: Optional[str]) -> str:
+    """``bf16`` / ``fp32`` from ``bf16 autocast (CPU has AMX ...)`` or ``float32 (...)``."""
+    if not text:
+        return "?"
+    word = text.split()[0]
+    return "fp32" if word in ("float32", "off") else word
+
+
+def _row(name: str, feature: str, result: Dict[str, Any], run: Path,
+         inference_precision: Optional[str]) -> Dict[str, Any]:
+    """One model's line: metrics with intervals, and the training and the inference precision apart."""
     what = get_spec(name).feature(feature).what
     row = {"model": name, "label": label(name, feature), "feature": what, "run": str(run),
            "epochs": int(result["epoch"]), "train_seconds": float(result["train_seconds"]),
            "img_per_s": float(result["img_per_s"]), "status": result["status"],
-           "precision": result.get("precision")}
+           "train_precision": result.get("precision"), "inference_precision": inference_precision}
     for k in _METRICS:
         row[k] = float(result[k])
         ci = stats.ci_of(result, k)
@@ -285,12 +317,14 @@ def results_table(rows: Sequence[Dict[str, Any]], chance: Mapping[str, float],
 
     metrics = Table(title=f"Occluded synthetic queries ({num_query} queries, {num_gallery} gallery)",
                     caption="in %; ± = half-width of the 95% bootstrap interval over queries")
-    for col in ("model", "test feature", "R1", "mAP", "epochs", "img/s"):
+    for col in ("model", "test feature", "R1", "mAP", "epochs", "img/s", "precision train / test"):
         metrics.add_column(col, justify="left" if col in ("model", "test feature") else "right")
     for r in rows:
         metrics.add_row(r["label"], r["feature"], stats.metric_text(r, "rank1"), stats.metric_text(r, "mAP"),
-                        str(r["epochs"]), f"{r['img_per_s']:.1f}")
-    metrics.add_row("chance", "random ranking", f"{100 * chance['rank1']:.1f}", f"~{100 * chance['mAP']:.1f}", "", "")
+                        str(r["epochs"]), f"{r['img_per_s']:.1f}",
+                        f"{_short_precision(r.get('train_precision'))} / {_short_precision(r.get('inference_precision'))}")
+    metrics.add_row("chance", "random ranking", f"{100 * chance['rank1']:.1f}", f"~{100 * chance['mAP']:.1f}", "", "",
+                    "")
     if not comparisons:
         return metrics
     paired = Table(title=f"Minus the Baseline, paired over the same {num_query} queries",
@@ -331,8 +365,8 @@ def demo_verdict(rows: Sequence[Dict[str, Any]], comparison: Optional[Mapping[st
     seen_base, seen_mhsa = _images_seen(base), _images_seen(mhsa)
     if min(seen_base, seen_mhsa) <= 0 or max(seen_base, seen_mhsa) / min(seen_base, seen_mhsa) > UNEQUAL_WORK:
         text += (f" Caveat: not an equal-work comparison: in their equal time shares MHSA-Net trained on "
-                 f"{seen_mhsa:.0f} images ({mhsa['epochs']} epochs) and the Baseline on {seen_base:.0f} "
-                 f"({base['epochs']} epochs), e.g. because other jobs shared the CPU.")
+                 f"{seen_mhsa:.0f} images ({plural(mhsa['epochs'], 'epoch')}) and the Baseline on {seen_base:.0f} "
+                 f"({plural(base['epochs'], 'epoch')}), e.g. because other jobs shared the CPU.")
     return text
 
 
@@ -367,7 +401,7 @@ def _seed_summary(results: Sequence[Dict[str, Any]], console: Any) -> Dict[str, 
     console.print(table)
     winners = [res["winner"] for res in results]
     agreement = verdict_agreement(winners)
-    console.print(f"verdict over {len(results)} seeds: {agreement['text']}")
+    console.print(f"verdict over {plural(len(results), 'seed')}: {agreement['text']}")
     return {"per_seed": list(results), "summary": summary, "winners": winners, "agreement": agreement,
             "verdict": agreement["text"]}
 
@@ -379,7 +413,7 @@ def verdict_agreement(winners: Sequence[Optional[str]]) -> Dict[str, Any]:
     counts = {names[w]: sum(1 for x in winners if x == w) for w in ("A", "B", None)}
     top = max(counts, key=lambda k: counts[k])
     return {"counts": counts, "most_common": top, "agree": counts[top], "seeds": len(winners),
-            "text": f"{top} in {counts[top]} of {len(winners)} seeds "
+            "text": f"{top} in {counts[top]} of {plural(len(winners), 'seed')} "
                     f"({', '.join(f'{k}: {v}' for k, v in counts.items() if v)})"}
 
 

@@ -149,6 +149,10 @@ def load_commands(argv: Optional[List[str]] = None) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point of the ``attnreid`` console script."""
+    from attnreid.cli._util import PipeSafeStream
+
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = PipeSafeStream(sys.stdout), PipeSafeStream(sys.stderr)  # `... | head` keeps working
     try:
         load_commands(argv)
         app(args=argv, prog_name="attnreid")
@@ -159,6 +163,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         if prefix is not None:
             print(f"{prefix}: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    finally:
+        sys.stdout, sys.stderr = streams
 
 
 __all__ = ["COMMANDS", "PANELS", "app", "load_commands", "main"]

@@ -11,6 +11,12 @@ from typing import Any, Optional
 
 from attnreid.errors import AttnReidError
 
+# One rule wherever a command names a model (attnreid.engine.model_source; not imported here: keeps --help fast).
+MODEL_HELP = ("The model: a run folder (its config.yaml and checkpoints/last.pth), a checkpoint (.pth, its "
+              "saved config) or a config (.yaml, with --checkpoint).")
+CHECKPOINT_HELP = "The weights of a .yaml config, or another checkpoint of a run folder (e.g. RUN/checkpoints/best.pth)."
+OVERRIDES_HELP = "KEY=VALUE overrides of the model's config, e.g. data.root=DATA train.device=cpu."
+
 
 def print_json(obj: Any) -> None:
     """Write exactly one JSON object to stdout (nothing else may go to stdout with --json)."""
@@ -78,4 +84,65 @@ def device_option(name: str, option: str = "--device"):
     raise AttnReidError(f"{option} is {name!r}; expected auto, cpu, cuda or cuda:N")
 
 
-__all__ = ["check_output_path", "device_option", "print_json"]
+def resolve_model(source, overrides=(), checkpoint=None, need_weights: bool = True):
+    """:func:`attnreid.engine.model_source.resolve_model`, imported when a command runs."""
+    from attnreid.engine.model_source import resolve_model as resolve
+
+    return resolve(source, list(overrides or []), checkpoint, need_weights=need_weights)
+
+
+class PipeSafeStream:
+    """A text stream whose reader may go away (``attnreid train ... | head -2``).
+
+    After the first broken pipe the rest of the output is dropped instead of raising
+    ``BrokenPipeError`` in the middle of the work: training goes on and checkpoints. The
+    file descriptor is pointed at the null device, so the interpreter's final flush of
+    what is still buffered does not fail either.
+    """
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        self.broken = True
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):  # not a real file (e.g. a test's StringIO)
+            pass
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding ... of the stream itself
+        return getattr(self._stream, name)
+
+
+def interrupted(hint: str) -> None:
+    """Ctrl-C: one line on stderr saying how to go on, exit status 130 (128 + SIGINT)."""
+    import typer
+
+    print(f"interrupted; {hint}", file=sys.stderr, flush=True)
+    raise typer.Exit(130)
+
+
+__all__ = ["CHECKPOINT_HELP", "MODEL_HELP", "OVERRIDES_HELP", "PipeSafeStream", "check_output_path", "device_option", "interrupted",
+           "print_json", "resolve_model"]

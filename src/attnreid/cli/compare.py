@@ -23,7 +23,7 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Is A better than B on the same queries? Paired bootstrap + exact sign test on per-query AP
-    and rank-1 hits; verdict "A better", "B better" or "no significant difference"."""
+    and rank-1 hits; verdict "<A's name> better", "<B's name> better" or "no significant difference"."""
     from attnreid.apps.compare import compare_paths, result_lines
 
     result = compare_paths(a, b, protocol, metric, resamples, level, seed)

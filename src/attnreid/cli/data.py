@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -12,7 +13,7 @@ from attnreid.cli._app import app
 from attnreid.cli._util import check_output_path, print_json
 from attnreid.data.datasets import build_dataset
 from attnreid.data.datasets.base import warn_bad
-from attnreid.data.datasets.synthetic import generate_synthetic
+from attnreid.data.datasets.synthetic import check_parameters, generate_synthetic
 
 data_app = typer.Typer(help="Dataset statistics, checks and the synthetic data set.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -31,7 +32,11 @@ def stats(
                                       help="Also decode every image (slow) to find unreadable ones."),
 ) -> None:
     """Print the number of images, identities and cameras of each split."""
+    generated = _synthetic_to_generate(root) if name == "synthetic" else None
     dataset = build_dataset(name, str(root), skip_bad_images=skip_bad_images)
+    if generated is not None:  # stats reads a data set; this one did not exist and was written: say so
+        print(f"note: the synthetic set was not under {root}; generated it with the default parameters in "
+              f"{generated} ('attnreid data synth' writes one with chosen parameters)", file=sys.stderr)
     if check_images:
         from attnreid.data.loader import check_images as check  # torch: only when images are decoded
 
@@ -86,6 +91,23 @@ def check(
     print(f"overall: {report['status']}" + (" (--json lists up to 5 examples of each)" if report["status"] != "ok" else ""))
 
 
+def _synthetic_to_generate(root: Path) -> Optional[Path]:
+    """The folder ``data stats synthetic`` will generate under ``root``, or None if it exists."""
+    import inspect
+
+    from attnreid.data.datasets.synthetic import MARKET_FOLDER, SyntheticDataset, synthetic_folder_name
+
+    defaults = {k: v.default for k, v in inspect.signature(SyntheticDataset).parameters.items()
+                if k not in ("root", "skip_bad_images")}
+    folder = root / synthetic_folder_name(**defaults)
+    return None if (folder / MARKET_FOLDER / "synthetic.json").is_file() else folder
+
+
+# What `data synth` calls generate_synthetic's parameters, for its error messages.
+SYNTH_OPTIONS = {"num_ids": "--ids", "images_per_id": "--images-per-id", "num_cameras": "--cameras",
+                 "height": "--height x --width", "occluded_query_share": "--occluded-query-share"}
+
+
 @data_app.command("synth")
 def synth(
     out: Path = typer.Option(..., "--out", help="Output folder; the set goes to OUT/market1501/."),
@@ -101,6 +123,7 @@ def synth(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: folder, seconds, stats."),
 ) -> None:
     """Generate the synthetic occluded re-ID data set in the Market-1501 layout."""
+    check_parameters(ids, images_per_id, cameras, height, width, occluded_query_share, names=SYNTH_OPTIONS)
     check_output_path(out, "dir")
     start = time.perf_counter()
     folder = generate_synthetic(out, ids, images_per_id, cameras, height, width, occluded_query_share, seed,

@@ -9,7 +9,8 @@ import typer
 
 from attnreid.choices import AMP_CHOICES, INFERENCE_BACKENDS
 from attnreid.cli._app import app
-from attnreid.cli._util import check_output_path, device_option, print_json
+from attnreid.cli._util import (CHECKPOINT_HELP, MODEL_HELP, OVERRIDES_HELP, check_output_path, device_option,
+                                interrupted, print_json, resolve_model)
 from attnreid.errors import AttnReidError
 
 DEFAULT_CAMERA_REGEX = r"_c(\d+)"  # same as attnreid.deploy.index (not imported: keeps --help fast)
@@ -23,8 +24,9 @@ app.add_typer(index_app, name="index")
 
 @app.command("export")
 def export(
-    config: Path = typer.Argument(..., help="Config YAML of the model (or a checkpoint, whose saved config is used)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Trained weights (required with a config)."),
+    model: Path = typer.Argument(..., help=MODEL_HELP),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
     out: Path = typer.Option(..., "--out", help="ONNX file to write."),
     attention: bool = typer.Option(False, "--attention/--no-attention",
                                    help="Also output the attention maps (extra graph outputs)."),
@@ -34,15 +36,12 @@ def export(
 ) -> None:
     """Export a model to ONNX (dynamic batch) and check it against PyTorch in onnxruntime."""
     from attnreid.deploy.extractor import FeatureExtractor  # torch: imported when the command runs, not for --help
-    from attnreid.engine.build import CONFIG_SUFFIXES
-    from attnreid.errors import AttnReidError
     from attnreid.inference.export import CONTRACT_BATCHES, check_opset, export_onnx, inference_contract
 
-    if config.suffix.lower() in CONFIG_SUFFIXES and checkpoint is None:
-        raise AttnReidError(f"export of {config} needs --checkpoint (the trained weights)")
     check_opset(opset)
     check_output_path(out, "file")
-    ext = FeatureExtractor(config, checkpoint=checkpoint)
+    source = resolve_model(model, overrides, checkpoint)
+    ext = FeatureExtractor(source.cfg, checkpoint=source.checkpoint)
     d = ext.cfg.data
     meta = inference_contract(ext.model_name, ext.feature_dim, ext.input_size, d.mean, d.std,
                               bool(ext.cfg.model.feature_norm), ext.metric, ext.fingerprint, ext.weights_fingerprint)
@@ -70,7 +69,8 @@ def _check_amp(amp: Optional[str]) -> None:
 @index_app.command("build")
 def index_build(
     images_dir: Path = typer.Argument(..., help="Folder of gallery images (searched recursively)."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Trained model checkpoint."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="The model: a run folder or a checkpoint (.pth)."),
     out: Path = typer.Option(..., "--out", help="Index folder (created; an existing one is resumed)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Config overriding the checkpoint's (test feature)."),
     camera_regex: str = typer.Option(DEFAULT_CAMERA_REGEX, "--camera-regex",
@@ -97,18 +97,19 @@ def index_build(
         raise AttnReidError(f"--backend is {backend!r}; expected one of: {', '.join(INFERENCE_BACKENDS)}")
     check_output_path(out, "dir")
     dev = device_option(device)
-    if config is not None:
-        ext = FeatureExtractor(config, checkpoint=checkpoint, device=dev, batch_size=batch_size, flip=flip,
-                               amp=amp, backend=backend)
-    else:
-        ext = FeatureExtractor(checkpoint, device=dev, batch_size=batch_size, flip=flip, amp=amp, backend=backend)
+    source = _model_option(checkpoint, config, overrides)
+    ext = FeatureExtractor(source.cfg, checkpoint=source.checkpoint, device=dev, batch_size=batch_size, flip=flip,
+                           amp=amp, backend=backend)
     if calibration is None:
         from attnreid.deploy.calibration import default_path
 
-        found = default_path(checkpoint)
+        found = default_path(source.checkpoint)
         calibration = str(found) if found.is_file() else ""
-    summary = build_index(ext, images_dir, out, camera_regex=camera_regex, shard_size=shard_size,
-                          progress=not json_out, calibration=calibration or None)
+    try:
+        summary = build_index(ext, images_dir, out, camera_regex=camera_regex, shard_size=shard_size,
+                              progress=not json_out, calibration=calibration or None)
+    except KeyboardInterrupt:
+        interrupted(f"the images indexed so far are kept in {out}; run the same command again to index the rest")
     if json_out:
         print_json(summary)
         return
@@ -119,6 +120,18 @@ def index_build(
         print(f"calibration: {summary['calibration']} ('attnreid search --fpr' can decide same person or not)")
     for item in summary["skipped"]:
         print(f"skipped {item['path']}: {item['error']}")
+
+
+def _model_option(checkpoint: Path, config: Optional[Path], overrides: Optional[List[str]] = None):
+    """``--checkpoint`` (a run folder or a checkpoint) and an optional ``--config`` -> the model's source."""
+    from attnreid.engine.model_source import CONFIG_SUFFIXES
+
+    if checkpoint.suffix.lower() in CONFIG_SUFFIXES:
+        raise AttnReidError(f"--checkpoint {checkpoint} is a config: give it with --config, and the weights (a run "
+                            "folder or a .pth) with --checkpoint")
+    if config is not None:
+        return resolve_model(config, overrides, checkpoint)
+    return resolve_model(checkpoint, overrides)
 
 
 @app.command("search")
@@ -133,8 +146,8 @@ def search(
     faiss_index: str = typer.Option("flat", "--faiss-index", help="faiss index: flat (exact), ivf or hnsw."),
     nprobe: int = typer.Option(32, "--nprobe", help="IVF cells visited per query."),
     ef_search: int = typer.Option(128, "--ef-search", help="HNSW candidate list size."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
-                                              help="Query model (default: the checkpoint the index was built with)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Query model, a run folder or a checkpoint "
+                                              "(default: the checkpoint the index was built with)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Config to go with --checkpoint."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N."),
     amp: Optional[str] = typer.Option(None, "--amp", help=AMP_HELP),
@@ -161,10 +174,8 @@ def search(
     if ckpt is None:
         raise AttnReidError(f"index {index} records no checkpoint; pass --checkpoint")
     flip = bool(gallery.meta.get("flip", False))
-    if config is not None:
-        ext = FeatureExtractor(config, checkpoint=ckpt, device=dev, flip=flip, amp=amp)
-    else:
-        ext = FeatureExtractor(ckpt, device=dev, flip=flip, amp=amp)
+    source = _model_option(Path(ckpt), config)
+    ext = FeatureExtractor(source.cfg, checkpoint=source.checkpoint, device=dev, flip=flip, amp=amp)
     results = search_images(gallery, ext, [str(q) for q in queries], k=top_k,
                             exclude_same_camera=exclude_same_camera, backend=backend, faiss_index=faiss_index,
                             faiss_params=FaissParams(nprobe=nprobe, ef_search=ef_search), fpr=fpr,

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from attnreid.cli._app import app
-from attnreid.cli._util import check_output_path, print_json
+from attnreid.cli._util import CHECKPOINT_HELP, MODEL_HELP, OVERRIDES_HELP, check_output_path, interrupted, print_json, resolve_model
 from attnreid.cli.train import _metrics_line
 from attnreid.config import load_config
 from attnreid.errors import AttnReidError
@@ -20,10 +20,10 @@ BACKEND_HELP = ("eval.backend: auto (onnxruntime for big CPU jobs when installed
 
 @app.command("eval")
 def eval_cmd(
-    config: Path = typer.Argument(..., help="YAML config of the model and the evaluation set."),
+    model: Path = typer.Argument(..., help=MODEL_HELP + " Its config also names the evaluation set."),
     overrides: Optional[List[str]] = typer.Argument(
         None, help="KEY=VALUE overrides, e.g. eval.datasets=[market1501,dukemtmcreid]."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="A .pth written by attnreid train."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
     rerank: Optional[bool] = typer.Option(
         None, "--rerank/--no-rerank", show_default=False,
         help="k-reciprocal re-ranking (k1, k2, lambda from eval.*). Default: eval.rerank."),
@@ -38,7 +38,7 @@ def eval_cmd(
         False, "--save-distmat", help="Also write each test set's Q x G (re-ranked) distances to distmat.npy "
                                       "in --out (otherwise the matrix is never held whole)."),
 ) -> None:
-    """Evaluate a checkpoint with each test set's protocol.
+    """Evaluate a trained model with each test set's protocol.
 
     Prints R1/R5/R10/mAP (R1/R3 for partial sets). With eval.datasets, every set is
     evaluated and shown in one table.
@@ -54,7 +54,8 @@ def eval_cmd(
         raise AttnReidError("--save-distmat needs --out (the folder distmat.npy is written to)")
     extra_overrides = [f"eval.rerank_input={rerank_input}"] if rerank_input is not None else []
     extra_overrides += [f"eval.backend={backend}"] if backend is not None else []
-    cfg = load_config(config, list(overrides or []) + extra_overrides)
+    source = resolve_model(model, list(overrides or []) + extra_overrides, checkpoint)
+    cfg, checkpoint = source.cfg, source.checkpoint
     device = resolve_device(cfg.train.device)
     check_backend(cfg.eval.backend, device)  # before minutes of loading, not after
     model, cfg, meta = load_model(checkpoint, cfg, device=device, with_meta=True)
@@ -107,9 +108,9 @@ def datasets_table(rows: List[dict]) -> str:
 
 @app.command("extract")
 def extract_cmd(
-    config: Path = typer.Argument(..., help="YAML config of the model (and data set for --split)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE overrides."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="A .pth written by attnreid train."),
+    model: Path = typer.Argument(..., help=MODEL_HELP + " Its config also names the data set for --split."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
     split: Optional[List[str]] = typer.Option(
         None, "--split", help="query, gallery or train; repeat for several."),
     folder: Optional[Path] = typer.Option(None, "--folder", help="Extract every image under this folder."),
@@ -135,7 +136,9 @@ def extract_cmd(
         if s not in SPLITS:
             raise AttnReidError(f"--split is {s!r}; expected one of: {', '.join(SPLITS)}")
     check_output_path(out, "file", suffix=".npz")
-    cfg = load_config(config, list(overrides or []) + ([f"eval.backend={backend}"] if backend is not None else []))
+    source = resolve_model(model, list(overrides or []) + ([f"eval.backend={backend}"] if backend is not None else []),
+                           checkpoint)
+    cfg, checkpoint = source.cfg, source.checkpoint
     device = resolve_device(cfg.train.device)
     check_backend(cfg.eval.backend, device)
     model, cfg = load_model(checkpoint, cfg, device=device)
@@ -182,7 +185,11 @@ def demo_cmd(
     from attnreid.apps.demo import run_demo  # torch: imported when the command runs, not for --help
 
     check_output_path(out, "dir")
-    result = run_demo(minutes=minutes, out_dir=out, models=[m.strip() for m in models.split(",") if m.strip()],
-                      quiet=as_json, seeds=seeds, threads=threads)
+    try:
+        result = run_demo(minutes=minutes, out_dir=out, models=[m.strip() for m in models.split(",") if m.strip()],
+                          quiet=as_json, seeds=seeds, threads=threads)
+    except KeyboardInterrupt:
+        interrupted(f"the runs finished so far are under {out}; running 'attnreid demo' again starts over "
+                    "(reusing the generated data set)")
     if as_json:
         print_json(result)

@@ -39,6 +39,7 @@ def metrics(
     from attnreid.evaluation.npz import evaluate_npz
     from attnreid.evaluation.stats import level_text, metric_text, with_intervals
 
+    _refuse_run_files(file)
     if not 1 <= max_rank <= 100_000:  # the CMC arrays grow with it
         from attnreid.errors import AttnReidError
 
@@ -77,3 +78,20 @@ def ranking_options(metric: str, rerank: bool, k1: int, k2: int, lambda_value: f
         raise AttnReidError(f"unknown --metric {metric!r}; expected one of {', '.join(METRICS)}")
     return RankingOptions(metric=metric, rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value,
                           rerank_input=rerank_input)
+
+
+RUN_RECORDS = ("eval_per_query.npz", "eval_ranks.npz", "eval.json")
+
+
+def _refuse_run_files(file: Path) -> None:
+    """A run folder or one of its records holds no features or distances: say where its metrics
+    are and how to write a file this command reads."""
+    from attnreid.errors import DataError
+
+    run = file if file.is_dir() else file.parent if file.name in RUN_RECORDS else None
+    if run is None:
+        return
+    what = f"{file} is a run folder" if file.is_dir() else f"{file} is a run's record, without features or distances"
+    raise DataError(f"{what}: its metrics are in {run / 'eval.json'} ('attnreid report' and 'attnreid compare' "
+                    f"read the run); for this command write features with: attnreid extract {run} --split query "
+                    f"--split gallery --out feats.npz")

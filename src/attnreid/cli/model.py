@@ -9,10 +9,9 @@ from typing import List, Optional
 import typer
 
 from attnreid.cli._app import app
-from attnreid.cli._util import print_json
-from attnreid.config import load_config
+from attnreid.cli._util import CHECKPOINT_HELP, print_json, resolve_model
 from attnreid.errors import ConfigError
-from attnreid.models import get_spec
+from attnreid.models.registry import get_spec
 
 
 def without_weights(model_cfg):
@@ -94,9 +93,13 @@ def _millions(n: int) -> str:
 
 @app.command("model-info")
 def model_info_cmd(
-    config: Path = typer.Argument(..., help="YAML config (e.g. configs/mhsanet/market1501.yaml)."),
+    model: Path = typer.Argument(..., help="A config (e.g. configs/mhsanet/market1501.yaml; no weights needed), a run "
+                                 "folder or a checkpoint."),
     overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE overrides, e.g. model.mhsanet.num_heads=6."),
-    num_classes: int = typer.Option(751, "--num-classes", help="Identities the classifiers are sized for (Market-1501: 751)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP + " Only its class count is read."),
+    num_classes: Optional[int] = typer.Option(
+        None, "--num-classes", help="Identities the classifiers are sized for (default: the checkpoint's, else 751 "
+        "as in Market-1501)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     losses: bool = typer.Option(False, "--losses", help="Also each loss term's value and gradient norm at the backbone "
                                 "output for one synthetic batch at initialisation."),
@@ -104,7 +107,10 @@ def model_info_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the --losses weights and images."),
 ) -> None:
     """Parameters (total and without classifiers), multiply-accumulates, test feature size, attention grid."""
-    cfg = load_config(config, list(overrides or []))
+    source = resolve_model(model, overrides, checkpoint, need_weights=False)
+    cfg = source.cfg
+    if num_classes is None:
+        num_classes = _checkpoint_classes(source.checkpoint) if source.checkpoint is not None else 751
     info = model_info(cfg, num_classes)
     if losses:
         info["losses"] = loss_info(cfg, num_classes, batch_size, seed)
@@ -123,6 +129,16 @@ def model_info_cmd(
         print(f"attention grid   {info['attention_grid']}")
     if losses:
         _print_losses(info["losses"], batch_size)
+
+
+def _checkpoint_classes(path: Path) -> int:
+    from attnreid.engine.checkpoint import load_checkpoint
+    from attnreid.errors import CheckpointError
+
+    n = load_checkpoint(path).get("num_classes")
+    if not isinstance(n, int):
+        raise CheckpointError(f"checkpoint {path} does not record 'num_classes'; pass --num-classes")
+    return n
 
 
 def _print_losses(rows: list, batch_size: int) -> None:

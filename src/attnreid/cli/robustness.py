@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from attnreid.cli._app import app
-from attnreid.cli._util import check_output_path, print_json
+from attnreid.cli._util import check_output_path, interrupted, print_json, resolve_model
 from attnreid.config import load_config
 from attnreid.errors import AttnReidError
 
@@ -22,47 +22,54 @@ def _default_out(checkpoint: str) -> Path:
 
 @app.command("robustness")
 def robustness(
-    config: Path = typer.Argument(..., help="YAML config: evaluation set, loader and eval settings."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE overrides, e.g. train.device=cpu."),
+    models: Optional[List[str]] = typer.Argument(
+        None, help="The models to compare: run folders or checkpoints, then KEY=VALUE overrides. A .yaml config "
+        "among them names the evaluation set (default: the first model's config).", show_default=False),
     checkpoint: List[str] = typer.Option(
         [], "--checkpoint", "-c",
-        help="checkpoint(s) to compare: --checkpoint A.pth B.pth (or the option repeated).",
+        help="more models (run folders or checkpoints): --checkpoint A.pth B.pth (or the option repeated).",
     ),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="registered dataset name (default: the config's)."),
     root: Optional[str] = typer.Option(None, "--root", help="data root of --dataset (default: the config's)."),
-    levels: str = typer.Option("0,10,20,30,40,50", "--levels", help="occluded share of each query image, per cent."),
+    levels: str = typer.Option("0,0.1,0.2,0.3,0.4,0.5", "--levels",
+                               help="occluded share of each query image: fractions (0.1) or per cent with a % sign "
+                               "(10%)."),
     kinds: str = typer.Option("block,person,erasing", "--kinds", help="occluder kinds: block, person, erasing."),
     positions: str = typer.Option("top,bottom,side", "--positions", help="occluder positions: top, bottom, side."),
     seed: int = typer.Option(0, "--seed", help="seed of the occluders (per image: seed + query index)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: RUN/robustness of the first checkpoint)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: RUN/robustness of the first model)."),
     as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object."),
 ) -> None:
     """Re-evaluate model(s) with synthetically occluded queries at controlled levels.
 
     The image size and normalisation come from each checkpoint (what the model was
-    trained with); the evaluation set, loader and eval settings from CONFIG and the
-    KEY=VALUE overrides. Writes robustness.json and robustness.png to --out.
+    trained with); the evaluation set, loader and eval settings from the config (a .yaml
+    given, else the first model's) and the KEY=VALUE overrides. Writes robustness.json
+    and robustness.png to --out.
     """
     from dataclasses import replace
 
+    from attnreid.engine.model_source import CONFIG_SUFFIXES, split_models_and_overrides
     from attnreid.robustness.occlusion import OCCLUDER_KINDS, POSITIONS  # torch: imported when the command runs, not for --help
     from attnreid.robustness.report import parse_levels, parse_names, report_tables, run_robustness, write_report
 
-    # Click gives an option one value: the further paths of `--checkpoint A B` land among the overrides.
-    extra = list(overrides or [])
-    checkpoints = list(checkpoint) + [a for a in extra if "=" not in a]
-    overrides = [a for a in extra if "=" in a]
-    if not checkpoints:
-        raise AttnReidError("robustness: give at least one checkpoint with --checkpoint PATH")
-    for ckpt in checkpoints:
-        if not Path(ckpt).is_file():
-            raise AttnReidError(f"checkpoint not found: {ckpt}")
-    out_dir = check_output_path(out or _default_out(checkpoints[0]), "dir")
+    # Click gives an option one value: the further paths of `--checkpoint A B` land among the positionals.
+    named, overrides = split_models_and_overrides(models or [])
+    configs = [m for m in named if Path(m).suffix.lower() in CONFIG_SUFFIXES]
+    if len(configs) > 1:
+        raise AttnReidError(f"robustness takes one config for the evaluation set, got {len(configs)}: "
+                            f"{', '.join(configs)}")
+    model_args = list(checkpoint) + [m for m in named if m not in configs]
+    if not model_args:
+        raise AttnReidError("robustness: give at least one model, a run folder or a checkpoint (or --checkpoint PATH)")
     level_list = parse_levels(levels)
     kind_list = parse_names(kinds, OCCLUDER_KINDS, "--kinds")
     position_list = parse_names(positions, POSITIONS, "--positions")
-
-    cfg = load_config(config, overrides)
+    # the first model's config is the evaluation set's unless a config was given
+    sources = [resolve_model(m, [] if configs or i else overrides) for i, m in enumerate(model_args)]
+    checkpoints = [str(s.checkpoint) for s in sources]
+    out_dir = check_output_path(out or _default_out(checkpoints[0]), "dir")
+    cfg = load_config(configs[0], overrides) if configs else sources[0].cfg
     if dataset or root:
         from attnreid.engine.build import eval_data_config  # torch: imported when the command runs, not for --help
 
@@ -75,7 +82,11 @@ def robustness(
         )
 
     log = None if as_json else (lambda line: print(line, file=sys.stderr, flush=True))
-    report = run_robustness(cfg, checkpoints, level_list, kind_list, position_list, seed=seed, log=log)
+    try:
+        report = run_robustness(cfg, checkpoints, level_list, kind_list, position_list, seed=seed, log=log)
+    except KeyboardInterrupt:
+        interrupted(f"nothing was written to {out_dir}; run the same command again (the occluders depend only "
+                    "on --seed, so the numbers will be the same)")
     json_path, png_path = write_report(report, out_dir)
     report["files"] = {"json": str(json_path), "plot": str(png_path)}
     if as_json:

@@ -8,8 +8,8 @@ from typing import List, Optional
 import typer
 
 from attnreid.cli._app import app
-from attnreid.cli._util import check_output_path, device_option, print_json
-from attnreid.config import load_config
+from attnreid.cli._util import (CHECKPOINT_HELP, MODEL_HELP, check_output_path, device_option, print_json,
+                                resolve_model)
 from attnreid.errors import AttnReidError
 
 
@@ -52,9 +52,10 @@ def report(
 
 @app.command("explain")
 def explain(
-    config: Path = typer.Argument(..., help="The run's config file (e.g. RUN/config.yaml)."),
-    images: List[Path] = typer.Argument(..., help="Images to explain (files or zip::member paths)."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint of an mhsanet or hacnn model."),
+    model: Path = typer.Argument(..., help=MODEL_HELP + " An mhsanet or hacnn model."),
+    images: List[str] = typer.Argument(..., help="Images to explain (files or zip::member paths), then any KEY=VALUE "
+                                       "overrides of the model's config."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
     out: Path = typer.Option(..., "--out", help="Folder for one PNG per image and an index.html."),
     scale: str = typer.Option("map", "--scale", help="'map': each head's map to its own range; 'shared': one range."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N."),
@@ -66,17 +67,18 @@ def explain(
     from attnreid.engine.build import load_model  # torch: imported when the command runs, not for --help
     from attnreid.viz.attention import explain, read_images
     from attnreid.viz.page import check_page_folder
+    from attnreid.engine.model_source import split_models_and_overrides
 
     if scale not in ("map", "shared"):
         raise AttnReidError(f"--scale must be 'map' or 'shared', got {scale!r}")
     check_output_path(out, "dir")
     dev = device_option(device)
-    cfg = load_config(config)
+    paths, overrides = split_models_and_overrides(images)
+    source = resolve_model(model, overrides, checkpoint)
     check_page_folder(out, overwrite)  # before the model and images: refused at once
-    pictures = read_images([str(p) for p in images])  # before the model: a bad image fails fast
-    model, cfg = load_model(checkpoint, cfg, device=dev)
-    result = explain(model, pictures, out, cfg.data, scale=scale, device=dev,
-                     overwrite=overwrite)
+    pictures = read_images(paths)  # before the model: a bad image fails fast
+    net, cfg = load_model(source.checkpoint, source.cfg, device=dev)
+    result = explain(net, pictures, out, cfg.data, scale=scale, device=dev, overwrite=overwrite)
     if json_out:
         print_json(result)
     else:

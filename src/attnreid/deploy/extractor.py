@@ -65,8 +65,9 @@ class FeatureExtractor:
     """Test features of images from a trained model, batched, under ``torch.inference_mode``.
 
     Args:
-        config_or_checkpoint: a checkpoint file (its saved config is used), a config file
-            (``.yaml``) or a :class:`~attnreid.config.Config`. With a config, pass the
+        config_or_checkpoint: a run folder (its ``config.yaml`` and ``checkpoints/last.pth``),
+            a checkpoint file (its saved config is used), a config file (``.yaml``) or a
+            :class:`~attnreid.config.Config`. With a config, pass the
             weights as ``checkpoint``; a config without a checkpoint gives a randomly
             initialised model (useful for speed measurements only).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.

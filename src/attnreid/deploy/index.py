@@ -523,6 +523,27 @@ def check_compatible(meta: Dict[str, Any], extractor, where: Path | str) -> None
             f"{mine['feature_dim']}, config {mine['config_hash']}); use the index's checkpoint or rebuild the index")
 
 
+def _record_backend(meta: Dict[str, Any], record: Dict[str, str], added: int, before: int) -> None:
+    """``meta["backends"]``: every backend and precision that made vectors of the index, with
+    how many, so a resumed build that switched (e.g. onnxruntime for a big first run, PyTorch
+    for a small rest) says so; ``backend`` / ``precision`` are the latest build's."""
+    def short(precision: Any) -> Optional[str]:  # "bf16 autocast (CPU has AMX; ...)" -> "bf16 autocast"
+        return str(precision).split(" (")[0] if precision else None
+
+    made = meta.get("backends")
+    if not isinstance(made, list):  # an index from before this field: its vectors came from its one backend
+        made = [{"backend": meta["backend"], "precision": short(meta.get("precision")), "vectors": before}] \
+            if before and meta.get("backend") else []
+    if added:
+        key = {"backend": record["backend"], "precision": short(record["precision"])}
+        entry = next((e for e in made if (e.get("backend"), e.get("precision")) == tuple(key.values())), None)
+        if entry is None:
+            made.append({**key, "vectors": added})
+        else:
+            entry["vectors"] = int(entry.get("vectors", 0)) + added
+    meta["backends"] = made
+
+
 def build_index(extractor, images_dir: str | Path, out: str | Path, camera_regex: Optional[str] = DEFAULT_CAMERA_REGEX,
                 shard_size: int = 1024, progress: bool = True, calibration: Optional[str | Path] = None) -> Dict[str, Any]:
     """Index every image under ``images_dir`` into the folder ``out``, resuming a previous run.
@@ -652,6 +673,7 @@ def _index_images(extractor, todo: List[Path], out: Path, camera_regex: Optional
         _write_json(out / "skipped.json", skipped)
         meta["num_vectors"] = already + added
         if extractor.inference is not None:  # as settled by this (latest) build
+            _record_backend(meta, extractor.inference.record(), added, len(done))
             meta.update(extractor.inference.record())
         _write_json(out / "meta.json", meta)
     return added, skipped

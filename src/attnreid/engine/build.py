@@ -13,9 +13,9 @@ from torch import nn
 
 from attnreid.config import Config, from_dict, load_config, to_dict
 from attnreid.engine.checkpoint import load_checkpoint
+from attnreid.engine.model_source import CONFIG_SUFFIXES
 from attnreid.errors import CheckpointError, ConfigError
 
-CONFIG_SUFFIXES = (".yaml", ".yml")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -132,12 +132,18 @@ def load_for_inference(source: Any, checkpoint: Optional[str | Path] = None,
                        device: str | torch.device = "cpu") -> Tuple[nn.Module, Config, Optional[str | Path]]:
     """The model (eval mode), config and checkpoint that ``source`` names, for serving features.
 
-    ``source`` is a checkpoint file (its saved config is used), a ``.yaml`` config file or a
-    :class:`~attnreid.config.Config`; with a config, ``checkpoint`` gives the weights, and
-    without one the model has random weights (for speed measurements only).
+    ``source`` is a checkpoint file (its saved config is used), a run folder (its config.yaml and
+    checkpoints/last.pth), a ``.yaml`` config file or a :class:`~attnreid.config.Config`; with a
+    config, ``checkpoint`` gives the weights, and without one the model has random weights (for
+    speed measurements only).
     """
     if isinstance(source, Config):
         cfg: Optional[Config] = source
+    elif Path(source).is_dir():
+        from attnreid.engine.model_source import resolve_model
+
+        found = resolve_model(source, checkpoint=checkpoint)
+        cfg, checkpoint = found.cfg, found.checkpoint
     elif Path(source).suffix.lower() in CONFIG_SUFFIXES:
         cfg = load_config(source)
     else:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from attnreid.errors import AttnReidError
+from attnreid.text import plural
 
 # What attnreid writes in a run folder, and nothing else: --overwrite deletes exactly these
 # (a user's own files, also inside these folders, stay). A pattern is a glob relative to the run folder.
@@ -182,8 +183,8 @@ class EvalHook(Hook):
             state.best["last_val_epoch"] = state.epochs_done
             t.logger.write({"type": "val", **m})
             t.progress.line(f"validation epoch {state.epochs_done}: rank1 {100 * m['rank1']:.1f}%  "
-                            f"mAP {100 * m['mAP']:.1f}%  ({len(self.val_set.query)} queries of "
-                            f"{t.cfg.data.val_ids} held-out ids)")
+                            f"mAP {100 * m['mAP']:.1f}%  ({plural(len(self.val_set.query), 'query', 'queries')} of "
+                            f"{plural(t.cfg.data.val_ids, 'held-out id')})")
             if m["mAP"] > state.best["mAP"]:
                 state.best.update({"mAP": float(m["mAP"]), "epoch": state.epochs_done})
                 t.save("best.pth", full=False, metrics={"val": m})
@@ -303,7 +304,7 @@ class LoggingHook(Hook):
         self._write_window(state)
         self.trainer.progress.line(
             f"epoch {state.epochs_done}/{self.trainer.cfg.train.epochs}  lr {state.lr:.2e}  "
-            f"loss {state.epoch_loss:.4f} (mean of {state.epoch_steps} steps)  {self.img_per_s():.1f} img/s")
+            f"loss {state.epoch_loss:.4f} (mean of {plural(state.epoch_steps, 'step')})  {self.img_per_s():.1f} img/s")
 
     def after_train(self, state: Any) -> None:
         self._write_window(state)

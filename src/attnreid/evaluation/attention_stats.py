@@ -53,7 +53,8 @@ def beta_entropy(beta: torch.Tensor) -> float:
     if beta.dim() != 2:
         raise ValueError(f"beta must be B x K, got shape {tuple(beta.shape)}")
     p = beta.detach().float()
-    return float(-torch.special.xlogy(p, p).sum(1).mean())
+    # an entropy is >= 0: max() turns one-hot beta's -0.0 (and float round-off below 0) into 0.0
+    return max(0.0, float(-torch.special.xlogy(p, p).sum(1).mean()))
 
 
 def beta_entropy_max(num_heads: int) -> float:

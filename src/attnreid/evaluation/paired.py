@@ -117,7 +117,7 @@ def compare_evaluated(a: Evaluated, b: Evaluated, resamples: int = stats.DEFAULT
         check_per_query(side)
     result = stats.compare(a.per_query, b.per_query, resamples, level, seed)
     result.update(A=a.label, B=b.label, A_source=str(a.source), B_source=str(b.source),
-                  verdict=stats.verdict(result))
+                  verdict=stats.verdict(result, a.label, b.label))  # names the runs; "winner": A or B
     return result
 
 

@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from attnreid.errors import AttnReidError
+from attnreid.text import plural
 
 DEFAULT_RESAMPLES = 1000
 DEFAULT_LEVEL = 0.95
@@ -299,7 +300,7 @@ def format_mean_std(summary: Mapping[str, Any], scale: float = 100.0, digits: in
     if summary.get("std") is None:
         return m
     text = f"{m} ± {scale * summary['std']:.{digits}f}"
-    return f"{text} (sd, {summary['n']} seeds)" if note else text
+    return f"{text} (sd, {plural(summary['n'], 'seed')})" if note else text
 
 
 def summarise_seeds(results: Sequence[Mapping[str, Any]], keys: Sequence[str] = ("rank1", "mAP", "mINP")
@@ -387,7 +388,7 @@ def level_text(metrics: Mapping[str, Any]) -> str:
     ci = metrics.get("ci")
     if not isinstance(ci, Mapping):
         return ""
-    return f"± = half-width of the {100 * float(ci['level']):g}% bootstrap interval over {ci['num_queries']} queries"
+    return f"± = half-width of the {100 * float(ci['level']):g}% bootstrap interval over {plural(ci['num_queries'], 'query', 'queries')}"
 
 
 __all__ = [

@@ -52,6 +52,7 @@ import torch
 from attnreid.choices import EXPORTED_BACKENDS, INFERENCE_BACKENDS
 from attnreid.errors import AttnReidError, ConfigError
 from attnreid.precision import Precision, resolve_precision
+from attnreid.text import plural, the_first
 
 # Features of a path "match" float32 when their mean cosine with eager float32 is at least this.
 MATCH_MEAN_COSINE = 0.999
@@ -103,10 +104,10 @@ def settle(precision: Precision, forward: Callable[[], torch.Tensor]) -> Precisi
     if cos >= MATCH_MEAN_COSINE:
         return Precision(precision.name, precision.dtype, precision.device_type,
                          f"{precision.reason}; matches float32 on this model: mean cosine {cos:.5f} "
-                         f"on the first {n} images")
+                         f"on {the_first(n, 'image')}")
     return Precision("off", None, precision.device_type,
                      f"{precision.reason}, but {precision.name} features differ from float32 on this model: "
-                     f"mean cosine {cos:.5f} < {MATCH_MEAN_COSINE} on the first {n} images")
+                     f"mean cosine {cos:.5f} < {MATCH_MEAN_COSINE} on {the_first(n, 'image')}")
 
 
 def settle_for(model: torch.nn.Module, precision: Precision, forward: Callable[[], torch.Tensor]) -> Precision:
@@ -230,12 +231,12 @@ def resolve_inference(amp: "str | Precision | Inference", backend: str, device: 
     elif device.type != "cpu":
         why = f"the device is {device.type}"
     elif num_images is None or num_images < auto.MIN_IMAGES:
-        what = "an unknown number of images" if num_images is None else f"{num_images} images"
+        what = "an unknown number of images" if num_images is None else plural(num_images, "image")
         why = f"{what} (< {auto.MIN_IMAGES}): too few for an ONNX export to pay"
     elif not auto.available():
         why = note = f"{AUTO_BACKEND} is not installed ({auto.INSTALL})"
     else:
-        return Inference("auto", "auto", precision, f"{backend_key}=auto: {num_images} images")
+        return Inference("auto", "auto", precision, f"{backend_key}=auto: {plural(num_images, 'image')}")
     return Inference("auto", "torch", precision, f"{backend_key}=auto, not {AUTO_BACKEND}: {why}", note)
 
 
@@ -293,11 +294,11 @@ def _settle_auto(model: torch.nn.Module, choice: Inference, images: torch.Tensor
     n = images.shape[0]
     if cos < MATCH_MEAN_COSINE:
         return fallback(f"its features differ from PyTorch fp32: mean cosine {cos:.5f} < {MATCH_MEAN_COSINE} "
-                        f"on the first {n} images")
+                        f"on {the_first(n, 'image')}")
     return dataclasses.replace(choice, backend=AUTO_BACKEND, session=session,
                                precision=Precision("off", None, "cpu", backend.PRECISION_REASON),
-                               reason=f"{choice.reason}; mean cosine {cos:.5f} with PyTorch fp32 on the first {n} "
-                                      f"images; export {seconds:.1f} s")
+                               reason=f"{choice.reason}; mean cosine {cos:.5f} with PyTorch fp32 on "
+                                      f"{the_first(n, 'image')}; export {seconds:.1f} s")
 
 
 def run_features(model: torch.nn.Module, choice: Inference, images: torch.Tensor,

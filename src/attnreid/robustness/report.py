@@ -51,21 +51,35 @@ class ModelUnderTest:
 
 
 def parse_levels(text: str) -> List[float]:
-    """``"0,10,20"`` (per cent of the image area) -> ``[0.0, 0.1, 0.2]``, sorted, unique."""
+    """``"0,0.1,0.2"`` (fractions of the image area, as :func:`run_robustness` takes them) or
+    ``"0,10%,20%"`` (per cent) -> ``[0.0, 0.1, 0.2]``, sorted, unique.
+
+    A number above 1 without a % sign could mean either (10 % or ten times the image), so it
+    is refused in one line rather than guessed.
+    """
     out = []
     for part in str(text).split(","):
-        part = part.strip().rstrip("%")
+        part = part.strip()
         if not part:
             continue
+        percent = part.endswith("%")
         try:
-            value = float(part)
+            value = float(part[:-1] if percent else part)
         except ValueError:
-            raise AttnReidError(f"--levels: '{part}' is not a number (per cent of the image area, e.g. 0,10,20)") from None
-        if not 0.0 <= value <= 100.0:
-            raise AttnReidError(f"--levels: {part} is outside 0..100 (per cent of the image area)")
-        out.append(value / 100.0)
+            raise AttnReidError(f"--levels: '{part}' is not a number; give fractions of the image area (0.1) "
+                                "or per cent (10%)") from None
+        if percent:
+            if not 0.0 <= value <= 100.0:
+                raise AttnReidError(f"--levels: {part} is outside 0%..100%")
+            value /= 100.0
+        elif value > 1.0:
+            raise AttnReidError(f"--levels: {part} is ambiguous; write {part}% for per cent or {value / 100:g} "
+                                "for a fraction of the image area")
+        elif not value >= 0.0:
+            raise AttnReidError(f"--levels: {part} is outside 0..1 (a fraction of the image area)")
+        out.append(value)
     if not out:
-        raise AttnReidError("--levels: give at least one level, e.g. 0,10,20,30,40,50")
+        raise AttnReidError("--levels: give at least one level, e.g. 0,0.1,0.2,0.3 (or 0,10%,20%,30%)")
     return sorted(set(out))
 
 

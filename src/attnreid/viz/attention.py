@@ -224,7 +224,8 @@ def diversity_text(stats: Dict[str, Any]) -> str:
     if "head_overlap" in stats:
         parts.append(f"head overlap {stats['head_overlap']:.2f}")
     if "beta_entropy" in stats:
-        parts.append(f"β entropy {stats['beta_entropy']:.2f} of ln K = {stats['beta_entropy_max']:.2f} nats")
+        entropy = max(0.0, stats["beta_entropy"])  # files from before beta_entropy clamped -0.0
+        parts.append(f"β entropy {entropy:.2f} of ln K = {stats['beta_entropy_max']:.2f} nats")
     return " · ".join(parts)
 
 

@@ -18,7 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: never open a window, never need a display
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator  # noqa: E402
 
 from attnreid.errors import DataError  # noqa: E402
 
@@ -71,7 +71,9 @@ def training_series(records: Sequence[Mapping]) -> Dict[str, Dict[str, List[floa
     """Per-epoch series from log records, complete epochs only.
 
     Returns ``{"loss": {term: [..]}, "loss_epochs": [..], "eval": {"rank1": [..],
-    "mAP": [..]}, "eval_epochs": [..], "epochs_trained": n}``. Train records are averaged
+    "mAP": [..]}, "eval_epochs": [..], "val": {"rank1": [..], "mAP": [..]}, "val_epochs": [..],
+    "epochs_trained": n}`` (``eval``: the test split's evaluations; ``val``: the held-out
+    validation identities', ``data.val_ids``). Train records are averaged
     over each epoch (the log holds one record every ``log_every`` steps); a term missing
     in some records of an epoch is averaged over the records that have it.
 
@@ -84,6 +86,7 @@ def training_series(records: Sequence[Mapping]) -> Dict[str, Dict[str, List[floa
     sums: Dict[int, Dict[str, List[float]]] = defaultdict(lambda: defaultdict(list))
     last_step: Dict[int, int] = {}
     evals: Dict[int, dict] = {}
+    vals: Dict[int, dict] = {}
     confirmed = 0
     for r in records:
         epoch = r.get("epoch")
@@ -96,8 +99,8 @@ def training_series(records: Sequence[Mapping]) -> Dict[str, Dict[str, List[floa
                     sums[int(epoch)][k].append(float(v))
             if _finite(r.get("step")):
                 last_step[int(epoch)] = max(last_step.get(int(epoch), 0), int(r["step"]))
-        if kind == "eval":
-            evals[int(epoch)] = r  # a re-evaluated epoch: the last record wins
+        if kind in ("eval", "val"):
+            (evals if kind == "eval" else vals)[int(epoch)] = r  # a re-evaluated epoch: the last record wins
         if kind in _EPOCH_MARKERS:
             done = int(epoch)
             for e in [e for e in sums if e > done]:  # begun, never finished: redone or abandoned
@@ -112,13 +115,13 @@ def training_series(records: Sequence[Mapping]) -> Dict[str, Dict[str, List[floa
             epochs = epochs[:-1]
     terms = sorted({k for e in epochs for k in sums[e]}, key=lambda k: (k != "loss", k))
     loss = {t: [(sum(sums[e][t]) / len(sums[e][t])) if sums[e][t] else math.nan for e in epochs] for t in terms}
-    eval_epochs = sorted(evals)
-    ev = {
-        key: [float(evals[e][key]) if _finite(evals[e].get(key)) else math.nan for e in eval_epochs]
-        for key in ("rank1", "mAP")
-    }
+    def series(records: Dict[int, dict]) -> Dict[str, List[float]]:
+        return {key: [float(records[e][key]) if _finite(records[e].get(key)) else math.nan for e in sorted(records)]
+                for key in ("rank1", "mAP")}
+
     trained = max([confirmed, *(epochs[-1:] or [0])])
-    return {"loss": loss, "loss_epochs": epochs, "eval": ev, "eval_epochs": eval_epochs, "epochs_trained": trained}
+    return {"loss": loss, "loss_epochs": epochs, "eval": series(evals), "eval_epochs": sorted(evals),
+            "val": series(vals), "val_epochs": sorted(vals), "epochs_trained": trained}
 
 
 def _epoch_steps(epochs: List[int], last_step: Dict[int, int]) -> List[Optional[int]]:
@@ -170,13 +173,33 @@ def plot_training(records: Sequence[Mapping], out_path: str | Path, title: Optio
 
     Left panel: the total ``loss`` and each term (``ce_global``, ``tri_saffm``, ``fdrt``,
     ...) averaged per epoch, on a log scale when every value is positive (the terms
-    differ by orders of magnitude: FDRT and ACM are weighted 1e-4 and 1e-3). Right panel:
-    rank-1 and mAP (%) of the periodic evaluations.
+    differ by orders of magnitude: FDRT and ACM are weighted 1e-4 and 1e-3), its ticks
+    written as plain numbers between 0.001 and 1000 (``0.5``, not ``5×10⁻¹``). Right
+    panel: rank-1 and mAP (%) of the evaluations during training: the test split's
+    (solid) and the validation identities' (dashed, ``data.val_ids``).
     """
     s = training_series(records)
-    if not s["loss_epochs"] and not s["eval_epochs"]:
+    if not s["loss_epochs"] and not s["eval_epochs"] and not s["val_epochs"]:
         return None
+    fig = training_figure(s, title)
     out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
+
+
+class PlainLogFormatter(LogFormatterSciNotation):
+    """Log-axis tick labels as plain numbers from 0.001 to 1000 (``6``, ``0.5``), as a reader
+    writes them; matplotlib's default gives ``6×10⁰`` for a tick that is not a power of ten."""
+
+    def __call__(self, x, pos=None):
+        with matplotlib.rc_context({"axes.formatter.min_exponent": 3}):
+            return super().__call__(x, pos)
+
+
+def training_figure(s: Dict, title: Optional[str] = None):
+    """The figure of :func:`plot_training` from :func:`training_series`'s dict (the caller closes it)."""
     fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(10.0, 3.8), dpi=100)
     positive = True
     for term, values in s["loss"].items():
@@ -184,6 +207,8 @@ def plot_training(records: Sequence[Mapping], out_path: str | Path, title: Optio
         positive &= all(v > 0 for v in values if not math.isnan(v))
     if s["loss"] and positive:
         ax_l.set_yscale("log")
+        ax_l.yaxis.set_major_formatter(PlainLogFormatter())
+        ax_l.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
     for ax in (ax_l, ax_r):
         # min_n_ticks=1: with one or two epochs MaxNLocator would otherwise fall back to 0.5 steps.
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
@@ -195,24 +220,23 @@ def plot_training(records: Sequence[Mapping], out_path: str | Path, title: Optio
         ax_l.legend(fontsize=7, ncol=2, loc="best")
     else:
         ax_l.text(0.5, 0.5, "no training records", ha="center", va="center", transform=ax_l.transAxes)
-    for key, values in s["eval"].items():
-        ax_r.plot(s["eval_epochs"], [100.0 * v for v in values], marker="o", markersize=3,
-                  label="Rank-1" if key == "rank1" else key)
+    for split, style, suffix in (("val", "--", " (validation)"), ("eval", "-", " (test)")):
+        for key, values in s[split].items():
+            if s[f"{split}_epochs"]:
+                ax_r.plot(s[f"{split}_epochs"], [100.0 * v for v in values], style, marker="o", markersize=3,
+                          label=("Rank-1" if key == "rank1" else key) + suffix)
     ax_r.set_xlabel("epoch")
     ax_r.set_ylabel("%")
     ax_r.set_title("evaluation during training")
     ax_r.grid(True, alpha=0.3)
-    if s["eval_epochs"]:
+    if s["eval_epochs"] or s["val_epochs"]:
         ax_r.legend(fontsize=8)
     else:
         ax_r.text(0.5, 0.5, "no evaluation records", ha="center", va="center", transform=ax_r.transAxes)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path)
-    plt.close(fig)
-    return out_path
+    return fig
 
 
 def plot_calibration(cal: Mapping, out_path: str | Path, title: Optional[str] = None) -> Path:

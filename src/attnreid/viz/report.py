@@ -354,6 +354,24 @@ def _attention_section(run: RunInfo, image_paths: List[str], slug: str, out_dir:
     return parts
 
 
+def check_queries(runs: Sequence[RunInfo], queries: Sequence[int]) -> None:
+    """Chosen query indices must exist in every run that has ranked lists: one line otherwise."""
+    import numpy as np
+
+    for run in runs:
+        if run.ranks_path is None:
+            continue
+        try:
+            with np.load(run.ranks_path, allow_pickle=False) as z:
+                q = len(z["query_paths"])
+        except Exception:  # an unreadable file is reported in the page, as without --queries
+            continue
+        bad = [int(x) for x in queries if not 0 <= int(x) < q]
+        if bad:
+            raise DataError(f"--queries {','.join(map(str, bad))} out of range: run {run.label} has {q} queries "
+                            f"(0..{q - 1})")
+
+
 def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Path, title: Optional[str] = None, *,
                  topk: int = 10, num_queries: int = 3, queries: Optional[Sequence[int]] = None,
                  worst_by: str = "ap", overlays: int = 3,
@@ -379,6 +397,8 @@ def write_report(run_dirs: Sequence[str | Path] | str | Path, out_dir: str | Pat
     if not paths:
         raise DataError("write_report needs at least one run folder")
     runs = [read_run(p, lab) for p, lab in zip(paths, _labels(paths))]
+    if queries is not None:
+        check_queries(runs, queries)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"report folder {out_dir} is a file; expected a folder (or a new path)")

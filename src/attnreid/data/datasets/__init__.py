@@ -37,7 +37,11 @@ def build_dataset(name: str, root: str, **options: Any) -> ReIDDataset:
     """Load the dataset registered as ``name`` from the data ``root`` (a folder or a .zip)."""
     cls = DATASETS.get(name)
     if cls is None:
-        raise DataError(f"unknown dataset '{name}'; expected one of: {', '.join(DATASETS)}")
+        import difflib
+
+        close = difflib.get_close_matches(str(name).lower().replace("-", ""), list(DATASETS), n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise DataError(f"unknown dataset '{name}'; {hint}expected one of: {', '.join(DATASETS)}")
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "root"}
     unknown = sorted(set(options) - accepted)
     if unknown:

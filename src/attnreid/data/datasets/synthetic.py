@@ -408,17 +408,24 @@ def _plan(num_ids: int, images_per_id: int, num_cameras: int, share: float, seed
 
 
 def check_parameters(num_ids: int, images_per_id: int, num_cameras: int, height: int, width: int,
-                     occluded_query_share: float) -> None:
+                     occluded_query_share: float, names: Optional[Dict[str, str]] = None) -> None:
+    """One line for a parameter out of range, naming it as the caller knows it (``names``: e.g.
+    ``{"num_cameras": "--cameras"}`` for the command line; default: the parameter's own name)."""
+    n = {k: (names or {}).get(k, k) for k in ("num_ids", "images_per_id", "num_cameras", "occluded_query_share")}
+    size = (names or {}).get("height", "image size")
     checks = [
-        (num_ids >= 2, f"num_ids is {num_ids}; it must be >= 2 (half train, half test identities)"),
-        (images_per_id >= 2, f"images_per_id is {images_per_id}; it must be >= 2 (a query and a gallery image)"),
-        (num_cameras >= 2, f"num_cameras is {num_cameras}; it must be >= 2 (the protocol is cross-camera)"),
-        (num_cameras <= 9, f"num_cameras is {num_cameras}; it must be <= 9 (Market names hold one camera digit)"),
-        (num_ids <= 9999, f"num_ids is {num_ids}; it must be <= 9999 (Market names hold a 4-digit pid)"),
-        (height >= 16 and width >= 8, f"image size {height}x{width} is too small; it must be at least 16x8"),
-        (height <= 4096 and width <= 4096, f"image size {height}x{width} is too large; it must be at most 4096x4096"),
-        (images_per_id <= 10000, f"images_per_id is {images_per_id}; it must be <= 10000"),
-        (0.0 <= occluded_query_share <= 1.0, f"occluded_query_share is {occluded_query_share}; it must be in [0, 1]"),
+        (num_ids >= 2, f"{n['num_ids']} is {num_ids}; it must be >= 2 (half train, half test identities)"),
+        (images_per_id >= 2,
+         f"{n['images_per_id']} is {images_per_id}; it must be >= 2 (a query and a gallery image)"),
+        (num_cameras >= 2, f"{n['num_cameras']} is {num_cameras}; it must be >= 2 (the protocol is cross-camera)"),
+        (num_cameras <= 9,
+         f"{n['num_cameras']} is {num_cameras}; it must be <= 9 (Market names hold one camera digit)"),
+        (num_ids <= 9999, f"{n['num_ids']} is {num_ids}; it must be <= 9999 (Market names hold a 4-digit pid)"),
+        (height >= 16 and width >= 8, f"{size} {height}x{width} is too small; it must be at least 16x8"),
+        (height <= 4096 and width <= 4096, f"{size} {height}x{width} is too large; it must be at most 4096x4096"),
+        (images_per_id <= 10000, f"{n['images_per_id']} is {images_per_id}; it must be <= 10000"),
+        (0.0 <= occluded_query_share <= 1.0,
+         f"{n['occluded_query_share']} is {occluded_query_share}; it must be in [0, 1]"),
     ]
     for ok, msg in checks:
         if not ok:
