@@ -79,7 +79,7 @@ def calibration_set(cfg: Any, dataset: Optional[str] = None, root: Optional[str]
 
 def feature_record(model: torch.nn.Module, cfg: Any, flip: bool, metric: str) -> Dict[str, Any]:
     """What a calibration (and an index) records about the features: see :data:`FIT_KEYS`."""
-    from attnreid.deploy.extractor import config_fingerprint
+    from attnreid.engine.build import config_fingerprint
 
     return {"model": getattr(model, "model_name", cfg.model.name), "test_feature": cfg.model.test_feature,
             "feature_dim": int(model.feature_dim), "config_hash": config_fingerprint(cfg),
