@@ -282,7 +282,7 @@ def test_checkpoint_with_a_pickled_object_is_refused_unexecuted(tiny, tmp_path):
         ("zero-byte", b"", "truncated or corrupt"),
         ("text", b"this is not a checkpoint\n", "truncated or corrupt"),
         ("tensor", "tensor", "no 'model' entry"),
-        ("missing", None, "checkpoint not found"),
+        ("missing", None, "not found"),
     ],
 )
 def test_bad_checkpoint_files(tiny, tmp_path, case, content, needle):

@@ -91,6 +91,8 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     distmat_path = Path(out_dir) / "distmat.npy" if save_distmat and out_dir is not None else None
+    if qf.device.type == "cpu":  # the numpy path `attnreid metrics` takes: same features, same numbers
+        qf, gf = qf.numpy(), gf.numpy()
     with ProgressReporter(label, total=None, enabled=progress):
         metrics = evaluate(qf, gf, q_pids, g_pids, q_camids, g_camids, protocol=dataset.protocol, ranking=ranking,
                            per_query=True, ranked_k=TOPK if out_dir is not None else 0, save_distmat=distmat_path)
