@@ -16,7 +16,9 @@ Models (``--models``):
 - ``baseline_resnet18_128x64``, ``mhsanet_resnet18_k8_128x64``, ``hacnn_160x64``,
   ``mhsanet_resnet50_256x128``: the precision table (issue 13), channels_last on;
 - ``mhsanet_resnet50_384x128``, ``hacnn_160x64`` with ``--no-channels-last --amps off``:
-  the earlier float32 rows (paper input sizes, NCHW).
+  the earlier float32 rows (paper input sizes, NCHW);
+- ``baseline_mobilenetv2_256x128_frozen{-1,2,3}``, ``mhsanet_mobilenetv2_256x128_frozen3``: the
+  ImageNet-initialised CPU recipes' network with 0, 2 and 3 stages frozen (``--batch 64`` is the recipes').
 
 ``--amps`` takes ``off``, ``bf16`` and ``bf16-guard``: bf16 with the bf16 kernel-fault
 guard of ``train()`` (engine/amp_guard.py): the one-off layer check at the start, timed
@@ -69,6 +71,14 @@ MODELS = {
                                  "model.backbone.pretrained=false", "data.height=384", "data.width=128",
                                  "data.flip=true"],
 }
+# The ImageNet-initialised CPU recipes' backbone (configs/cpu/market1501_*_mobilenetv2.yaml): how much freezing the
+# early stages buys (random weights: the speed does not depend on them).
+_MNV2 = ["model.backbone.name=mobilenetv2", "model.backbone.pretrained=false", "model.backbone.last_stride=1",
+         "data.height=256", "data.width=128"]
+for _k in (-1, 2, 3):
+    MODELS[f"baseline_mobilenetv2_256x128_frozen{_k}"] = ["model.name=baseline", *_MNV2,
+                                                         f"model.backbone.frozen_stages={_k}"]
+MODELS["mhsanet_mobilenetv2_256x128_frozen3"] = ["model.name=mhsanet", *_MNV2, "model.backbone.frozen_stages=3"]
 TABLE = ["baseline_resnet18_128x64", "mhsanet_resnet18_k8_128x64", "hacnn_160x64", "mhsanet_resnet50_256x128"]
 COMPILE_MODELS = ["baseline_resnet18_128x64", "mhsanet_resnet18_k8_128x64", "mhsanet_resnet50_256x128"]
 
