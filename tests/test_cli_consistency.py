@@ -211,17 +211,17 @@ def test_ctrl_c_in_robustness_and_index_build_says_how_to_go_on(model, tmp_path,
 def test_ctrl_c_during_the_demo_is_one_line_not_a_key_error(synthetic_root, tmp_path, monkeypatch):
     """train() catches Ctrl-C, saves last.pth and returns status 'interrupted' without the
     training figures; the demo used to read img_per_s from it (KeyError)."""
+    import attnreid.apps.demo as demo  # patched where the demo looks the names up, whatever imported it before
     import attnreid.data.datasets as datasets
-    import attnreid.engine.trainer as trainer
 
     small = datasets.build_dataset("market1501", str(synthetic_root))
-    monkeypatch.setattr(datasets, "build_dataset_from_config", lambda data_cfg: small)
+    monkeypatch.setattr(demo, "build_dataset_from_config", lambda data_cfg: small)
 
     def interrupted_train(cfg, run_dir, **kwargs):
         return {"status": "interrupted", "epoch": 0, "step": 3, "run_dir": str(run_dir),
                 "checkpoint": str(Path(run_dir) / "checkpoints" / "last.pth")}
 
-    monkeypatch.setattr(trainer, "train", interrupted_train)
+    monkeypatch.setattr(demo, "train", interrupted_train)
     code, out, err = run_cli(["demo", "--out", tmp_path / "demo", "--minutes", "1"])
     assert code == 130 and "Traceback" not in err and "KeyError" not in err, err
     assert err.strip().splitlines()[-1].startswith("interrupted; ") and "attnreid demo" in err
