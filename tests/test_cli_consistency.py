@@ -88,7 +88,7 @@ def test_overrides_apply_to_the_config_of_a_run_or_checkpoint(model):
 
 def test_export_takes_a_run_folder_and_overrides(model, tmp_path, monkeypatch):
     """The override reaches the exported model (the export itself: tests/test_deploy_export.py)."""
-    import attnreid.deploy.onnx_export as onnx_export
+    import attnreid.inference.export as onnx_export
 
     exported = {}
 

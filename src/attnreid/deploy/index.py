@@ -673,7 +673,7 @@ def _index_images(extractor, todo: List[Path], out: Path, camera_regex: Optional
         _write_json(out / "skipped.json", skipped)
         meta["num_vectors"] = already + added
         if extractor.inference is not None:  # as settled by this (latest) build
-            _record_backend(meta, extractor.inference.record(), added, len(done))
+            _record_backend(meta, extractor.inference.record(), added, already)
             meta.update(extractor.inference.record())
         _write_json(out / "meta.json", meta)
     return added, skipped
