@@ -34,7 +34,7 @@ import torch
 from attnreid.config import load_config
 from attnreid.data.datasets import build_dataset_from_config
 from attnreid.data.loader import build_train_loader
-from attnreid.engine.optim import build_optimizer
+from attnreid.engine.optim import build_optimizers
 from attnreid.engine.trainer import TrainState, train_step
 from attnreid.losses import build_criterion
 from attnreid.models import build_model
@@ -59,8 +59,7 @@ class Setup:
         torch.manual_seed(0)
         self.model = build_model(self.cfg.model, self.classes).train()
         self.criterion = build_criterion(self.cfg.loss, self.cfg.model)
-        self.optimizer = build_optimizer(self.cfg.optim, [self.model, self.criterion])
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.optimizers = build_optimizers(self.cfg.optim, self.cfg.loss, self.model, self.criterion)
         self.epoch = 0
         self.it = iter(self.loader)
         self.cached = [self.next_batch() for _ in range(cached)]
@@ -89,7 +88,7 @@ class Setup:
         for _ in range(n):
             x, y = feed()
             t_data = time.perf_counter()
-            train_step(self.model, self.criterion, self.optimizer, x, y, nullcontext, None, 0.0, self.params, state)
+            train_step(self.model, self.criterion, self.optimizers, x, y, nullcontext, None, 0.0, state)
             t_end = time.perf_counter()
             data += t_data - t_prev
             wall += t_end - t_prev

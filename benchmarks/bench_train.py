@@ -94,7 +94,7 @@ def bench(name: str, root: Path, device: torch.device, steps: int, warmup: int, 
     from attnreid.data.loader import build_train_loader
     from attnreid.engine.amp_guard import AmpGuard
     from attnreid.engine.compiled import compile_for_training
-    from attnreid.engine.optim import build_optimizer
+    from attnreid.engine.optim import build_optimizers
     from attnreid.engine.trainer import TrainState, train_step
     from attnreid.losses import build_criterion
     from attnreid.models import build_model
@@ -110,8 +110,7 @@ def bench(name: str, root: Path, device: torch.device, steps: int, warmup: int, 
     criterion = build_criterion(cfg.loss, cfg.model).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optim, [model, criterion])
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    optimizers = build_optimizers(cfg.optim, cfg.loss, model, criterion)
     model.train()
     net = compile_for_training(model, "on" if compile_ else "off", device, quiet=True)
     guarded = amp.endswith("-guard")
@@ -154,7 +153,7 @@ def bench(name: str, root: Path, device: torch.device, steps: int, warmup: int, 
         use_guard = guarded and i % 2 == 0
         t_step, c_step = time.perf_counter(), time.process_time()
         (guard.run_step if use_guard else plain)(
-            lambda autocast, check: train_step(net, criterion, optimizer, x, y, autocast, None, 0.0, params, state,
+            lambda autocast, check: train_step(net, criterion, optimizers, x, y, autocast, None, 0.0, state,
                                                check=check))
         if device.type == "cuda":
             torch.cuda.synchronize()

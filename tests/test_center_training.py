@@ -11,10 +11,9 @@ from torch import nn
 
 from attnreid.config import load_config
 from attnreid.engine.checkpoint import load_checkpoint, save_checkpoint
-from attnreid.engine.optim import WarmupStepScheduler, build_optimizer
+from attnreid.engine.optim import WarmupStepScheduler, build_optimizer, build_optimizers, center_optimizer
 from attnreid.engine.trainer import TrainState, train, train_step
 from attnreid.losses import build_criterion
-from attnreid.engine.optim import center_optimizer
 from attnreid.losses.center import center_parameters
 from attnreid.models import build_model
 
@@ -69,16 +68,14 @@ def test_one_train_step_moves_the_centres_by_minus_lr_times_the_unweighted_gradi
     weights before the step; Adam with weight decay (the main optimiser) must not touch them,
     and a loss scaler (fp16) must leave the step the same."""
     cfg, model, criterion = _tiny_step_setup()
-    optimizer = build_optimizer(cfg.optim, [model, criterion])
-    center_opt = center_optimizer(criterion, cfg.loss.center_lr)
+    optimizers = build_optimizers(cfg.optim, cfg.loss, model, criterion)
+    assert [s.name for s in optimizers] == ["optimizer", "center_optimizer"]
     x, y = torch.randn(6, 5), torch.tensor([0, 0, 1, 1, 3, 3])
     c = criterion.center.centers.detach().clone()
     f = model(x)["features"]["global"].detach()
     w = model.embed.weight.detach().clone()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if scaled else None
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    train_step(model, criterion, optimizer, x, y, contextlib.nullcontext, scaler, 0.0, params, TrainState(),
-               center_opt=center_opt, center_weight=cfg.loss.center_weight)
+    train_step(model, criterion, optimizers, x, y, contextlib.nullcontext, scaler, 0.0, TrainState())
     grad = torch.zeros_like(c)
     for k in range(4):
         rows = f[y == k]
@@ -93,16 +90,13 @@ def test_one_train_step_moves_the_centres_by_minus_lr_times_the_unweighted_gradi
 def test_the_centres_grads_are_zeroed_every_step():
     """Two steps on the same batch: the second moves the centres by its own gradient, not the sum."""
     cfg, model, criterion = _tiny_step_setup()
-    optimizer = build_optimizer(cfg.optim, [model, criterion])
-    optimizer.param_groups[0]["lr"] = 0.0  # the model stays put: f is the same both steps
-    center_opt = center_optimizer(criterion, cfg.loss.center_lr)
+    optimizers = build_optimizers(cfg.optim, cfg.loss, model, criterion)
+    optimizers[0].optimizer.param_groups[0]["lr"] = 0.0  # the model stays put: f is the same both steps
     x, y = torch.randn(4, 5), torch.tensor([0, 0, 1, 1])
     f = model(x)["features"]["global"].detach()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     c = criterion.center.centers.detach().clone()
     for _ in range(2):
-        train_step(model, criterion, optimizer, x, y, contextlib.nullcontext, None, 0.0, params, TrainState(),
-                   center_opt=center_opt, center_weight=cfg.loss.center_weight)
+        train_step(model, criterion, optimizers, x, y, contextlib.nullcontext, None, 0.0, TrainState())
         for k in (0, 1):  # c <- c + lr * (2/B) * sum(f_i - c) = c + 0.5 * (mean of the two f - c)
             c[k] = c[k] + 0.5 * (f[y == k] - c[k]).sum(0) / 2
     assert torch.allclose(criterion.center.centers.detach(), c, atol=1e-5)
@@ -117,11 +111,13 @@ def test_without_center_loss_the_step_is_the_plain_optimiser_step():
     for via_train_step in (True, False):
         torch.manual_seed(0)
         model = TinyNet()
-        optimizer = build_optimizer(cfg.optim, [model, criterion])
         params = list(model.parameters())
         if via_train_step:
-            train_step(model, criterion, optimizer, x, y, contextlib.nullcontext, None, 0.5, params, TrainState())
+            slots = build_optimizers(cfg.optim, cfg.loss, model, criterion)
+            assert len(slots) == 1 and slots[0].clip and set(map(id, slots[0].params())) == set(map(id, params))
+            train_step(model, criterion, slots, x, y, contextlib.nullcontext, None, 0.5, TrainState())
         else:
+            optimizer = build_optimizer(cfg.optim, [model, criterion])
             total, _ = criterion(model(x), y)
             total.backward()
             torch.nn.utils.clip_grad_norm_(params, 0.5)
@@ -177,3 +173,21 @@ def test_an_old_checkpoint_without_saved_centres_still_resumes(synthetic_root, t
     assert "center loss's centres: they start afresh" in printed.getvalue()
     resumed = load_checkpoint(path)
     assert len(resumed["optimizer"]["param_groups"][0]["params"]) == len(group["params"]) - 1
+
+
+def test_a_saved_center_optimizer_entry_resumes_into_the_centres_slot(synthetic_root, tmp_path):
+    """``center_optimizer`` (the key since the centres had their own SGD) is the centres' slot's
+    entry: a last.pth holding one resumes into that slot. Its lr is set to a value no config gives
+    here (0.25; loss.center_lr is 0.5 and the schedule never sets it): the resumed run keeps it."""
+    cfg = _centre_cfg(synthetic_root)
+    train(cfg, tmp_path / "r", hooks=[StopAtEpoch(1)], quiet=True)
+    path = tmp_path / "r" / "checkpoints" / "last.pth"
+    ckpt = load_checkpoint(path)
+    assert ckpt["center_optimizer"]["param_groups"][0]["lr"] == 0.5
+    ckpt["center_optimizer"]["param_groups"][0]["lr"] = 0.25
+    save_checkpoint(path, {k: v for k, v in ckpt.items() if k != "version"})
+    before = ckpt["criterion"]["center.centers"]
+    assert train(cfg, tmp_path / "r", resume=True, quiet=True)["status"] == "completed"
+    resumed = load_checkpoint(path)
+    assert resumed["epoch"] == 2 and resumed["center_optimizer"]["param_groups"][0]["lr"] == 0.25
+    assert not torch.equal(resumed["criterion"]["center.centers"], before)  # and the slot stepped them

@@ -132,13 +132,17 @@ class AmpGuard(Hook):
 
     Inactive (no check, no cost) unless ``precision`` is bf16 autocast. Standalone use
     (benchmarks): :meth:`attach` then :meth:`run_step`; as a trainer hook it attaches
-    itself and logs through the trainer.
+    itself and logs through the trainer. The layer check runs on ``input_shape`` (a training
+    batch: B x 3 x H x W, laid out channels-last with ``channels_last``); without one, or with
+    ``check=False``, only the step guard runs.
     """
 
-    def __init__(self, precision: Precision, fallback_after: int = 3, check: bool = True):
+    def __init__(self, precision: Precision, fallback_after: int = 3, check: bool = True,
+                 input_shape: Optional[Sequence[int]] = None, channels_last: bool = False):
         self.precision = precision
         self.fallback_after = fallback_after
         self.check = check
+        self.input_shape, self.channels_last = input_shape, channels_last
         self.faults = 0  # steps re-run in float32
         self.float32 = False  # fallen back for good
         self.pinned: List[str] = []  # layers that run in float32
@@ -184,10 +188,8 @@ class AmpGuard(Hook):
         t0 = time.perf_counter()
         checks, failed, layers = check_layers(self.model, input_shape, channels_last, device)
         if self.dist is not None and self.dist.enabled:
-            import torch.distributed as dist
-
             every: List[Any] = [None] * self.dist.world_size
-            dist.all_gather_object(every, failed)
+            torch.distributed.all_gather_object(every, failed)
             failed = [n for names in every for n in names]
         new = [n for n in dict.fromkeys(failed) if n not in self.pinned]
         self._pin(new)
@@ -199,10 +201,9 @@ class AmpGuard(Hook):
     def before_train(self, state: Any) -> None:
         t = self.trainer
         self.attach(t.model, [t.criterion], t.dist)
-        if not (self.active and self.check):
+        if not (self.active and self.check and self.input_shape is not None):
             return
-        d = t.cfg.data
-        record = self.check_layers((d.batch_size, 3, d.height, d.width), t.cfg.train.channels_last, t.device)
+        record = self.check_layers(self.input_shape, self.channels_last, t.device)
         t.logger.write({**record, "epoch": state.epochs_done, "step": state.step})
         new = record["new"]
         if new and t.dist.is_main:

@@ -4,10 +4,11 @@ the time budget, the non-finite-loss guard and MHSA-Net's diagnostics.
 The shape is fast-reid's ``HookBase``: a :class:`Hook` has five methods the
 :class:`~attnreid.engine.trainer.Trainer` calls, in the order the hooks were registered,
 each with the trainer's :class:`~attnreid.engine.trainer.TrainState`; ``hook.trainer`` is
-the trainer (its model, optimiser, config, logger and progress display). A new behaviour
-(EMA weights, early stopping, another logger) is one new hook passed to ``train(...,
-hooks=[...])``; a hook ends the run by setting ``state.stop`` to a reason. Only the main
-process (rank 0) writes or prints.
+the trainer (its model, optimisers, checkpointer, logger and progress display), held weakly
+as fast-reid's hooks hold theirs. A hook gets its settings through its constructor; it
+reads no config from the trainer. A new behaviour (EMA weights, early stopping, another
+logger) is one new hook passed to ``train(..., hooks=[...])``; a hook ends the run by
+setting ``state.stop`` to a reason. Only the main process (rank 0) writes or prints.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ import json
 import math
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from attnreid.engine import evaluator
+from attnreid.engine.diagnostics import DiagnosticsMeter, batch_diagnostics
 from attnreid.errors import AttnReidError
+from attnreid.safe_io import is_temp_name
 from attnreid.text import plural
 
 # What attnreid writes in a run folder, and nothing else: --overwrite deletes exactly these
@@ -39,8 +44,6 @@ RUN_OUTPUTS = RUN_FILES + (
 def run_outputs(run_dir: Path) -> list:
     """The files and folders of ``RUN_OUTPUTS`` present in ``run_dir``, plus attnreid's leftover
     temporary files in its folders (``safe_io.temp_path`` names)."""
-    from attnreid.safe_io import is_temp_name
-
     found = [p for pattern in RUN_OUTPUTS for p in sorted(run_dir.glob(pattern))]
     for folder in [run_dir, *(run_dir / d for d in RUN_DIRS), *sorted(run_dir.glob("datasets/*"))]:
         if folder.is_dir():
@@ -61,7 +64,18 @@ class Hook:
     evaluations (``metrics`` on the test split, ``val_metrics``), ``best`` and ``stop``.
     """
 
-    trainer: Any = None
+    _trainer: Optional[weakref.ref] = None
+
+    @property
+    def trainer(self) -> Any:
+        """The trainer that calls this hook, or None (before it is registered, or once the
+        trainer is gone: the hook holds it weakly, so a hook kept after a run does not keep
+        its model, data and optimisers alive)."""
+        return self._trainer() if self._trainer is not None else None
+
+    @trainer.setter
+    def trainer(self, trainer: Any) -> None:
+        self._trainer = weakref.ref(trainer) if trainer is not None else None
 
     def before_train(self, state: Any) -> None:
         """Once, before the first epoch (also when resuming)."""
@@ -100,25 +114,19 @@ class NonFiniteLossGuard(Hook):
 
 class CheckpointHook(Hook):
     """Writes ``checkpoints/last.pth`` (weights, optimisers, schedule, RNG, the center loss's
-    centres: what resume reads) after every epoch and at the end; :meth:`save_last` is also
-    what Ctrl-C calls.
+    centres: what resume reads) after every epoch and at the end, through the trainer's
+    :class:`~attnreid.engine.checkpoint.Checkpointer` (whose ``save_last`` Ctrl-C also calls).
 
-    A run stopped inside an epoch (Ctrl-C, the budget) keeps the current weights but the
-    schedule position of the last completed epoch: resume redoes the stopped epoch, and its
-    step counter then matches an uninterrupted run's.
+    A run stopped inside an epoch (the budget) keeps the current weights but the schedule
+    position of the last completed epoch: resume redoes the stopped epoch, and its step
+    counter then matches an uninterrupted run's.
     """
 
     def after_epoch(self, state: Any) -> None:
-        self.save_last()
+        self.trainer.checkpointer.save_last()
 
     def after_train(self, state: Any) -> None:
-        self.save_last()
-
-    def save_last(self, gather_rng: bool = True) -> Optional[Path]:
-        state = self.trainer.state
-        mid_epoch = state.epoch >= state.epochs_done
-        return self.trainer.save("last.pth", full=True, gather_rng=gather_rng,
-                                 step=state.epoch_start_step if mid_epoch else state.step)
+        self.trainer.checkpointer.save_last()
 
 
 class EvalHook(Hook):
@@ -129,14 +137,18 @@ class EvalHook(Hook):
     best validation mAP. Without one: every ``train.eval_every`` epochs on the test split, for
     the log only. Always at the end: the last weights on the test split, which writes
     eval.json and gives the run's reported numbers.
+
+    ``cfg`` is the run's config: ``train.eval_every``, ``train.epochs``, ``data.val_ids`` and
+    what the evaluation reads (``eval.*``, the image size, the model's test feature).
     """
 
-    def __init__(self, test_set: Any, val_set: Any = None, every: int = 0):
-        self.test_set, self.val_set, self.every = test_set, val_set, every
+    def __init__(self, cfg: Any, test_set: Any, val_set: Any = None):
+        self.cfg, self.test_set, self.val_set = cfg, test_set, val_set
+        self.every, self.epochs = cfg.train.eval_every, cfg.train.epochs
 
     def after_epoch(self, state: Any) -> None:
         done = state.epochs_done
-        if self.every and done % self.every == 0 and done < self.trainer.cfg.train.epochs:
+        if self.every and done % self.every == 0 and done < self.epochs:
             self.validate(state) if self.val_set is not None else self.test(state)
 
     def after_train(self, state: Any) -> None:
@@ -146,21 +158,17 @@ class EvalHook(Hook):
             self.test(state)
 
     def _evaluate(self, dataset: Any, out_dir: Optional[Path]) -> Dict[str, Any]:
-        from attnreid.engine.evaluator import evaluate_model
-
         t = self.trainer
-        return evaluate_model(t.model, dataset, t.cfg, out_dir=out_dir, device=t.device,
-                              extra={"epoch": t.state.epochs_done, "step": t.state.step})
+        return evaluator.evaluate_model(t.model, dataset, self.cfg, out_dir=out_dir, device=t.device,
+                                        extra={"epoch": t.state.epochs_done, "step": t.state.step})
 
     def _evaluate_test(self, out_dir: Optional[Path]) -> Dict[str, Any]:
         """The test split; with ``eval.datasets`` every set named there, in one table (first = primary)."""
-        from attnreid.engine.evaluator import evaluate_datasets
-
         t = self.trainer
-        if not t.cfg.eval.datasets:
+        if not self.cfg.eval.datasets:
             return self._evaluate(self.test_set, out_dir)
-        return evaluate_datasets(t.model, t.cfg, out_dir=out_dir, device=t.device,
-                                 extra={"epoch": t.state.epochs_done, "step": t.state.step})
+        return evaluator.evaluate_datasets(t.model, self.cfg, out_dir=out_dir, device=t.device,
+                                           extra={"epoch": t.state.epochs_done, "step": t.state.step})
 
     def test(self, state: Any) -> None:
         t = self.trainer
@@ -184,10 +192,10 @@ class EvalHook(Hook):
             t.logger.write({"type": "val", **m})
             t.progress.line(f"validation epoch {state.epochs_done}: rank1 {100 * m['rank1']:.1f}%  "
                             f"mAP {100 * m['mAP']:.1f}%  ({plural(len(self.val_set.query), 'query', 'queries')} of "
-                            f"{plural(t.cfg.data.val_ids, 'held-out id')})")
+                            f"{plural(self.cfg.data.val_ids, 'held-out id')})")
             if m["mAP"] > state.best["mAP"]:
                 state.best.update({"mAP": float(m["mAP"]), "epoch": state.epochs_done})
-                t.save("best.pth", full=False, metrics={"val": m})
+                t.checkpointer.save("best.pth", full=False, metrics={"val": m})
         t.dist.barrier()
 
 
@@ -234,12 +242,14 @@ class LoggingHook(Hook):
       first, with img/s and an ETA (torchreid's ``print_freq``);
     - ``after_epoch``: the epoch line, with the epoch's mean loss;
     - ``after_train``: the record of a half-done epoch's last steps.
+
+    ``epochs`` is ``train.epochs`` (for the epoch counter and the ETA).
     """
 
     PLAIN_EVERY_S = 30.0
 
-    def __init__(self, run_info: Dict[str, Any]):
-        self.run_info = run_info
+    def __init__(self, run_info: Dict[str, Any], epochs: int, log_every: int = 20, print_every: int = 50):
+        self.run_info, self.epochs, self.log_every, self.print_every = run_info, epochs, log_every, print_every
         self.window = self._empty()
         self.total = {"images": 0, "step_s": 0.0, "data_s": 0.0}
         self.last_plain = 0.0
@@ -281,10 +291,10 @@ class LoggingHook(Hook):
         self.steps_this_run += 1
         progress = self.trainer.progress
         progress.update(f"loss {state.loss:.3f}  {state.images / max(state.step_time, 1e-9):.1f} img/s")
-        if state.step % self.trainer.cfg.train.log_every == 0:
+        if state.step % self.log_every == 0:
             self._write_window(state)
         now = time.perf_counter()
-        if progress.plain and (self.steps_this_run == 1 or state.step % self.trainer.cfg.train.print_every == 0
+        if progress.plain and (self.steps_this_run == 1 or state.step % self.print_every == 0
                                or now - self.last_plain >= self.PLAIN_EVERY_S):
             self.last_plain = now
             progress.line(self._plain_line(state))
@@ -292,18 +302,18 @@ class LoggingHook(Hook):
     def _plain_line(self, state: Any) -> str:
         t = self.trainer
         spe = t.steps_per_epoch
-        left = (t.cfg.train.epochs - state.epoch - 1) * spe + max(spe - state.epoch_steps, 0) if spe else 0
+        left = (self.epochs - state.epoch - 1) * spe + max(spe - state.epoch_steps, 0) if spe else 0
         s_per_step = self.total["step_s"] / max(self.steps_this_run, 1)
         of = f"/{spe}" if spe else ""
         eta = f"  eta {_clock(left * s_per_step)}" if spe else ""
-        return (f"epoch {state.epoch + 1}/{t.cfg.train.epochs}  step {state.epoch_steps}{of}  "
+        return (f"epoch {state.epoch + 1}/{self.epochs}  step {state.epoch_steps}{of}  "
                 f"loss {state.loss:.4f} (epoch mean {state.epoch_loss:.4f})  lr {state.lr:.2e}  "
                 f"{self.img_per_s():.1f} img/s{eta}")
 
     def after_epoch(self, state: Any) -> None:
         self._write_window(state)
         self.trainer.progress.line(
-            f"epoch {state.epochs_done}/{self.trainer.cfg.train.epochs}  lr {state.lr:.2e}  "
+            f"epoch {state.epochs_done}/{self.epochs}  lr {state.lr:.2e}  "
             f"loss {state.epoch_loss:.4f} (mean of {plural(state.epoch_steps, 'step')})  {self.img_per_s():.1f} img/s")
 
     def after_train(self, state: Any) -> None:
@@ -333,8 +343,6 @@ class DiagnosticsHook(Hook):
     """MHSA-Net's per-epoch diagnostics (engine/diagnostics.py) as one ``diagnostics`` record of log.jsonl."""
 
     def __init__(self, acm_gamma: float, fdrt_form: str = "paper"):
-        from attnreid.engine.diagnostics import DiagnosticsMeter
-
         self.acm_gamma, self.fdrt_form = acm_gamma, fdrt_form
         self.meter = DiagnosticsMeter()
         self.last: Dict[str, Any] = {}
@@ -343,8 +351,6 @@ class DiagnosticsHook(Hook):
         self.meter.reset()
 
     def after_step(self, state: Any) -> None:
-        from attnreid.engine.diagnostics import batch_diagnostics
-
         if not self.trainer.dist.is_main:
             return  # only rank 0 logs them
         outputs = state.outputs
@@ -367,8 +373,8 @@ class RunLogger:
         self.path = run_dir / "log.jsonl"
         self.tb = None
         if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
+            try:  # deferred: the optional tensorboard package
+                from torch.utils.tensorboard import SummaryWriter
             except Exception:
                 self.tb = None
             else:
@@ -414,7 +420,7 @@ class Progress:
         self.steps_per_epoch = steps_per_epoch
         self.bar = None
         self.task = None
-        if enabled and getattr(self.stream, "isatty", lambda: False)():
+        if enabled and getattr(self.stream, "isatty", lambda: False)():  # rich's bar: only on a terminal
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
 

@@ -7,29 +7,33 @@ SGD with momentum is an option. The schedule is stepped once per epoch. The cent
 centres (BoT) are not in this optimiser: they have their own SGD (:func:`center_optimizer`,
 :func:`step_centers`).
 
-How the training step uses the two (BoT's ``do_train``;
-:func:`attnreid.engine.trainer.train_step` is this loop)::
+The training step sees both as optimiser slots (:class:`OptimizerSlot`), the list
+:func:`build_optimizers` returns, and treats every slot alike (:func:`attnreid.engine.trainer.train_step`)::
 
-    optimizer = build_optimizer(optim_cfg, [model, criterion])        # skips the centres
-    center_opt = center_optimizer(criterion, loss_cfg.center_lr)      # None without center loss
+    optimizers = build_optimizers(optim_cfg, loss_cfg, model, criterion)  # [main, centres?]
     # each step:
-    optimizer.zero_grad(); center_opt and center_opt.zero_grad()
+    for slot in optimizers: slot.zero_grad()
     total, terms = criterion(model(images), pids); total.backward()
-    optimizer.step(); step_centers(criterion, center_opt, loss_cfg.center_weight)
+    (clip the gradients of the slots with ``clip``)
+    for slot in optimizers: slot.step(scaler)   # the centres' slot: step_centers
 
-The centres' SGD has a constant lr, no momentum and no weight decay (BoT's
-``optimizer_center``): the main optimiser's warm-up and decay never touch it. With fp16 loss
-scaling, pass the ``GradScaler`` to :func:`step_centers` (it unscales the centres' gradients
-and skips the step on an inf, as for the main optimiser) and call ``scaler.update()`` after
-it. Under DDP the criterion is not wrapped, so :func:`step_centers` averages the centres'
-gradients over the ranks itself (the centre loss is a mean over each rank's equal share of
-the batch, so that average is the one-process gradient of the whole batch), and the ranks
-must start from the same centres (:func:`attnreid.distributed.broadcast_parameters`).
+A slot's name is its checkpoint key (``optimizer``, ``center_optimizer``). The centres' SGD
+has a constant lr, no momentum and no weight decay (BoT's ``optimizer_center``): the main
+optimiser's warm-up and decay never touch it, and ``optim.grad_clip`` clips the main
+slot only. Its step (:func:`step_centers`) first undoes the loss weight on the centres'
+gradients. With fp16 loss scaling every slot steps through the same ``GradScaler`` (it
+unscales the gradients and skips the step on an inf) and ``scaler.update()`` comes after the
+last slot. Under DDP the criterion is not wrapped, so :func:`step_centers` averages the
+centres' gradients over the ranks itself (the centre loss is a mean over each rank's equal
+share of the batch, so that average is the one-process gradient of the whole batch), and the
+ranks must start from the same centres (:func:`attnreid.distributed.broadcast_parameters`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -110,6 +114,48 @@ def step_centers(criterion: nn.Module, optimizer: Optional[torch.optim.Optimizer
         scaler.step(optimizer)
     else:
         optimizer.step()
+
+
+@dataclass
+class OptimizerSlot:
+    """One optimiser of the training step: its checkpoint key, whether ``optim.grad_clip`` clips
+    its parameters, and how it steps (default: its own ``step``, through the loss scaler)."""
+
+    name: str
+    optimizer: torch.optim.Optimizer
+    clip: bool = False
+    step_fn: Optional[Callable[[Any], None]] = None  # (scaler) -> None, instead of the plain step
+
+    def params(self) -> List[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, scaler: Any = None) -> None:
+        if self.step_fn is not None:
+            self.step_fn(scaler)
+        elif scaler is not None:
+            scaler.step(self.optimizer)
+        else:
+            self.optimizer.step()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+def build_optimizers(optim_cfg: Any, loss_cfg: Any, model: nn.Module, criterion: nn.Module) -> List[OptimizerSlot]:
+    """The training step's optimisers: the main one over model and criterion (first: the lr
+    schedule sets it, the gradient clip clips it) and, with center loss, the centres' SGD."""
+    slots = [OptimizerSlot("optimizer", build_optimizer(optim_cfg, [model, criterion]), clip=True)]
+    centres = center_optimizer(criterion, loss_cfg.center_lr)
+    if centres is not None:
+        slots.append(OptimizerSlot("center_optimizer", centres,
+                                   step_fn=partial(step_centers, criterion, centres, loss_cfg.center_weight)))
+    return slots
 
 
 class WarmupStepScheduler:
