@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import List, Tuple
+import json
+from pathlib import Path
+from typing import Iterable, List, Tuple
 
 
 def run_cli(args: List[str]) -> Tuple[int, str, str]:
@@ -56,3 +58,31 @@ class FaultOnCall:
             self.fired += 1
             return output + float("inf")  # still in the graph, as a faulty kernel's output is
         return None
+
+
+def set_batchnorm_statistics(model, batches: Iterable) -> None:
+    """Give a random network's BatchNorms the statistics of ``batches`` (a plain average over them).
+
+    With its initial running statistics a random network maps every image to almost the same
+    feature, so rankings and comparisons made with it would test nothing."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average over the batches
+    model.train()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+
+
+def read_log(run: Path) -> list:
+    """The records of ``run/log.jsonl`` written so far (a line being written is skipped)."""
+    path = Path(run) / "log.jsonl"
+    out = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written as we read
+            pass
+    return out

@@ -33,7 +33,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli, set_batchnorm_statistics
 
 from attnreid.config import from_dict, to_dict
 from attnreid.data.datasets import build_dataset
@@ -57,13 +57,7 @@ def random_checkpoint(path: Path, cfg, images, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     model = build_model(cfg.model, 5)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for batch in build_test_loader(cfg.data, images):
-            model(batch[0])
+    set_batchnorm_statistics(model, (batch[0] for batch in build_test_loader(cfg.data, images)))
     save_checkpoint(path, {"model": model.state_dict(), "config": to_dict(cfg), "num_classes": 5, "epoch": 0,
                            "step": 0})
     return path

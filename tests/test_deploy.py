@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli, set_batchnorm_statistics
 
 from attnreid.config import from_dict, to_dict
 from attnreid.deploy.extractor import FeatureExtractor
@@ -43,13 +43,7 @@ def make_checkpoint(path: Path, overrides: dict, seed: int = 0) -> Path:
     cfg = from_dict(overrides)
     torch.manual_seed(seed)
     model = build_model(cfg.model, 5)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None  # cumulative average over the calibration batches
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(8, 3, cfg.data.height, cfg.data.width))
+    set_batchnorm_statistics(model, [torch.randn(8, 3, cfg.data.height, cfg.data.width) for _ in range(3)])
     save_checkpoint(path, {"model": model.state_dict(), "config": to_dict(cfg), "num_classes": 5, "epoch": 0,
                            "step": 0})
     return path

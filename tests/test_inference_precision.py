@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli, set_batchnorm_statistics
 
 import attnreid.precision as precision_mod
 from attnreid.config import from_dict, load_config
@@ -31,13 +31,7 @@ def tiny(synthetic_root):
     cfg = from_dict(TINY)
     torch.manual_seed(0)
     model = build_model(cfg.model, 5)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(8, 3, 64, 32))
+    set_batchnorm_statistics(model, [torch.randn(8, 3, 64, 32) for _ in range(3)])
     items = build_dataset("market1501", synthetic_root).gallery[:12]
     return model.eval(), cfg, items
 

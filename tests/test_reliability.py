@@ -27,7 +27,7 @@ import torch
 import yaml
 from PIL import Image
 
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, read_log, run_cli
 
 # A tiny model at a tiny size: the point is the machinery, not the accuracy (nor the precision:
 # float32, so that what a kill leaves behind never depends on the CPU's bf16 kernels, issue 25).
@@ -118,19 +118,6 @@ def _env() -> dict:
     return env
 
 
-def _log(run: Path) -> list:
-    path = run / "log.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written when we read
-            pass
-    return out
-
-
 # --- training killed with SIGKILL mid-epoch, then resumed ---------------------------------
 
 
@@ -148,7 +135,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, synthetic_root):
             # Kill once epoch 2 has made a step: its checkpoint is not written yet.
             while time.time() < deadline and proc.poll() is None:
                 if (run / "checkpoints" / "last.pth").is_file() and any(
-                        r.get("type") == "train" and r.get("epoch") == 2 for r in _log(run)):
+                        r.get("type") == "train" and r.get("epoch") == 2 for r in read_log(run)):
                     break
                 time.sleep(0.02)
             assert proc.poll() is None, "training ended before it could be killed: " + (tmp_path / "first.err").read_text()
@@ -160,7 +147,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, synthetic_root):
     from attnreid.engine.checkpoint import load_checkpoint
 
     killed = load_checkpoint(run / "checkpoints" / "last.pth")
-    started = max(r["epoch"] for r in _log(run) if r.get("type") == "train")
+    started = max(r["epoch"] for r in read_log(run) if r.get("type") == "train")
     assert killed["epoch"] >= 1 and started == killed["epoch"] + 1, "the kill should land inside an epoch"
     steps = killed["step"] // killed["epoch"]
     config_before = (run / "config.yaml").read_text()
@@ -169,7 +156,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, synthetic_root):
     code, _, err = run_cli(["train", cfg, "--out", run, "--resume"])
     assert code == 0, err
     assert "Traceback" not in err
-    log = _log(run)
+    log = read_log(run)
     resumed = [r for r in log if r.get("type") == "resume"]
     assert len(resumed) == 1 and resumed[0]["epoch"] >= started - 1, "resume lost more than one epoch"
     final = load_checkpoint(run / "checkpoints" / "last.pth")

@@ -5,7 +5,6 @@ Each interrupted run is a subprocess: a signal that escaped into pytest would en
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
+from helpers import read_log, run_cli
 from rel_helpers import subprocess_env, write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -57,17 +56,6 @@ def test_ctrl_c_twice_while_last_pth_is_written_finishes_the_write_and_prints_th
     assert load_checkpoint(run / "checkpoints" / "last.pth")["epoch"] == 2
 
 
-def _log(run: Path) -> list:
-    path = run / "log.jsonl"
-    out = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written as we read
-            pass
-    return out
-
-
 def test_sigterm_acts_like_ctrl_c(tiny, tmp_path):
     from attnreid.engine.checkpoint import load_checkpoint
 
@@ -78,7 +66,7 @@ def test_sigterm_acts_like_ctrl_c(tiny, tmp_path):
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
-            if any(r.get("type") == "train" and r.get("epoch", 0) >= 2 for r in _log(run)):
+            if any(r.get("type") == "train" and r.get("epoch", 0) >= 2 for r in read_log(run)):
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "training ended before it could be stopped: " + proc.stderr.read()
@@ -92,7 +80,7 @@ def test_sigterm_acts_like_ctrl_c(tiny, tmp_path):
     assert "Traceback" not in err and len(lines) == 1, err
     assert lines[0].startswith("terminated (SIGTERM): saved") and "continue with: attnreid train --resume" in lines[0]
     saved = load_checkpoint(run / "checkpoints" / "last.pth")
-    assert [r for r in _log(run) if r.get("type") == "interrupted"][-1]["signal"] == "SIGTERM"
+    assert [r for r in read_log(run) if r.get("type") == "interrupted"][-1]["signal"] == "SIGTERM"
     code, _, err = run_cli(["train", "--resume", "--out", run, f"train.epochs={saved['epoch'] + 1}"])
     assert code == 0, err
     assert load_checkpoint(run / "checkpoints" / "last.pth")["epoch"] == saved["epoch"] + 1
