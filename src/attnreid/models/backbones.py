@@ -323,7 +323,32 @@ _MBV3_SMALL = (
 )
 
 
-class MobileNetV3Small(Backbone):
+class MobileNet(Backbone):
+    """What the MobileNets share: ``features`` (an ``nn.Sequential``), cut into stages by
+    ``_stage_slices``, and torchvision's initialisation."""
+
+    features: nn.Sequential
+    _stage_slices: List[Tuple[int, int]]
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def stages(self) -> List[nn.Module]:
+        return [self.features[a:b] for a, b in self._stage_slices]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.name, self.output_stride)
+        return self.features(x)
+
+
+class MobileNetV3Small(MobileNet):
     """MobileNetV3-small feature extractor (torchvision names, ``features.0..12``), 576 channels.
 
     With ``last_stride=1`` the last three blocks run at stride 1 with dilation 2
@@ -346,21 +371,7 @@ class MobileNetV3Small(Backbone):
         self._stage_slices = list(zip(starts[:-1], starts[1:]))
         self.out_channels = 576
         self.output_stride = 16 * last_stride
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def stages(self) -> List[nn.Module]:
-        return [self.features[a:b] for a, b in self._stage_slices]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.name, self.output_stride)
-        return self.features(x)
+        self._init_weights()
 
 
 # ------------------------------------------------------------------------ MobileNetV2
@@ -393,7 +404,7 @@ class InvertedResidualV2(nn.Module):
 _MBV2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 
 
-class MobileNetV2(Backbone):
+class MobileNetV2(MobileNet):
     """MobileNetV2 (Sandler et al., CVPR 2018) feature extractor, torchvision names ``features.0..18``.
 
     1280 channels at output stride 32; ``last_stride=1`` runs the last stride-2 stage (the
@@ -418,19 +429,7 @@ class MobileNetV2(Backbone):
         self.features = nn.Sequential(*layers)
         self.out_channels = 1280
         self.output_stride = 16 * last_stride
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def stages(self) -> List[nn.Module]:
-        return [self.features[a:b] for a, b in self._stage_slices]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.name, self.output_stride)
-        return self.features(x)
+        self._init_weights()
 
 
 def mobilenetv2_original_to_torchvision(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
