@@ -7,16 +7,17 @@ from typing import List, Optional
 
 import typer
 
-from attnreid.choices import AMP_CHOICES, INFERENCE_BACKENDS
+from attnreid.choices import INFERENCE_AMP_CHOICES, INFERENCE_BACKENDS
 from attnreid.cli._app import app
 from attnreid.cli._util import (CHECKPOINT_HELP, MODEL_HELP, OVERRIDES_HELP, check_output_path, device_option,
                                 interrupted, print_json, resolve_model)
 from attnreid.errors import AttnReidError
 
 DEFAULT_CAMERA_REGEX = r"_c(\d+)"  # same as attnreid.deploy.index (not imported: keeps --help fast)
-AMP_HELP = "Precision: auto, off, bf16 or fp16 (default: the config's eval.amp, auto = bf16 where native)."
-INFER_BACKEND_HELP = ("Inference backend: auto (onnxruntime for big CPU jobs when installed and matching PyTorch), "
-                      "torch or onnxruntime (default: the config's eval.backend).")
+AMP_HELP = ("Precision: auto, off, bf16, fp16 or int8 (openvino) (default: the config's eval.amp, auto = bf16 where "
+            "native).")
+INFER_BACKEND_HELP = ("Inference backend: auto (for big CPU jobs the fastest installed path matching PyTorch "
+                      "fp32), torch, onnxruntime or openvino (default: the config's eval.backend).")
 
 index_app = typer.Typer(help="Build a gallery index for 'attnreid search'.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
@@ -62,8 +63,8 @@ def export(
 
 
 def _check_amp(amp: Optional[str]) -> None:
-    if amp is not None and amp not in AMP_CHOICES:
-        raise AttnReidError(f"--amp is {amp!r}; expected one of: {', '.join(AMP_CHOICES)}")
+    if amp is not None and amp not in INFERENCE_AMP_CHOICES:
+        raise AttnReidError(f"--amp is {amp!r}; expected one of: {', '.join(INFERENCE_AMP_CHOICES)}")
 
 
 @index_app.command("build")

@@ -106,7 +106,8 @@ def report(roots: List[Path], check: bool = True) -> Dict[str, Any]:
     import torch
 
     from attnreid import __version__
-    from attnreid.engine.inference import ONNXRUNTIME_MIN_IMAGES, resolve_inference
+    from attnreid.inference.backend import resolve_inference
+    from attnreid.inference.onnxruntime_backend import MIN_IMAGES as ONNXRUNTIME_MIN_IMAGES
     from attnreid.precision import cpu_flags, cpu_model, resolve_precision
 
     flags = cpu_flags()
@@ -139,7 +140,7 @@ def report(roots: List[Path], check: bool = True) -> Dict[str, Any]:
     small = resolve_inference("auto", "auto", "cpu", num_images=ONNXRUNTIME_MIN_IMAGES - 1)
     large = resolve_inference("auto", "auto", "cpu", num_images=TYPICAL_JOB_IMAGES)
     out["inference_auto"] = {
-        f"{TYPICAL_JOB_IMAGES} images": {"backend": "onnxruntime (if its first batch matches PyTorch)"
+        f"{TYPICAL_JOB_IMAGES} images": {"backend": "the fastest installed path whose first batch matches PyTorch fp32"
                                          if large.backend == "auto" else large.backend, "reason": large.reason},
         f"{ONNXRUNTIME_MIN_IMAGES - 1} images": {"backend": small.backend, "reason": small.reason},
         "precision": precision.name if precision.dtype is None else

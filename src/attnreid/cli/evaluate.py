@@ -14,8 +14,8 @@ from attnreid.config import load_config
 from attnreid.errors import AttnReidError
 
 SPLITS = ("query", "gallery", "train")
-BACKEND_HELP = ("eval.backend: auto (onnxruntime for big CPU jobs when installed and matching PyTorch), "
-                "torch or onnxruntime. Default: the config's.")
+BACKEND_HELP = ("eval.backend: auto (for big CPU jobs the fastest installed path matching PyTorch fp32), "
+                "torch, onnxruntime or openvino. Default: the config's.")
 
 
 @app.command("eval")
@@ -62,7 +62,7 @@ def eval_cmd(
     datasets = evaluation_datasets(cfg)
     metrics = evaluate_datasets(model, cfg, datasets, out_dir=out, device=device, rerank=rerank,
                                 extra={"checkpoint": str(checkpoint), "epoch": meta.get("epoch")}, progress=True,
-                                save_distmat=save_distmat)
+                                save_distmat=save_distmat, int8_check=True)
     report = None
     if out is not None:
         if not as_json:
@@ -128,6 +128,7 @@ def extract_cmd(
     from attnreid.engine.build import build_eval_dataset, load_model, resolve_device  # torch: imported when the command runs, not for --help
     from attnreid.inference.backend import check_backend
     from attnreid.inference.extract import extract_with_precision, folder_items
+    from attnreid.inference.int8 import int8_hooks
 
     splits = list(split or [])
     if bool(splits) == (folder is not None):
@@ -147,7 +148,7 @@ def extract_cmd(
         items = folder_items(folder)
         feats, _, _, index, how = extract_with_precision(model, items, cfg.data, device=device, flip=cfg.eval.flip,
                                                          amp=cfg.eval.amp, progress=f"{folder.name} features",
-                                                         backend=cfg.eval.backend)
+                                                         backend=cfg.eval.backend, **int8_hooks(cfg))
         arrays = {"features": feats.numpy(), "paths": np.array([items[i][0] for i in index.tolist()])}
     else:
         if "train" in splits:
@@ -161,7 +162,8 @@ def extract_cmd(
         for s, items in lists.items():
             feats, pids, camids, index, how = extract_with_precision(
                 model, items, cfg.data, device=device, flip=cfg.eval.flip, amp=how, progress=f"{s} features",
-                backend=cfg.eval.backend, num_images=sum(len(v) for v in lists.values()))
+                backend=cfg.eval.backend, num_images=sum(len(v) for v in lists.values()),
+                **int8_hooks(cfg, validate=True))
             arrays.update({f"{s}_features": feats.numpy(), f"{s}_pids": pids, f"{s}_camids": camids,
                            f"{s}_paths": np.array([items[i][0] for i in index.tolist()])})
     arrays.update({k: np.array(v) for k, v in how.record().items()})

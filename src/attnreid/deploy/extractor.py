@@ -37,6 +37,7 @@ from attnreid.engine.build import config_fingerprint, load_for_inference, resolv
 from attnreid.errors import ConfigError, DataError
 from attnreid.inference.backend import (Inference, announce, check_backend, inference_precision, resolve_inference,
                                         run_features, settle_inference)
+from attnreid.inference.int8 import calibration_images
 from attnreid.precision import Precision
 
 MAX_BATCH = 4096  # as data.test_batch_size
@@ -203,7 +204,8 @@ class FeatureExtractor:
             # if it matches float32) are settled on this model's first batch
             choice = self.inference or resolve_inference(
                 self.precision, self._requested_backend, self.device,
-                self._job_images if self._job_images is not None else len(x), backend_key=self._backend_key)
+                self._job_images if self._job_images is not None else len(x), backend_key=self._backend_key,
+                calibration=calibration_images(self.cfg))
             self.inference = settle_inference(self.model, choice, x, self._features, self.flip)
             self.precision = self.inference.precision
         announce(self.inference)

@@ -23,7 +23,8 @@ def extract_features(model: nn.Module, items: Sequence[Tuple[str, int, int]], da
                      batch_size: Optional[int] = None, device: str | torch.device = "cpu",
                      flip: bool = False, channels_last: bool = False,
                      amp: str | Precision | Inference = "auto", progress: Optional[str] = None,
-                     return_index: bool = False, backend: str = "auto", num_images: Optional[int] = None):
+                     return_index: bool = False, backend: str = "auto", num_images: Optional[int] = None,
+                     calibration=None, validate=None):
     """Run the model in eval mode over ``items`` (``(path, pid, camid)``).
 
     Returns ``(features N x D float32 on the CPU, pids, camids)`` in the order of
@@ -39,10 +40,12 @@ def extract_features(model: nn.Module, items: Sequence[Tuple[str, int, int]], da
     (:class:`attnreid.progress.ProgressReporter`); None shows none. With
     ``data.skip_bad_images`` unreadable images are left out, so N may be smaller than
     ``len(items)``; ``return_index=True`` adds a fourth value, the index into ``items``
-    of each row.
+    of each row. ``calibration`` and ``validate`` are what int8 needs
+    (:func:`attnreid.inference.int8.int8_hooks`).
     """
     feats, pids, camids, index, _ = extract_with_precision(model, items, data_cfg, batch_size, device, flip,
-                                                           channels_last, amp, progress, backend, num_images)
+                                                           channels_last, amp, progress, backend, num_images,
+                                                           calibration, validate)
     return (feats, pids, camids, index) if return_index else (feats, pids, camids)
 
 
@@ -50,7 +53,8 @@ def extract_with_precision(model: nn.Module, items: Sequence[Tuple[str, int, int
                            batch_size: Optional[int] = None, device: str | torch.device = "cpu",
                            flip: bool = False, channels_last: bool = False,
                            amp: str | Precision | Inference = "auto", progress: Optional[str] = None,
-                           backend: str = "auto", num_images: Optional[int] = None):
+                           backend: str = "auto", num_images: Optional[int] = None,
+                           calibration=None, validate=None):
     """:func:`extract_features` with the row index, plus how the features were computed.
 
     Returns ``(features, pids, camids, index, inference)``, the last an
@@ -60,7 +64,8 @@ def extract_with_precision(model: nn.Module, items: Sequence[Tuple[str, int, int
     if batch_size is not None:
         data_cfg = dataclasses.replace(data_cfg, test_batch_size=batch_size)
     device = torch.device(device)
-    choice = resolve_inference(amp, backend, device, len(items) if num_images is None else num_images)
+    choice = resolve_inference(amp, backend, device, len(items) if num_images is None else num_images,
+                               calibration=calibration, validate=validate)
     loader = build_test_loader(data_cfg, list(items))
     was_training = model.training
     model.eval()

@@ -1,0 +1,157 @@
+"""The ``openvino`` inference backend: the model converted in-process by OpenVINO's PyTorch
+frontend (``openvino.convert_model``, checked against PyTorch) and compiled for the CPU, in
+fp32, bf16 (``INFERENCE_PRECISION_HINT``; only where OpenVINO reports the CPU's BF16
+capability: AMX or AVX512-BF16) or int8 (NNCF post-training quantisation, calibrated on
+training images). :mod:`attnreid.inference.backend` says when each is used.
+
+No ONNX file is involved, so ``attnreid[openvino]`` alone is enough.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import weakref
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from attnreid.errors import AttnReidError
+from attnreid.inference.backend import weights_version
+from attnreid.inference.export import (CHECK_BATCH, EXPORT_BATCH, REL_TOLERANCE, ExportWrapper, _first_line,
+                                       _quiet_exporter, _without_classifiers)
+
+INSTALL = "pip install 'attnreid[openvino]'"
+REQUIRES = "the optional openvino and nncf packages"
+# ``auto`` tries OpenVINO only for jobs of at least this many images: like onnxruntime's
+# export, the conversion (seconds for a ResNet) and each precision's compile are a fixed
+# cost, reported as setup_s / break_even_images in benchmarks/results/infer_cpu.json.
+MIN_IMAGES = 1000
+PRECISION_REASON = "OpenVINO runs the converted graph"
+# What this backend can compute; ``precisions()`` is what it can compute on this machine.
+PRECISIONS = ("fp32", "bf16", "int8")
+# OpenVINO's names for the precisions.
+_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the quantised ops are int8, the rest fp32
+
+# Per model: its converted graph and compiled sessions, reused while the weights, the input
+# size and the threads stay the same.
+_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def available() -> bool:
+    """The optional packages this backend needs (``attnreid[openvino]``) import."""
+    try:
+        import nncf  # noqa: F401
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def precisions() -> tuple:
+    """The precisions this machine runs: fp32, bf16 where OpenVINO reports the CPU's BF16
+    capability (AMX or AVX512-BF16; elsewhere it would quietly compute in fp32), int8."""
+    import openvino as ov
+
+    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return tuple(p for p in PRECISIONS if p != "bf16" or "BF16" in caps)
+
+
+@contextlib.contextmanager
+def _quiet_nncf():
+    """NNCF logs and draws a progress bar while it collects statistics; keep them off the console."""
+    logger = logging.getLogger("nncf")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with _quiet_exporter():
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _convert(model: torch.nn.Module, input_size: Sequence[int]):
+    """``model`` (eval mode) as an OpenVINO graph with a dynamic batch; its fp32 compile must match
+    PyTorch on a batch of another size than the conversion's (relative difference < 1e-4)."""
+    import openvino as ov
+
+    wrapper = ExportWrapper(model).eval()
+    example = torch.randn(EXPORT_BATCH, 3, *input_size)
+    try:
+        with _quiet_exporter(), _without_classifiers(model), torch.no_grad():
+            graph = ov.convert_model(wrapper, example_input=example, input=[(-1, 3, *input_size)])
+    except Exception as exc:  # the frontend's failure (an unsupported op): one line
+        name = getattr(model, "model_name", type(model).__name__)
+        raise AttnReidError(f"OpenVINO could not convert '{name}' ({_first_line(exc)})") from None
+    probe = torch.randn(CHECK_BATCH, 3, *input_size)
+    with torch.no_grad():
+        ref = wrapper(probe).float().numpy()
+    got = ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(probe.numpy())[0]
+    rel = float(np.abs(got - ref).max()) / max(float(np.abs(ref).max()), 1e-12)
+    if not rel < REL_TOLERANCE:
+        raise AttnReidError(f"OpenVINO's conversion differs from PyTorch: relative difference {rel:.2e} "
+                            f">= {REL_TOLERANCE:.0e} at batch {CHECK_BATCH}")
+    return graph
+
+
+def _quantize(graph, calibration: Callable[[], Sequence[torch.Tensor]]):
+    """The graph quantised to int8 by NNCF, its activation ranges measured on ``calibration()``'s
+    images (preprocessed batches)."""
+    import nncf
+
+    batches = [b.detach().cpu().float().numpy() for b in calibration()]
+    if not batches:
+        raise AttnReidError("int8 quantisation needs calibration images; none were given")
+    items = [b[i:i + 1] for b in batches for i in range(b.shape[0])]
+    with _quiet_nncf():
+        return nncf.quantize(graph, nncf.Dataset(items), subset_size=len(items))
+
+
+def open_session(model: torch.nn.Module, input_size, precision: str = "fp32",
+                 calibration: Optional[Callable[[], Sequence[torch.Tensor]]] = None,
+                 threads: Optional[int] = None):
+    """``model`` converted (checked against PyTorch) and compiled for the CPU in ``precision``
+    (fp32 | bf16 | int8, which needs ``calibration``: a callable returning preprocessed image
+    batches) with ``threads`` inference threads (default: torch's); returns ``(session, setup
+    seconds)``. The conversion is shared by the precisions and everything is reused while the
+    weights, the input size and the threads stay the same. Leaves the global RNG as it found it."""
+    import openvino as ov
+
+    if precision not in PRECISIONS:
+        raise AttnReidError(f"openvino has no precision {precision!r}; expected one of: {', '.join(PRECISIONS)}")
+    if precision == "int8" and calibration is None:
+        raise AttnReidError("openvino int8 needs calibration images (eval.int8_calibration)")
+    threads = torch.get_num_threads() if threads is None else threads
+    key = (tuple(input_size), threads, weights_version(model))
+    cached = _cache.get(model)
+    if cached is None or cached["key"] != key:
+        cached = {"key": key, "graph": None, "sessions": {}}
+        _cache[model] = cached
+    if precision in cached["sessions"]:
+        return cached["sessions"][precision]
+    t0 = time.perf_counter()
+    was_training = model.training
+    with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
+        try:
+            if cached["graph"] is None:
+                cached["graph"] = _convert(model.eval(), tuple(input_size))
+            graph = _quantize(cached["graph"], calibration) if precision == "int8" else cached["graph"]
+        finally:
+            model.train(was_training)
+    session = ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": _HINTS[precision],
+                                                     "INFERENCE_NUM_THREADS": threads})
+    cached["sessions"][precision] = (session, time.perf_counter() - t0)
+    return cached["sessions"][precision]
+
+
+def features(session: Any, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """The session's float32 features of a batch (flip-averaged when asked), on the CPU."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.array(session(x.detach().cpu().float().contiguous().numpy())[0])).float()
+
+    f = run(images)
+    if flip:
+        f = (f + run(torch.flip(images, dims=[3]))) / 2
+    return f
