@@ -90,6 +90,7 @@ def index_build(
     """Extract features of every image in a folder into a resumable index."""
     from attnreid.deploy.extractor import FeatureExtractor  # torch: imported when the command runs, not for --help
     from attnreid.deploy.index import build_index
+    from attnreid.distributed import DistContext
 
     if shard_size < 1:
         raise AttnReidError(f"--shard-size is {shard_size}; it must be >= 1")
@@ -106,11 +107,16 @@ def index_build(
 
         found = default_path(source.checkpoint)
         calibration = str(found) if found.is_file() else ""
+    ctx = DistContext.from_env()  # under torchrun: each rank embeds its share of the shards, rank 0 writes
     try:
         summary = build_index(ext, images_dir, out, camera_regex=camera_regex, shard_size=shard_size,
-                              progress=not json_out, calibration=calibration or None)
+                              progress=not json_out, calibration=calibration or None, ctx=ctx)
     except KeyboardInterrupt:
         interrupted(f"the images indexed so far are kept in {out}; run the same command again to index the rest")
+    finally:
+        ctx.close()
+    if summary is None:  # not rank 0
+        return
     if json_out:
         print_json(summary)
         return

@@ -196,6 +196,13 @@ class FeatureExtractor:
         if self.inference is None:
             self._job_images = int(num_images)
 
+    def follow(self, amp: str, backend: str) -> None:
+        """Compute exactly ``amp`` on ``backend`` (explicit values, no first-batch comparison):
+        how the other ranks of a torchrun job take rank 0's settled choice. Only before the first batch."""
+        if self.inference is None:
+            self.precision = inference_precision(amp, self.device, key="amp")
+            self._requested_backend = check_backend(backend, self.device, key="backend")
+
     def forward_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Features of a preprocessed B x 3 x H x W batch (flip-averaged when asked), float32 on the CPU."""
         x = images.to(self.device)

@@ -467,6 +467,14 @@ def _try_int8(model: torch.nn.Module, choice: Inference, picked: Inference, rows
                                       f"{fastest:.1f} img/s, and {text}; setup {seconds:.1f} s")
 
 
+def explicit(choice: Inference) -> Tuple[str, str]:
+    """``(eval.amp, eval.backend)`` that ask for exactly this settled choice, with no first-batch
+    comparison: how the other ranks of a torchrun job take rank 0's decision."""
+    if choice.backend in BACKENDS:
+        return {"fp32": "off", "bf16": "bf16", "int8": "int8"}[choice.compute], choice.backend
+    return {"fp32": "off", "bf16": "bf16", "fp16": "fp16"}[choice.precision.name], "torch"
+
+
 def run_features(model: torch.nn.Module, choice: Inference, images: torch.Tensor,
                  features: Callable[[torch.Tensor], torch.Tensor], flip: bool = False) -> torch.Tensor:
     """One batch's float32 features by a settled ``choice`` (on the CPU for an exported backend)."""
