@@ -1,18 +1,22 @@
 """The ``openvino`` inference backend: the model converted in-process by OpenVINO's PyTorch
-frontend (``openvino.convert_model``, checked against PyTorch) and compiled for the CPU, in
+frontend (``openvino.convert_model``; through an in-process ONNX export for a model with an op
+that frontend lacks, HA-CNN's ``affine_grid``; checked against PyTorch) and compiled for the CPU, in
 fp32, bf16 (``INFERENCE_PRECISION_HINT``; only where OpenVINO reports the CPU's BF16
 capability: AMX or AVX512-BF16) or int8 (NNCF post-training quantisation, calibrated on
 training images). :mod:`attnreid.inference.backend` says when each is used.
 
-No ONNX file is involved, so ``attnreid[openvino]`` alone is enough.
+For MHSA-Net and the Baseline no ONNX file is involved: ``attnreid[openvino]`` alone is enough;
+HA-CNN also needs ``attnreid[onnx]``'s exporter.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import time
 import weakref
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -82,9 +86,8 @@ def _convert(model: torch.nn.Module, input_size: Sequence[int]):
     try:
         with _quiet_exporter(), _without_classifiers(model), torch.no_grad():
             graph = ov.convert_model(wrapper, example_input=example, input=[(-1, 3, *input_size)])
-    except Exception as exc:  # the frontend's failure (an unsupported op): one line
-        name = getattr(model, "model_name", type(model).__name__)
-        raise AttnReidError(f"OpenVINO could not convert '{name}' ({_first_line(exc)})") from None
+    except Exception as exc:  # an op the PyTorch frontend lacks (HA-CNN's affine_grid): through ONNX
+        graph = _convert_via_onnx(model, input_size, _unconverted(exc))
     probe = torch.randn(CHECK_BATCH, 3, *input_size)
     with torch.no_grad():
         ref = wrapper(probe).float().numpy()
@@ -94,6 +97,32 @@ def _convert(model: torch.nn.Module, input_size: Sequence[int]):
         raise AttnReidError(f"OpenVINO's conversion differs from PyTorch: relative difference {rel:.2e} "
                             f">= {REL_TOLERANCE:.0e} at batch {CHECK_BATCH}")
     return graph
+
+
+def _unconverted(exc: BaseException) -> str:
+    """The frontend's own summary (``No conversion rule found for operations: ...``), else its first line."""
+    text = str(exc)
+    i = text.find("No conversion rule found")
+    return text[i:].splitlines()[0].strip() if i >= 0 else _first_line(exc)
+
+
+def _convert_via_onnx(model: torch.nn.Module, input_size: Sequence[int], why: str):
+    """The graph read from an in-process ONNX export (torch's exporter decomposes what OpenVINO's
+    PyTorch frontend cannot convert); needs ``attnreid[onnx]``'s onnx as well."""
+    import openvino as ov
+
+    from attnreid.inference.export import export_onnx
+
+    name = getattr(model, "model_name", type(model).__name__)
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise AttnReidError(f"OpenVINO could not convert '{name}' ({why}); with attnreid[onnx] installed it "
+                            f"converts through an ONNX export") from None
+    with tempfile.TemporaryDirectory(prefix="attnreid_openvino_") as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(model, path, tuple(input_size), check=False)  # checked below, in OpenVINO
+        return ov.convert_model(str(path))
 
 
 def _quantize(graph, calibration: Callable[[], Sequence[torch.Tensor]]):
