@@ -18,7 +18,7 @@ from test_inference_precision import TINY, tiny  # noqa: F401  (fixture)
 
 from attnreid.config import from_dict
 from attnreid.deploy.extractor import FeatureExtractor
-from attnreid.errors import ConfigError
+from attnreid.errors import AttnReidError, ConfigError
 from attnreid.inference import backend as inference
 from attnreid.inference import onnxruntime_backend as ort_backend
 from attnreid.inference import openvino_backend as ov_backend
@@ -141,3 +141,38 @@ def test_auto_takes_the_fastest_matching_path_and_int8_only_within_half_a_point(
         model, items, data_cfg.data, amp="auto", backend="auto", calibration=calibration_images(data_cfg),
         validate=scores({"rank1": 0.8, "mAP": 0.6}, {"rank1": 0.8, "mAP": 0.6}))
     assert how.compute == "fp32" and "is not faster than openvino fp32" in how.reason
+
+
+@needs_openvino
+def test_an_op_the_pytorch_frontend_lacks_goes_through_onnx_or_is_left_out_by_auto(tiny, monkeypatch):
+    import openvino
+
+    model, cfg, items = tiny
+    real = openvino.convert_model
+
+    def frontend_without_rules(source, **kwargs):  # as for HA-CNN's affine_grid: only files convert
+        if not isinstance(source, str):
+            raise RuntimeError("Model wasn't fully converted.\nNo conversion rule found for operations: aten::x")
+        return real(source, **kwargs)
+
+    monkeypatch.setattr(openvino, "convert_model", frontend_without_rules)
+
+    def fresh():  # no converted graph or settled choice kept from earlier calls
+        ov_backend._cache.pop(model, None)
+        inference._settled.pop(model, None)
+
+    ref, _, _, _, _ = extract_with_precision(model, items, cfg.data, amp="off", backend="torch")
+    if ort_backend.available():
+        fresh()
+        got, _, _, _, how = extract_with_precision(model, items, cfg.data, amp="off", backend="openvino")
+        assert_close_features(got, ref)
+    monkeypatch.setitem(sys.modules, "onnx", None)  # no exporter either: one line naming the op
+    fresh()
+    with pytest.raises(AttnReidError, match=r"could not convert 'mhsanet' \(No conversion rule found for "
+                                            r"operations: aten::x\); with attnreid\[onnx\] installed"):
+        extract_with_precision(model, items, cfg.data, amp="off", backend="openvino")
+    monkeypatch.setattr(ov_backend, "MIN_IMAGES", 1)
+    monkeypatch.setattr(ort_backend, "MIN_IMAGES", 10**9)
+    fresh()
+    _, _, _, _, how = extract_with_precision(model, items, cfg.data, amp="off", backend="auto")
+    assert how.backend == "torch" and "left out: openvino fp32: OpenVINO could not convert 'mhsanet'" in how.reason
