@@ -77,18 +77,20 @@ class FeatureExtractor:
             plain average ``attnreid eval`` uses with ``eval.flip``; not re-normalised).
         checkpoint: the weights when ``config_or_checkpoint`` is a config; its model
             section decides the architecture and test-feature variant.
-        amp: the precision, ``auto | off | bf16 | fp16`` (default: the config's
-            ``eval.amp``, itself ``auto``: bf16 autocast where the hardware runs it
-            natively; see :mod:`attnreid.inference.backend`). Features are float32 either way.
-        backend: ``auto | torch | onnxruntime`` (default: the config's ``eval.backend``,
-            itself ``auto``): eager PyTorch, or the model exported in-process and run in
-            onnxruntime. ``auto`` takes onnxruntime for a job of at least
-            :data:`~attnreid.inference.onnxruntime_backend.MIN_IMAGES` images (the first
-            call's images, or what :meth:`expect` announced) when it is installed, the
-            model exports and its first batch matches PyTorch float32; decided once.
+        amp: the precision, ``auto | off | bf16 | fp16 | int8`` (default: the config's
+            ``eval.amp``, itself ``auto``: bf16 where the hardware runs it natively and the
+            first batch matches float32; ``int8`` is OpenVINO's post-training quantisation,
+            calibrated on ``eval.int8_calibration`` training images of the config's data set;
+            see :mod:`attnreid.inference.backend`). Features are float32 either way.
+        backend: ``auto | torch | onnxruntime | openvino`` (default: the config's
+            ``eval.backend``, itself ``auto``): eager PyTorch, or the model converted
+            in-process and run in onnxruntime or OpenVINO. ``auto`` takes, for a job of at
+            least a backend's ``MIN_IMAGES`` images (the first call's images, or what
+            :meth:`expect` announced), the fastest installed path whose first batch matches
+            PyTorch float32; decided once.
 
     Attributes: ``model`` (eval mode), ``cfg``, ``device``, ``precision``, ``backend``
-    (``torch`` / ``onnxruntime``; ``auto`` until the first batch), ``inference`` (both, and
+    (``torch`` / ``onnxruntime`` / ``openvino``; ``auto`` until the first batch), ``inference`` (both, and
     why: an :class:`~attnreid.inference.backend.Inference`), ``feature_dim``,
     ``model_name``, ``checkpoint`` (path or None), ``fingerprint`` (see
     :func:`attnreid.engine.build.config_fingerprint`), ``metric`` (``cosine`` when the model L2-normalises its

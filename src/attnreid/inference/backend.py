@@ -22,19 +22,22 @@ asked, without the check.
 
 The backend comes from ``eval.backend`` (``--backend`` / ``backend=``): ``torch`` is eager
 PyTorch with the precision above; an exported backend (:data:`BACKENDS`, one module each:
-``onnxruntime`` is :mod:`attnreid.inference.onnxruntime_backend`) exports the model
-in-process (:func:`attnreid.inference.export.export_onnx`, with its own equivalence check)
-and computes every batch in its session (float32, as many intra-op threads as torch has);
-``auto`` (the default) takes the first exported backend (onnxruntime) only when all of
-these hold, else PyTorch: its optional packages import, the device is the CPU, the job has
-at least the backend's ``MIN_IMAGES`` images (the export must pay for itself), the model
-exports, and the first batch's features match eager float32 (mean cosine >=
-:data:`MATCH_MEAN_COSINE`). Like the precision, the backend is
-settled once per model and weights (:func:`settle_inference`) and then reused, so query
-and gallery are computed the same way. onnxruntime fp32 was the fastest path whose
-features match float32 for both MHSA-Net (ResNet-50) and HA-CNN, at batch 1 and 64
-(benchmarks/bench_infer.py, docs/deployment.md). ``torch.compile`` is not used here: its
-compilation took minutes per batch size on this CPU and did not beat eager.
+:mod:`~attnreid.inference.onnxruntime_backend`, :mod:`~attnreid.inference.openvino_backend`)
+converts the model in-process (checked against PyTorch) and computes every batch in its
+session on the CPU, in the precision ``eval.amp`` asks of it (OpenVINO: fp32, bf16 where the
+CPU has it, int8 by post-training quantisation; onnxruntime: fp32). ``auto`` (the default)
+measures instead of assuming: on the CPU, for a job of at least a backend's ``MIN_IMAGES``
+images (the conversion must pay for itself), every candidate path (PyTorch in its settled
+precision and in float32, each installed exported backend in each precision it computes
+here) computes the first batch, and the fastest one whose features match eager float32
+(mean cosine >= :data:`MATCH_MEAN_COSINE`; :func:`fastest_matching_path`, the rule
+``benchmarks/bench_infer.py`` applies to its rows) is taken. int8 never matches by cosine
+alone; it is taken only where the caller can check it on the validation split
+(``validate``): faster still, and rank-1 and mAP within :data:`INT8_MAX_POINTS` of float32's
+(:func:`int8_within`). Like the precision, the backend is settled once per model and
+weights (:func:`settle_inference`) and then reused, so query and gallery are computed the
+same way. ``torch.compile`` is not used here: its compilation took minutes per batch size
+on this CPU and did not beat eager.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def extract_features(model: nn.Module, items: Sequence[Tuple[str, int, int]], da
     evaluation option neither paper uses; off by default). ``amp`` is the precision
     (``eval.amp``: auto | off | bf16 | fp16, or a resolved
     :class:`~attnreid.precision.Precision`) and ``backend`` the backend (``eval.backend``:
-    auto | torch | onnxruntime); an :class:`~attnreid.inference.backend.Inference` returned
+    auto | torch | onnxruntime | openvino); an :class:`~attnreid.inference.backend.Inference` returned
     by :func:`extract_with_precision` as ``amp`` reuses that decision (both sides of an
     evaluation computed alike). ``num_images`` is the size of the whole job for ``auto``'s
     onnxruntime threshold (default ``len(items)``); see :mod:`attnreid.inference.backend`.
