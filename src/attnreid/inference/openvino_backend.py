@@ -24,8 +24,8 @@ import torch
 
 from attnreid.errors import AttnReidError
 from attnreid.inference.backend import weights_version
-from attnreid.inference.export import (CHECK_BATCH, EXPORT_BATCH, REL_TOLERANCE, ExportWrapper, _first_line,
-                                       _quiet_exporter, _without_classifiers)
+from attnreid.inference.export import (CHECK_BATCH, EXPORT_BATCH, ExportWrapper, _first_line, _quiet_exporter,
+                                       _without_classifiers)
 
 INSTALL = "pip install 'attnreid[openvino]'"
 REQUIRES = "the optional openvino and nncf packages"
@@ -34,6 +34,11 @@ REQUIRES = "the optional openvino and nncf packages"
 # cost, reported as setup_s / break_even_images in benchmarks/results/infer_cpu.json.
 MIN_IMAGES = 1000
 PRECISION_REASON = "OpenVINO runs the converted graph"
+# The conversion check: max |OpenVINO fp32 - PyTorch| / max |PyTorch| on a random batch. OpenVINO
+# fuses and reorders float32 sums: on MHSA-Net (ResNet-50, 384x128, random weights, a Xeon with
+# AMX) the difference was 1.7e-4 (onnxruntime's 1.1e-4), above the ONNX export's 1e-4; a wrong
+# conversion differs by orders of magnitude more. ``auto`` still compares cosines on real images.
+CHECK_TOLERANCE = 1e-3
 # What this backend can compute; ``precisions()`` is what it can compute on this machine.
 PRECISIONS = ("fp32", "bf16", "int8")
 # OpenVINO's names for the precisions.
@@ -78,7 +83,7 @@ def _quiet_nncf():
 
 def _convert(model: torch.nn.Module, input_size: Sequence[int]):
     """``model`` (eval mode) as an OpenVINO graph with a dynamic batch; its fp32 compile must match
-    PyTorch on a batch of another size than the conversion's (relative difference < 1e-4)."""
+    PyTorch on a batch of another size than the conversion's (relative difference < :data:`CHECK_TOLERANCE`)."""
     import openvino as ov
 
     wrapper = ExportWrapper(model).eval()
@@ -93,9 +98,9 @@ def _convert(model: torch.nn.Module, input_size: Sequence[int]):
         ref = wrapper(probe).float().numpy()
     got = ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(probe.numpy())[0]
     rel = float(np.abs(got - ref).max()) / max(float(np.abs(ref).max()), 1e-12)
-    if not rel < REL_TOLERANCE:
+    if not rel < CHECK_TOLERANCE:
         raise AttnReidError(f"OpenVINO's conversion differs from PyTorch: relative difference {rel:.2e} "
-                            f">= {REL_TOLERANCE:.0e} at batch {CHECK_BATCH}")
+                            f">= {CHECK_TOLERANCE:.0e} at batch {CHECK_BATCH}")
     return graph
 
 
