@@ -176,3 +176,26 @@ def test_an_op_the_pytorch_frontend_lacks_goes_through_onnx_or_is_left_out_by_au
     fresh()
     _, _, _, _, how = extract_with_precision(model, items, cfg.data, amp="off", backend="auto")
     assert how.backend == "torch" and "left out: openvino fp32: OpenVINO could not convert 'mhsanet'" in how.reason
+
+
+def test_validation_scorer_is_the_evaluation_of_the_held_out_identities(tiny, synthetic_root):
+    from attnreid.data.datasets import build_dataset_from_config
+    from attnreid.data.splits import hold_out_validation
+    from attnreid.evaluation.protocols import evaluate
+    from attnreid.inference.extract import extract_features
+    from attnreid.inference.int8 import validation_scorer
+
+    model, _, _ = tiny
+    cfg = from_dict({**TINY, "data": {**TINY["data"], "dataset": "market1501", "root": str(synthetic_root),
+                                      "val_ids": 3}})
+    assert validation_scorer(from_dict({**TINY, "data": {**TINY["data"], "val_ids": 0}})) is None
+    with torch.inference_mode():
+        got = validation_scorer(cfg)(lambda x: model(x))
+    train, val = hold_out_validation(build_dataset_from_config(cfg.data), 3)
+    q = extract_features(model, val.query, cfg.data, amp="off", backend="torch")
+    g = extract_features(model, val.gallery, cfg.data, amp="off", backend="torch")
+    ref = evaluate(q[0].numpy(), g[0].numpy(), q[1], g[1], q[2], g[2], protocol=val.protocol)
+    assert got == {"rank1": float(ref["rank1"]), "mAP": float(ref["mAP"])}
+    # int8 calibrates on training images only, never on the held-out identities
+    assert sum(len(b) for b in calibration_images(cfg)()) == min(300, len(train.train))
+    assert not {pid for _, pid, _ in train.train} & {pid for _, pid, _ in val.query}
