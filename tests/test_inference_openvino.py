@@ -104,6 +104,11 @@ def test_openvino_int8_is_calibrated_on_training_images(tiny, data_cfg):
     with pytest.raises(ConfigError, match="eval.amp=int8 needs a backend that quantises"):
         inference._compute(ort_backend, "onnxruntime", inference.inference_precision("int8", "cpu"), "eval.amp",
                            "eval.backend")
+    with pytest.MonkeyPatch.context() as mp:  # OpenVINO without NNCF: fp32 and bf16, no int8
+        mp.setitem(sys.modules, "nncf", None)
+        assert "int8" not in ov_backend.precisions() and ov_backend.available()
+        with pytest.raises(ConfigError, match="openvino computes fp32"):
+            inference.resolve_inference("int8", "openvino", "cpu")
     ext = FeatureExtractor.from_model(model, data_cfg, amp="int8", backend="openvino")
     x = torch.stack([ext.preprocess(p) for p, _, _ in items[:4]])
     assert ext.forward_batch(x).shape == (4, model.feature_dim) and ext.inference.compute == "int8"

@@ -231,8 +231,9 @@ def check_backend(backend: str, device: torch.device | str, key: str = "eval.bac
 
 
 def _int8_backends() -> List[str]:
-    """The installed exported backends that quantise to int8."""
-    return [n for n in BACKENDS if "int8" in backend_module(n).PRECISIONS and backend_module(n).available()]
+    """The installed exported backends that quantise to int8 here."""
+    return [n for n in BACKENDS if "int8" in backend_module(n).PRECISIONS and backend_module(n).available()
+            and "int8" in backend_module(n).precisions()]
 
 
 def _compute(module: ModuleType, name: str, precision: Precision, amp_key: str, backend_key: str) -> Tuple[str, str]:

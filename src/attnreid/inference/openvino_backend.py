@@ -12,7 +12,9 @@ HA-CNN also needs ``attnreid[onnx]``'s exporter.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
+import sys
 import tempfile
 import time
 import weakref
@@ -28,7 +30,7 @@ from attnreid.inference.export import (CHECK_BATCH, EXPORT_BATCH, ExportWrapper,
                                        _without_classifiers)
 
 INSTALL = "pip install 'attnreid[openvino]'"
-REQUIRES = "the optional openvino and nncf packages"
+REQUIRES = "the optional openvino package (and nncf for int8)"
 # ``auto`` tries OpenVINO only for jobs of at least this many images: like onnxruntime's
 # export, the conversion and each precision's compile are a fixed cost. In
 # benchmarks/results/infer_cpu.json (a loaded Xeon, one thread, batch 64) fp32 pays after
@@ -51,23 +53,27 @@ _HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the quantised o
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _installed(name: str) -> bool:
+    """``name`` can be imported, found without importing it: ``auto`` asks on every job, and
+    importing OpenVINO and NNCF takes seconds (``sys.modules[name] = None`` blocks it, as in Python)."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None
+
+
 def available() -> bool:
-    """The optional packages this backend needs (``attnreid[openvino]``) import."""
-    try:
-        import nncf  # noqa: F401
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """OpenVINO (``attnreid[openvino]``) is installed; int8 also needs NNCF (:func:`precisions`)."""
+    return _installed("openvino")
 
 
 def precisions() -> tuple:
     """The precisions this machine runs: fp32, bf16 where OpenVINO reports the CPU's BF16
-    capability (AMX or AVX512-BF16; elsewhere it would quietly compute in fp32), int8."""
+    capability (AMX or AVX512-BF16; elsewhere it would quietly compute in fp32), int8 where
+    NNCF is installed."""
     import openvino as ov
 
     caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    return tuple(p for p in PRECISIONS if p != "bf16" or "BF16" in caps)
+    return tuple(p for p in PRECISIONS if (p != "bf16" or "BF16" in caps) and (p != "int8" or _installed("nncf")))
 
 
 @contextlib.contextmanager
