@@ -74,7 +74,7 @@ def synthetic_run(args) -> tuple:
 
 def held_out(model, cfg, dataset, threshold_points, resamples: int, seed: int = 0) -> dict:
     """The operating points' false-accept and mated rates on the test identities (module doc)."""
-    from attnreid.engine.extract import extract_features
+    from attnreid.inference.extract import extract_features
     from attnreid.evaluation.verification import bootstrap_rate, pair_counts
 
     distractor = getattr(dataset, "distractor_pid", None)

@@ -88,7 +88,7 @@ def test_overrides_apply_to_the_config_of_a_run_or_checkpoint(model):
 
 def test_export_takes_a_run_folder_and_overrides(model, tmp_path, monkeypatch):
     """The override reaches the exported model (the export itself: tests/test_deploy_export.py)."""
-    import attnreid.deploy.onnx_export as onnx_export
+    import attnreid.inference.export as onnx_export
 
     exported = {}
 
@@ -99,7 +99,7 @@ def test_export_takes_a_run_folder_and_overrides(model, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "export_onnx", fake_export)
     code, _, err = run_cli(["export", model["run"], "model.test_feature=star", "--out", tmp_path / "m.onnx", "--json"])
     assert code == 0, err
-    assert exported["feature_dim"] == exported["metadata"]["feature_dim"] == 512  # p* alone, not cat(p*, q*)
+    assert exported["feature_dim"] == int(exported["metadata"]["feature_dim"]) == 512  # p* alone, not cat(p*, q*)
     assert exported["input_size"] == [64, 32]
 
 

@@ -93,8 +93,8 @@ def test_synth_cli_then_market_loader(tmp_path: Path):
     assert_one_line_error(code, err, str(tmp_path / "market1501"), "already exists", "--overwrite")
 
 
-@pytest.mark.parametrize("args, needle", [(["--cameras", "1"], "num_cameras"), (["--ids", "1"], "num_ids"),
-                                          (["--occluded-query-share", "1.5"], "occluded_query_share")])
+@pytest.mark.parametrize("args, needle", [(["--cameras", "1"], "--cameras is 1"), (["--ids", "1"], "--ids is 1"),
+                                          (["--occluded-query-share", "1.5"], "--occluded-query-share is 1.5")])
 def test_synth_cli_bad_parameters(tmp_path: Path, args, needle):
     code, _, err = run_cli(["data", "synth", "--out", tmp_path, *args])
     assert_one_line_error(code, err, needle)

@@ -187,7 +187,9 @@ def test_extractor_on_a_made_up_page(tmp_path):
 def _click_root():
     import typer
 
-    from attnreid.cli import app
+    from attnreid.cli import app, load_commands
+
+    load_commands(["--help"])  # the command modules are imported lazily: register them all
 
     return typer.main.get_command(app)
 

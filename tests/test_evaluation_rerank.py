@@ -280,3 +280,11 @@ def test_torchreid_input_through_evaluate_and_the_metrics_cli(tmp_path):
     assert_one_line_error(code, err, "--rerank-input", "torchreid")
     with pytest.raises(AttnReidError, match="re-ranking input"):
         re_ranking(qf, gf, rerank_input="torchreid4")
+
+
+def test_identical_features_give_finite_distances():
+    """A collapsed model (every feature the same: an untrained network, a dead layer) has row
+    maxima of 0; Eq. 3's scaling must give 0 there, not 0/0."""
+    q, g = np.ones((3, 4), np.float32), np.ones((7, 4), np.float32)
+    out = np.asarray(re_ranking(q, g, k1=4, k2=2, lambda_value=0.3))
+    assert out.shape == (3, 7) and np.isfinite(out).all() and (out >= 0).all()

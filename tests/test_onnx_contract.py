@@ -19,7 +19,7 @@ from helpers import assert_one_line_error, run_cli
 from test_deploy import make_checkpoint
 
 from attnreid.deploy.extractor import FeatureExtractor
-from attnreid.deploy.onnx_export import CONTRACT_BATCHES, check_onnx, verify_onnx
+from attnreid.inference.export import CONTRACT_BATCHES, check_onnx, verify_onnx
 from attnreid.errors import AttnReidError
 
 ort = pytest.importorskip("onnxruntime")

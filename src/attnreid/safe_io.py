@@ -286,6 +286,20 @@ class FolderLock:
         self.release()
 
 
+def remove_empty_folder(folder: str | Path) -> bool:
+    """Remove ``folder`` if it is empty or holds only a lock file no process holds (what a
+    command that failed before writing anything leaves); never a folder with other files."""
+    folder = Path(folder)
+    try:
+        if [e.name for e in folder.iterdir()] == [LOCK_NAME]:
+            with FolderLock(folder):  # raises if another process holds it: then it is theirs
+                os.unlink(folder / LOCK_NAME)
+        folder.rmdir()
+        return True
+    except (OSError, AttnReidError):
+        return False
+
+
 # -- bounded reads -----------------------------------------------------------------------
 
 class YAMLTooLarge(yaml.YAMLError):

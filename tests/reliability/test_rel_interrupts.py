@@ -47,7 +47,7 @@ def test_ctrl_c_twice_while_last_pth_is_written_finishes_the_write_and_prints_th
     lines = _stderr_lines(proc.stderr)
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"interrupted: saved {run / 'checkpoints' / 'last.pth'} after 1 epochs")
+    assert lines[0].startswith(f"interrupted: saved {run / 'checkpoints' / 'last.pth'} after 1 epoch (")
     assert lines[0].endswith(f"continue with: attnreid train --resume --out {run}")
     state = load_checkpoint(run / "checkpoints" / "last.pth")  # the write that Ctrl-C hit completed
     assert state["epoch"] == 1 and "optimizer" in state

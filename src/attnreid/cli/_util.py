@@ -44,10 +44,6 @@ def check_output_path(path: Path, kind: str = "file", option: str = "--out", suf
         raise AttnReidError(f"{where} is a folder; expected a file name")
     if kind == "dir" and path.exists() and not path.is_dir():
         raise AttnReidError(f"{where} is a file; expected a folder (or a new path)")
-    if kind == "file":
-        from attnreid.safe_io import check_replaceable
-
-        check_replaceable(path)  # /dev/null, a FIFO: an atomic write would replace it
     if kind == "file" and path.exists() and not os.access(path, os.W_OK):
         raise AttnReidError(f"{where}: the file exists and cannot be overwritten (permission denied)")
     probe = path if kind == "dir" and path.is_dir() else path.parent
@@ -63,6 +59,10 @@ def check_output_path(path: Path, kind: str = "file", option: str = "--out", suf
         reason = exc.strerror or type(exc).__name__
         raise AttnReidError(f"{where} cannot be written: cannot create anything in {probe} ({reason})") from None
     os.rmdir(entry)
+    if kind == "file":
+        from attnreid.safe_io import check_replaceable
+
+        check_replaceable(path)  # /dev/null, a FIFO: an atomic write would replace it
     return path
 
 

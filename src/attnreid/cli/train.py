@@ -98,10 +98,10 @@ def _missing_folders(path: Path) -> List[Path]:
 
 def _remove_empty(folders: List[Path]) -> None:
     """Remove the folders this command created if they are still empty (never anything with a file in it)."""
+    from attnreid.safe_io import remove_empty_folder
+
     for p in folders:
-        try:
-            p.rmdir()
-        except OSError:
+        if not remove_empty_folder(p):
             return
 
 

@@ -99,7 +99,7 @@ def calibrate_checkpoint(checkpoint: str | Path, cfg: Any, dataset: Optional[str
     """
     from attnreid.data.datasets.base import warn_unknown_cameras
     from attnreid.engine.build import load_model
-    from attnreid.engine.extract import extract_with_precision
+    from attnreid.inference.extract import extract_with_precision
     from attnreid.evaluation.verification import DEFAULT_TARGETS, METRICS, calibrate
 
     if metric is not None and metric not in METRICS:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from attnreid.config import Config, load_config
-from attnreid.errors import AttnReidError, CheckpointError
+from attnreid.errors import AttnReidError, CheckpointError, ConfigError
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
 RUN_CONFIG = "config.yaml"
@@ -103,7 +103,10 @@ def _checkpoint_config(path: Path, overrides: Sequence[str]) -> Config:
     if not isinstance(saved, dict):
         raise CheckpointError(f"checkpoint {path} holds no config; give its run's config.yaml with "
                               f"--checkpoint {path}")
-    return load_config(None, list(overrides), base=saved, base_source=f"checkpoint {path}")
+    try:
+        return load_config(None, list(overrides), base=saved, base_source=f"checkpoint {path}")
+    except ConfigError as exc:  # name the checkpoint in every line, also a value out of bounds
+        raise CheckpointError(str(exc) if str(path) in str(exc) else f"checkpoint {path}: {exc}") from None
 
 
 def split_models_and_overrides(args: Sequence[str]) -> tuple:

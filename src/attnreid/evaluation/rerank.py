@@ -176,7 +176,8 @@ def _neighbours(feats: torch.Tensor, k: int):
         found = cands[strip]
         top[s : s + size] = _merge(torch.cat([x[0] for x in found], 1), torch.cat([x[1] for x in found], 1), k)[1]
         cands[strip] = None
-    return top, row_max
+    # A row whose features all coincide has max distance 0: its scaled distances are 0, not 0/0 = NaN.
+    return top, row_max.clamp_(min=torch.finfo(row_max.dtype).tiny)
 
 
 def _sq_distances(feats: torch.Tensor, sq: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:

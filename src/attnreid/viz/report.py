@@ -118,9 +118,10 @@ def read_run(path: str | Path, label: Optional[str] = None) -> RunInfo:
     run.checkpoint = next((c for c in candidates if c.is_file()), None)
     for cal in (path / "checkpoints" / "calibration.json", path / "calibration.json"):
         if cal.is_file():
-            try:
-                run.calibration = json.loads(cal.read_text())
-            except json.JSONDecodeError:
+            try:  # bounded, as eval.json
+                value = read_json(cal, cal.name)
+                run.calibration = value if isinstance(value, dict) else None
+            except DataError:
                 run.notes.append(f"{cal.name} could not be parsed")
             break
     return run
