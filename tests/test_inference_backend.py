@@ -40,6 +40,18 @@ def no_onnxruntime(monkeypatch):
 
 
 @pytest.fixture
+def no_openvino(monkeypatch):
+    """This process cannot import openvino (an install without attnreid[openvino])."""
+    monkeypatch.setitem(sys.modules, "openvino", None)
+
+
+def designed_speeds(monkeypatch, seconds):
+    """auto's timing replaced by designed seconds per candidate path (others: 10 s), so that which
+    path is fastest holds by construction; the features are still computed."""
+    monkeypatch.setattr(inference, "_measure", lambda path, run: (run(), seconds.get(path, 10.0)))
+
+
+@pytest.fixture
 def no_export(monkeypatch):
     """Any ONNX export fails the test: the paths that must not export."""
     def refuse(*_a, **_k):
@@ -63,7 +75,7 @@ def test_onnxruntime_backend_matches_torch_fp32(tiny, capsys):
     assert torch_how.backend == "torch" and how.backend == "onnxruntime" and how.session is not None
     assert how.record() == {"precision": "float32 (onnxruntime runs the exported float32 graph)",
                             "backend": "onnxruntime", "inference": how.describe()}
-    assert capsys.readouterr().err.count("inference: onnxruntime fp32 (eval.backend=onnxruntime; export") == 1
+    assert capsys.readouterr().err.count("inference: onnxruntime fp32 (eval.backend=onnxruntime; setup") == 1
     # flip runs the session on the mirror images too
     flip_ref, _, _, _, _ = extract_with_precision(model, items, cfg.data, amp="off", backend="torch", flip=True)
     flip_got, _, _, _, _ = extract_with_precision(model, items, cfg.data, amp="off", backend="onnxruntime",
@@ -84,13 +96,14 @@ def test_auto_takes_onnxruntime_for_a_big_job_once_for_query_and_gallery(tiny, s
     # above the threshold only together: the decision is for the whole evaluation, not per side
     assert len(dataset.query) < len(dataset.gallery) < len(dataset.query) + len(dataset.gallery)
     monkeypatch.setattr(ort_backend, "MIN_IMAGES", len(dataset.gallery) + 1)
+    designed_speeds(monkeypatch, {"onnxruntime fp32": 1.0})  # the fastest path, when it matches
     settles = []
     real = inference._settle_auto
     monkeypatch.setattr(inference, "_settle_auto", lambda *a: settles.append(1) or real(*a))
     inference._settled.pop(model, None)
     metrics = evaluate_model(model, dataset, cfg)
     assert metrics["backend"] == "onnxruntime" and len(settles) == 1
-    assert float(re.search(r"mean cosine ([0-9.]+) with PyTorch fp32", metrics["inference"]).group(1)) >= 0.999
+    assert float(re.search(r"onnxruntime fp32 [0-9.]+ img/s cos ([0-9.]+)", metrics["inference"]).group(1)) >= 0.999
     err = capsys.readouterr().err
     assert err.count("inference: onnxruntime fp32 (eval.backend=auto: ") == 1
     # the same metrics as PyTorch float32 (features equal up to float32 rounding)
@@ -104,26 +117,29 @@ def test_auto_takes_onnxruntime_for_a_big_job_once_for_query_and_gallery(tiny, s
     copy.deepcopy(model)  # the session is kept beside the model, not in it
 
 
-def test_auto_falls_back_to_torch_without_onnxruntime(tiny, no_onnxruntime, no_export, monkeypatch, capsys):
+def test_auto_falls_back_to_torch_without_onnxruntime(tiny, no_onnxruntime, no_openvino, no_export, monkeypatch,
+                                                      capsys):
     model, cfg, items = tiny
     monkeypatch.setattr(ort_backend, "MIN_IMAGES", 1)
     assert not ort_backend.available()
     feats, _, _, _, how = extract_with_precision(model, items, cfg.data, amp="off", backend="auto")
     ref, _, _, _, _ = extract_with_precision(model, items, cfg.data, amp="off", backend="torch")
     assert how.backend == "torch" and torch.equal(feats, ref)
-    assert "onnxruntime is not installed (pip install 'attnreid[onnx]')" in capsys.readouterr().err
+    assert "no exported backend is installed (onnxruntime: pip install 'attnreid[onnx]'; openvino: pip install " \
+           "'attnreid[openvino]')" in capsys.readouterr().err
 
 
 def test_auto_stays_on_torch_below_the_threshold(tiny, no_export, capsys):
     model, cfg, items = tiny
     assert len(items) < ort_backend.MIN_IMAGES
     feats, _, _, _, how = extract_with_precision(model, items, cfg.data, amp="off", backend="auto")
-    assert how.backend == "torch" and "too few for an ONNX export to pay" in how.reason
+    assert how.backend == "torch" and "too few for a conversion to pay" in how.reason
     err = capsys.readouterr().err
     assert "inference precision: float32 (eval.amp=off)" in err and "onnxruntime" not in err  # the usual quiet case
     # a job announced as big enough gets past the threshold (and then exports)
     big = inference.resolve_inference("off", "auto", "cpu", num_images=ort_backend.MIN_IMAGES)
-    assert big.backend == ("auto" if ort_backend.available() else "torch")
+    assert big.backend == ("auto" if any(inference.backend_module(n).available() for n in inference.BACKENDS)
+                           else "torch")
     # an explicit bf16 is PyTorch's autocast, whatever the size
     asked = inference.resolve_inference("bf16", "auto", "cpu", num_images=10**6)
     assert asked.backend == "torch" and "eval.amp=bf16 asks for PyTorch autocast" in asked.reason
@@ -138,18 +154,21 @@ def test_auto_falls_back_when_onnxruntime_features_differ_or_the_export_fails(ti
     monkeypatch.setattr(ort_backend, "MIN_IMAGES", 1)
     monkeypatch.setattr(ort_backend, "available", lambda: True)
     monkeypatch.setattr(ort_backend, "open_session", lambda *a, **k: (object(), 0.1))
-    monkeypatch.setattr(ort_backend, "features", lambda s, x, flip=False: torch.randn(len(x), model.feature_dim))
+    # zero features: cosine 0 with every PyTorch feature, however fast
+    monkeypatch.setattr(ort_backend, "features", lambda s, x, flip=False: torch.zeros(len(x), model.feature_dim))
+    designed_speeds(monkeypatch, {"onnxruntime fp32": 0.001})
     inference._settled.pop(model, None)
     _, _, _, _, how = extract_with_precision(model, items, cfg.data, amp="off", backend="auto")
-    assert how.backend == "torch" and "its features differ from PyTorch fp32: mean cosine" in how.reason
-    assert "PyTorch, not onnxruntime: its features differ" in capsys.readouterr().err
+    assert how.backend == "torch" and re.search(r"onnxruntime fp32 [0-9.]+ img/s cos 0\.00000", how.reason)
+    assert re.search(r"PyTorch: fastest matching PyTorch fp32 \(mean cosine >= 0\.999 on the first \d+ images\)",
+                     capsys.readouterr().err)
 
     def broken(*_a, **_k):
         raise AttnReidError("ONNX export of 'mhsanet' at opset 18 failed (dynamo: unsupported op)")
     monkeypatch.setattr(ort_backend, "open_session", broken)
     inference._settled.pop(model, None)
     _, _, _, _, how = extract_with_precision(model, items, cfg.data, amp="off", backend="auto")
-    assert how.backend == "torch" and "the ONNX export failed (ONNX export of 'mhsanet'" in how.reason
+    assert how.backend == "torch" and "left out: onnxruntime fp32: ONNX export of 'mhsanet'" in how.reason
 
 
 def test_backend_errors_are_one_line(tiny, no_onnxruntime, tmp_path):

@@ -90,7 +90,9 @@ def test_bf16_features_agree_with_float32(tiny):
 def test_precision_choice_is_validated(tiny, tmp_path):
     model, cfg, _ = tiny
     with pytest.raises(ConfigError, match="'eval.amp'"):
-        load_config(None, ["eval.amp=int8"])
+        load_config(None, ["eval.amp=int4"])
+    with pytest.raises(ConfigError, match="'train.amp'"):  # int8 is an inference precision only
+        load_config(None, ["train.amp=int8"])
     # an unquoted off is a YAML boolean; for these keys it means the word
     cfg_off = load_config(None, ["eval.amp=off", "train.amp=off"])
     assert cfg_off.eval.amp == cfg_off.train.amp == "off"

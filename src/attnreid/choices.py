@@ -34,6 +34,8 @@ ACM_FORMS = ("paper", "linear")
 # optim, train, data (engine/optim.py, precision.py, engine/compiled.py, data/sampler.py)
 OPTIMIZERS = ("adam", "sgd")
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+# eval.amp also takes int8: an exported backend's post-training quantisation (inference/backend.py).
+INFERENCE_AMP_CHOICES = (*AMP_CHOICES, "int8")
 COMPILE_CHOICES = ("auto", "off", "on")
 EPOCH_MODES = ("images", "identities")
 CUHK03_SPLITS = ("new",)
@@ -42,7 +44,7 @@ CUHK03_SPLITS = ("new",)
 METRICS = ("euclidean_sq", "cosine")
 RERANK_INPUTS = ("zhong", "torchreid")
 # The exported inference backends; each is one module, attnreid/inference/<name>_backend.py.
-EXPORTED_BACKENDS = ("onnxruntime",)
+EXPORTED_BACKENDS = ("onnxruntime", "openvino")
 INFERENCE_BACKENDS = ("auto", "torch", *EXPORTED_BACKENDS)
 
 Margin = Union[float, str]  # a number >= 0 (hinge) or "soft" (softplus)

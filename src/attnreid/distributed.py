@@ -85,6 +85,16 @@ class DistContext:
         dist.gather_object(obj, box, dst=0)
         return box
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a collective: call on all ranks; others pass anything)."""
+        if not self.enabled:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def mean(self, values: Dict[str, float]) -> Dict[str, float]:
         """Each value averaged over the ranks (for logging the loss of the whole step's batch)."""
         if not self.enabled or not values:

@@ -7,16 +7,17 @@ from typing import List, Optional
 
 import typer
 
-from attnreid.choices import AMP_CHOICES, INFERENCE_BACKENDS
+from attnreid.choices import INFERENCE_AMP_CHOICES, INFERENCE_BACKENDS
 from attnreid.cli._app import app
 from attnreid.cli._util import (CHECKPOINT_HELP, MODEL_HELP, OVERRIDES_HELP, check_output_path, device_option,
                                 interrupted, print_json, resolve_model)
 from attnreid.errors import AttnReidError
 
 DEFAULT_CAMERA_REGEX = r"_c(\d+)"  # same as attnreid.deploy.index (not imported: keeps --help fast)
-AMP_HELP = "Precision: auto, off, bf16 or fp16 (default: the config's eval.amp, auto = bf16 where native)."
-INFER_BACKEND_HELP = ("Inference backend: auto (onnxruntime for big CPU jobs when installed and matching PyTorch), "
-                      "torch or onnxruntime (default: the config's eval.backend).")
+AMP_HELP = ("Precision: auto, off, bf16, fp16 or int8 (openvino) (default: the config's eval.amp, auto = bf16 where "
+            "native).")
+INFER_BACKEND_HELP = ("Inference backend: auto (for big CPU jobs the fastest installed path matching PyTorch "
+                      "fp32), torch, onnxruntime or openvino (default: the config's eval.backend).")
 
 index_app = typer.Typer(help="Build a gallery index for 'attnreid search'.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
@@ -62,8 +63,8 @@ def export(
 
 
 def _check_amp(amp: Optional[str]) -> None:
-    if amp is not None and amp not in AMP_CHOICES:
-        raise AttnReidError(f"--amp is {amp!r}; expected one of: {', '.join(AMP_CHOICES)}")
+    if amp is not None and amp not in INFERENCE_AMP_CHOICES:
+        raise AttnReidError(f"--amp is {amp!r}; expected one of: {', '.join(INFERENCE_AMP_CHOICES)}")
 
 
 @index_app.command("build")
@@ -89,6 +90,7 @@ def index_build(
     """Extract features of every image in a folder into a resumable index."""
     from attnreid.deploy.extractor import FeatureExtractor  # torch: imported when the command runs, not for --help
     from attnreid.deploy.index import build_index
+    from attnreid.distributed import DistContext
 
     if shard_size < 1:
         raise AttnReidError(f"--shard-size is {shard_size}; it must be >= 1")
@@ -105,11 +107,16 @@ def index_build(
 
         found = default_path(source.checkpoint)
         calibration = str(found) if found.is_file() else ""
+    ctx = DistContext.from_env()  # under torchrun: each rank embeds its share of the shards, rank 0 writes
     try:
         summary = build_index(ext, images_dir, out, camera_regex=camera_regex, shard_size=shard_size,
-                              progress=not json_out, calibration=calibration or None)
+                              progress=not json_out, calibration=calibration or None, ctx=ctx)
     except KeyboardInterrupt:
         interrupted(f"the images indexed so far are kept in {out}; run the same command again to index the rest")
+    finally:
+        ctx.close()
+    if summary is None:  # not rank 0
+        return
     if json_out:
         print_json(summary)
         return

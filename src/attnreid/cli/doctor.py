@@ -106,7 +106,7 @@ def report(roots: List[Path], check: bool = True) -> Dict[str, Any]:
     import torch
 
     from attnreid import __version__
-    from attnreid.inference.backend import AUTO_BACKEND, backend_module, resolve_inference
+    from attnreid.inference.backend import BACKENDS, backend_module, resolve_inference
     from attnreid.precision import cpu_flags, cpu_model, resolve_precision
 
     flags = cpu_flags()
@@ -136,11 +136,11 @@ def report(roots: List[Path], check: bool = True) -> Dict[str, Any]:
         why = "--no-self-check" if not check else f"amp: auto trains in float32 here ({precision.reason})"
         out["bf16_self_check"] = {"ran": False, "why": why}
     out["packages"] = {name: _version(name) for name in PACKAGES}
-    min_images = backend_module(AUTO_BACKEND).MIN_IMAGES
+    min_images = min(backend_module(n).MIN_IMAGES for n in BACKENDS)
     small = resolve_inference("auto", "auto", "cpu", num_images=min_images - 1)
     large = resolve_inference("auto", "auto", "cpu", num_images=TYPICAL_JOB_IMAGES)
     out["inference_auto"] = {
-        f"{TYPICAL_JOB_IMAGES} images": {"backend": "onnxruntime (if its first batch matches PyTorch)"
+        f"{TYPICAL_JOB_IMAGES} images": {"backend": "the fastest installed path whose first batch matches PyTorch fp32"
                                          if large.backend == "auto" else large.backend, "reason": large.reason},
         f"{min_images - 1} images": {"backend": small.backend, "reason": small.reason},
         "precision": precision.name if precision.dtype is None else

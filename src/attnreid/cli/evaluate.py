@@ -14,8 +14,8 @@ from attnreid.config import load_config
 from attnreid.errors import AttnReidError
 
 SPLITS = ("query", "gallery", "train")
-BACKEND_HELP = ("eval.backend: auto (onnxruntime for big CPU jobs when installed and matching PyTorch), "
-                "torch or onnxruntime. Default: the config's.")
+BACKEND_HELP = ("eval.backend: auto (for big CPU jobs the fastest installed path matching PyTorch fp32), "
+                "torch, onnxruntime or openvino. Default: the config's.")
 
 
 @app.command("eval")
@@ -62,7 +62,7 @@ def eval_cmd(
     datasets = evaluation_datasets(cfg)
     metrics = evaluate_datasets(model, cfg, datasets, out_dir=out, device=device, rerank=rerank,
                                 extra={"checkpoint": str(checkpoint), "epoch": meta.get("epoch")}, progress=True,
-                                save_distmat=save_distmat)
+                                save_distmat=save_distmat, int8_check=True)
     report = None
     if out is not None:
         if not as_json:
@@ -123,11 +123,9 @@ def extract_cmd(
     file 'attnreid metrics' evaluates directly. --folder gives features and paths. The
     file also records how they were computed (precision, backend, inference).
     """
-    import numpy as np
-
-    from attnreid.engine.build import build_eval_dataset, load_model, resolve_device  # torch: imported when the command runs, not for --help
+    from attnreid.distributed import DistContext
+    from attnreid.engine.build import load_model, resolve_device  # torch: imported when the command runs, not for --help
     from attnreid.inference.backend import check_backend
-    from attnreid.inference.extract import extract_with_precision, folder_items
 
     splits = list(split or [])
     if bool(splits) == (folder is not None):
@@ -142,12 +140,35 @@ def extract_cmd(
     device = resolve_device(cfg.train.device)
     check_backend(cfg.eval.backend, device)
     model, cfg = load_model(checkpoint, cfg, device=device)
+    ctx = DistContext.from_env()  # under torchrun: each rank embeds its share, rank 0 writes
+    try:
+        arrays = _extract_arrays(ctx, model, cfg, device, splits, folder)
+        if ctx.is_main:
+            from attnreid.safe_io import savez_atomic
+
+            savez_atomic(out, **arrays)  # a failed or interrupted extract leaves an existing --out as it was
+            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items() if k.endswith("features"))
+            print(f"wrote {out}: {shapes}" + (f" ({ctx.world_size} processes)" if ctx.enabled else ""))
+    finally:
+        ctx.close()
+
+
+def _extract_arrays(ctx, model, cfg, device, splits: List[str], folder: Optional[Path]):
+    """What ``attnreid extract`` writes (rank 0; None on the other ranks of a torchrun job)."""
+    import numpy as np
+
+    from attnreid.engine.build import build_eval_dataset
+    from attnreid.inference.extract import extract_across_ranks, folder_items
+    from attnreid.inference.int8 import int8_hooks
+
     arrays = {}
+    common = dict(device=device, flip=cfg.eval.flip, backend=cfg.eval.backend)
     if folder is not None:
         items = folder_items(folder)
-        feats, _, _, index, how = extract_with_precision(model, items, cfg.data, device=device, flip=cfg.eval.flip,
-                                                         amp=cfg.eval.amp, progress=f"{folder.name} features",
-                                                         backend=cfg.eval.backend)
+        feats, _, _, index, how = extract_across_ranks(ctx, model, items, cfg.data, amp=cfg.eval.amp,
+                                                       progress=f"{folder.name} features", **common, **int8_hooks(cfg))
+        if feats is None:
+            return None
         arrays = {"features": feats.numpy(), "paths": np.array([items[i][0] for i in index.tolist()])}
     else:
         if "train" in splits:
@@ -159,17 +180,17 @@ def extract_cmd(
         # one backend and precision for every split: the first settles them for the whole job
         how = cfg.eval.amp
         for s, items in lists.items():
-            feats, pids, camids, index, how = extract_with_precision(
-                model, items, cfg.data, device=device, flip=cfg.eval.flip, amp=how, progress=f"{s} features",
-                backend=cfg.eval.backend, num_images=sum(len(v) for v in lists.values()))
+            feats, pids, camids, index, how = extract_across_ranks(
+                ctx, model, items, cfg.data, amp=how, progress=f"{s} features",
+                num_images=sum(len(v) for v in lists.values()), **common, **int8_hooks(cfg, validate=True))
+            if feats is None:
+                continue
             arrays.update({f"{s}_features": feats.numpy(), f"{s}_pids": pids, f"{s}_camids": camids,
                            f"{s}_paths": np.array([items[i][0] for i in index.tolist()])})
+        if not ctx.is_main:
+            return None
     arrays.update({k: np.array(v) for k, v in how.record().items()})
-    from attnreid.safe_io import savez_atomic
-
-    savez_atomic(out, **arrays)  # a failed or interrupted extract leaves an existing --out as it was
-    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items() if k.endswith("features"))
-    print(f"wrote {out}: {shapes}")
+    return arrays
 
 
 @app.command("demo")

@@ -37,6 +37,7 @@ from attnreid.engine.build import config_fingerprint, load_for_inference, resolv
 from attnreid.errors import ConfigError, DataError
 from attnreid.inference.backend import (Inference, announce, check_backend, inference_precision, resolve_inference,
                                         run_features, settle_inference)
+from attnreid.inference.int8 import calibration_images
 from attnreid.precision import Precision
 
 MAX_BATCH = 4096  # as data.test_batch_size
@@ -76,18 +77,20 @@ class FeatureExtractor:
             plain average ``attnreid eval`` uses with ``eval.flip``; not re-normalised).
         checkpoint: the weights when ``config_or_checkpoint`` is a config; its model
             section decides the architecture and test-feature variant.
-        amp: the precision, ``auto | off | bf16 | fp16`` (default: the config's
-            ``eval.amp``, itself ``auto``: bf16 autocast where the hardware runs it
-            natively; see :mod:`attnreid.inference.backend`). Features are float32 either way.
-        backend: ``auto | torch | onnxruntime`` (default: the config's ``eval.backend``,
-            itself ``auto``): eager PyTorch, or the model exported in-process and run in
-            onnxruntime. ``auto`` takes onnxruntime for a job of at least
-            :data:`~attnreid.inference.onnxruntime_backend.MIN_IMAGES` images (the first
-            call's images, or what :meth:`expect` announced) when it is installed, the
-            model exports and its first batch matches PyTorch float32; decided once.
+        amp: the precision, ``auto | off | bf16 | fp16 | int8`` (default: the config's
+            ``eval.amp``, itself ``auto``: bf16 where the hardware runs it natively and the
+            first batch matches float32; ``int8`` is OpenVINO's post-training quantisation,
+            calibrated on ``eval.int8_calibration`` training images of the config's data set;
+            see :mod:`attnreid.inference.backend`). Features are float32 either way.
+        backend: ``auto | torch | onnxruntime | openvino`` (default: the config's
+            ``eval.backend``, itself ``auto``): eager PyTorch, or the model converted
+            in-process and run in onnxruntime or OpenVINO. ``auto`` takes, for a job of at
+            least a backend's ``MIN_IMAGES`` images (the first call's images, or what
+            :meth:`expect` announced), the fastest installed path whose first batch matches
+            PyTorch float32; decided once.
 
     Attributes: ``model`` (eval mode), ``cfg``, ``device``, ``precision``, ``backend``
-    (``torch`` / ``onnxruntime``; ``auto`` until the first batch), ``inference`` (both, and
+    (``torch`` / ``onnxruntime`` / ``openvino``; ``auto`` until the first batch), ``inference`` (both, and
     why: an :class:`~attnreid.inference.backend.Inference`), ``feature_dim``,
     ``model_name``, ``checkpoint`` (path or None), ``fingerprint`` (see
     :func:`attnreid.engine.build.config_fingerprint`), ``metric`` (``cosine`` when the model L2-normalises its
@@ -195,6 +198,13 @@ class FeatureExtractor:
         if self.inference is None:
             self._job_images = int(num_images)
 
+    def follow(self, amp: str, backend: str) -> None:
+        """Compute exactly ``amp`` on ``backend`` (explicit values, no first-batch comparison):
+        how the other ranks of a torchrun job take rank 0's settled choice. Only before the first batch."""
+        if self.inference is None:
+            self.precision = inference_precision(amp, self.device, key="amp")
+            self._requested_backend = check_backend(backend, self.device, key="backend")
+
     def forward_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Features of a preprocessed B x 3 x H x W batch (flip-averaged when asked), float32 on the CPU."""
         x = images.to(self.device)
@@ -203,7 +213,8 @@ class FeatureExtractor:
             # if it matches float32) are settled on this model's first batch
             choice = self.inference or resolve_inference(
                 self.precision, self._requested_backend, self.device,
-                self._job_images if self._job_images is not None else len(x), backend_key=self._backend_key)
+                self._job_images if self._job_images is not None else len(x), backend_key=self._backend_key,
+                calibration=calibration_images(self.cfg))
             self.inference = settle_inference(self.model, choice, x, self._features, self.flip)
             self.precision = self.inference.precision
         announce(self.inference)

@@ -545,47 +545,77 @@ def _record_backend(meta: Dict[str, Any], record: Dict[str, str], added: int, be
 
 
 def build_index(extractor, images_dir: str | Path, out: str | Path, camera_regex: Optional[str] = DEFAULT_CAMERA_REGEX,
-                shard_size: int = 1024, progress: bool = True, calibration: Optional[str | Path] = None) -> Dict[str, Any]:
+                shard_size: int = 1024, progress: bool = True, calibration: Optional[str | Path] = None,
+                ctx: Any = None) -> Dict[str, Any]:
     """Index every image under ``images_dir`` into the folder ``out``, resuming a previous run.
 
     Images already in a shard are skipped; unreadable images are skipped, listed in the
     result and in ``skipped.json`` (and tried again on the next run), never fatal. A
-    shard is written every ``shard_size`` images, so an interrupted run loses at most
-    that much work. The folder is locked while the build runs: a second build into it is
-    refused in one line. A model that gives non-finite features is refused (what came
-    before it is kept). Returns a summary dict (``images``, ``added``, ``already_indexed``,
-    ``skipped`` list of ``{"path", "error"}``, ``num_vectors``, ``seconds``, ``calibration``).
+    shard is written every ``shard_size`` images (rounded up to whole batches), so an
+    interrupted run loses at most that much work. The folder is locked while the build runs: a
+    second build into it is refused in one line. A model that gives non-finite features is
+    refused (what came before it is kept). Returns a summary dict (``images``, ``added``,
+    ``already_indexed``, ``skipped`` list of ``{"path", "error"}``, ``num_vectors``,
+    ``seconds``, ``calibration``, ``world_size``).
 
     ``calibration`` (a calibration.json of this model; see :func:`attnreid.deploy.calibration.check_fits`,
     refused in one line when it was made with other features) is copied into the index once every
     image is indexed.
+
+    ``ctx`` (:class:`attnreid.distributed.DistContext`, under torchrun): the shards' images
+    are dealt out over the ranks, shard ``k`` to rank ``k % world_size``, each rank embeds
+    only its own, and rank 0, the only one that locks and writes the folder, writes them in
+    order: the same shards one process writes. ``meta.json`` records ``world_size``. The other
+    ranks return None.
     """
+    from attnreid.distributed import DistContext
+
+    ctx = ctx or DistContext()
     t0 = time.perf_counter()
     out = Path(out)
     camera_regex = compile_camera_regex(camera_regex)
-    cal = None
-    if calibration is not None:
-        from attnreid.deploy.calibration import check_fits, load_calibration
+    if not ctx.is_main:  # rank 0 opens the index and says what is left to do (or that it failed)
+        todo = ctx.broadcast_object(None)
+        if todo is None:
+            raise AttnReidError(f"index build into {out} stopped on rank 0")
+        _index_images(extractor, [Path(t) for t in todo], out, camera_regex, shard_size, False, "", {}, ctx)
+        return None
+    try:
+        cal = None
+        if calibration is not None:
+            from attnreid.deploy.calibration import check_fits, load_calibration
 
-        cal = load_calibration(calibration)
-        check_fits(cal, model_meta(extractor), f"the index's model ({extractor.checkpoint})", str(calibration))
-    images = list_images(images_dir)
-    if not images:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {images_dir}")
-    _check_index_folder(out)
-    with FolderLock(out, "index"):
-        remove_stale_temps([out, out / "faiss"])
-        meta, done = _open_index(out, extractor, camera_regex, images_dir)
-        todo = [p for p in images if str(p) not in done]
+            cal = load_calibration(calibration)
+            check_fits(cal, model_meta(extractor), f"the index's model ({extractor.checkpoint})", str(calibration))
+        images = list_images(images_dir)
+        if not images:
+            raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {images_dir}")
+        _check_index_folder(out)
+        lock = FolderLock(out, "index").acquire()
+    except BaseException:
+        ctx.broadcast_object(None)
+        raise
+    try:
+        try:
+            remove_stale_temps([out, out / "faiss"])
+            meta, done = _open_index(out, extractor, camera_regex, images_dir)
+            todo = [p for p in images if str(p) not in done]
+        except BaseException:
+            ctx.broadcast_object(None)
+            raise
+        ctx.broadcast_object([str(p) for p in todo])
+        meta["world_size"] = ctx.world_size
         added, skipped = _index_images(extractor, todo, out, camera_regex, shard_size, progress,
-                                       f"indexing {Path(images_dir).name}", meta)
+                                       f"indexing {Path(images_dir).name}", meta, ctx)
         if cal is not None:  # only once every image is indexed (an interrupted build raised above)
             _write_json(out / CALIBRATION_FILE, cal)
             meta["calibration"] = str(Path(calibration).resolve())
             _write_json(out / "meta.json", meta)
+    finally:
+        lock.release()
     return {"index": str(out), "images": len(images), "added": added, "already_indexed": len(images) - len(todo),
             "skipped": skipped, "num_vectors": meta["num_vectors"], "seconds": round(time.perf_counter() - t0, 3),
-            "calibration": meta.get("calibration")}
+            "calibration": meta.get("calibration"), "world_size": ctx.world_size}
 
 
 def _check_index_folder(out: Path) -> None:
@@ -620,62 +650,94 @@ def _open_index(out: Path, extractor, camera_regex: Optional[str], images_dir: s
     return meta, done
 
 
-def _index_images(extractor, todo: List[Path], out: Path, camera_regex: Optional[str], shard_size: int,
-                  progress: bool, label: str, meta: Dict[str, Any]) -> Tuple[int, List[Dict[str, str]]]:
-    """Extract ``todo`` into new shards; keep ``meta`` (``num_vectors``, inference) and
-    ``skipped.json`` up to date, also when interrupted. Returns ``(added, skipped)``."""
+def _agree_inference(extractor, first: List[Path], ctx) -> None:
+    """Under torchrun, rank 0 settles ``auto`` on the job's first batch and every other rank
+    computes exactly that (one index, one backend and precision)."""
+    from attnreid.inference.backend import explicit
+
+    if not ctx.enabled or (extractor.inference is not None and extractor.inference.settled):
+        return
+    if ctx.is_main and first:
+        extractor.forward_batch(torch.stack([extractor.preprocess(p) for p in first]))
+    asked = ctx.broadcast_object(explicit(extractor.inference) if ctx.is_main and first else None)
+    if asked is not None and not ctx.is_main:
+        extractor.follow(*asked)
+
+
+def _embed(extractor, unit: List[Path], out: Path) -> Dict[str, Any]:
+    """One shard's images embedded: features and paths of the readable ones, the skipped ones,
+    and ``error`` (the features of a batch with a non-finite value are dropped, what came before
+    is kept)."""
+    feats: List[torch.Tensor] = []
+    paths: List[str] = []
     skipped: List[Dict[str, str]] = []
-    buf_f: List[torch.Tensor] = []
-    buf_p: List[str] = []
+    error = None
+    for start in range(0, len(unit), extractor.batch_size):
+        tensors, names = [], []
+        for p in unit[start:start + extractor.batch_size]:
+            try:
+                tensors.append(extractor.preprocess(p))
+                names.append(str(p))
+            except (AttnReidError, OSError, ValueError) as exc:
+                skipped.append({"path": str(p), "error": str(exc)})
+        if not tensors:
+            continue
+        f = extractor.forward_batch(torch.stack(tensors))
+        bad = (~torch.isfinite(f).all(dim=1)).nonzero().flatten().tolist()
+        if bad:
+            error = (f"the model gave non-finite (NaN/inf) features for {names[bad[0]]} ({len(bad)} of this batch of "
+                     f"{len(names)}); nothing of this batch was added to {out} (check the checkpoint "
+                     f"{extractor.checkpoint}, or try --amp off)")
+            break
+        feats.append(f)
+        paths.extend(names)
+    return {"features": torch.cat(feats).numpy().astype(np.float32) if feats else None, "paths": paths,
+            "skipped": skipped, "error": error, "images": len(unit)}
+
+
+def _index_images(extractor, todo: List[Path], out: Path, camera_regex: Optional[str], shard_size: int,
+                  progress: bool, label: str, meta: Dict[str, Any], ctx) -> Tuple[int, List[Dict[str, str]]]:
+    """Extract ``todo`` into new shards of ``shard_size`` images rounded up to whole batches
+    (shard ``k`` computed by rank ``k % world_size``, written by rank 0 in order); keep ``meta``
+    (``num_vectors``, inference) and ``skipped.json`` up to date, also when interrupted.
+    Returns ``(added, skipped)`` (rank 0's; the other ranks return ``(0, [])``)."""
+    per_shard = -(-shard_size // extractor.batch_size) * extractor.batch_size
+    units = [todo[i:i + per_shard] for i in range(0, len(todo), per_shard)]
+    skipped: List[Dict[str, str]] = []
     added = 0
-
-    def flush() -> None:
-        nonlocal buf_f, buf_p, added
-        if not buf_p:
-            return
-        feats = torch.cat(buf_f).numpy().astype(np.float32)
-        cams = np.array([parse_camera(p, camera_regex) for p in buf_p], dtype=np.int64)
-        write_new_shard(out, features=feats, paths=np.array(buf_p), camids=cams)
-        added += len(buf_p)
-        buf_f, buf_p = [], []
-
-    extractor.expect(len(todo))  # auto's onnxruntime threshold counts the images still to index
-    bar = ProgressReporter(label, total=len(todo), enabled=progress)
+    extractor.expect(len(todo))  # auto's thresholds count the images still to index
+    _agree_inference(extractor, todo[:extractor.batch_size], ctx)
+    bar = ProgressReporter(label, total=len(todo), enabled=progress and ctx.is_main)
     finished = False
-    already = meta["num_vectors"]
+    already = meta.get("num_vectors", 0)
     try:
-        for start in range(0, len(todo), extractor.batch_size):
-            chunk = todo[start:start + extractor.batch_size]
-            tensors, paths = [], []
-            for p in chunk:
-                try:
-                    tensors.append(extractor.preprocess(p))
-                    paths.append(str(p))
-                except (AttnReidError, OSError, ValueError) as exc:
-                    skipped.append({"path": str(p), "error": str(exc)})
-            if tensors:
-                feats = extractor.forward_batch(torch.stack(tensors))
-                bad = (~torch.isfinite(feats).all(dim=1)).nonzero().flatten().tolist()
-                if bad:
-                    flush()  # keep what was good before this batch
-                    raise DataError(f"the model gave non-finite (NaN/inf) features for {paths[bad[0]]} "
-                                    f"({len(bad)} of this batch of {len(paths)}); nothing of this batch was added to "
-                                    f"{out} (check the checkpoint {extractor.checkpoint}, or try --amp off)")
-                buf_f.append(feats)
-                buf_p.extend(paths)
-            if len(buf_p) >= shard_size:
-                flush()
-            bar.advance(len(chunk))
-        flush()
+        for first in range(0, len(units), ctx.world_size):
+            k = first + ctx.rank
+            parts = ctx.gather_object(_embed(extractor, units[k], out) if k < len(units) else None)
+            error = None
+            for part in parts or []:  # rank 0: in shard order, up to the first failure
+                if part is None or error is not None:
+                    continue
+                if part["paths"]:
+                    cams = np.array([parse_camera(p, camera_regex) for p in part["paths"]], dtype=np.int64)
+                    write_new_shard(out, features=part["features"], paths=np.array(part["paths"]), camids=cams)
+                    added += len(part["paths"])
+                skipped.extend(part["skipped"])
+                error = part["error"]
+                bar.advance(part["images"])
+            error = ctx.broadcast_object(error)
+            if error is not None:
+                raise DataError(error)
         finished = True
     finally:
         bar.close(ok=finished)
-        _write_json(out / "skipped.json", skipped)
-        meta["num_vectors"] = already + added
-        if extractor.inference is not None:  # as settled by this (latest) build
-            _record_backend(meta, extractor.inference.record(), added, already)
-            meta.update(extractor.inference.record())
-        _write_json(out / "meta.json", meta)
+        if ctx.is_main:
+            _write_json(out / "skipped.json", skipped)
+            meta["num_vectors"] = already + added
+            if extractor.inference is not None:  # as settled by this (latest) build
+                _record_backend(meta, extractor.inference.record(), added, already)
+                meta.update(extractor.inference.record())
+            _write_json(out / "meta.json", meta)
     return added, skipped
 
 

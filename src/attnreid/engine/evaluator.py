@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from attnreid.inference.extract import extract_features, extract_with_precision
+from attnreid.inference.int8 import int8_hooks
 from attnreid.errors import DataError
 from attnreid.evaluation.stats import per_query_record, with_intervals
 from attnreid.models.registry import spec_of
@@ -35,7 +36,7 @@ ATTENTION_STATS_IMAGES = 128
 def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[str | Path] = None,
                    device: str | torch.device = "cpu", rerank: Optional[bool] = None,
                    extra: Optional[Dict[str, Any]] = None, progress: bool = False,
-                   save_distmat: bool = False) -> Dict[str, Any]:
+                   save_distmat: bool = False, int8_check: bool = False) -> Dict[str, Any]:
     """Features of query and gallery, then one ``protocols.evaluate`` pass (metrics, per-query
     values and, with ``out_dir``, the ranked lists); returns the metrics dict.
 
@@ -51,6 +52,9 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
     ``num_valid_queries`` + ``num_skipped_queries``, the latter being queries without a
     true match in the gallery) and ``num_unreadable_query`` / ``num_unreadable_gallery``
     count the images skipped because they could not be read.
+
+    ``int8_check`` lets ``eval.backend=auto`` try int8 (checked on the validation split of
+    ``data.val_ids``; ``attnreid eval`` sets it, the evaluations during training do not).
     """
     from attnreid.data.datasets.base import warn_unknown_cameras
     from attnreid.evaluation.options import RankingOptions
@@ -77,7 +81,8 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: Any, out_dir: Optional[s
         items = getattr(dataset, side)
         f, pids, camids, index, amp = extract_with_precision(
             model, items, cfg.data, device=device, flip=ev.flip, channels_last=channels_last, amp=amp,
-            progress=f"{dataset.name} {side} features" if progress else None, backend=ev.backend, num_images=job)
+            progress=f"{dataset.name} {side} features" if progress else None, backend=ev.backend, num_images=job,
+            **int8_hooks(cfg, validate=int8_check))
         if len(f) == 0:
             raise DataError(f"dataset '{dataset.name}': no {side} image could be read; nothing to evaluate")
         sides[side] = (f, pids, camids, [items[i] for i in index.tolist()], len(items) - len(index))
@@ -150,7 +155,8 @@ def evaluation_datasets(cfg: Any) -> list:
 def evaluate_datasets(model: nn.Module, cfg: Any, datasets: Optional[list] = None,
                       out_dir: Optional[str | Path] = None, device: str | torch.device = "cpu",
                       rerank: Optional[bool] = None, extra: Optional[Dict[str, Any]] = None,
-                      progress: bool = False, save_distmat: bool = False) -> Dict[str, Any]:
+                      progress: bool = False, save_distmat: bool = False,
+                      int8_check: bool = False) -> Dict[str, Any]:
     """Evaluate on several test sets in one run (torchreid's ``targets``, fast-reid's ``DATASETS.TESTS``).
 
     ``datasets`` defaults to :func:`evaluation_datasets` (``eval.datasets``). The first set
@@ -170,7 +176,7 @@ def evaluate_datasets(model: nn.Module, cfg: Any, datasets: Optional[list] = Non
     for d in sets:
         sub = None if out_dir is None else (Path(out_dir) if len(sets) == 1 else Path(out_dir) / "datasets" / d.name)
         results.append(evaluate_model(model, d, cfg, out_dir=sub, device=device, rerank=rerank, extra=extra,
-                                      progress=progress, save_distmat=save_distmat))
+                                      progress=progress, save_distmat=save_distmat, int8_check=int8_check))
     primary = dict(results[0])
     if len(sets) > 1:
         primary["datasets"] = [{k: m[k] for k in SUMMARY_KEYS if k in m} for m in results]

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 
+from attnreid.errors import AttnReidError
 from attnreid.inference.backend import weights_version
 from attnreid.inference.export import export_onnx
 
@@ -28,6 +29,7 @@ REQUIRES = "the optional onnx and onnxruntime packages"
 MIN_IMAGES = 1000
 # What an onnxruntime feature is: the exported float32 graph, whatever eval.amp says.
 PRECISION_REASON = "onnxruntime runs the exported float32 graph"
+PRECISIONS = ("fp32",)
 
 # Per model: its session, reused while the weights and the input size stay the same.
 _sessions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -43,7 +45,13 @@ def available() -> bool:
     return True
 
 
-def open_session(model: torch.nn.Module, input_size, threads: Optional[int] = None):
+def precisions() -> tuple:
+    """What this backend computes here: float32 only."""
+    return PRECISIONS
+
+
+def open_session(model: torch.nn.Module, input_size, precision: str = "fp32", calibration=None,
+                 threads: Optional[int] = None):
     """``model`` exported to a temporary ONNX file (checked against PyTorch) and opened in
     onnxruntime with ``threads`` intra-op threads (default: torch's); returns
     ``(session, export seconds)``. Reused while the model's weights and the input size stay
@@ -51,6 +59,8 @@ def open_session(model: torch.nn.Module, input_size, threads: Optional[int] = No
     evaluation)."""
     import onnxruntime as ort  # optional (attnreid[onnx]): imported when a session is opened
 
+    if precision != "fp32":
+        raise AttnReidError(f"onnxruntime computes fp32 only, not {precision}")
     threads = torch.get_num_threads() if threads is None else threads
     key = (tuple(input_size), threads, weights_version(model))
     cached = _sessions.get(model)
