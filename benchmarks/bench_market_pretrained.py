@@ -128,6 +128,8 @@ def train_info(run: Path) -> dict:
             "img_per_s": round(float(np.mean(speeds)), 1) if speeds else None,
             "train_wall_seconds": round(last.stat().st_mtime - (run / "config.yaml").stat().st_mtime, 1),
             "wall_from": "file times (config.yaml to last.pth)",
+            # a run stopped and resumed: its wall time includes the pause
+            "resumed": sum(1 for r in rows if r.get("type") == "resume"),
             "threads": ckpt["config"]["train"]["threads"]}
 
 
@@ -183,11 +185,12 @@ def table(result: dict) -> str:
                 lo, hi = first[split][f"{key}_ci"]
                 text += f" [{_pct(lo)}, {_pct(hi)}]"
             return text
-        minutes = [e["train_wall_seconds"] / 60 for e in entries if "train_wall_seconds" in e]
+        minutes = [f"{e['train_wall_seconds'] / 60:.0f}" + (" (resumed)" if e.get("resumed") else "")
+                   for e in entries if "train_wall_seconds" in e]
         steps = first.get("steps", "")
         rows.append(f"| {label} | {len(entries)} | {cell('rank1', ci=True)} | {cell('rank5')} | {cell('rank10')} "
                     f"| {cell('mAP', ci=True)} | {cell('mINP')} | {cell('rank1', 'test_rerank')} / "
-                    f"{cell('mAP', 'test_rerank')} | {' / '.join(f'{m:.0f}' for m in minutes) or '-'} | {steps or '-'} |")
+                    f"{cell('mAP', 'test_rerank')} | {' / '.join(minutes) or '-'} | {steps or '-'} |")
     return "\n".join(rows)
 
 
