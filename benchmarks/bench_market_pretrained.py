@@ -77,11 +77,12 @@ def features(model, full, cfg, device):
 
 def scored(qf, gf, q, g, ev, rerank: bool) -> tuple:
     """Market-protocol metrics with 95 % intervals over the queries, and the per-query arrays."""
+    from attnreid.evaluation.options import RankingOptions
     from attnreid.evaluation.protocols import evaluate
     from attnreid.evaluation.stats import bootstrap_metrics
 
-    res = evaluate(qf, gf, q[0], g[0], q[1], g[1], protocol="market", metric=ev.metric, rerank=rerank,
-                   k1=ev.k1, k2=ev.k2, lambda_value=ev.lambda_value, rerank_input=ev.rerank_input, per_query=True)
+    res = evaluate(qf, gf, q[0], g[0], q[1], g[1], protocol="market", ranking=RankingOptions.from_config(ev, rerank),
+                   per_query=True)
     pq = res["per_query"]
     ci = bootstrap_metrics(pq, max_rank=10)
     out = {k: round(float(res[k]), 5) for k in METRICS}
