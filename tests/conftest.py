@@ -56,6 +56,14 @@ def one_thread_module():
     yield from _single_thread()
 
 
+@pytest.fixture
+def fresh_announcements(monkeypatch):
+    """The inference backend's once-per-process announcements forgotten, so a test sees its own."""
+    from attnreid.inference import backend
+
+    monkeypatch.setattr(backend, "_announced", set())
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """A data root holding a small synthetic set in the Market layout (10 ids x 8 images, 3 cameras, 64x32).

@@ -14,7 +14,7 @@ import torch
 from helpers import assert_one_line_error, run_cli
 from test_inference_precision import TINY, tiny  # noqa: F401  (fixture)
 
-pytestmark = pytest.mark.usefixtures("one_thread_module")
+pytestmark = pytest.mark.usefixtures("one_thread_module", "fresh_announcements")
 
 from attnreid.config import from_dict, load_config
 from attnreid.data.datasets import build_dataset
@@ -26,11 +26,6 @@ from attnreid.inference import onnxruntime_backend as ort_backend
 from attnreid.inference.extract import extract_with_precision
 
 needs_ort = pytest.mark.skipif(not ort_backend.available(), reason="needs attnreid[onnx]")
-
-
-@pytest.fixture(autouse=True)
-def fresh_announcements(monkeypatch):
-    monkeypatch.setattr(inference, "_announced", set())
 
 
 @pytest.fixture

@@ -25,13 +25,8 @@ from attnreid.inference import openvino_backend as ov_backend
 from attnreid.inference.extract import extract_with_precision
 from attnreid.inference.int8 import calibration_images
 
-pytestmark = pytest.mark.usefixtures("one_thread_module")
+pytestmark = pytest.mark.usefixtures("one_thread_module", "fresh_announcements")
 needs_openvino = pytest.mark.skipif(not ov_backend.available(), reason="needs attnreid[openvino] (openvino, nncf)")
-
-
-@pytest.fixture(autouse=True)
-def fresh_announcements(monkeypatch):
-    monkeypatch.setattr(inference, "_announced", set())
 
 
 @pytest.fixture

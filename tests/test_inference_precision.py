@@ -37,12 +37,11 @@ def tiny(synthetic_root):
 
 
 @pytest.fixture
-def no_bf16_cpu(monkeypatch):
+def no_bf16_cpu(monkeypatch, fresh_announcements):
     """This process sees a CPU with AVX2 and AVX-512F but neither AMX nor AVX512-BF16."""
     for var in ("DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "fma"}))
-    monkeypatch.setattr(inference, "_announced", set())
 
 
 def test_auto_on_a_cpu_without_bf16_is_plain_float32(no_bf16_cpu, tiny, capsys):
@@ -128,12 +127,11 @@ class AutocastSensitive(torch.nn.Module):
 
 
 @pytest.fixture
-def bf16_cpu(monkeypatch):
+def bf16_cpu(monkeypatch, fresh_announcements):
     """This process sees a CPU with AVX512-BF16, whatever it really has (bf16 is then emulated)."""
     for var in ("DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
-    monkeypatch.setattr(inference, "_announced", set())
 
 
 def test_settle_keeps_bf16_only_when_it_matches_float32(bf16_cpu):
