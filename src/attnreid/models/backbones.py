@@ -409,7 +409,8 @@ class MobileNetV2(MobileNet):
 
     1280 channels at output stride 32; ``last_stride=1`` runs the last stride-2 stage (the
     160-channel blocks, ``features.14``) at stride 1, as ResNet's last stride 1 does, so a
-    384x128 image gives a 24 x 8 grid. 2.22 M parameters without the classifier.
+    384x128 image gives a 24 x 8 grid (our choice: no dilation after it, as for the ResNets;
+    docs/models.md#backbones-and-imagenet-weights). 2.22 M parameters without the classifier.
     """
 
     def __init__(self, last_stride: int = 1):
