@@ -52,6 +52,14 @@ MAX_EXPANSION = 100
 EXPANSION_FLOOR = 64 << 20
 MAX_NPY_HEADER = 10_000  # numpy's own default bound on an .npy header
 MAX_YAML_VALUES = 100_000  # values a YAML document may hold once its aliases are expanded
+def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> Path:
+    """A matplotlib figure's ``savefig`` to ``path`` atomically, in the format its suffix names."""
+    path = Path(path)
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format=path.suffix.lstrip(".").lower() or "png", **kwargs)
+    return path
+
+
 MAX_YAML_DEPTH = 32  # nesting of mappings and lists (a config has 3 levels)
 
 

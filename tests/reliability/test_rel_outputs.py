@@ -143,3 +143,32 @@ def test_report_survives_a_hostile_eval_json_and_log(tmp_path):
     code, _, err = run_cli(["report", run, "--out", tmp_path / "b"])
     assert code == 0, err
     assert "config.yaml could not be parsed" in (tmp_path / "b" / "index.html").read_text()
+
+
+def test_a_plot_that_fails_while_writing_leaves_the_existing_file(tmp_path):
+    """Figures go through safe_io.save_figure: a savefig that dies half-way (Ctrl-C, a full
+    disk) leaves the previous plot whole and no temporary file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from attnreid.safe_io import save_figure
+
+    out = tmp_path / "plot.png"
+    fig = plt.figure()
+    save_figure(fig, out)
+    before = out.read_bytes()
+    assert before.startswith(b"\x89PNG")
+
+    class Dies:
+        def savefig(self, fh, **kwargs):
+            assert kwargs["format"] == "png"
+            fh.write(b"half a png")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_figure(Dies(), out)
+    plt.close(fig)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]

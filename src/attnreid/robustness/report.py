@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from attnreid.errors import AttnReidError
+from attnreid.safe_io import save_figure, write_text_atomic
 from attnreid.evaluation.options import RankingOptions
 from attnreid.robustness.occlusion import OCCLUDER_KINDS, POSITIONS, QueryOccluder
 
@@ -328,8 +329,7 @@ def plot_report(report: Dict[str, Any], path: str | Path) -> Path:
     fig.suptitle(f"Occlusion robustness on {report['dataset']}")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -341,7 +341,6 @@ def write_report(report: Dict[str, Any], out_dir: str | Path) -> Tuple[Path, Pat
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise AttnReidError(f"cannot create the output folder {out_dir}: {exc.strerror}") from None
-    from attnreid.safe_io import write_text_atomic
 
     json_path = write_text_atomic(out_dir / "robustness.json", json.dumps(report, indent=2))
     return json_path, plot_report(report, out_dir / "robustness.png")

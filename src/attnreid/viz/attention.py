@@ -29,6 +29,7 @@ from PIL import Image
 from attnreid.data.io import read_image
 from attnreid.data.transforms import build_transforms
 from attnreid.errors import AttnReidError
+from attnreid.safe_io import save_figure, write_text_atomic
 from attnreid.evaluation.attention_stats import beta_entropy, beta_entropy_max, head_overlap
 from attnreid.models.registry import MODELS, find_spec
 from attnreid.viz.page import CSS, GENERATOR_TAG, check_page_folder
@@ -130,8 +131,7 @@ def render_panels(panels: Sequence[Dict[str, Any]], out_path: str | Path, title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path)
+    save_figure(fig, out_path)
     plt.close(fig)
     return out_path
 
@@ -240,7 +240,6 @@ def write_index(entries: Sequence[Dict[str, Any]], out_dir: str | Path, model_na
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{GENERATOR_TAG}<title>attention: {e(model_name)}'
             f'</title><style>{CSS}</style></head><body><h1>Attention of {e(model_name)}</h1>'
             f'<p class="meta">{e(legend)}</p>{body}</body></html>\n')
-    from attnreid.safe_io import write_text_atomic
 
     return write_text_atomic(out_dir / "index.html", page)
 

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator  # noqa: E402
 
 from attnreid.errors import DataError  # noqa: E402
+from attnreid.safe_io import save_figure  # noqa: E402
 
 # Keys of a train record that are bookkeeping, not loss terms.
 _NOT_LOSS_TERMS = {"type", "epoch", "step", "lr", "img_per_s", "data_wait", "time", "elapsed", "iter"}
@@ -162,8 +163,7 @@ def plot_cmc(curves: Mapping[str, Sequence[float]], out_path: str | Path, max_ra
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path)
+    save_figure(fig, out_path)
     plt.close(fig)
     return out_path
 
@@ -183,8 +183,7 @@ def plot_training(records: Sequence[Mapping], out_path: str | Path, title: Optio
         return None
     fig = training_figure(s, title)
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path)
+    save_figure(fig, out_path)
     plt.close(fig)
     return out_path
 
@@ -283,9 +282,6 @@ def plot_calibration(cal: Mapping, out_path: str | Path, title: Optional[str] = 
                  f"{cal.get('identities', '?')} identities, {cal.get('positive_pairs', '?')} positive / "
                  f"{cal.get('negative_pairs', '?')} negative pairs", fontsize=9)
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.stem}.tmp.png")
-    fig.savefig(tmp)
+    save_figure(fig, out_path)
     plt.close(fig)
-    tmp.replace(out_path)
     return out_path
