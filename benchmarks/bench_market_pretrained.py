@@ -245,6 +245,9 @@ def main() -> None:
             print(f"== {key}: {entry['config']} -> {run}", flush=True)
             t0 = time.perf_counter()
             summary = train(cfg, run, overwrite=True, eval_dataset=full)
+            if summary.get("status") == "interrupted":  # Ctrl-C or SIGTERM: last.pth is saved; no half result
+                sys.exit(f"{key} interrupted at step {summary['step']}; resume it with: attnreid train --out {run} "
+                         f"--resume, then --eval-only")
             entry.update({"train_wall_seconds": round(time.perf_counter() - t0, 1), "steps": summary["step"],
                           "epochs": summary["epoch"], "img_per_s": summary.get("img_per_s"),
                           "data_wait": summary.get("data_wait"), "precision": summary.get("precision"),
