@@ -24,6 +24,11 @@ scaled to 1/8; PK batches of 4 identities x 4 images; Adam 1e-3 with no warm-up 
 decay; ``train.amp=auto`` (bf16 autocast where the CPU runs bf16 natively). Every choice is
 in :func:`demo_configs` and can be read from each run's ``config.yaml``.
 
+**Initialisation.** ``init="scratch"`` (the default) starts every model from random weights;
+``init="imagenet"`` starts the Baseline and MHSA-Net from the ImageNet MobileNetV2 of the
+ImageNet-initialised CPU recipes (:data:`IMAGENET`). docs/training.md has the measurement that
+kept the default: from ImageNet the Baseline still ends near chance in its share.
+
 **Seeds.** ``seeds=N`` repeats the training N times with ``train.seed`` 0..N-1 on the same
 data (same queries): the spread over seeds (mean ± sd) is training noise, the bootstrap
 interval is query noise. Each seed gets the full ``minutes``.
