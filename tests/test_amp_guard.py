@@ -338,3 +338,16 @@ def test_issue_25_config_trains_with_the_cpus_real_kernels(synthetic_root, tmp_p
     assert len(checks) == (result["precision"] == "bf16")
     for c in checks:
         assert {f["name"] for f in c["faults"]} <= set(c["float32_layers"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_one_non_finite_value_anywhere_makes_the_total_non_finite(bad):
+    from attnreid.engine.amp_guard import _total_norm
+
+    tensors = [torch.full((3, 4), 2.0), None, torch.full((5,), -1e3), torch.zeros(2, 2, 2)]
+    assert bool(torch.isfinite(_total_norm(tensors)))
+    for i in (0, 2, 3):
+        spoilt = [t.clone() if t is not None else None for t in tensors]
+        spoilt[i].view(-1)[-1] = bad
+        assert not bool(torch.isfinite(_total_norm(spoilt))), (i, bad)
+    assert bool(torch.isfinite(_total_norm([None])))  # nothing to check: finite

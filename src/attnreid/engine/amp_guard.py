@@ -242,9 +242,9 @@ class AmpGuard(Hook):
         self.bad = ""
         if not bool(torch.isfinite(loss)):
             self.bad = "loss"
-        elif not bool(torch.isfinite(_max_abs([p.grad for p in self.params]))):
+        elif not bool(torch.isfinite(_total_norm([p.grad for p in self.params]))):
             self.bad = "gradients"
-        elif not bool(torch.isfinite(_max_abs([b for b in self.buffers if b.is_floating_point()]))):
+        elif not bool(torch.isfinite(_total_norm([b for b in self.buffers if b.is_floating_point()]))):
             self.bad = "BatchNorm statistics"
         if self.dist is not None and self.dist.any(bool(self.bad)):
             self.bad = self.bad or "another rank's values"
@@ -266,9 +266,15 @@ class AmpGuard(Hook):
                   f"step was re-run in float32 (fault {self.faults}); {then} ({DOCS})", file=sys.stderr, flush=True)
 
 
-def _max_abs(tensors: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
-    """The largest |value| over ``tensors`` (inf or NaN when one holds such a value)."""
+def _total_norm(tensors: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+    """The 2-norm over ``tensors``: inf or NaN when one holds such a value.
+
+    The 2-norm, not the largest |value|: torch computes it with fused per-tensor kernels and no
+    copy of the gradients, about ten times faster (docs/training.md, "What it costs"). It also
+    overflows for finite values above about 1e19; such a step is diverging anyway and is re-run
+    in float32 like a fault.
+    """
     present = [t for t in tensors if t is not None]
     if not present:
         return torch.zeros(())
-    return torch.nn.utils.get_total_norm(present, norm_type=float("inf"))
+    return torch.nn.utils.get_total_norm(present, norm_type=2.0)
