@@ -196,6 +196,26 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def robustness_table(result: dict) -> str:
+    """The README / docs occlusion table: rank-1 / mAP per occluded share (mean over the 9
+    kind x position conditions), and the share of the clean rank-1 each model keeps."""
+    rob = result.get("robustness")
+    if not rob:
+        return ""
+    curves = {label.split("_seed")[0]: rows for label, rows in rob["curves"].items()}
+    names = [n for n in ("baseline", "mhsanet") if n in curves]
+    head = " | ".join(f"{LABELS[n].split(' (')[0].split(',')[0]} R1 / mAP | kept" for n in names)
+    rows = [f"| occluded | {head} |", "|---:|" + "---:|---:|" * len(names)]
+    clean = {n: curves[n][0]["rank1"] for n in names}
+    for i, level in enumerate(rob["levels_percent"]):
+        cells = []
+        for n in names:
+            r = curves[n][i]
+            cells.append(f"{_pct(r['rank1'])} / {_pct(r['mAP'])} | {100 * r['rank1'] / clean[n]:.0f} %")
+        rows.append(f"| {level:.0f} % | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=str(DATA_ROOT))
@@ -214,7 +234,8 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the markdown table of --results and exit")
     args = ap.parse_args()
     if args.table:
-        print(table(json.loads(args.results.read_text())))
+        result = json.loads(args.results.read_text())
+        print(table(result) + "\n\n" + robustness_table(result))
         return
     torch.set_num_threads(args.threads)
     if args.smoke:

@@ -24,6 +24,10 @@ def _bench(name: str):
 
 def test_readme_market_pretrained_table_comes_from_the_results():
     bench = _bench("bench_market_pretrained")
-    table = bench.table(json.loads((ROOT / "benchmarks" / "results" / "market_pretrained.json").read_text()))
+    result = json.loads((ROOT / "benchmarks" / "results" / "market_pretrained.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    table = bench.table(result)
     assert table.count("\n") >= 2, "the result file holds no recipe"
-    assert table in (ROOT / "README.md").read_text(), "README.md's table differs from bench_market_pretrained.py --table"
+    assert table in readme, "README.md's table differs from bench_market_pretrained.py --table"
+    occlusion = bench.robustness_table(result)
+    assert occlusion in readme, "README.md's occlusion table differs from bench_market_pretrained.py --table"
