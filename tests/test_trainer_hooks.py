@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import signal
+import threading
 import subprocess
 import sys
 import time
@@ -173,12 +174,33 @@ def test_loader_workers_leave_ctrl_c_to_the_main_process(synthetic_root):
     ds = build_dataset("market1501", str(synthetic_root))
     assert build_train_loader(cfg.data, ds, seed=0).worker_init_fn is ignore_sigint
     assert build_test_loader(cfg.data, ds.query).worker_init_fn is ignore_sigint
-    previous = signal.getsignal(signal.SIGINT)
+    previous, previous_hook = signal.getsignal(signal.SIGINT), threading.excepthook
     try:
         ignore_sigint(0)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        # a worker's resource-sharer thread whose reader (the main process) went away stays
+        # quiet; any other error of a worker's thread is reported as before
+        reported = []
+
+        def run(exc):
+            def target():
+                raise exc
+            threading.__excepthook__, saved = (lambda args: reported.append(args.exc_type)), threading.__excepthook__
+            try:
+                t = threading.Thread(target=target)
+                t.start()
+                t.join()
+            finally:
+                threading.__excepthook__ = saved
+
+        run(ConnectionResetError(104, "Connection reset by peer"))
+        run(BrokenPipeError(32, "Broken pipe"))
+        assert reported == []
+        run(ValueError("a real error"))
+        assert reported == [ValueError]
     finally:
         signal.signal(signal.SIGINT, previous)
+        threading.excepthook = previous_hook
 
 
 def _env():

@@ -14,6 +14,7 @@ import copy
 import os
 import signal
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -134,8 +135,22 @@ def ignore_sigint(_worker_id: int) -> None:
     unexpectedly`` instead, which no Ctrl-C handler catches (a traceback and exit status 1
     during the final evaluation). Workers that ignore SIGINT stay alive until the
     main process shuts them down.
+
+    A worker also hands batches to the main process through a socket served by a thread of
+    its own (multiprocessing's resource sharer). When Ctrl-C stops the main process while it
+    reads one, that thread gets a reset connection and would print a traceback:
+    :func:`quiet_lost_reader` drops that one error, in workers only.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.excepthook = quiet_lost_reader
+
+
+def quiet_lost_reader(args: Any) -> None:
+    """``threading.excepthook`` of a loader worker: a reset or broken connection (the main
+    process stopped reading) is not reported; every other error is, as Python would."""
+    if issubclass(args.exc_type, (ConnectionResetError, BrokenPipeError)):
+        return
+    threading.__excepthook__(args)
 
 
 def _items(dataset: Union[ReIDDataset, Sequence[Item]]) -> List[Item]:
