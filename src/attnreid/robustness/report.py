@@ -23,9 +23,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from attnreid.errors import AttnReidError
-from attnreid.safe_io import save_figure, write_text_atomic
 from attnreid.evaluation.options import RankingOptions
 from attnreid.robustness.occlusion import OCCLUDER_KINDS, POSITIONS, QueryOccluder
+from attnreid.safe_io import save_figure, write_text_atomic
 
 DEFAULT_LEVELS = (0, 10, 20, 30, 40, 50)
 METRICS = ("rank1", "rank3", "mAP", "mINP")  # the partial protocol gives rank1 and rank3 only
