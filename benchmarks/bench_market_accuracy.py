@@ -89,7 +89,7 @@ def head_diversity(model, dataset, cfg, device, limit: int = 1024) -> dict:
 
 def robustness(cfg, checkpoints, dataset, device, num_queries: int, log) -> dict:
     """Occlusion curves of the given checkpoints on one query per test identity, the full gallery."""
-    from attnreid.robustness.report import build_conditions, evaluate_robustness, load_models, summarize
+    from attnreid.robustness.report import build_conditions, evaluate_robustness, load_models, paired_levels, summarize
 
     rng = np.random.default_rng(0)
     by_pid = {}
@@ -103,8 +103,12 @@ def robustness(cfg, checkpoints, dataset, device, num_queries: int, log) -> dict
     conditions = build_conditions(levels, ("block", "person", "erasing"), ("top", "bottom", "side"))
     models = load_models(checkpoints, cfg, str(device))
     rows = evaluate_robustness(models, ds, cfg.eval, conditions, seed=0, device=str(device), log=log)
+    first = models[0].label
+    # Every further model against the first, per level: score and loss from the clean score
+    # (paired over the queries, each query's mean over the level's 9 conditions).
     return {"num_query": len(queries), "num_gallery": len(ds.gallery), "levels_percent": [100 * x for x in levels],
-            "curves": {label: summarize(r) for label, r in rows.items()}}
+            "curves": {label: summarize(r) for label, r in rows.items()},
+            "paired": {f"{m.label} vs {first}": paired_levels(rows[m.label], rows[first]) for m in models[1:]}}
 
 
 def rank1_hits(run: Path) -> np.ndarray:

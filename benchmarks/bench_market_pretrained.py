@@ -198,20 +198,31 @@ def table(result: dict) -> str:
 
 def robustness_table(result: dict) -> str:
     """The README / docs occlusion table: rank-1 / mAP per occluded share (mean over the 9
-    kind x position conditions), and the share of the clean rank-1 each model keeps."""
+    kind x position conditions), the share of the clean rank-1 each model keeps, and, where the
+    file has them, MHSA-Net minus the Baseline paired over the queries: rank-1, and how much
+    more rank-1 it loses from its clean score (negative: it loses less)."""
+    from attnreid.evaluation.stats import format_diff, format_p
+
     rob = result.get("robustness")
     if not rob:
         return ""
     curves = {label.split("_seed")[0]: rows for label, rows in rob["curves"].items()}
     names = [n for n in ("baseline", "mhsanet") if n in curves]
+    pair = next((levels for key, levels in rob.get("paired", {}).items() if key.startswith("mhsanet")), None)
     head = " | ".join(f"{LABELS[n].split(' (')[0].split(',')[0]} R1 / mAP | kept" for n in names)
-    rows = [f"| occluded | {head} |", "|---:|" + "---:|---:|" * len(names)]
+    extra = " | MHSA-Net - Baseline, R1 | extra R1 loss" if pair else ""
+    rows = [f"| occluded | {head}{extra} |", "|---:|" + "---:|---:|" * len(names) + ("---:|---:|" if pair else "")]
     clean = {n: curves[n][0]["rank1"] for n in names}
     for i, level in enumerate(rob["levels_percent"]):
         cells = []
         for n in names:
             r = curves[n][i]
             cells.append(f"{_pct(r['rank1'])} / {_pct(r['mAP'])} | {100 * r['rank1'] / clean[n]:.0f} %")
+        if pair:
+            lv = pair[i]
+            drop = lv.get("rank1_drop")
+            cells.append(f"{format_diff(lv['rank1'])} ({format_p(lv['rank1']['p'])}) | "
+                         + (f"{format_diff(drop)} ({format_p(drop['p'])})" if drop else "-"))
         rows.append(f"| {level:.0f} % | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

@@ -255,6 +255,80 @@ def test_evaluate_robustness_gallery_once_and_accuracy_falls(tmp_path):
     assert "60%" in text and "block / top" in text and "person / top" in text
 
 
+def _rows(level_hits: dict, valid=None) -> list:
+    """Rows of one model: ``{level: [per-condition rank-1 hits]}``, AP equal to the hits."""
+    rows = []
+    for level, conditions in level_hits.items():
+        for hits in conditions:
+            h = np.asarray(hits, np.float64)
+            pq = {"rank1": h, "ap": h, "valid": np.ones(len(h), bool) if valid is None else np.asarray(valid)}
+            rows.append({"level": level, "kind": "block", "position": "top", "coverage": level,
+                         "rank1": float(h[pq["valid"]].mean()), "mAP": float(h[pq["valid"]].mean()), "per_query": pq})
+    return rows
+
+
+def test_level_scores_and_paired_levels_by_hand():
+    from attnreid.robustness.report import level_scores, paired_levels
+
+    # A keeps its clean hits better than B: per query, mean over the two conditions of level 30.
+    a = _rows({0: [[1, 1, 1, 1]], 30: [[1, 0, 1, 1], [1, 1, 0, 1]]})
+    b = _rows({0: [[1, 1, 1, 0]], 30: [[0, 0, 1, 0], [0, 1, 0, 0]]})
+    sa = level_scores(a)
+    assert sa[30]["rank1"].tolist() == [1.0, 0.5, 0.5, 1.0]
+    assert sa[30]["rank1"].mean() == pytest.approx(summarize(a)[1]["rank1"])
+    lv0, lv30 = paired_levels(a, b)
+    assert lv0["rank1"]["diff"] == pytest.approx(0.25) and "rank1_drop" not in lv0
+    assert lv30["rank1"]["diff"] == pytest.approx(0.5)
+    assert (lv30["rank1"]["n_a_better"], lv30["rank1"]["n_b_better"]) == (2, 0)
+    # Drops: A loses [0, .5, .5, 0], B loses [1, .5, .5, 0]; A minus B = [-1, 0, 0, 0].
+    drop = lv30["rank1_drop"]
+    assert drop["diff"] == pytest.approx(-0.25) and (drop["n_a_better"], drop["n_b_better"]) == (0, 1)
+    assert drop["p"] == 1.0 and -1.0 <= drop["ci"][0] <= drop["diff"] <= drop["ci"][1] <= 0.0
+    # The interval of a level's score brackets it and stays within the per-query range.
+    e = summarize(b)[1]
+    assert 0.0 <= e["rank1_ci"][0] <= e["rank1"] <= e["rank1_ci"][1] <= 0.5
+    # A query invalid in one condition leaves every condition of the level (same gallery).
+    c = _rows({0: [[1, 1, 0]], 30: [[1, 0, 0], [0, 0, 0]]}, valid=[True, True, False])
+    assert level_scores(c)[30]["rank1"].tolist() == [0.5, 0.0]
+    with pytest.raises(AttnReidError, match="one length"):
+        paired_levels(a, c)  # other queries: no pairing
+
+
+def test_report_keeps_per_query_results_out_of_the_json_and_compares_models(tmp_path):
+    ds = _toy_dataset(tmp_path)
+
+    def per_query_eval(qf, gf, qp, gp, qc, gc, per_query=False, **kw):
+        d = ((np.asarray(qf)[:, None] - np.asarray(gf)[None]) ** 2).sum(-1)
+        hits = (gp[d.argmin(1)] == qp).astype(np.float64)
+        out = {"rank1": float(hits.mean()), "mAP": float(hits.mean()), "num_valid_queries": len(qp)}
+        if per_query:
+            out["per_query"] = {"rank1": hits, "ap": hits, "valid": np.ones(len(hits), bool), "inp": hits}
+        return out
+
+    models = [ModelUnderTest(f"toy/{n}", f"{n}.pth", None, SimpleNamespace(test_batch_size=4), "fake") for n in "ab"]
+    conds = build_conditions([0.0, 0.6], ["block"], ["top", "bottom"])
+    eval_cfg = SimpleNamespace(metric="euclidean_sq", rerank=False, k1=20, k2=6, lambda_value=0.3, flip=False)
+    rows = evaluate_robustness(models, ds, eval_cfg, conds, seed=1, extract=_Calls().extract,
+                               evaluate=per_query_eval, read_image=lambda p: Image.open(p).convert("RGB"))
+    assert set(rows["toy/a"][0]["per_query"]) == {"rank1", "ap", "valid"}
+    report = build_report(models, rows, ds, [0.0, 0.6], ["block"], ["top", "bottom"], seed=1)
+    json_path, _ = write_report(report, tmp_path / "out")
+    saved = json.loads(json_path.read_text())
+    assert all("per_query" not in r for m in saved["models"] for r in m["conditions"])
+    assert "rank1_ci" in saved["models"][0]["per_level"][1]
+    # The same features for both models: every paired difference is exactly 0.
+    pair = saved["paired"][0]
+    assert (pair["a"], pair["b"]) == ("toy/b", "toy/a")
+    assert [lv["rank1"]["diff"] for lv in pair["levels"]] == [0.0, 0.0]
+    assert pair["levels"][1]["rank1_drop"]["ci"] == [0.0, 0.0]
+    from rich.console import Console
+
+    console = Console(record=True, width=250)
+    for t in report_tables(report):
+        console.print(t)
+    assert "toy/b minus toy/a" in console.export_text()
+
+
 # --- end to end: the command on the synthetic set with real (tiny) models -----------------
 
 import yaml

@@ -8,7 +8,10 @@ of ``attnreid eval``; level 0 uses the original files. Gallery features are extr
 per model; the occluded query set of a condition is made once and shared by all models.
 
 Metrics per condition come from :func:`attnreid.evaluation.protocols.evaluate` with the
-dataset's protocol; a level's summary is the mean over its kinds x positions.
+dataset's protocol; a level's summary is the mean over its kinds x positions. Its intervals
+and the paired comparisons between models resample the queries, each query scored by its mean
+over the level's conditions (the conditions share the queries, so a query's occluded versions
+are not independent samples): :func:`level_scores`, :func:`paired_levels`.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ import numpy as np
 
 from attnreid.errors import AttnReidError
 from attnreid.evaluation.options import RankingOptions
+from attnreid.evaluation.stats import bootstrap_ci, format_ci, format_diff, format_p, paired_bootstrap, sign_test
 from attnreid.robustness.occlusion import OCCLUDER_KINDS, POSITIONS, QueryOccluder
 from attnreid.safe_io import save_figure, write_text_atomic
 
 DEFAULT_LEVELS = (0, 10, 20, 30, 40, 50)
 METRICS = ("rank1", "rank3", "mAP", "mINP")  # the partial protocol gives rank1 and rank3 only
+PER_QUERY = ("rank1", "ap", "valid")  # kept per condition for the intervals and paired tests
 
 
 @dataclass(frozen=True)
@@ -187,10 +192,13 @@ def evaluate_robustness(
                 gf, gp, gc = gallery[m.label]
                 result = evaluate(
                     qf, gf, qp, gp, qc, gc,
-                    protocol=getattr(dataset, "protocol", "market"), ranking=ranking,
+                    protocol=getattr(dataset, "protocol", "market"), ranking=ranking, per_query=True,
                 )
                 row = {"level": round(cond.level * 100, 6), "kind": cond.kind, "position": cond.position,
                        "coverage": round(coverage * 100, 3), **_metrics(result)}
+                if "per_query" in result:  # numpy arrays: build_report keeps them out of the JSON
+                    row["per_query"] = {k: np.asarray(result["per_query"][k]) for k in PER_QUERY
+                                        if k in result["per_query"]}
                 rows[m.label].append(row)
                 if log:
                     scores = "  ".join(f"{k} {row[k] * 100:.1f}%" for k in ("rank1", "mAP") if k in row)
@@ -199,15 +207,66 @@ def evaluate_robustness(
     return rows
 
 
+def level_scores(rows: Sequence[Dict[str, Any]]) -> Dict[float, Dict[str, np.ndarray]]:
+    """Per level, each query's rank-1 and AP averaged over the level's conditions.
+
+    ``{level: {"rank1": ..., "ap": ...}}`` over the queries valid in every condition (validity
+    depends on the gallery, so it is the same in all of them); empty without per-query rows.
+    Their means are the level's rank-1 and mAP.
+    """
+    out: Dict[float, Dict[str, np.ndarray]] = {}
+    for level in sorted({r["level"] for r in rows}):
+        at = [r["per_query"] for r in rows if r["level"] == level and "per_query" in r]
+        if not at:
+            continue
+        valid = np.logical_and.reduce([np.asarray(pq.get("valid", np.ones_like(pq["rank1"])), bool) for pq in at])
+        out[level] = {k: np.mean([np.asarray(pq[k], np.float64)[valid] for pq in at], axis=0)
+                      for k in ("rank1", "ap") if all(k in pq for pq in at)}
+    return out
+
+
 def summarize(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Per level, the mean of each metric over the level's kinds x positions."""
+    """Per level, the mean of each metric over the level's kinds x positions, and, given
+    per-query rows, 95 % bootstrap intervals of rank-1 and mAP over the queries."""
     out = []
+    scores = level_scores(rows)
     for level in sorted({r["level"] for r in rows}):
         at = [r for r in rows if r["level"] == level]
         entry: Dict[str, Any] = {"level": level, "conditions": len(at)}
         for k in METRICS + ("coverage",):
             if all(k in r for r in at):
                 entry[k] = float(np.mean([r[k] for r in at]))
+        for name, key in (("rank1", "rank1"), ("mAP", "ap")):
+            if key in scores.get(level, {}) and len(scores[level][key]):
+                entry[f"{name}_ci"] = list(bootstrap_ci(scores[level][key]))
+        out.append(entry)
+    return out
+
+
+def _paired(a: np.ndarray, b: np.ndarray) -> Dict[str, Any]:
+    boot, sign = paired_bootstrap(a, b), sign_test(a - b)
+    return {"diff": boot["diff"], "ci": boot["ci"], "p": sign["p"], "n_a_better": sign["n_pos"],
+            "n_b_better": sign["n_neg"]}
+
+
+def paired_levels(rows_a: Sequence[Dict[str, Any]], rows_b: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Model A against model B on the same occluded queries, level by level.
+
+    Per level: ``rank1``/``mAP``, A minus B (paired bootstrap interval, exact sign test), and
+    for occluded levels ``rank1_drop``/``mAP_drop``: how much more A loses than B from its
+    clean score (each query's clean minus occluded score, A's minus B's; negative: A loses
+    less, i.e. is more robust). Empty without per-query rows or a clean level.
+    """
+    sa, sb = level_scores(rows_a), level_scores(rows_b)
+    out = []
+    for level in sorted(set(sa) & set(sb)):
+        entry: Dict[str, Any] = {"level": level}
+        for name, key in (("rank1", "rank1"), ("mAP", "ap")):
+            if key not in sa[level] or key not in sb[level]:
+                continue
+            entry[name] = _paired(sa[level][key], sb[level][key])
+            if level > 0 and 0 in sa and 0 in sb and key in sa[0] and key in sb[0]:
+                entry[f"{name}_drop"] = _paired(sa[0][key] - sa[level][key], sb[0][key] - sb[level][key])
         out.append(entry)
     return out
 
@@ -239,9 +298,14 @@ def build_report(
                 "checkpoint": m.checkpoint,
                 "model": m.model_name,
                 "per_level": summarize(rows[m.label]),
-                "conditions": rows[m.label],
+                "conditions": [{k: v for k, v in r.items() if k != "per_query"} for r in rows[m.label]],
             }
             for m in models
+        ],
+        # Every further model against the first one, on the same occluded queries.
+        "paired": [
+            {"a": m.label, "b": models[0].label, "levels": paired_levels(rows[m.label], rows[models[0].label])}
+            for m in models[1:]
         ],
     }
 
@@ -250,13 +314,34 @@ def _pct(x: Optional[float]) -> str:
     return "-" if x is None else f"{x * 100:.1f}"
 
 
+def _cell(entry: Dict[str, Any], metric: str) -> str:
+    return "-" if entry.get(metric) is None else format_ci(entry[metric], entry.get(f"{metric}_ci"))
+
+
+def _paired_table(report: Dict[str, Any], pair: Dict[str, Any]):
+    """A minus B per level: the scores, and the extra loss from the clean score (negative: A is
+    more robust), each with its paired interval and sign-test p."""
+    from rich.table import Table
+
+    t = Table(title=f"{pair['a']} minus {pair['b']} (points, paired 95 % interval; drop: loss from the "
+                    f"clean score, negative = {pair['a']} loses less)")
+    t.add_column("occluded", justify="right", no_wrap=True)
+    keys = [k for k in ("rank1", "rank1_drop", "mAP", "mAP_drop") if any(k in lv for lv in pair["levels"])]
+    for k in keys:
+        t.add_column(k.replace("_", " "), justify="right", no_wrap=True)
+    for lv in pair["levels"]:
+        t.add_row(f"{lv['level']:g}%", *(f"{format_diff(lv[k])} {format_p(lv[k]['p'])}" if k in lv else "-"
+                                         for k in keys))
+    return t
+
+
 def report_tables(report: Dict[str, Any]) -> list:
     """Rich tables: rank-1 / mAP per level for every model, then per kind/position when several."""
     from rich.table import Table
 
     tables = []
     main = Table(title=f"Occlusion robustness on {report['dataset']} ({report['num_query']} queries, "
-                       f"{report['num_gallery']} gallery; seed {report['seed']}; %)")
+                       f"{report['num_gallery']} gallery; seed {report['seed']}; %, ± 95 % interval over queries)")
     main.add_column("occluded", justify="right", no_wrap=True)
     for m in report["models"]:
         main.add_column(f"{m['label']}\nrank-1", justify="right", no_wrap=True)
@@ -265,9 +350,10 @@ def report_tables(report: Dict[str, Any]) -> list:
         cells = [f"{level:g}%"]
         for m in report["models"]:
             entry = m["per_level"][i]
-            cells += [_pct(entry.get("rank1")), _pct(entry.get("mAP"))]
+            cells += [_cell(entry, "rank1"), _cell(entry, "mAP")]
         main.add_row(*cells)
     tables.append(main)
+    tables.extend(_paired_table(report, pair) for pair in report.get("paired", []) if pair["levels"])
     if len(report["kinds"]) * len(report["positions"]) > 1:
         levels = [lv for lv in report["levels"] if lv > 0]
         for m in report["models"]:
