@@ -267,6 +267,35 @@ def _rows(level_hits: dict, valid=None) -> list:
     return rows
 
 
+def test_each_model_settles_its_backend_once_on_the_gallery(tmp_path, monkeypatch):
+    """The engine path: auto's backend / precision choice (and an ONNX export) happen once per
+    model, for the size of `attnreid eval`'s job, and every occluded query set reuses it."""
+    import attnreid.inference.extract as extract_module
+
+    ds = _toy_dataset(tmp_path)
+    calls = []
+
+    def fake(model, items, data_cfg, device="cpu", flip=False, channels_last=False, amp="auto", backend="auto",
+             num_images=None):
+        calls.append((model, len(items), amp, backend, num_images))
+        feats, pids, camids = _Calls().extract(model, items, data_cfg)
+        return feats, pids, camids, np.arange(len(items)), f"settled:{model}"
+
+    monkeypatch.setattr(extract_module, "extract_with_precision", fake)
+    models = [ModelUnderTest(f"toy/{n}", f"{n}.pth", n, SimpleNamespace(), "fake") for n in "ab"]
+    eval_cfg = SimpleNamespace(metric="euclidean_sq", rerank=False, k1=20, k2=6, lambda_value=0.3, flip=False,
+                               amp="off", backend="onnxruntime")
+    conds = build_conditions([0.0, 0.5], ["block"], ["top"])
+    evaluate_robustness(models, ds, eval_cfg, conds, evaluate=_nn_evaluate,
+                        read_image=lambda p: Image.open(p).convert("RGB"))
+    job = len(ds.gallery) + len(ds.query)
+    for n in "ab":
+        mine = [c for c in calls if c[0] == n]
+        assert [c[1] for c in mine] == [len(ds.gallery)] + [len(ds.query)] * len(conds)
+        assert [c[2] for c in mine] == ["off"] + [f"settled:{n}"] * len(conds)
+        assert {(c[3], c[4]) for c in mine} == {("onnxruntime", job)}
+
+
 def test_level_scores_and_paired_levels_by_hand():
     from attnreid.robustness.report import level_scores, paired_levels
 

@@ -163,11 +163,10 @@ def evaluate_robustness(
     """Metrics of every model under every condition: ``{label: [row, ...]}``.
 
     ``extract``/``evaluate``/``read_image`` default to the engine's
-    ``extract_features``, ``protocols.evaluate`` and the data layer's ``read_image``;
+    ``extract_with_precision`` (backend and precision settled once per model on its gallery,
+    ``eval_cfg.backend``), ``protocols.evaluate`` and the data layer's ``read_image``;
     ``extract_options`` are passed on to ``extract`` (channels_last, amp).
     """
-    if extract is None:
-        from attnreid.inference.extract import extract_features as extract
     if evaluate is None:
         from attnreid.evaluation.protocols import evaluate
     if read_image is None:
@@ -177,8 +176,23 @@ def evaluate_robustness(
     flip = bool(getattr(eval_cfg, "flip", False))
     ranking = RankingOptions.from_config(eval_cfg)
 
+    options = dict(extract_options or {})
+    # Per model, how its gallery was computed (backend, precision; an ONNX session): every query
+    # set reuses it, so the features are computed alike and auto's choice and export happen once.
+    # Auto decides for the size of `attnreid eval`'s job, so level 0 is computed as eval computes it.
+    how: Dict[str, Any] = {}
+    images = len(dataset.gallery) + len(dataset.query)
+
     def features(m: ModelUnderTest, items):
-        feats, pids, camids = extract(m.model, items, m.data_cfg, device=device, flip=flip, **(extract_options or {}))
+        if extract is not None:
+            feats, pids, camids = extract(m.model, items, m.data_cfg, device=device, flip=flip, **options)
+            return feats, np.asarray(pids), np.asarray(camids)
+        from attnreid.inference.extract import extract_with_precision
+
+        amp = how.get(m.label, options.get("amp", getattr(eval_cfg, "amp", "auto")))
+        feats, pids, camids, _, how[m.label] = extract_with_precision(
+            m.model, items, m.data_cfg, device=device, flip=flip, channels_last=bool(options.get("channels_last")),
+            amp=amp, backend=getattr(eval_cfg, "backend", "auto"), num_images=images)
         return feats, np.asarray(pids), np.asarray(camids)
 
     gallery = {m.label: features(m, dataset.gallery) for m in models}
